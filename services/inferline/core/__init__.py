@@ -1,0 +1,1 @@
+"""Shared building blocks: configuration, deadlines, errors, auth, gRPC server plumbing."""

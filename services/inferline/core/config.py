@@ -1,0 +1,250 @@
+"""The one YAML configuration file, parsed and validated into ``InferlineConfig``.
+
+Every model forbids unknown keys and is frozen; ``load_config`` reports the dotted path
+of any bad key. Deploy-time overrides come from the environment with the prefix
+``INFERLINE_`` and ``__`` between levels, e.g. ``INFERLINE_SERVER__PORT=6000`` or
+``INFERLINE_TRITON__URL=triton:8001``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = "0.0.0.0"
+    """Interface the router's gRPC server binds."""
+    port: int = Field(50051, ge=0, le=65535)
+    """Router gRPC port (0 picks a free one)."""
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    """Prometheus metrics port (0 disables the metrics endpoint)."""
+    max_message_bytes: int = Field(1 << 20, gt=0)
+    """Largest request message accepted; bigger ones are refused with RESOURCE_EXHAUSTED."""
+    grace_s: float = Field(5.0, ge=0)
+    """How long in-flight calls may finish on shutdown."""
+    drain_s: float = Field(0.0, ge=0)
+    """Time between reporting NOT_SERVING and stopping, so load balancers notice."""
+
+
+class TritonConfig(_Model):
+    url: str | None = None
+    """host:port of a running Triton gRPC endpoint; None starts the bundled server."""
+    model_repository: pathlib.Path = pathlib.Path("triton_models")
+    """Model repository of the bundled server (relative paths are from the config file)."""
+    server_env: pathlib.Path = pathlib.Path(".venv-triton")
+    """Virtual environment holding nvidia-pytriton (numpy < 2) for the bundled server."""
+    grpc_port: int = Field(0, ge=0, le=65535)
+    """Bundled server gRPC port; 0 picks a free one."""
+    http_port: int = Field(0, ge=0, le=65535)
+    metrics_port: int = Field(0, ge=0, le=65535)
+    startup_timeout_s: float = Field(120.0, gt=0)
+    """How long to wait for the bundled server and its models to become ready."""
+    load_gpu_variants: bool | Literal["auto"] = "auto"
+    """Load models whose name ends in ``_gpu`` when a GPU is present ("auto"), always, or never."""
+
+
+class FeatureSpec(_Model):
+    name: str
+    """Feature name as the model sees it (column name)."""
+    source: str | None = None
+    """Feast reference ``view:feature``; None marks a request-time feature."""
+    default: float
+    """Value used when the entity or the feature is missing, or the fetch is degraded."""
+
+
+class EntitySpec(_Model):
+    join_key: str
+    """Feast join key, e.g. ``driver_id``."""
+    type: Literal["int64", "string"] = "int64"
+    """Type the key's value must have in requests."""
+
+
+class VariantConfig(_Model):
+    model: str
+    """Triton model name."""
+    version: str = ""
+    """Triton model version; empty means the latest ready one."""
+    features: list[str]
+    """Feature names, in the model's input column order."""
+    input_name: str = "features"
+    output_name: str = "score"
+
+
+class PostprocessConfig(_Model):
+    threshold: float = 0.5
+    """Scores at or above the threshold get ``decision_above``."""
+    decision_above: str = "accept"
+    decision_below: str = "reject"
+    top_k: int = Field(10, ge=1)
+    """Predictions returned when the request does not set top_k."""
+    score_min: float = 0.0
+    score_max: float = 1.0
+
+
+class BudgetsConfig(_Model):
+    """Per-layer budgets in ms; the deadline planner (issue 3) divides the caller's deadline."""
+
+    features_ms: float = Field(20.0, gt=0)
+    model_ms: float = Field(60.0, gt=0)
+    post_ms: float = Field(5.0, gt=0)
+    fallback_reserve_ms: float = Field(5.0, ge=0)
+
+
+class RouteConfig(_Model):
+    entity: EntitySpec
+    max_entities: int = Field(100, ge=1)
+    """Requests with more entities are refused with INVALID_ARGUMENT."""
+    features: list[FeatureSpec]
+    primary: VariantConfig
+    light: VariantConfig | None = None
+    postprocess: PostprocessConfig = PostprocessConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
+
+    @model_validator(mode="after")
+    def _variants_use_declared_features(self) -> RouteConfig:
+        declared = {f.name for f in self.features}
+        for label, variant in (("primary", self.primary), ("light", self.light)):
+            if variant is None:
+                continue
+            unknown = [f for f in variant.features if f not in declared]
+            if unknown:
+                raise ValueError(f"{label}.features names undeclared features {unknown}")
+        return self
+
+
+class TrafficClassConfig(_Model):
+    priority: int = Field(ge=1, le=3)
+    """Triton priority level (1 is the highest)."""
+    default_deadline_ms: float = Field(gt=0)
+    """Deadline used when the caller sets none."""
+
+
+class TenantConfig(_Model):
+    api_key_sha256: list[str] = Field(min_length=1)
+    """SHA-256 hex digests of the tenant's API keys (keys themselves are never stored)."""
+    routes: list[str]
+    """Routes this tenant may call."""
+    traffic_classes: list[str] = ["critical", "standard", "batch"]
+    default_traffic_class: str = "standard"
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for d in digests:
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                raise ValueError("each entry must be a lowercase 64-character SHA-256 hex digest")
+        return digests
+
+
+class FeatureStoreConfig(_Model):
+    feast_repo: pathlib.Path = pathlib.Path("deploy/feast/feature_repo")
+    """Feast repository (feature_store.yaml); relative paths are from the config file."""
+    hot_cache_ttl_s: float = Field(30.0, ge=0)
+    """How long fetched rows of an entity are reused; 0 disables the hot-entity cache."""
+    hot_cache_max_entities: int = Field(100_000, ge=0)
+
+
+class ServiceAddresses(_Model):
+    """Where the router reaches the other services; None means in-process (embedded)."""
+
+    features: str | None = None
+    postprocess: str | None = None
+
+
+class InferlineConfig(_Model):
+    server: ServerConfig = ServerConfig()
+    triton: TritonConfig = TritonConfig()
+    feature_store: FeatureStoreConfig = FeatureStoreConfig()
+    services: ServiceAddresses = ServiceAddresses()
+    traffic_classes: dict[str, TrafficClassConfig]
+    tenants: dict[str, TenantConfig]
+    routes: dict[str, RouteConfig]
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> InferlineConfig:
+        for name, tenant in self.tenants.items():
+            for route in tenant.routes:
+                if route not in self.routes:
+                    raise ValueError(f"tenants.{name}.routes: unknown route {route!r}")
+            for cls in [*tenant.traffic_classes, tenant.default_traffic_class]:
+                if cls not in self.traffic_classes:
+                    raise ValueError(f"tenants.{name}: unknown traffic class {cls!r}")
+        return self
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+def _set_dotted(tree: dict[str, Any], path: list[str], value: str) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment override {'.'.join(path)}: {key} is not a section")
+    node[path[-1]] = yaml.safe_load(value)
+
+
+# Hand-written instead of pydantic-settings' env source: the overlay is applied to the raw
+# YAML tree *before* validation, so a bad override is reported with the same dotted path
+# as a bad key in the file, and values are parsed as YAML (lists and maps work).
+def apply_env_overrides(raw: dict[str, Any], environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    """Overlay ``INFERLINE_A__B=value`` variables onto the raw YAML tree (values parsed as YAML)."""
+    for name, value in environ.items():
+        if name.startswith("INFERLINE_") and "__" in name:
+            path = [p.lower() for p in name[len("INFERLINE_") :].split("__")]
+            _set_dotted(raw, path, value)
+    return raw
+
+
+def _resolve_paths(config: InferlineConfig, base: pathlib.Path) -> InferlineConfig:
+    def resolve(p: pathlib.Path) -> pathlib.Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    triton = config.triton.model_copy(
+        update={"model_repository": resolve(config.triton.model_repository), "server_env": resolve(config.triton.server_env)}
+    )
+    store = config.feature_store.model_copy(update={"feast_repo": resolve(config.feature_store.feast_repo)})
+    return config.model_copy(update={"triton": triton, "feature_store": store})
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], base_dir: pathlib.Path, source: str = "<config>") -> InferlineConfig:
+    try:
+        config = InferlineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration {source}:\n{format_validation_error(err)}") from err
+    return _resolve_paths(config, base_dir)
+
+
+def load_config(path: str | pathlib.Path, environ: dict[str, str] | None = None) -> InferlineConfig:
+    """Read, override from the environment, and validate the config file at ``path``.
+
+    Raises:
+        ConfigError: naming the file and the dotted path of every bad key.
+    """
+    path = pathlib.Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read configuration {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid configuration {path}: the top level must be a mapping")
+    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
+    return parse_config(raw, path.resolve().parent, str(path))

@@ -1,0 +1,1 @@
+"""Deterministic demo data shared by the Feast repo generator and the model trainer."""
