@@ -19,7 +19,7 @@ from inferline.demo.driver_data import hourly_driver_stats
 def main(repo: pathlib.Path) -> None:
     data_dir = repo / "data"
     data_dir.mkdir(exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     hourly_driver_stats(now).to_parquet(data_dir / "driver_stats.parquet", index=False)
     feast = pathlib.Path(sys.executable).with_name("feast")
     env = {**os.environ, "FEAST_USAGE": "False"}

@@ -211,7 +211,10 @@ def _resolve_paths(config: InferlineConfig, base: pathlib.Path) -> InferlineConf
         return p if p.is_absolute() else (base / p).resolve()
 
     triton = config.triton.model_copy(
-        update={"model_repository": resolve(config.triton.model_repository), "server_env": resolve(config.triton.server_env)}
+        update={
+            "model_repository": resolve(config.triton.model_repository),
+            "server_env": resolve(config.triton.server_env),
+        }
     )
     store = config.feature_store.model_copy(update={"feast_repo": resolve(config.feature_store.feast_repo)})
     return config.model_copy(update={"triton": triton, "feature_store": store})

@@ -275,7 +275,9 @@ class PredictResponse(_message.Message):
     """Triton model name and version that produced the scores."""
     model_version: _builtins.str
     features_degraded: _builtins.bool
-    """True when any feature value was defaulted or the feature fetch was reduced."""
+    """True when the feature fetch failed or missed its budget, so defaults stand in
+    for stored values (per-entity defaulted_features say which).
+    """
     traffic_class: _builtins.str
     """Traffic class the request was served under."""
     cache_age_ms: _builtins.float

@@ -1,0 +1,170 @@
+"""Load targets: raw gRPC stubs on a grpc.aio channel with pre-built request messages.
+
+Each factory returns a ``Target`` whose ``call(i)`` sends one pre-built request (no
+per-request message construction) and raises ``grpc.aio.AioRpcError`` on failure.
+
+Triton targets never let the client cancel a call that Triton may still be running: the
+bundled Triton 2.51 can crash (SIGSEGV) when in-flight gRPC calls are cancelled under
+load (RECIPES.md, "Known defect"). They send Triton's own queue ``timeout`` parameter
+(microseconds) equal to the deadline, so late work is rejected by Triton itself, and set
+the gRPC deadline ``client_grace_s`` past it; the load generator counts answers later
+than the deadline as misses.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from inferline.bench.loadgen import CallFn
+from inferline.v1 import inference_pb2, inference_pb2_grpc
+
+DEMO_API_KEY = "inferline-demo-key"
+"""Development key of the ``demo`` tenant in deploy/local/inferline.yaml."""
+
+_CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A named load target and the channel it owns."""
+
+    name: str
+    call: CallFn
+    channel: grpc.aio.Channel
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+
+def build_model_infer_request(
+    model: str,
+    rows: int = 1,
+    *,
+    input_name: str = "features",
+    columns: int = 4,
+    output_name: str | None = "score",
+    queue_timeout_us: int | None = None,
+    priority: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """A KServe v2 ``ModelInferRequest`` with one FP32 ``[rows, columns]`` input in raw_input_contents."""
+    rng = random.Random(seed)
+    request = service_pb2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add()
+    tensor.name = input_name
+    tensor.datatype = "FP32"
+    tensor.shape.extend([rows, columns])
+    values = [rng.random() for _ in range(rows * columns)]
+    request.raw_input_contents.append(struct.pack(f"<{rows * columns}f", *values))
+    if output_name is not None:
+        request.outputs.add().name = output_name
+    if queue_timeout_us is not None:
+        request.parameters["timeout"].int64_param = queue_timeout_us
+    if priority is not None:
+        request.parameters["priority"].uint64_param = priority
+    return request
+
+
+def triton_target(
+    url: str,
+    model: str = "driver_ranker",
+    rows: int = 1,
+    *,
+    deadline_s: float = 0.1,
+    client_grace_s: float = 5.0,
+    priority: int | None = None,
+    name: str = "direct",
+) -> Target:
+    """Call ``ModelInfer`` of a KServe v2 endpoint (Triton, or a hop that forwards to it).
+
+    The request carries Triton's queue ``timeout`` = ``deadline_s`` (in µs); the gRPC
+    deadline is ``deadline_s + client_grace_s`` so the client does not cancel in-flight work.
+    The grace is long (5 s) because past the knee answers queue in the client's and any
+    hop's own event loop, not only in Triton's queue: seen here, >1.1 s at 2× the knee.
+    """
+    channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+    infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    request = build_model_infer_request(model, rows, queue_timeout_us=int(deadline_s * 1e6), priority=priority)
+    timeout = deadline_s + client_grace_s
+
+    async def call(i: int) -> None:
+        await infer(request, timeout=timeout)
+
+    return Target(name, call, channel)
+
+
+def uniform_entity_ids(low: int = 1001, high: int = 2000, seed: int = 0) -> Callable[[], int]:
+    """Sampler of entity ids uniform on ``[low, high]`` (the demo drivers are 1001..2000)."""
+    rng = random.Random(seed)
+    return lambda: rng.randint(low, high)
+
+
+def predict_target(
+    url: str,
+    route: str = "driver_ranking",
+    entity_ids_sampler: Callable[[], int] | None = None,
+    api_key: str = DEMO_API_KEY,
+    traffic_class: str = "critical",
+    *,
+    deadline_s: float = 0.1,
+    join_key: str = "driver_id",
+    entities_per_request: int = 1,
+    pool_size: int = 1000,
+    name: str = "router",
+) -> Target:
+    """Call inferline's ``Predict`` with a cycling pool of pre-built requests.
+
+    The gRPC deadline is ``deadline_s``: the router owns the deadline (it answers from its
+    degradation path and never cancels work in flight at Triton).
+    """
+    sample = entity_ids_sampler or uniform_entity_ids()
+    key = inference_pb2.EntityKey
+    pool = [
+        inference_pb2.PredictRequest(
+            route=route,
+            entities=[key(name=join_key, int64_value=sample()) for _ in range(entities_per_request)],
+            traffic_class=traffic_class,
+        )
+        for _ in range(pool_size)
+    ]
+    channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+    predict = inference_pb2_grpc.InferenceStub(channel).Predict
+    metadata = (("authorization", f"Bearer {api_key}"),)
+    size = len(pool)
+
+    async def call(i: int) -> None:
+        await predict(pool[i % size], metadata=metadata, timeout=deadline_s)
+
+    return Target(name, call, channel)
+
+
+async def triton_live(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the KServe v2 endpoint at ``url`` answers ``ServerLive`` with live=true."""
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            response = await stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.live)
+
+
+async def triton_ready(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the KServe v2 endpoint at ``url`` answers ``ServerReady`` with ready=true."""
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            response = await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.ready)

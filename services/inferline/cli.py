@@ -1,0 +1,164 @@
+"""The ``inferline`` command line: up, serve, triton, predict."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from inferline.core.config import ConfigError, InferlineConfig, load_config
+from inferline.core.logging import configure_logging
+
+if TYPE_CHECKING:  # the app module imports Feast and friends: keep `inferline predict` fast
+    from inferline.app import Role
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("deploy/local/inferline.yaml")
+DEMO_API_KEY = "inferline-demo-key"
+SERVICES: tuple[Role, ...] = ("router", "features", "postprocess")
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Deadline-aware serving runtime in front of Triton.")
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file")]
+
+
+def _load(path: Path, **overrides: Any) -> InferlineConfig:
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    server = config.server.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    return config.model_copy(update={"server": server})
+
+
+def _run(coro: Any) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+@cli.command()
+def up(
+    config: ConfigOption = DEFAULT_CONFIG,
+    port: Annotated[int | None, typer.Option(help="router gRPC port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
+    triton_url: Annotated[str | None, typer.Option(help="use this running Triton (host:port)")] = None,
+) -> None:
+    """Run the embedded stack: bundled Triton and every service in one process."""
+    from inferline.runtime import serve_process
+
+    cfg = _load(config, port=port, metrics_port=metrics_port)
+    raise typer.Exit(_run(serve_process(cfg, set(SERVICES), triton_url or cfg.triton.url, start_triton=True)))
+
+
+@cli.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="router | features | postprocess")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
+    triton_url: Annotated[str | None, typer.Option(help="Triton gRPC host:port (router)")] = None,
+) -> None:
+    """Run one service in its own process (the suite topology)."""
+    from inferline.runtime import serve_process
+
+    if service not in SERVICES:
+        typer.echo(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}", err=True)
+        raise typer.Exit(2)
+    cfg = _load(config, port=port, metrics_port=metrics_port)
+    url = triton_url or cfg.triton.url
+    if service == "router" and not url:
+        typer.echo("serve router needs --triton-url or triton.url in the config", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(_run(serve_process(cfg, {service}, url, start_triton=False)))
+
+
+@cli.command()
+def triton(
+    config: ConfigOption = DEFAULT_CONFIG,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default 8001)")] = 8001,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = 8000,
+    metrics_port: Annotated[int | None, typer.Option(help="metrics port (default 8002)")] = 8002,
+    model_repository: Annotated[Path | None, typer.Option(help="model repository")] = None,
+) -> None:
+    """Start the bundled Triton server on the model repository; stop on SIGINT/SIGTERM."""
+    from inferline.triton.launcher import run_triton_forever
+
+    cfg = _load(config)
+    update: dict[str, Any] = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
+    if model_repository is not None:
+        update["model_repository"] = model_repository.resolve()
+    raise typer.Exit(run_triton_forever(cfg.triton.model_copy(update=update)))
+
+
+def _entity(spec: str) -> Any:
+    from inferline.v1 import inference_pb2 as pb
+
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise typer.BadParameter(f"--entity must look like driver_id=1001, got {spec!r}")
+    try:
+        return pb.EntityKey(name=name, int64_value=int(value))
+    except ValueError:
+        return pb.EntityKey(name=name, string_value=value)
+
+
+@cli.command()
+def predict(
+    route: Annotated[str, typer.Option(help="route name")],
+    entity: Annotated[list[str], typer.Option(help="join_key=value, repeatable")],
+    target: Annotated[str, typer.Option(help="router host:port")] = "127.0.0.1:50051",
+    deadline_ms: Annotated[float, typer.Option(help="gRPC deadline in ms")] = 100.0,
+    traffic_class: Annotated[str, typer.Option("--class", help="traffic class")] = "",
+    api_key: Annotated[str | None, typer.Option(help="API key (default: the demo key)")] = None,
+    feature: Annotated[list[str] | None, typer.Option(help="request-time feature name=value")] = None,
+    top_k: Annotated[int, typer.Option(help="keep the best k (0: route default)")] = 0,
+) -> None:
+    """Send one Predict request and print the response as JSON (non-zero exit on an error status)."""
+    import grpc
+    from google.protobuf import json_format
+
+    from inferline.v1 import inference_pb2 as pb
+    from inferline.v1 import inference_pb2_grpc as pb_grpc
+
+    request_features = {}
+    for spec in feature or []:
+        name, _, value = spec.partition("=")
+        request_features[name] = float(value)
+    request = pb.PredictRequest(
+        route=route,
+        entities=[_entity(e) for e in entity],
+        traffic_class=traffic_class,
+        request_features=request_features,
+        top_k=top_k,
+    )
+    key = api_key or os.environ.get("INFERLINE_API_KEY") or DEMO_API_KEY
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = pb_grpc.InferenceStub(channel).Predict(
+                request, timeout=deadline_ms / 1000, metadata=(("authorization", f"Bearer {key}"),)
+            )
+        except grpc.RpcError as err:
+            typer.echo(json.dumps({"code": err.code().name, "message": err.details()}), err=True)
+            raise typer.Exit(1) from err
+    typer.echo(json_format.MessageToJson(response, preserving_proto_field_name=True))
+
+
+def main() -> None:
+    configure_logging(os.environ.get("INFERLINE_LOG_LEVEL", "INFO"))
+    # A broken pipe on stdout (e.g. `| head`) is not an error worth a traceback.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    cli()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

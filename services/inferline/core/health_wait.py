@@ -1,0 +1,33 @@
+"""Wait until a gRPC server reports SERVING on the standard health service."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def wait_until_serving(address: str, timeout_s: float, is_alive: object = None) -> None:
+    """Poll ``grpc.health.v1.Health/Check`` until SERVING.
+
+    ``is_alive`` is an optional zero-argument callable; when it returns False (the
+    process died) waiting stops at once.
+
+    Raises:
+        TimeoutError: not SERVING within ``timeout_s``, or the process died.
+    """
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if callable(is_alive) and not is_alive():
+                raise TimeoutError(f"process serving {address} exited before it was ready")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")

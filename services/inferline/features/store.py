@@ -1,0 +1,98 @@
+"""``OnlineStore``, the port to the online feature store, and its Feast implementation."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from inferline.features.vector import EntityId
+
+logger = logging.getLogger(__name__)
+
+
+class OnlineStore(Protocol):
+    """Reads the latest values of features for a set of entities."""
+
+    async def read(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
+        """Latest value of every feature ref (``view:feature``) of every entity.
+
+        Returns:
+            One list per ref, each of the same length as ``ids`` and aligned with it; None
+            where the entity or its value is missing.
+
+        Raises:
+            Exception: any failure of the store; the caller degrades to defaults.
+        """
+        ...
+
+
+class FeastOnlineStore:
+    """``OnlineStore`` over ``feast.FeatureStore`` (SQLite embedded, Redis in production).
+
+    Feast's synchronous read has no timeout of its own (feast-dev/feast#1015) and blocks, so it
+    runs on one dedicated worker thread: the event loop never blocks, and a caller whose budget
+    expires can stop waiting and leave the call to finish in the background. One thread, not a
+    pool, because reads are already coalesced upstream and SQLite serialises them anyway; a
+    stalled store then ties up one thread, not every thread of a shared pool.
+
+    When the configured online store reads natively async (Feast advertises it as
+    ``async_supported.online.read``, e.g. Redis), ``get_online_features_async`` is used instead
+    and no thread is involved.
+    """
+
+    def __init__(self, repo_path: str | pathlib.Path) -> None:
+        import feast  # deferred: importing Feast takes seconds, most modules need only the protocol
+
+        self._store = feast.FeatureStore(repo_path=str(repo_path))
+        # Feast exposes the capability only on its provider; its own feature server reads it the
+        # same way (feast/feature_server.py), there is no public accessor in 0.67.
+        self._async_read: bool = bool(self._store._get_provider().async_supported.online.read)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if not self._async_read:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-read")
+
+    @property
+    def async_read(self) -> bool:
+        """True when reads use Feast's native async path rather than the worker thread."""
+        return self._async_read
+
+    async def read(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
+        """See ``OnlineStore.read``."""
+        if self._executor is None:
+            response = await self._store.get_online_features_async(
+                features=refs, entity_rows={join_key: ids}, full_feature_names=True
+            )
+            return _columns(refs, response.to_dict())
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._read_sync, refs, join_key, ids)
+
+    def _read_sync(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
+        # The columnar entity_rows form skips building one dict per entity; full feature names
+        # keep two views that share a feature name apart.
+        response = self._store.get_online_features(features=refs, entity_rows={join_key: ids}, full_feature_names=True)
+        return _columns(refs, response.to_dict())
+
+    async def close(self) -> None:
+        """Release the worker thread and Feast's long-lived clients.
+
+        A read still running on the worker is not waited for: it may be stalled, which is why
+        it was abandoned in the first place.
+        """
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._store.close()
+
+
+def _columns(refs: Sequence[str], table: Mapping[str, Sequence[Any]]) -> dict[str, list[float | None]]:
+    """Feast's ``to_dict()`` keyed by ``view__feature`` → one float column per ``view:feature`` ref."""
+    out: dict[str, list[float | None]] = {}
+    for ref in refs:
+        column = table.get(ref.replace(":", "__", 1))
+        if column is None:
+            raise KeyError(f"Feast returned no column for {ref!r}")
+        out[ref] = [None if v is None else float(v) for v in column]
+    return out

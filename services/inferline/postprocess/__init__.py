@@ -1,0 +1,1 @@
+"""Post-processing: validate model scores, apply thresholds, rank and keep the top k."""

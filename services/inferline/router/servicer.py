@@ -1,0 +1,125 @@
+"""Thin gRPC adapter of ``RouterService``: authenticate, validate, translate, delegate."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+
+from inferline.core.auth import ApiKeyAuthenticator
+from inferline.core.config import InferlineConfig
+from inferline.core.deadline import Deadline
+from inferline.core.entities import parse_entity_ids
+from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, rpc_method
+from inferline.core.metrics import ServingMetrics
+from inferline.router.plan import RoutePlan
+from inferline.router.service import PredictCall, PredictOutcome, RouterService
+from inferline.v1 import inference_pb2 as pb
+from inferline.v1 import inference_pb2_grpc as pb_grpc
+
+_SERVED_BY = {name: pb.ServedBy.Value(f"SERVED_BY_{name}") for name in ("PRIMARY", "LIGHT", "CACHE", "BASELINE")}
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(
+        self, service: RouterService, config: InferlineConfig, plans: Mapping[str, RoutePlan], metrics: ServingMetrics
+    ) -> None:
+        self._service = service
+        self._metrics = metrics
+        self._auth = ApiKeyAuthenticator(config.tenants)
+        self._plans = plans
+        self._tenants = {
+            name: (frozenset(t.routes), frozenset(t.traffic_classes), t.default_traffic_class)
+            for name, t in config.tenants.items()
+        }
+        self._classes = config.traffic_classes
+
+    @rpc_method
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PredictResponse:
+        started_at = time.perf_counter()
+        try:
+            call = self._validate(request, self._auth.authenticate(context.invocation_metadata()))  # type: ignore[arg-type]
+            deadline = Deadline.from_context(context, self._classes[call.traffic_class].default_deadline_ms / 1000)
+            outcome = await self._service.predict(call, deadline, started_at)
+        except InferlineError as err:
+            route = request.route if request.route in self._plans else "unknown"
+            traffic_class = request.traffic_class if request.traffic_class in self._classes else "unknown"
+            self._metrics.observe_error(route, traffic_class, err.code.name)
+            raise
+        t = outcome.timings
+        self._metrics.observe_success(
+            call.route.name,
+            call.traffic_class,
+            outcome.served_by.value,
+            {
+                "routing": t.routing_ms,
+                "features": t.features_ms,
+                "model": t.model_ms,
+                "post": t.post_ms,
+                "total": t.total_ms,
+            },
+        )
+        return self._response(request, call, outcome)
+
+    def _validate(self, request: pb.PredictRequest, tenant: str) -> PredictCall:
+        routes, classes, default_class = self._tenants[tenant]
+        plan = self._plans.get(request.route)
+        if plan is None:
+            raise RouteNotFound(request.route)
+        if request.route not in routes:
+            raise PermissionDenied(f"tenant {tenant!r} may not call route {request.route!r}")
+        traffic_class = request.traffic_class or default_class
+        if traffic_class not in self._classes:
+            raise InvalidInput("traffic_class", f"unknown traffic class {traffic_class!r}")
+        if traffic_class not in classes:
+            raise PermissionDenied(f"tenant {tenant!r} may not use traffic class {traffic_class!r}")
+        for name in request.request_features:
+            if name not in plan.request_feature_names:
+                raise InvalidInput(f"request_features[{name}]", "not a request-time feature of this route")
+        return PredictCall(
+            tenant=tenant,
+            route=plan,
+            ids=parse_entity_ids(plan.config, request.entities),
+            request_features=request.request_features,
+            traffic_class=traffic_class,
+            priority=self._classes[traffic_class].priority,
+            top_k=request.top_k,
+            request_id=request.request_id or uuid.uuid4().hex,
+        )
+
+    @staticmethod
+    def _response(request: pb.PredictRequest, call: PredictCall, outcome: PredictOutcome) -> pb.PredictResponse:
+        entities = request.entities
+        t = outcome.timings
+        return pb.PredictResponse(
+            request_id=call.request_id,
+            route=call.route.name,
+            predictions=[
+                pb.Prediction(
+                    entity=entities[r.entity_index],
+                    score=r.score,
+                    decision=r.decision,
+                    rank=r.rank,
+                    defaulted_features=outcome.defaulted[r.entity_index],
+                )
+                for r in outcome.ranked
+            ],
+            served_by=_SERVED_BY[outcome.served_by.value],
+            degradation_reason=pb.DegradationReason.Value(f"DEGRADATION_REASON_{outcome.reason or 'UNSPECIFIED'}"),
+            model_name=outcome.model_name,
+            model_version=outcome.model_version,
+            timings=pb.LayerTimings(
+                routing_ms=t.routing_ms,
+                features_ms=t.features_ms,
+                model_ms=t.model_ms,
+                post_ms=t.post_ms,
+                total_ms=t.total_ms,
+            ),
+            features_degraded=outcome.features_degraded,
+            traffic_class=call.traffic_class,
+        )

@@ -1,0 +1,1 @@
+"""NVIDIA Triton integration: the bundled server's launcher and the model executor."""

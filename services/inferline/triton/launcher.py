@@ -1,0 +1,424 @@
+"""Runs the bundled Triton server (from nvidia-pytriton) as a supervised subprocess.
+
+Why a subprocess from its own virtual environment: Triton's python backend answers with
+empty tensors when numpy >= 2 is importable, while Feast needs numpy >= 2. So the server
+runs from ``TritonConfig.server_env`` (nvidia-pytriton, numpy < 2, onnxruntime), the
+services from theirs, and they only talk KServe v2 gRPC — as in production, where Triton
+is its own container.
+
+Why explicit model control: the launcher names every model it loads
+(``--load-model``), so readiness means "these models are READY", models whose name ends
+in ``_gpu`` are loaded only where a GPU exists, and the router can later reload a model
+with a config override without restarting the server.
+
+The server runs in its own session (process group): a Ctrl-C aimed at the router does
+not reach it, and ``stop`` can kill the python-backend stubs it leaves behind. The API
+is synchronous; async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+from typing import Literal
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from inferline.core.config import TritonConfig
+
+logger = logging.getLogger(__name__)
+
+BACKENDS_DIRNAME = "inferline-backends"
+"""Folder under the server environment that holds the prepared backend directory."""
+HOST = "127.0.0.1"
+"""The bundled server listens on loopback only; it serves the router on the same host."""
+_EXIT_TIMEOUT_S = 5
+_POLL_INTERVAL_S = 0.2
+_PROBE_TIMEOUT_S = 2.0
+_LOG_TAIL_BYTES = 4000
+
+
+class TritonStartError(RuntimeError):
+    """The bundled server exited or was not ready in time; ``log_tail`` holds its last output."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(f"{message}\n--- tritonserver log tail ---\n{log_tail}" if log_tail else message)
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class _ServerInstall:
+    """Where nvidia-pytriton put the server inside a virtual environment."""
+
+    env: pathlib.Path
+    site_packages: pathlib.Path
+
+    @property
+    def root(self) -> pathlib.Path:
+        return self.site_packages / "pytriton" / "tritonserver"
+
+    @property
+    def binary(self) -> pathlib.Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_version(self) -> str:
+        return self.site_packages.parent.name.removeprefix("python")  # lib/python3.11/site-packages
+
+
+def find_tritonserver(server_env: pathlib.Path) -> pathlib.Path | None:
+    """Path of the ``tritonserver`` binary bundled in ``server_env``, or None if it is not installed."""
+    install = _find_install(server_env)
+    return install.binary if install is not None else None
+
+
+def _find_install(server_env: pathlib.Path) -> _ServerInstall | None:
+    env = server_env.resolve()
+    for site in sorted(env.glob("lib/python3*/site-packages")):
+        install = _ServerInstall(env, site)
+        if install.binary.is_file():
+            return install
+    return None
+
+
+def gpu_available() -> bool:
+    """True when ``nvidia-smi -L`` runs and lists at least one GPU."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        done = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and "GPU" in done.stdout
+
+
+def discover_models(repository: pathlib.Path, load_gpu_variants: bool | Literal["auto"] = "auto") -> list[str]:
+    """Names of the model directories (those with a ``config.pbtxt``) the server should load.
+
+    Directories named ``*_gpu`` are included when ``load_gpu_variants`` is True, or is
+    "auto" and a GPU is present.
+    """
+    names = sorted(d.name for d in repository.iterdir() if (d / "config.pbtxt").is_file())
+    gpu_names = [n for n in names if n.endswith("_gpu")]
+    if not gpu_names:
+        return names
+    load_gpu = gpu_available() if load_gpu_variants == "auto" else bool(load_gpu_variants)
+    return names if load_gpu else [n for n in names if n not in gpu_names]
+
+
+def _copy_if_changed(src: pathlib.Path, dst: pathlib.Path) -> None:
+    if dst.exists():
+        s, d = src.stat(), dst.stat()
+        if s.st_size == d.st_size and s.st_mtime_ns == d.st_mtime_ns:
+            return
+    # Copy then rename, so a server already running from dst keeps its (old) file intact.
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _prepare_backends(install: _ServerInstall) -> pathlib.Path:
+    """Assemble ``<env>/inferline-backends/python`` (backend library + stub); idempotent."""
+    backends = install.env / BACKENDS_DIRNAME
+    python_dir = backends / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    files = [p for p in (install.root / "backends" / "python").iterdir() if p.is_file()]
+    stub = install.root / "python_backend_stubs" / install.python_version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonStartError(f"no python backend stub for Python {install.python_version} at {stub}")
+    for src in [*files, stub]:
+        _copy_if_changed(src, python_dir / src.name)
+    return backends
+
+
+def _server_environ(install: _ServerInstall) -> dict[str, str]:
+    """Our environment with the server venv's bin first on PATH: the stub must find numpy < 2."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    environ["PATH"] = os.pathsep.join(filter(None, [str(install.env / "bin"), environ.get("PATH")]))
+    libs = str(install.site_packages / "nvidia_pytriton.libs")
+    environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libs, environ.get("LD_LIBRARY_PATH")]))
+    environ["VIRTUAL_ENV"] = str(install.env)
+    return environ
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on loopback (all sockets are held open until every port is picked)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL whatever is left in the server's process group (e.g. orphaned backend stubs)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _log_tail(path: pathlib.Path | None) -> str:
+    if path is None or not path.exists():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - _LOG_TAIL_BYTES))
+        return f.read().decode("utf-8", errors="replace")
+
+
+class TritonLauncher:
+    """Starts, supervises and stops one bundled ``tritonserver`` process.
+
+    Ports configured as 0 are picked on the first ``start`` and kept for later restarts,
+    so the URLs stay valid for clients across a restart. Usable as a context manager.
+    """
+
+    def __init__(self, config: TritonConfig, log_path: pathlib.Path | None = None) -> None:
+        self._config = config
+        self._log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._last_returncode: int | None = None
+        self._ports: dict[str, int] = {}
+        self._models: tuple[str, ...] = ()
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> TritonLauncher:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def grpc_url(self) -> str:
+        """``127.0.0.1:PORT`` of the KServe v2 gRPC endpoint."""
+        return f"{HOST}:{self._port('grpc')}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self._port('http')}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus endpoint of the server."""
+        return f"http://{HOST}:{self._port('metrics')}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running server, None when it is not running."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the last server process, None while it runs or before the first start."""
+        return self._proc.poll() if self._proc is not None else self._last_returncode
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Models loaded by the last ``start``."""
+        return self._models
+
+    @property
+    def log_path(self) -> pathlib.Path | None:
+        """The server's log file (a temporary file is created on first start when none was given)."""
+        return self._log_path
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it and all its models are ready; no-op if running.
+
+        Raises:
+            TritonStartError: the server is not installed, exited during startup, or was not
+                ready within ``startup_timeout_s`` (the process is then stopped).
+        """
+        with self._lock:
+            if self.is_running():
+                return
+            self.stop()  # reap a server that died on its own, and its stubs
+            install = _find_install(self._config.server_env)
+            if install is None:
+                raise TritonStartError(f"tritonserver not found in {self._config.server_env} (install nvidia-pytriton)")
+            command = self._command(install, _prepare_backends(install))
+            self._spawn(command, _server_environ(install))
+            try:
+                self._wait_ready(time.monotonic() + self._config.startup_timeout_s)
+            except BaseException:
+                self.stop()
+                raise
+            logger.info("tritonserver ready (pid %s, grpc %s, models %s)", self.pid, self.grpc_url, self._models)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the server, SIGKILL its process group after ``timeout_s``; always reaps. Idempotent."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            try:
+                if proc.poll() is None:
+                    self._terminate(proc, timeout_s)
+            finally:
+                _kill_group(proc.pid)
+                proc.wait()
+                self._proc = None
+                self._last_returncode = proc.returncode
+
+    def restart(self) -> None:
+        """Stop (if needed) and start again on the same ports."""
+        with self._lock:
+            self.stop()
+            self.start()
+
+    def _port(self, name: str) -> int:
+        try:
+            return self._ports[name]
+        except KeyError:
+            raise RuntimeError("TritonLauncher has not been started; its ports are not chosen yet") from None
+
+    def _choose_ports(self) -> None:
+        if self._ports:
+            return
+        wanted = {
+            "grpc": self._config.grpc_port,
+            "http": self._config.http_port,
+            "metrics": self._config.metrics_port,
+        }
+        free = iter(_free_ports(sum(1 for port in wanted.values() if port == 0)))
+        self._ports = {name: port or next(free) for name, port in wanted.items()}
+
+    def _command(self, install: _ServerInstall, backends: pathlib.Path) -> list[str]:
+        self._choose_ports()
+        repository = self._config.model_repository.resolve()
+        self._models = tuple(discover_models(repository, self._config.load_gpu_variants))
+        if not self._models:
+            logger.warning("no models (directories with config.pbtxt) in %s", repository)
+        return [
+            str(install.binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in self._models),
+            *(f"--{kind}-address={HOST}" for kind in ("grpc", "http", "metrics")),
+            *(f"--{kind}-port={self._ports[kind]}" for kind in ("grpc", "http", "metrics")),
+            f"--exit-timeout-secs={_EXIT_TIMEOUT_S}",
+            "--log-verbose=0",
+        ]
+
+    def _spawn(self, command: list[str], environ: dict[str, str]) -> None:
+        if self._log_path is None:
+            fd, name = tempfile.mkstemp(prefix="inferline-tritonserver-", suffix=".log")
+            os.close(fd)
+            self._log_path = pathlib.Path(name)
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._log_path.open("ab") as log:
+            log.write(f"=== inferline: starting {' '.join(command)}\n".encode())
+            log.flush()
+            # Own session: signals aimed at our process group (Ctrl-C) do not reach the server.
+            self._proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environ,
+                start_new_session=True,
+            )
+        logger.info("started tritonserver pid %s, log %s", self._proc.pid, self._log_path)
+
+    def _wait_ready(self, deadline: float) -> None:
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while not self._probe(client):
+                assert self._proc is not None
+                code = self._proc.poll()
+                if code is not None:
+                    raise TritonStartError(f"tritonserver exited with code {code} during startup", self._tail())
+                if time.monotonic() >= deadline:
+                    timeout = self._config.startup_timeout_s
+                    raise TritonStartError(f"tritonserver not ready within {timeout:g} s", self._tail())
+                time.sleep(_POLL_INTERVAL_S)
+        finally:
+            client.close()
+
+    def _probe(self, client: grpcclient.InferenceServerClient) -> bool:
+        try:
+            if not client.is_server_ready(client_timeout=_PROBE_TIMEOUT_S):
+                return False
+            return all(client.is_model_ready(name, client_timeout=_PROBE_TIMEOUT_S) for name in self._models)
+        except InferenceServerException:
+            return False
+
+    def _terminate(self, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("tritonserver pid %s ignored SIGTERM for %g s; killing it", proc.pid, timeout_s)
+            _kill_group(proc.pid)
+            proc.wait()
+
+    def _tail(self) -> str:
+        return _log_tail(self._log_path)
+
+
+def run_triton_forever(config: TritonConfig) -> int:
+    """Run the bundled server until SIGINT/SIGTERM (``inferline triton``).
+
+    Returns:
+        0 after a requested stop; 1 if the server failed to start or died on its own.
+    """
+    stop_requested = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s, stopping tritonserver", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    launcher = TritonLauncher(config)
+    try:
+        launcher.start()
+        logger.info(
+            "tritonserver serving %s: grpc %s, http %s, metrics %s, log %s",
+            ", ".join(launcher.models),
+            launcher.grpc_url,
+            launcher.http_url,
+            launcher.metrics_url,
+            launcher.log_path,
+        )
+        return _block_until_stopped(launcher, stop_requested)
+    except TritonStartError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        launcher.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _block_until_stopped(launcher: TritonLauncher, stop_requested: threading.Event) -> int:
+    while not stop_requested.wait(0.5):
+        if not launcher.is_running():
+            logger.error(
+                "tritonserver exited on its own with code %s; log %s\n%s",
+                launcher.returncode,
+                launcher.log_path,
+                _log_tail(launcher.log_path),
+            )
+            return 1
+    return 0

@@ -1,0 +1,153 @@
+"""One contract suite for both FeatureClient implementations, against the real Feast SQLite repo.
+
+``local`` calls FeaturesService in-process; ``grpc`` goes through a real grpc.aio server on an
+ephemeral port running FeaturesServicer. Both read the materialized demo repo through
+FeastOnlineStore, and both must answer (and fail) the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+
+from inferline.core.config import InferlineConfig, load_config
+from inferline.core.deadline import Deadline
+from inferline.core.errors import InferlineError, InvalidInput, RouteNotFound
+from inferline.features import FeastOnlineStore, FeatureClient, FeaturesService, GrpcFeatureClient, LocalFeatureClient
+from inferline.features.servicer import FeaturesServicer
+from inferline.v1 import features_pb2_grpc
+
+pytestmark = pytest.mark.requires_feast
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROUTE = "driver_ranking"
+KNOWN, UNKNOWN = 1001, 99
+STORED = ["conv_rate", "acc_rate", "avg_daily_trips"]
+
+
+@pytest.fixture(scope="module")
+def config() -> InferlineConfig:
+    return load_config(ROOT / "deploy/local/inferline.yaml")
+
+
+@pytest.fixture(scope="module")
+def feast_repo(config: InferlineConfig) -> pathlib.Path:
+    """The materialized demo repo; skipped outside CI when absent, a failure in CI."""
+    repo = config.feature_store.feast_repo
+    if not all((repo / "data" / name).is_file() for name in ("registry.db", "online_store.db")):
+        message = f"requires_feast: run make setup (no materialized Feast data under {repo / 'data'})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return repo
+
+
+@pytest.fixture
+async def store(feast_repo: pathlib.Path) -> AsyncIterator[FeastOnlineStore]:
+    online = FeastOnlineStore(feast_repo)
+    yield online
+    await online.close()
+
+
+@pytest.fixture(scope="module")
+def expected(feast_repo: pathlib.Path, config: InferlineConfig) -> dict[str, list[object]]:
+    """What Feast itself returns for the known and unknown driver (the reference answer)."""
+    import feast
+
+    route = config.routes[ROUTE]
+    refs = [f.source for f in route.features if f.source is not None]
+    rows = [{"driver_id": KNOWN}, {"driver_id": UNKNOWN}]
+    table: dict[str, list[object]] = (
+        feast.FeatureStore(repo_path=str(feast_repo)).get_online_features(features=refs, entity_rows=rows).to_dict()
+    )
+    return table
+
+
+@pytest.fixture
+async def service(config: InferlineConfig, store: FeastOnlineStore) -> AsyncIterator[FeaturesService]:
+    svc = FeaturesService(config.routes, store, config.feature_store)
+    await svc.warm_up()
+    yield svc
+    await svc.close()
+
+
+@pytest.fixture(params=["local", "grpc"])
+async def client(
+    request: pytest.FixtureRequest, service: FeaturesService, config: InferlineConfig
+) -> AsyncIterator[FeatureClient]:
+    if request.param == "local":
+        yield LocalFeatureClient(service)
+        return
+    server = grpc.aio.server()
+    features_pb2_grpc.add_FeaturesServicer_to_server(FeaturesServicer(service, config.routes), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield GrpcFeatureClient(channel, config.routes)
+    finally:
+        await server.stop(None)
+
+
+def deadline() -> Deadline:
+    return Deadline.after(5.0)
+
+
+def assert_status(err: InferlineError, code: grpc.StatusCode) -> None:
+    """The domain error carries ``code``; over gRPC it also came back with that status."""
+    assert err.code == code
+    if isinstance(err.__cause__, grpc.aio.AioRpcError):
+        assert err.__cause__.code() == code
+
+
+async def test_known_driver_gets_store_values(client: FeatureClient, expected: dict[str, list[object]]) -> None:
+    vector = await client.get(ROUTE, [KNOWN], {"trip_distance_km": 3.5}, deadline=deadline())
+    assert vector.names == (*STORED, "trip_distance_km")
+    want = [float(expected[name][0]) for name in STORED]  # type: ignore[arg-type]
+    np.testing.assert_array_equal(vector.values[0], np.array([*want, 3.5], dtype=np.float32))
+    assert not vector.defaulted.any()
+    assert not vector.degraded
+
+
+async def test_unknown_driver_gets_defaults_flagged(
+    client: FeatureClient, config: InferlineConfig, expected: dict[str, list[object]]
+) -> None:
+    assert all(expected[name][1] is None for name in STORED)  # Feast agrees it is unknown
+    vector = await client.get(ROUTE, [KNOWN, UNKNOWN], {}, deadline=deadline())
+    defaults = [f.default for f in config.routes[ROUTE].features]
+    np.testing.assert_array_equal(vector.values[1], np.array(defaults, dtype=np.float32))
+    assert vector.defaulted_names(1) == [*STORED, "trip_distance_km"]
+    assert vector.defaulted_names(0) == ["trip_distance_km"]  # request-time feature not given
+    assert not vector.degraded
+
+
+async def test_names_select_columns(client: FeatureClient, expected: dict[str, list[object]]) -> None:
+    vector = await client.get(ROUTE, [KNOWN], {}, deadline=deadline(), names=["acc_rate", "conv_rate"])
+    assert vector.names == ("acc_rate", "conv_rate")
+    want = [float(expected[name][0]) for name in ("acc_rate", "conv_rate")]  # type: ignore[arg-type]
+    np.testing.assert_array_equal(vector.values[0], np.array(want, dtype=np.float32))
+
+
+async def test_wrong_key_type_is_invalid_argument(client: FeatureClient) -> None:
+    with pytest.raises(InvalidInput) as err:
+        await client.get(ROUTE, ["1001"], {}, deadline=deadline())
+    assert err.value.field == "entities[0]"
+    assert_status(err.value, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_unknown_request_feature_is_invalid_argument(client: FeatureClient) -> None:
+    with pytest.raises(InvalidInput) as err:
+        await client.get(ROUTE, [KNOWN], {"surge": 1.0}, deadline=deadline())
+    assert err.value.field == "request_features"
+    assert_status(err.value, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_unknown_route_is_not_found(client: FeatureClient) -> None:
+    with pytest.raises(RouteNotFound) as err:
+        await client.get("no_such_route", [KNOWN], {}, deadline=deadline())
+    assert_status(err.value, grpc.StatusCode.NOT_FOUND)

@@ -1,0 +1,68 @@
+import pathlib
+
+import pytest
+import yaml
+
+from inferline.core.config import ConfigError, load_config
+
+DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
+
+
+def _write(tmp_path: pathlib.Path, mutate) -> pathlib.Path:  # type: ignore[no-untyped-def]
+    raw = yaml.safe_load(DEFAULT.read_text())
+    mutate(raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_default_config_loads_and_resolves_paths() -> None:
+    config = load_config(DEFAULT)
+    assert config.triton.model_repository == pathlib.Path("triton_models").resolve()
+    assert config.routes["driver_ranking"].primary.model == "driver_ranker"
+
+
+def test_unknown_key_is_named(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, lambda r: r["server"].update(prot=1))
+    with pytest.raises(ConfigError, match=r"server\.prot: Extra inputs are not permitted"):
+        load_config(path)
+
+
+def test_bad_value_is_named(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, lambda r: r["routes"]["driver_ranking"].update(max_entities=0))
+    with pytest.raises(ConfigError, match=r"routes\.driver_ranking\.max_entities"):
+        load_config(path)
+
+
+def test_variant_with_undeclared_feature_is_refused(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, lambda r: r["routes"]["driver_ranking"]["light"]["features"].append("nope"))
+    with pytest.raises(ConfigError, match=r"light\.features names undeclared features \['nope'\]"):
+        load_config(path)
+
+
+def test_tenant_with_unknown_route_is_refused(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, lambda r: r["tenants"]["demo"]["routes"].append("ghost"))
+    with pytest.raises(ConfigError, match=r"tenants\.demo\.routes: unknown route .ghost."):
+        load_config(path)
+
+
+def test_plaintext_key_instead_of_digest_is_refused(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, lambda r: r["tenants"]["demo"].update(api_key_sha256=["secret"]))
+    with pytest.raises(ConfigError, match=r"tenants\.demo\.api_key_sha256"):
+        load_config(path)
+
+
+def test_environment_overrides_nested_values() -> None:
+    config = load_config(DEFAULT, environ={"INFERLINE_SERVER__PORT": "6001", "INFERLINE_TRITON__URL": "triton:8001"})
+    assert config.server.port == 6001
+    assert config.triton.url == "triton:8001"
+
+
+def test_bad_environment_override_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        load_config(DEFAULT, environ={"INFERLINE_SERVER__PORT": "not-a-port"})
+
+
+def test_missing_file_is_a_config_error(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "absent.yaml")
