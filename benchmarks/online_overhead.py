@@ -380,6 +380,7 @@ async def run(stack: Stack, s: Settings, log_dir: pathlib.Path) -> dict[str, Any
         sweeps: dict[str, SweepResult] = {}
         for name, target in targets.items():
             console.rule(f"knee sweep: {name}")
+            await asyncio.sleep(2.0)  # let the previous target's overload drain everywhere
             if not (stack.launcher.is_running() and await triton_live(triton_url)):
                 console.print("[yellow]triton is down; restarting it on the same ports")
                 await asyncio.to_thread(stack.launcher.restart)

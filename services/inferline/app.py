@@ -115,6 +115,13 @@ def build_app(config: InferlineConfig, roles: set[Role], triton_url: str | None 
             post_client = LocalPostprocessClient(PostprocessService(config.routes))
         executor = TritonExecutor(triton_url)
         app.closers.append(executor.close)
+        models = {
+            v.model: (len(v.features), v.input_name, v.output_name)
+            for r in config.routes.values()
+            for v in (r.primary, r.light)
+            if v is not None
+        }
+        app.starters.append(lambda: executor.warm_up(models))
         plans = build_route_plans(config)
         router = RouterService(feature_client, executor, post_client)
         inference = InferenceServicer(router, config, plans, ServingMetrics(app.registry))

@@ -55,7 +55,7 @@ async def _traffic(address: str, n: int) -> tuple[list[pb.PredictResponse], Coun
                 try:
                     responses.append(await stub.Predict(request, timeout=0.25, metadata=metadata))
                 except grpc.aio.AioRpcError as err:
-                    errors[err.code().name] += 1
+                    errors[f"{err.code().name}: {err.details()}"] += 1
 
         await asyncio.gather(*(one(i) for i in range(n)))
     return responses, errors

@@ -15,6 +15,7 @@ Two rules shape this module (RECIPES.md, "Triton semantics" and "Known defect"):
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inferline.core.deadline import Deadline
 from inferline.core.errors import DependencyUnavailable, ModelOutputInvalid
+
+logger = logging.getLogger(__name__)
 
 # How long past its budget a call may still run before gRPC gives up on it. Generous on
 # purpose: it only bounds leaked calls; the caller stopped waiting long before.
@@ -131,6 +134,31 @@ class TritonExecutor:
     def abandoned_calls(self) -> int:
         """Calls still running on Triton whose callers have stopped waiting."""
         return len(self._abandoned)
+
+    async def warm_up(self, models: dict[str, tuple[int, str, str]], timeout_s: float = 30.0) -> None:
+        """Connect and run each model once, so the first real request pays no connection set-up.
+
+        ``models`` maps a model name to (feature count, input name, output name). Failures
+        are logged, not raised: a model that is down now is the degradation path's business.
+        """
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+        except TimeoutError:
+            logger.warning("Triton not reachable for warm-up within %.0f s", timeout_s)
+            return
+        for model, (width, input_name, output_name) in models.items():
+            try:
+                zeros = np.zeros((1, width), np.float32)
+                await self.infer(
+                    model,
+                    zeros,
+                    deadline=Deadline.after(timeout_s),
+                    priority=3,
+                    input_name=input_name,
+                    output_name=output_name,
+                )
+            except (DependencyUnavailable, ModelOutputInvalid) as err:
+                logger.warning("warm-up of model %s failed: %s", model, err)
 
     async def is_model_ready(self, model: str) -> bool:
         try:
