@@ -99,6 +99,56 @@ class BudgetsConfig(_Model):
     fallback_reserve_ms: float = Field(5.0, ge=0)
 
 
+class BaselineSegment(_Model):
+    below: float
+    """Upper bound (exclusive) of the segment feature's value."""
+    score: float = Field(ge=0, le=1)
+
+
+class BaselineConfig(_Model):
+    """The route's safe baseline: a constant, or a prior per segment of one feature's value."""
+
+    score: float = Field(0.5, ge=0, le=1)
+    """Score when no segment applies."""
+    segment_feature: str | None = None
+    """Feature whose value picks the segment (None: the constant ``score``)."""
+    segments: list[BaselineSegment] = []
+    """Segments in increasing ``below`` order; a value at or above the last uses ``score``."""
+
+    @model_validator(mode="after")
+    def _segments_sorted(self) -> BaselineConfig:
+        bounds = [s.below for s in self.segments]
+        if bounds != sorted(bounds):
+            raise ValueError("segments must be in increasing 'below' order")
+        if self.segments and self.segment_feature is None:
+            raise ValueError("segments need a segment_feature")
+        return self
+
+
+class DegradationConfig(_Model):
+    cache_ttl_s: float = Field(3600.0, gt=0)
+    """How long a good answer is kept in the score cache."""
+    max_staleness_s: float = Field(600.0, gt=0)
+    """Oldest cached score this route will still serve."""
+    light_in_process: bool = True
+    """Run the light model's ONNX file in-process (embedded) instead of on Triton."""
+    baseline: BaselineConfig = BaselineConfig()
+
+
+class BreakerConfig(_Model):
+    """Circuit breaker per model variant, over a sliding window of outcomes."""
+
+    window_s: float = Field(10.0, gt=0)
+    min_calls: int = Field(20, ge=1)
+    """Calls in the window before the failure rate is judged."""
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    """Share of failed or timed-out calls that opens the breaker."""
+    open_s: float = Field(1.0, gt=0)
+    """How long the breaker stays open before half-open probes."""
+    half_open_probes: int = Field(3, ge=1)
+    """Successful probes needed to close again."""
+
+
 class RouteConfig(_Model):
     entity: EntitySpec
     max_entities: int = Field(100, ge=1)
@@ -108,6 +158,9 @@ class RouteConfig(_Model):
     light: VariantConfig | None = None
     postprocess: PostprocessConfig = PostprocessConfig()
     budgets: BudgetsConfig = BudgetsConfig()
+    degradation: DegradationConfig = DegradationConfig()
+    max_in_flight: int = Field(64, ge=1)
+    """Calls in flight to the primary model at most; beyond it requests degrade (OVERLOAD)."""
 
     @model_validator(mode="after")
     def _variants_use_declared_features(self) -> RouteConfig:
@@ -118,6 +171,9 @@ class RouteConfig(_Model):
             unknown = [f for f in variant.features if f not in declared]
             if unknown:
                 raise ValueError(f"{label}.features names undeclared features {unknown}")
+        segment = self.degradation.baseline.segment_feature
+        if segment is not None and segment not in declared:
+            raise ValueError(f"degradation.baseline.segment_feature {segment!r} is not a declared feature")
         return self
 
 
@@ -153,11 +209,24 @@ class FeatureStoreConfig(_Model):
     hot_cache_max_entities: int = Field(100_000, ge=0)
 
 
+class ScoreCacheConfig(_Model):
+    """Where last good answers live: in memory (embedded) or Redis (suite, shared by replicas)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_entries: int = Field(1_000_000, ge=1)
+    """In-memory backend: entries kept at most (least recently written go first)."""
+    timeout_ms: float = Field(5.0, gt=0)
+    """A cache read slower than this counts as a miss; a cache never fails a request."""
+    key_prefix: str = "inferline"
+
+
 class ServiceAddresses(_Model):
     """Where the router reaches the other services; None means in-process (embedded)."""
 
     features: str | None = None
     postprocess: str | None = None
+    degradation: str | None = None
 
 
 class InferlineConfig(_Model):
@@ -165,6 +234,8 @@ class InferlineConfig(_Model):
     triton: TritonConfig = TritonConfig()
     feature_store: FeatureStoreConfig = FeatureStoreConfig()
     services: ServiceAddresses = ServiceAddresses()
+    score_cache: ScoreCacheConfig = ScoreCacheConfig()
+    breaker: BreakerConfig = BreakerConfig()
     traffic_classes: dict[str, TrafficClassConfig]
     tenants: dict[str, TenantConfig]
     routes: dict[str, RouteConfig]

@@ -6,7 +6,6 @@ the other services are reached through their client ports (in-process or gRPC).
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,18 +13,12 @@ from dataclasses import dataclass, field
 from inferline.core.budget import layer_deadline
 from inferline.core.deadline import Deadline
 from inferline.core.entities import EntityId
+from inferline.core.served_by import ServedBy
 from inferline.features.client import FeatureClient
 from inferline.postprocess.client import PostprocessClient
 from inferline.postprocess.service import RankedScore
 from inferline.router.plan import RoutePlan
 from inferline.triton.executor import ModelExecutor
-
-
-class ServedBy(enum.Enum):
-    PRIMARY = "PRIMARY"
-    LIGHT = "LIGHT"
-    CACHE = "CACHE"
-    BASELINE = "BASELINE"
 
 
 @dataclass(frozen=True, slots=True)
