@@ -1,0 +1,134 @@
+"""The two topologies as real processes: `inferline up` alone (bundled Triton) and the suite."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from inferline.core.ports import free_port
+from inferline.v1 import inference_pb2 as pb
+from inferline.v1 import inference_pb2_grpc as pb_grpc
+from tests.integration.router_fixtures import DEMO_KEY, ROOT, start_inferline
+
+pytestmark = pytest.mark.requires_triton
+
+AUTH = (("authorization", f"Bearer {DEMO_KEY}"),)
+REQUEST = pb.PredictRequest(
+    route="driver_ranking", entities=[pb.EntityKey(name="driver_id", int64_value=i) for i in (1001, 1002)]
+)
+
+
+def _predict(address: str) -> pb.PredictResponse:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.InferenceStub(channel).Predict(REQUEST, timeout=5, metadata=AUTH)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (PID 1 in this container may not reap orphans).
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    triton_port = free_port()
+    env = {"INFERLINE_TRITON__GRPC_PORT": str(triton_port)}
+    server = start_inferline(["up", "--config", str(router_config)], tmp_path / "up.log", env=env, timeout_s=180)
+    try:
+        assert _predict(server.address).served_by == pb.SERVED_BY_PRIMARY
+        triton = triton_grpc.InferenceServerClient(f"127.0.0.1:{triton_port}")
+        assert triton.is_model_ready("driver_ranker")
+        log = server.log_tail(20_000)
+        assert "tritonserver ready" in log
+        triton_pid = int(log.split("started tritonserver pid ")[1].split(",")[0])
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
+    deadline = time.monotonic() + 15
+    while _pid_alive(triton_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _pid_alive(triton_pid), "the bundled Triton outlived `inferline up`"
+
+
+def test_suite_topology_reaches_services_over_grpc(
+    triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    features = start_inferline(["serve", "features", "--config", str(router_config)], tmp_path / "features.log")
+    post = start_inferline(["serve", "postprocess", "--config", str(router_config)], tmp_path / "post.log")
+    env = {"INFERLINE_SERVICES__FEATURES": features.address, "INFERLINE_SERVICES__POSTPROCESS": post.address}
+    url = triton_server.grpc_url  # type: ignore[attr-defined]
+    router = start_inferline(
+        ["serve", "router", "--config", str(router_config), "--triton-url", url], tmp_path / "router.log", env=env
+    )
+    try:
+        response = _predict(router.address)
+        assert response.served_by == pb.SERVED_BY_PRIMARY
+        assert [p.rank for p in response.predictions] == [1, 2]
+        # Bad input crossing two hops still arrives as the caller's error, not INTERNAL.
+        with grpc.insecure_channel(router.address) as channel, pytest.raises(grpc.RpcError) as info:
+            bad = pb.PredictRequest(route="driver_ranking", entities=[pb.EntityKey(name="driver_id", string_value="x")])
+            pb_grpc.InferenceStub(channel).Predict(bad, timeout=5, metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        for server in (router, features, post):
+            assert server.stop() == 0, server.log_tail()
+
+
+def test_serve_rejects_unknown_service_and_missing_triton(router_config: pathlib.Path) -> None:
+    base = [sys.executable, "-m", "inferline.cli", "serve"]
+    unknown = subprocess.run(
+        [*base, "gateway", "--config", str(router_config)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert unknown.returncode == 2 and "unknown service" in unknown.stderr
+    no_triton = subprocess.run(
+        [*base, "router", "--config", str(router_config)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert no_triton.returncode == 2 and "--triton-url" in no_triton.stderr
+
+
+def test_bad_config_stops_start_up_naming_the_key(tmp_path: pathlib.Path, router_config: pathlib.Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(router_config.read_text().replace("max_entities: 100", "max_entitys: 100"))
+    result = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "up", "--config", str(bad)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 2
+    assert "routes.driver_ranking.max_entitys" in result.stderr
+
+
+def test_triton_command_serves_until_sigterm(tmp_path: pathlib.Path, router_config: pathlib.Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    command = [
+        sys.executable, "-m", "inferline.cli", "triton", "--config", str(router_config),
+        "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
+    ]  # fmt: skip
+    with open(tmp_path / "triton.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if client.is_server_ready() and client.is_model_ready("driver_ranker"):
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            assert process.poll() is None, (tmp_path / "triton.log").read_text()[-3000:]
+            time.sleep(0.3)
+        else:
+            pytest.fail("inferline triton did not become ready")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0, (tmp_path / "triton.log").read_text()[-3000:]
