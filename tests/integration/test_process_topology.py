@@ -122,7 +122,7 @@ def test_triton_command_serves_until_sigterm(tmp_path: pathlib.Path, router_conf
             try:
                 if client.is_server_ready() and client.is_model_ready("driver_ranker"):
                     break
-            except Exception:  # noqa: BLE001 - not listening yet
+            except Exception:  # not listening yet
                 pass
             assert process.poll() is None, (tmp_path / "triton.log").read_text()[-3000:]
             time.sleep(0.3)
