@@ -80,7 +80,9 @@ class RouterService:
         times = LayerTimes()
         t0 = time.perf_counter()
         times.routing_ms = (t0 - started_at) * 1000
-        after_features = plan.model_budget_s + plan.post_budget_s + plan.fallback_reserve_s
+        # Later layers reserve post-processing and the fallback; the model takes what the
+        # features leave (its own budget at most), so a short deadline still gets features.
+        after_features = plan.post_budget_s + plan.fallback_reserve_s
         vector = await self._features.get(
             plan.name,
             call.ids,

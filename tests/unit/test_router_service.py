@@ -1,0 +1,110 @@
+"""RouterService with fake ports: what it sends to each layer, and what it answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from inferline.core.config import load_config
+from inferline.core.deadline import Deadline
+from inferline.core.served_by import ServedBy
+from inferline.features.vector import EntityId, FeatureVector
+from inferline.postprocess.client import LocalPostprocessClient
+from inferline.postprocess.service import PostprocessService
+from inferline.router.plan import build_route_plans
+from inferline.router.service import PredictCall, RouterService
+from inferline.triton.executor import InferResult
+
+CONFIG = load_config("deploy/local/inferline.yaml")
+PLAN = build_route_plans(CONFIG)["driver_ranking"]
+NAMES = ("conv_rate", "acc_rate", "avg_daily_trips", "trip_distance_km")
+
+
+class FakeFeatures:
+    def __init__(self) -> None:
+        self.deadline: Deadline | None = None
+
+    async def get(
+        self,
+        route: str,
+        ids: list[EntityId],
+        request_features: Mapping[str, float],
+        *,
+        deadline: Deadline,
+        names: Sequence[str] | None = None,
+    ) -> FeatureVector:
+        self.deadline = deadline
+        values = np.array([[0.1 * i, 0.5, 400, 3] for i in range(len(ids))], np.float32)
+        defaulted = np.zeros_like(values, dtype=bool)
+        defaulted[:, 3] = True
+        return FeatureVector(NAMES, values, defaulted, degraded=False)
+
+
+class FakeExecutor:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, object]] = []
+
+    async def infer(
+        self, model: str, inputs: np.ndarray, *, deadline: Deadline, priority: int, input_name: str, output_name: str
+    ) -> InferResult:
+        self.calls.append({"model": model, "inputs": inputs, "budget_s": deadline.remaining_s(), "priority": priority})
+        return InferResult(np.linspace(0.2, 0.8, inputs.shape[0], dtype=np.float32), model, "1")
+
+
+@pytest.fixture
+def parts() -> tuple[RouterService, FakeFeatures, FakeExecutor]:
+    features, executor = FakeFeatures(), FakeExecutor()
+    post = LocalPostprocessClient(PostprocessService(CONFIG.routes))
+    return RouterService(features, executor, post), features, executor
+
+
+def _call(n: int, traffic_class: str = "critical") -> PredictCall:
+    priority = CONFIG.traffic_classes[traffic_class].priority
+    return PredictCall("demo", PLAN, list(range(1001, 1001 + n)), {}, traffic_class, priority, 0, "r1")
+
+
+async def test_primary_answer_ranks_and_reports_defaults(
+    parts: tuple[RouterService, FakeFeatures, FakeExecutor],
+) -> None:
+    router, _, _ = parts
+    outcome = await router.predict(_call(3), Deadline.after(0.1), time.perf_counter())
+    assert outcome.served_by is ServedBy.PRIMARY
+    assert [r.entity_index for r in outcome.ranked] == [2, 1, 0]
+    assert outcome.defaulted == [["trip_distance_km"]] * 3
+    assert outcome.timings.total_ms >= outcome.timings.model_ms >= 0
+
+
+async def test_class_becomes_triton_priority(parts: tuple[RouterService, FakeFeatures, FakeExecutor]) -> None:
+    router, _, executor = parts
+    await router.predict(_call(1, "batch"), Deadline.after(1.0), time.perf_counter())
+    await router.predict(_call(1, "critical"), Deadline.after(1.0), time.perf_counter())
+    assert [c["priority"] for c in executor.calls] == [3, 1]
+
+
+async def test_model_gets_its_budget_when_the_deadline_is_long(
+    parts: tuple[RouterService, FakeFeatures, FakeExecutor],
+) -> None:
+    router, _, executor = parts
+    await router.predict(_call(1), Deadline.after(2.0), time.perf_counter())
+    assert executor.calls[0]["budget_s"] == pytest.approx(PLAN.model_budget_s, abs=0.005)
+
+
+async def test_model_budget_keeps_the_later_reserves(parts: tuple[RouterService, FakeFeatures, FakeExecutor]) -> None:
+    router, features, executor = parts
+    deadline = Deadline.after(0.030)
+    await router.predict(_call(1), deadline, time.perf_counter())
+    reserved = PLAN.post_budget_s + PLAN.fallback_reserve_s
+    assert float(executor.calls[0]["budget_s"]) <= 0.030 - reserved + 1e-3  # type: ignore[arg-type]
+    assert features.deadline is not None
+    assert features.deadline.expires_at <= deadline.expires_at - reserved + 1e-9
+    assert features.deadline.remaining_s() > 0  # a short deadline still leaves the features some time
+
+
+async def test_primary_model_sees_its_feature_columns(parts: tuple[RouterService, FakeFeatures, FakeExecutor]) -> None:
+    router, _, executor = parts
+    await router.predict(_call(2), Deadline.after(1.0), time.perf_counter())
+    inputs = executor.calls[0]["inputs"]
+    assert isinstance(inputs, np.ndarray) and inputs.shape == (2, 4) and inputs.dtype == np.float32
