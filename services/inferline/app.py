@@ -1,13 +1,14 @@
 """Composition root: builds the services a process hosts and wires their clients.
 
-``inferline up`` hosts router, features and post-processing in one process with
-in-process clients; ``inferline serve <service>`` hosts one, and the router then
+``inferline up`` hosts router, features, post-processing and degradation in one process
+with in-process clients; ``inferline serve <service>`` hosts one, and the router then
 reaches the others over gRPC when their addresses are configured.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,6 +19,10 @@ from prometheus_client import CollectorRegistry
 from inferline.core.config import InferlineConfig
 from inferline.core.grpc_server import ServiceRegistration
 from inferline.core.metrics import ServingMetrics
+from inferline.degradation.client import DegradationClient, GrpcDegradationClient, LocalDegradationClient
+from inferline.degradation.factory import build_degradation_service
+from inferline.degradation.service import DegradationService
+from inferline.degradation.servicer import DegradationServicer
 from inferline.features.client import FeatureClient, GrpcFeatureClient, LocalFeatureClient
 from inferline.features.service import FeaturesService
 from inferline.features.servicer import FeaturesServicer
@@ -25,25 +30,29 @@ from inferline.features.store import FeastOnlineStore
 from inferline.postprocess.client import GrpcPostprocessClient, LocalPostprocessClient, PostprocessClient
 from inferline.postprocess.service import PostprocessService
 from inferline.postprocess.servicer import PostprocessServicer
+from inferline.router.breaker import BreakerRegistry, BreakerState
 from inferline.router.plan import build_route_plans
+from inferline.router.recovery import RecoveryTracker
 from inferline.router.service import RouterService
 from inferline.router.servicer import InferenceServicer
 from inferline.triton.executor import TritonExecutor
-from inferline.v1 import features_pb2_grpc, inference_pb2_grpc, postprocess_pb2_grpc
+from inferline.v1 import degradation_pb2_grpc, features_pb2_grpc, inference_pb2_grpc, postprocess_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["router", "features", "postprocess"]
+Role = Literal["router", "features", "postprocess", "degradation"]
 
 
 @dataclass
 class App:
-    """The services of one process, their gRPC registrations, and what to close on shutdown."""
+    """The services of one process, their gRPC registrations, and what to start and close."""
 
     registrations: list[ServiceRegistration] = field(default_factory=list)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     starters: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    recovery: RecoveryTracker | None = None
+    """Set when the process hosts the router: told when Triton is healthy again."""
 
     async def start(self) -> None:
         """Warm-ups that must finish before the process reports SERVING."""
@@ -74,61 +83,114 @@ def _channel(address: str, app: App) -> grpc.aio.Channel:
     return channel
 
 
-def build_app(config: InferlineConfig, roles: set[Role], triton_url: str | None = None) -> App:
-    """Build the services for ``roles``; the router needs ``triton_url``."""
+def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> None:
+    app.registrations.append(ServiceRegistration(name, add))
+
+
+def _executor(config: InferlineConfig, triton_url: str, app: App) -> TritonExecutor:
+    limits = {r.primary.model: r.max_in_flight for r in config.routes.values()}
+    executor = TritonExecutor(triton_url, max_in_flight=limits)
+    app.closers.append(executor.close)
+    models = {
+        v.model: (len(v.features), v.input_name, v.output_name)
+        for r in config.routes.values()
+        for v in (r.primary, r.light)
+        if v is not None
+    }
+    app.starters.append(lambda: executor.warm_up(models))
+    return executor
+
+
+def build_app(
+    config: InferlineConfig,
+    roles: set[Role],
+    triton_url: str | None = None,
+    model_available: Callable[[], bool] = lambda: True,
+) -> App:
+    """Build the services for ``roles``; the router needs ``triton_url``.
+
+    ``model_available`` tells the router at once when the model server is known to be
+    down (the embedded supervisor saw Triton die), so it degrades without waiting.
+    """
     app = App()
-    features: FeaturesService | None = None
-    post: PostprocessService | None = None
-    if "features" in roles:
-        features = _features(config, app)
-        servicer = FeaturesServicer(features, config.routes)
-        app.registrations.append(
-            ServiceRegistration(
-                "inferline.v1.Features", lambda s: features_pb2_grpc.add_FeaturesServicer_to_server(servicer, s)
-            )
+    executor = _executor(config, triton_url, app) if triton_url and roles & {"router", "degradation"} else None
+    features = _features(config, app) if "features" in roles else None
+    post = PostprocessService(config.routes) if "postprocess" in roles else None
+    degradation: DegradationService | None = None
+    if "degradation" in roles:
+        degradation = build_degradation_service(config, executor)
+        app.closers.append(degradation.close)
+    if features is not None:
+        f_servicer = FeaturesServicer(features, config.routes)
+        _register(
+            app, "inferline.v1.Features", lambda s: features_pb2_grpc.add_FeaturesServicer_to_server(f_servicer, s)
         )
-    if "postprocess" in roles:
-        post = PostprocessService(config.routes)
-        post_servicer = PostprocessServicer(post)
-        app.registrations.append(
-            ServiceRegistration(
-                "inferline.v1.Postprocess",
-                lambda s: postprocess_pb2_grpc.add_PostprocessServicer_to_server(post_servicer, s),
-            )
+    if post is not None:
+        p_servicer = PostprocessServicer(post)
+        _register(
+            app,
+            "inferline.v1.Postprocess",
+            lambda s: postprocess_pb2_grpc.add_PostprocessServicer_to_server(p_servicer, s),
+        )
+    if degradation is not None:
+        d_servicer = DegradationServicer(degradation, config.routes)
+        _register(
+            app,
+            "inferline.v1.Degradation",
+            lambda s: degradation_pb2_grpc.add_DegradationServicer_to_server(d_servicer, s),
         )
     if "router" in roles:
-        if triton_url is None:
+        if executor is None:
             raise ValueError("the router needs a Triton URL")
-        feature_client: FeatureClient
-        if features is not None:
-            feature_client = LocalFeatureClient(features)
-        elif config.services.features:
-            feature_client = GrpcFeatureClient(_channel(config.services.features, app), config.routes)
-        else:
-            feature_client = LocalFeatureClient(_features(config, app))
-        post_client: PostprocessClient
-        if post is not None:
-            post_client = LocalPostprocessClient(post)
-        elif config.services.postprocess:
-            post_client = GrpcPostprocessClient(_channel(config.services.postprocess, app))
-        else:
-            post_client = LocalPostprocessClient(PostprocessService(config.routes))
-        executor = TritonExecutor(triton_url)
-        app.closers.append(executor.close)
-        models = {
-            v.model: (len(v.features), v.input_name, v.output_name)
-            for r in config.routes.values()
-            for v in (r.primary, r.light)
-            if v is not None
-        }
-        app.starters.append(lambda: executor.warm_up(models))
-        plans = build_route_plans(config)
-        router = RouterService(feature_client, executor, post_client)
-        inference = InferenceServicer(router, config, plans, ServingMetrics(app.registry))
-        app.registrations.insert(
-            0,
-            ServiceRegistration(
-                "inferline.v1.Inference", lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s)
-            ),
-        )
+        _build_router(config, app, executor, features, post, degradation, model_available)
     return app
+
+
+def _build_router(
+    config: InferlineConfig,
+    app: App,
+    executor: TritonExecutor,
+    features: FeaturesService | None,
+    post: PostprocessService | None,
+    degradation: DegradationService | None,
+    model_available: Callable[[], bool],
+) -> None:
+    services = config.services
+    feature_client: FeatureClient
+    if features is None and services.features:
+        feature_client = GrpcFeatureClient(_channel(services.features, app), config.routes)
+    else:
+        feature_client = LocalFeatureClient(features or _features(config, app))
+    post_client: PostprocessClient
+    if post is None and services.postprocess:
+        post_client = GrpcPostprocessClient(_channel(services.postprocess, app))
+    else:
+        post_client = LocalPostprocessClient(post or PostprocessService(config.routes))
+    degradation_client: DegradationClient
+    if degradation is None and services.degradation:
+        degradation_client = GrpcDegradationClient(_channel(services.degradation, app), config.routes)
+    else:
+        if degradation is None:
+            degradation = build_degradation_service(config, executor)
+            app.closers.append(degradation.close)
+        degradation_client = LocalDegradationClient(degradation)
+    app.closers.append(degradation_client.close)
+    metrics = ServingMetrics(app.registry)
+
+    def on_breaker(model: str, old: BreakerState, new: BreakerState) -> None:
+        metrics.breaker_open.labels(model).set(0 if new is BreakerState.CLOSED else 1)
+        logger.info("circuit breaker of %s: %s -> %s", model, old.value, new.value)
+
+    app.recovery = RecoveryTracker(lambda model, s: metrics.recovery.labels(model).observe(s), time.monotonic)
+    plans = build_route_plans(config)
+    router = RouterService(
+        feature_client, executor, post_client, degradation_client, plans,
+        BreakerRegistry(config.breaker, on_transition=on_breaker), model_available, app.recovery,
+    )  # fmt: skip
+    inference = InferenceServicer(router, config, plans, metrics)
+    app.registrations.insert(
+        0,
+        ServiceRegistration(
+            "inferline.v1.Inference", lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s)
+        ),
+    )

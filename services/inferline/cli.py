@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("deploy/local/inferline.yaml")
 DEMO_API_KEY = "inferline-demo-key"
-SERVICES: tuple[Role, ...] = ("router", "features", "postprocess")
+SERVICES: tuple[Role, ...] = ("router", "features", "postprocess", "degradation")
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Deadline-aware serving runtime in front of Triton.")
 
@@ -61,7 +61,7 @@ def up(
 
 @cli.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="router | features | postprocess")],
+    service: Annotated[str, typer.Argument(help="router | features | postprocess | degradation")],
     config: ConfigOption = DEFAULT_CONFIG,
     port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,

@@ -1,4 +1,5 @@
-"""Process lifecycle: start Triton if asked, host the services, serve metrics, drain on SIGTERM."""
+"""Process lifecycle: start and supervise Triton if asked, host the services, serve metrics,
+drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import signal
 
 from prometheus_client import start_http_server
 
-from inferline.app import Role, build_app
+from inferline.app import App, Role, build_app
 from inferline.core.config import InferlineConfig
 from inferline.core.grpc_server import start_server
+from inferline.triton.launcher import TritonLauncher
+from inferline.triton.supervisor import TritonSupervisor
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +32,35 @@ async def _wait_for_signal() -> str:
     return await stop
 
 
+def _supervised_app(
+    config: InferlineConfig, roles: set[Role], launcher: TritonLauncher
+) -> tuple[App, TritonSupervisor]:
+    """The app with the router told at once when the bundled Triton is down, and when it is back."""
+    primaries = [r.primary.model for r in config.routes.values()]
+    app: App | None = None
+
+    def on_change(available: bool) -> None:
+        if available and app is not None and app.recovery is not None:
+            for model in primaries:
+                app.recovery.healthy(model)
+
+    supervisor = TritonSupervisor(launcher, on_change=on_change)
+    app = build_app(config, roles, launcher.grpc_url, model_available=lambda: supervisor.available)
+    return app, supervisor
+
+
 async def serve_process(config: InferlineConfig, roles: set[Role], triton_url: str | None, start_triton: bool) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
-    launcher = None
-    if "router" in roles and triton_url is None and start_triton:
-        from inferline.triton.launcher import TritonLauncher
-
-        launcher = TritonLauncher(config.triton)
-        await asyncio.to_thread(launcher.start)
-        triton_url = launcher.grpc_url
+    launcher: TritonLauncher | None = None
+    supervisor: TritonSupervisor | None = None
     try:
-        app = build_app(config, roles, triton_url)
+        if "router" in roles and triton_url is None and start_triton:
+            launcher = TritonLauncher(config.triton)
+            await asyncio.to_thread(launcher.start)
+            app, supervisor = _supervised_app(config, roles, launcher)
+            triton_url = launcher.grpc_url
+        else:
+            app = build_app(config, roles, triton_url)
         await app.start()
         # Feast, pandas and pyarrow leave millions of long-lived objects behind at start-up;
         # a full collection walking them stalls the event loop for 100+ ms (seen here as
@@ -47,6 +68,8 @@ async def serve_process(config: InferlineConfig, roles: set[Role], triton_url: s
         # collector's sight; objects made while serving are collected as usual.
         gc.collect()
         gc.freeze()
+        if supervisor is not None:
+            await supervisor.start()
         running = await start_server(app.registrations, config.server)
         if config.server.metrics_port:
             start_http_server(config.server.metrics_port, addr=config.server.host, registry=app.registry)
@@ -57,5 +80,8 @@ async def serve_process(config: InferlineConfig, roles: set[Role], triton_url: s
         await app.close()
         return 0
     finally:
+        # The supervisor first: otherwise it would take the requested stop for a crash.
+        if supervisor is not None:
+            await supervisor.stop()
         if launcher is not None:
             await asyncio.to_thread(launcher.stop)

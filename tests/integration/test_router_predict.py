@@ -161,12 +161,13 @@ def test_health_reflection_and_metrics_are_served(router_server: ServerProcess, 
         "inferline.v1.Inference",
         "inferline.v1.Features",
         "inferline.v1.Postprocess",
+        "inferline.v1.Degradation",
         "grpc.health.v1.Health",
     } <= names
     stub.Predict(_request(1005), timeout=5, metadata=AUTH)
     body = urllib.request.urlopen(f"http://127.0.0.1:{router_server.metrics_port}/metrics", timeout=5).read().decode()
     assert (
-        'inferline_requests_total{code="OK",route="driver_ranking",served_by="PRIMARY",traffic_class="standard"}'
+        'inferline_requests_total{code="OK",reason="",route="driver_ranking",served_by="PRIMARY",traffic_class="standard"}'
         in body
     )
     assert 'inferline_layer_latency_seconds_bucket{layer="model"' in body

@@ -14,12 +14,16 @@ from inferline.core.served_by import ServedBy
 from inferline.features.vector import EntityId, FeatureVector
 from inferline.postprocess.client import LocalPostprocessClient
 from inferline.postprocess.service import PostprocessService
+from inferline.core.served_by import Reason
+from inferline.degradation.service import DegradedAnswer
+from inferline.router.breaker import BreakerRegistry
 from inferline.router.plan import build_route_plans
 from inferline.router.service import PredictCall, RouterService
 from inferline.triton.executor import InferResult
 
 CONFIG = load_config("deploy/local/inferline.yaml")
-PLAN = build_route_plans(CONFIG)["driver_ranking"]
+PLANS = build_route_plans(CONFIG)
+PLAN = PLANS["driver_ranking"]
 NAMES = ("conv_rate", "acc_rate", "avg_daily_trips", "trip_distance_km")
 
 
@@ -54,11 +58,37 @@ class FakeExecutor:
         return InferResult(np.linspace(0.2, 0.8, inputs.shape[0], dtype=np.float32), model, "1")
 
 
+class FakeDegradation:
+    def __init__(self) -> None:
+        self.recorded: list[list[float]] = []
+        self.reasons: list[Reason] = []
+
+    async def degrade(
+        self,
+        tenant: str,
+        route: str,
+        ids: Sequence[EntityId],
+        features: FeatureVector | None,
+        reason: Reason,
+        *,
+        deadline: Deadline,
+    ) -> DegradedAnswer:
+        self.reasons.append(reason)
+        return DegradedAnswer(np.full(len(ids), 0.3, np.float32), ServedBy.BASELINE, "", 0.0)
+
+    def record(self, tenant: str, route: str, ids: Sequence[EntityId], scores: Sequence[float] | np.ndarray) -> None:
+        self.recorded.append([float(s) for s in scores])
+
+    async def close(self) -> None:
+        return None
+
+
 @pytest.fixture
 def parts() -> tuple[RouterService, FakeFeatures, FakeExecutor]:
     features, executor = FakeFeatures(), FakeExecutor()
     post = LocalPostprocessClient(PostprocessService(CONFIG.routes))
-    return RouterService(features, executor, post), features, executor
+    router = RouterService(features, executor, post, FakeDegradation(), PLANS, BreakerRegistry(CONFIG.breaker))
+    return router, features, executor
 
 
 def _call(n: int, traffic_class: str = "critical") -> PredictCall:

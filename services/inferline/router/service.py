@@ -1,24 +1,46 @@
-"""``RouterService``: one Predict request through features → model → post-processing.
+"""``RouterService``: one Predict request through features → model → post-processing,
+answered from the degradation path whenever the main path cannot answer in time.
 
-Transport-agnostic: the servicer translates protobuf to a ``PredictCall`` and back;
-the other services are reached through their client ports (in-process or gRPC).
+Transport-agnostic: the servicer translates protobuf to a ``PredictCall`` and back; the
+other services are reached through their client ports (in-process or gRPC).
+
+Budget (ARCHITECTURE.md, "Deadline budget"): each layer gets ``min(its budget, time left −
+what the later layers reserve)``; the fallback reserve is never spent by the main path,
+so a degraded answer can still leave before the deadline. Every failure of the main path
+(feature store, Triton, invalid output, open circuit, in-flight bound) ends in a
+degraded answer, never in an error the caller sees.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from inferline.core.budget import layer_deadline
 from inferline.core.deadline import Deadline
 from inferline.core.entities import EntityId
-from inferline.core.served_by import ServedBy
+from inferline.core.errors import DeadlineUnaffordable, DependencyUnavailable, InferlineError, ModelOutputInvalid
+from inferline.core.served_by import Reason, ServedBy
+from inferline.degradation.baseline import Baseline
+from inferline.degradation.client import DegradationClient
+from inferline.degradation.service import DegradedAnswer
 from inferline.features.client import FeatureClient
+from inferline.features.vector import FeatureVector
 from inferline.postprocess.client import PostprocessClient
-from inferline.postprocess.service import RankedScore
+from inferline.postprocess.service import PostprocessService, RankedScore
+from inferline.router.breaker import BreakerRegistry
 from inferline.router.plan import RoutePlan
-from inferline.triton.executor import ModelExecutor
+from inferline.router.recovery import RecoveryTracker
+from inferline.triton.executor import ModelCallFailed, ModelExecutor
+
+logger = logging.getLogger(__name__)
+
+# A model call needs at least this long to be worth starting.
+MIN_MODEL_BUDGET_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,72 +75,182 @@ class PredictOutcome:
     defaulted: list[list[str]]
     """Per entity (request order): names of features that were defaulted."""
     features_degraded: bool
-    reason: str = ""
-    """Empty when not degraded, else a DegradationReason name without prefix, e.g. "DEADLINE"."""
+    reason: Reason | None = None
+    cache_age_ms: float = 0.0
     timings: LayerTimes = field(default_factory=LayerTimes)
 
 
-class RouterService:
-    """Runs the main path of a request under its deadline."""
+class _Degrade(Exception):
+    """Internal: the main path gave up; carries why and what it had."""
 
-    def __init__(self, features: FeatureClient, executor: ModelExecutor, postprocess: PostprocessClient) -> None:
+    def __init__(self, reason: Reason, vector: FeatureVector | None) -> None:
+        self.reason = reason
+        self.vector = vector
+
+
+class RouterService:
+    """Runs the main path of a request under its deadline, and degrades when it must."""
+
+    def __init__(
+        self,
+        features: FeatureClient,
+        executor: ModelExecutor,
+        postprocess: PostprocessClient,
+        degradation: DegradationClient,
+        routes: Mapping[str, RoutePlan],
+        breakers: BreakerRegistry,
+        model_available: Callable[[], bool] = lambda: True,
+        recovery: RecoveryTracker | None = None,
+    ) -> None:
+        self._recovery = recovery
         self._features = features
         self._executor = executor
         self._postprocess = postprocess
+        self._degradation = degradation
+        self._breakers = breakers
+        self._model_available = model_available
+        # Last resorts that need no dependency at all: a local baseline and post-processing.
+        self._baselines = {n: Baseline(p.config.degradation.baseline, [f.name for f in p.config.features])
+                           for n, p in routes.items()}  # fmt: skip
+        self._local_post = PostprocessService({n: p.config for n, p in routes.items()})
 
     async def predict(self, call: PredictCall, deadline: Deadline, started_at: float) -> PredictOutcome:
-        """Answer ``call`` from the primary path.
+        """Answer ``call`` before ``deadline``: from the primary path, or degraded.
 
-        ``started_at`` is the ``time.perf_counter()`` at which the request arrived, so
-        the routing layer's time (auth, validation) is included in the timings.
+        ``started_at`` is the ``time.perf_counter()`` at which the request arrived, so the
+        routing layer's time (auth, validation) is included in the timings.
 
         Raises:
-            DependencyUnavailable: the feature store, the model or a remote service failed.
-            ModelOutputInvalid: the model answered with invalid scores.
+            DeadlineUnaffordable: less than the fallback reserve was left on arrival.
         """
         plan = call.route
+        if deadline.remaining_s() < plan.fallback_reserve_s:
+            raise DeadlineUnaffordable(
+                f"{deadline.remaining_s() * 1000:.1f} ms left on arrival, below the "
+                f"{plan.fallback_reserve_s * 1000:.1f} ms needed even for a degraded answer"
+            )
         times = LayerTimes()
         t0 = time.perf_counter()
         times.routing_ms = (t0 - started_at) * 1000
-        # Later layers reserve post-processing and the fallback; the model takes what the
-        # features leave (its own budget at most), so a short deadline still gets features.
-        after_features = plan.post_budget_s + plan.fallback_reserve_s
-        vector = await self._features.get(
-            plan.name,
-            call.ids,
-            call.request_features,
-            deadline=layer_deadline(deadline, plan.features_budget_s, after_features),
-        )
+        try:
+            return await self._primary(call, deadline, times, t0, started_at)
+        except _Degrade as degrade:
+            return await self._degraded(call, deadline, degrade.reason, degrade.vector, times, started_at)
+
+    async def _primary(
+        self, call: PredictCall, deadline: Deadline, times: LayerTimes, t0: float, started_at: float
+    ) -> PredictOutcome:
+        plan = call.route
+        reserve_after_model = plan.post_budget_s + plan.fallback_reserve_s
+        vector = await self._fetch_features(call, layer_deadline(deadline, plan.features_budget_s, reserve_after_model))
         t1 = time.perf_counter()
         times.features_ms = (t1 - t0) * 1000
+        if vector.degraded:
+            raise _Degrade(Reason.FEATURES_DEGRADED, vector)
         variant = plan.primary
-        inputs = vector.select(variant.features)
-        result = await self._executor.infer(
-            variant.model,
-            inputs.values,
-            deadline=layer_deadline(deadline, plan.model_budget_s, plan.post_budget_s + plan.fallback_reserve_s),
-            priority=call.priority,
-            input_name=variant.input_name,
-            output_name=variant.output_name,
-        )
-        t2 = time.perf_counter()
-        times.model_ms = (t2 - t1) * 1000
-        ranked = await self._postprocess.process(
-            plan.name,
-            result.scores,
-            len(call.ids),
-            call.top_k,
-            deadline=layer_deadline(deadline, plan.post_budget_s, plan.fallback_reserve_s),
-        )
+        breaker = self._breakers.get(variant.model)
+        if not self._model_available():
+            raise _Degrade(Reason.MODEL_UNAVAILABLE, vector)
+        if not breaker.allow():
+            raise _Degrade(Reason.CIRCUIT_OPEN, vector)
+        model_deadline = layer_deadline(deadline, plan.model_budget_s, reserve_after_model)
+        if model_deadline.remaining_s() < MIN_MODEL_BUDGET_S:
+            breaker.record_ignored()
+            raise _Degrade(Reason.DEADLINE, vector)
+        try:
+            result = await self._executor.infer(
+                variant.model,
+                vector.select(variant.features).values,
+                deadline=model_deadline,
+                priority=call.priority,
+                input_name=variant.input_name,
+                output_name=variant.output_name,
+            )
+            t2 = time.perf_counter()
+            times.model_ms = (t2 - t1) * 1000
+            ranked = await self._postprocess.process(
+                plan.name,
+                result.scores,
+                len(call.ids),
+                call.top_k,
+                deadline=layer_deadline(deadline, plan.post_budget_s, plan.fallback_reserve_s),
+            )
+        except ModelCallFailed as err:
+            if err.degradation_reason is Reason.OVERLOAD:
+                breaker.record_ignored()  # shed before reaching the model: says nothing of its health
+            else:
+                breaker.record_failure("timeout" if err.is_timeout else "error")
+            times.model_ms = (time.perf_counter() - t1) * 1000
+            raise _Degrade(err.degradation_reason, vector) from err
+        except ModelOutputInvalid as err:
+            breaker.record_failure("error")
+            raise _Degrade(Reason.INVALID_OUTPUT, vector) from err
+        except DependencyUnavailable as err:  # a remote post-processing service failed
+            raise _Degrade(Reason.MODEL_ERROR, vector) from err
+        breaker.record_success()
+        if self._recovery is not None:
+            self._recovery.primary_answered(variant.model)
         t3 = time.perf_counter()
         times.post_ms = (t3 - t2) * 1000
         times.total_ms = (t3 - started_at) * 1000
+        self._degradation.record(call.tenant, plan.name, call.ids, result.scores)
         return PredictOutcome(
             ranked=ranked,
             served_by=ServedBy.PRIMARY,
             model_name=result.model_name,
             model_version=result.model_version,
             defaulted=[vector.defaulted_names(i) for i in range(len(call.ids))],
-            features_degraded=vector.degraded,
+            features_degraded=False,
             timings=times,
         )
+
+    async def _fetch_features(self, call: PredictCall, deadline: Deadline) -> FeatureVector:
+        try:
+            return await self._features.get(call.route.name, call.ids, call.request_features, deadline=deadline)
+        except InferlineError as err:
+            if err.code.name == "INVALID_ARGUMENT":
+                raise  # the caller's mistake, reported as such
+            raise _Degrade(Reason.FEATURES_DEGRADED, None) from err
+
+    async def _degraded(
+        self,
+        call: PredictCall,
+        deadline: Deadline,
+        reason: Reason,
+        vector: FeatureVector | None,
+        times: LayerTimes,
+        started_at: float,
+    ) -> PredictOutcome:
+        plan = call.route
+        try:
+            answer = await self._degradation.degrade(
+                call.tenant, plan.name, call.ids, vector, reason, deadline=deadline
+            )
+        except InferlineError:
+            logger.debug("degradation service failed; answering from the local baseline", exc_info=True)
+            scores = self._baselines[plan.name].scores(vector, len(call.ids))
+            answer = DegradedAnswer(scores, ServedBy.BASELINE, "", 0.0)
+        t = time.perf_counter()
+        ranked = self._rank(plan, answer.scores, call)
+        times.post_ms += (time.perf_counter() - t) * 1000
+        times.total_ms = (time.perf_counter() - started_at) * 1000
+        defaulted = [vector.defaulted_names(i) for i in range(len(call.ids))] if vector is not None else []
+        return PredictOutcome(
+            ranked=ranked,
+            served_by=answer.served_by,
+            model_name=answer.model_name,
+            model_version="",
+            defaulted=defaulted or [[] for _ in call.ids],
+            features_degraded=vector is None or vector.degraded,
+            reason=reason,
+            cache_age_ms=answer.cache_age_ms,
+            timings=times,
+        )
+
+    def _rank(self, plan: RoutePlan, scores: np.ndarray, call: PredictCall) -> list[RankedScore]:
+        """Post-process degraded scores in-process: no remote hop on the fallback path."""
+        try:
+            return self._local_post.process(plan.name, scores, len(call.ids), call.top_k)
+        except ModelOutputInvalid:
+            baseline = self._baselines[plan.name].scores(None, len(call.ids))
+            return self._local_post.process(plan.name, baseline, len(call.ids), call.top_k)

@@ -15,12 +15,17 @@ from inferline.core.deadline import Deadline
 from inferline.core.entities import parse_entity_ids
 from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, rpc_method
 from inferline.core.metrics import ServingMetrics
+from inferline.core.served_by import Reason, ServedBy
 from inferline.router.plan import RoutePlan
 from inferline.router.service import PredictCall, PredictOutcome, RouterService
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 
-_SERVED_BY = {name: pb.ServedBy.Value(f"SERVED_BY_{name}") for name in ("PRIMARY", "LIGHT", "CACHE", "BASELINE")}
+_SERVED_BY = {s.value: pb.ServedBy.Value(f"SERVED_BY_{s.value}") for s in ServedBy}
+_REASONS: dict[Reason | None, pb.DegradationReason.ValueType] = {
+    r: pb.DegradationReason.Value(f"DEGRADATION_REASON_{r.value}") for r in Reason
+}
+_REASONS[None] = pb.DEGRADATION_REASON_UNSPECIFIED
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -56,6 +61,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.route.name,
             call.traffic_class,
             outcome.served_by.value,
+            outcome.reason.value if outcome.reason else "",
             {
                 "routing": t.routing_ms,
                 "features": t.features_ms,
@@ -110,7 +116,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 for r in outcome.ranked
             ],
             served_by=_SERVED_BY[outcome.served_by.value],
-            degradation_reason=pb.DegradationReason.Value(f"DEGRADATION_REASON_{outcome.reason or 'UNSPECIFIED'}"),
+            degradation_reason=_REASONS[outcome.reason],
             model_name=outcome.model_name,
             model_version=outcome.model_version,
             timings=pb.LayerTimings(
@@ -122,4 +128,5 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ),
             features_degraded=outcome.features_degraded,
             traffic_class=call.traffic_class,
+            cache_age_ms=outcome.cache_age_ms,
         )

@@ -7,8 +7,8 @@ Two rules shape this module (RECIPES.md, "Triton semantics" and "Known defect"):
   ``timeout`` (Triton's queue policy rejects work whose caller has given up) and the
   traffic class as ``priority``.
 * Cancelling an in-flight call can crash Triton 2.51 under load. So a call is never
-  cancelled: when the budget runs out the executor stops *waiting* (the call is
-  shielded) and the late result is dropped; the call's own gRPC deadline sits past
+  cancelled: when the budget runs out the executor stops *waiting* and the late
+  result is dropped; the call's own gRPC deadline sits past
   Triton's timeout plus execution time, so the client never sends a cancellation.
 """
 
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -25,12 +26,34 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inferline.core.deadline import Deadline
 from inferline.core.errors import DependencyUnavailable, ModelOutputInvalid
+from inferline.core.served_by import Reason
+from inferline.router.inflight import InFlightLimit
 
 logger = logging.getLogger(__name__)
 
 # How long past its budget a call may still run before gRPC gives up on it. Generous on
 # purpose: it only bounds leaked calls; the caller stopped waiting long before.
 CALL_GRACE_S = 5.0
+
+# gRPC core's reconnect backoff starts at 1 s and grows x1.6 up to 120 s
+# (doc/connection-backoff.md), so a channel that saw Triton down for a few seconds could
+# stay disconnected for a long while after a restart. Here a failed connection attempt is
+# retried after 0.1 s, growing to 0.5 s at most: after a restart the channel is back
+# within ~0.6 s (jitter is ±20%). Loopback attempts cost next to nothing.
+# `min_reconnect_backoff_ms` is not a delay: gRPC core uses it as the minimum *connect
+# timeout* of an attempt (subchannel.cc: deadline = max(next attempt, now + min)). It is
+# kept at 1 s (default 20 s) so an attempt against a busy, just-restarted server is not
+# aborted after 100 ms and retried in a loop; it bounds only attempts that hang.
+# No keepalive pings: a dead local server resets the connection at once, and Triton's
+# defaults (--grpc-http2-min-recv-ping-interval-without-data=300000,
+# --grpc-http2-max-ping-strikes=2) answer frequent client pings with GOAWAY.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +63,34 @@ class InferResult:
     model_version: str
 
 
-class ModelBudgetExceeded(DependencyUnavailable):
-    """The model did not answer within its budget; the call was left to finish unobserved."""
+class ModelCallFailed(DependencyUnavailable):
+    """A model call that gave no usable answer; ``degradation_reason`` says how it failed."""
+
+    degradation_reason = Reason.MODEL_ERROR
+    is_timeout = False
+
+
+class ModelBudgetExceeded(ModelCallFailed):
+    """No answer within the budget (the call was left to finish unobserved), or Triton's
+    queue timeout expired first: either way the deadline was the problem."""
 
     reason = "MODEL_DEADLINE"
+    degradation_reason = Reason.DEADLINE
+    is_timeout = True
+
+
+class ModelOverloaded(ModelCallFailed):
+    """Too many calls in flight to the model, or Triton's queue for it is full."""
+
+    reason = "MODEL_OVERLOADED"
+    degradation_reason = Reason.OVERLOAD
+
+
+class ModelUnavailable(ModelCallFailed):
+    """Triton is unreachable, or the model is not loaded or not ready."""
+
+    reason = "MODEL_UNAVAILABLE"
+    degradation_reason = Reason.MODEL_UNAVAILABLE
 
 
 class ModelExecutor(Protocol):
@@ -52,15 +99,41 @@ class ModelExecutor(Protocol):
     ) -> InferResult: ...
 
 
-class TritonExecutor:
-    """Runs models on one Triton server through its KServe v2 gRPC API (tritonclient's stubs)."""
+def _classify(model: str, exc: grpc.aio.AioRpcError) -> ModelCallFailed:
+    """Map Triton's status onto why the call failed (its messages are stable across 2.x)."""
+    code, details = exc.code(), exc.details() or ""
+    message = f"model {model} failed: {code.name}: {details}"
+    if "timeout expired" in details.lower():
+        return ModelBudgetExceeded(message)
+    if "exceeds maximum queue size" in details.lower():
+        return ModelOverloaded(message)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND) or "not ready" in details.lower():
+        return ModelUnavailable(message)
+    return ModelCallFailed(message)
 
-    def __init__(self, url: str) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            url, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        )
+
+class TritonExecutor:
+    """Runs models on one Triton server through its KServe v2 gRPC API (tritonclient's stubs).
+
+    Calls in flight to each model are bounded (``max_in_flight``), counting calls whose
+    callers stopped waiting until Triton answers them: the queue on Triton can never grow
+    past the bound, whatever the offered load (RECIPES.md, "Known defect").
+    """
+
+    def __init__(
+        self, url: str, max_in_flight: Mapping[str, int] | None = None, default_max_in_flight: int = 64
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._abandoned: set[asyncio.Future[service_pb2.ModelInferResponse]] = set()
+        self._limits: dict[str, InFlightLimit] = {m: InFlightLimit(n) for m, n in (max_in_flight or {}).items()}
+        self._default_limit = default_max_in_flight
+        self._abandoned = 0
+
+    def _limit(self, model: str) -> InFlightLimit:
+        limit = self._limits.get(model)
+        if limit is None:
+            limit = self._limits[model] = InFlightLimit(self._default_limit)
+        return limit
 
     async def infer(
         self,
@@ -72,27 +145,56 @@ class TritonExecutor:
         input_name: str = "features",
         output_name: str = "score",
     ) -> InferResult:
-        """Run ``model`` on ``inputs`` [N, F] float32 and return its [N, 1] scores.
+        """Run ``model`` on ``inputs`` [N, F] float32 and return its N scores.
 
         Raises:
-            ModelBudgetExceeded: no answer within ``deadline`` (the call is not cancelled).
-            DependencyUnavailable: Triton refused or failed the request (queue full,
-                timeout expired in queue, model not ready, server down).
+            ModelBudgetExceeded: no answer within ``deadline`` (the call is not cancelled),
+                or Triton's queue timeout expired.
+            ModelOverloaded: the in-flight bound is reached, or Triton's queue is full.
+            ModelUnavailable: Triton unreachable, model missing or not ready.
+            ModelCallFailed: any other failure of the call.
             ModelOutputInvalid: the response lacks the output tensor or has the wrong size.
         """
         budget_s = deadline.remaining_s()
         if budget_s <= 0:
-            raise ModelBudgetExceeded("no time left for the model")
+            raise ModelBudgetExceeded(f"no time left for model {model}")
+        limit = self._limit(model)
+        if not limit.try_acquire():
+            raise ModelOverloaded(f"{limit.limit} calls already in flight to model {model}")
         request = self._request(model, inputs, priority, budget_s, input_name)
-        call = asyncio.ensure_future(self._stub.ModelInfer(request, timeout=budget_s + CALL_GRACE_S))
-        try:
-            response = await asyncio.wait_for(asyncio.shield(call), budget_s)
-        except TimeoutError:
+        call = self._stub.ModelInfer(request, timeout=budget_s + CALL_GRACE_S)
+        # The permit is released when Triton answers, not when we stop waiting.
+        call.add_done_callback(lambda _call: limit.release())
+        if not await self._wait(call, budget_s):
             self._abandon(call)
-            raise ModelBudgetExceeded(f"model {model} did not answer within {budget_s * 1000:.1f} ms") from None
+            raise ModelBudgetExceeded(f"model {model} did not answer within {budget_s * 1000:.1f} ms")
+        try:
+            response = await call
         except grpc.aio.AioRpcError as exc:
-            raise DependencyUnavailable(f"model {model} failed: {exc.code().name}: {exc.details()}") from exc
+            raise _classify(model, exc) from exc
         return self._result(response, inputs.shape[0], output_name)
+
+    @staticmethod
+    async def _wait(call: grpc.aio.UnaryUnaryCall[Any, Any], budget_s: float) -> bool:
+        """Wait for ``call`` to end, at most ``budget_s``; never cancels it.
+
+        Hand-written instead of ``wait_for(shield(call))``: that wraps the call in two more
+        tasks per request, measurable on the hot path. If the waiting task itself is
+        cancelled (the caller went away) only the waiter is cancelled, not the call.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+
+        def finish(result: bool) -> None:
+            if not waiter.done():
+                waiter.set_result(result)
+
+        call.add_done_callback(lambda _call: finish(True))
+        timer = loop.call_later(budget_s, finish, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
 
     @staticmethod
     def _request(
@@ -120,20 +222,22 @@ class TritonExecutor:
                 return InferResult(scores, response.model_name, response.model_version)
         raise ModelOutputInvalid(f"model {response.model_name} returned no {output_name!r} output")
 
-    def _abandon(self, call: asyncio.Future[service_pb2.ModelInferResponse]) -> None:
-        """Keep a late call referenced until it ends, and observe its outcome so none goes unretrieved."""
-        self._abandoned.add(call)
-        call.add_done_callback(self._forget)
+    def _abandon(self, call: grpc.aio.UnaryUnaryCall[Any, Any]) -> None:
+        """Count a late call until it ends; its outcome is read so nothing goes unretrieved."""
+        self._abandoned += 1
 
-    def _forget(self, call: asyncio.Future[service_pb2.ModelInferResponse]) -> None:
-        self._abandoned.discard(call)
-        if not call.cancelled():
-            call.exception()
+        def forget(done: grpc.aio.UnaryUnaryCall[Any, Any]) -> None:
+            self._abandoned -= 1
+
+        call.add_done_callback(forget)
 
     @property
     def abandoned_calls(self) -> int:
         """Calls still running on Triton whose callers have stopped waiting."""
-        return len(self._abandoned)
+        return self._abandoned
+
+    def in_flight(self, model: str) -> int:
+        return self._limit(model).in_flight
 
     async def warm_up(self, models: dict[str, tuple[int, str, str]], timeout_s: float = 30.0) -> None:
         """Connect and run each model once, so the first real request pays no connection set-up.

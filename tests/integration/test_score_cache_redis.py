@@ -1,0 +1,115 @@
+"""RedisScoreCache against a real redis-server: round trip, TTL, tenant isolation, stalls and outages.
+
+Fault tests pause (SIGSTOP) or stop the session's server and always leave it running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from inferline.degradation import RedisScoreCache
+from tests.integration.redis_fixtures import RedisServer
+
+
+ROUTE = "driver_ranking"
+TIMEOUT_S = 0.05
+"""Generous next to the 5 ms default: these machines are shared and loaded."""
+SLACK_S = 0.25
+"""Allowed beyond the timeout before a stalled call counts as hanging."""
+_prefixes = itertools.count()
+T = TypeVar("T")
+
+
+@pytest.fixture
+def server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The session server, left running (resumed, restarted) whatever the test did to it."""
+    yield redis_server
+    if redis_server.process.poll() is None:
+        redis_server.resume()
+    redis_server.start()
+
+
+@pytest.fixture
+async def cache(server: RedisServer) -> AsyncIterator[RedisScoreCache]:
+    """A cache with a key prefix of its own, so tests never see each other's keys."""
+    score_cache = RedisScoreCache(server.url, f"test{next(_prefixes)}", {ROUTE: 60.0, "short": 0.2}, TIMEOUT_S)
+    yield score_cache
+    await score_cache.close()
+
+
+async def timed(call: Awaitable[T]) -> tuple[T, float]:
+    """The result of ``call`` and how long it took (loop time, seconds)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await call
+    return result, loop.time() - started
+
+
+async def test_round_trip(cache: RedisScoreCache) -> None:
+    await cache.put_many("t1", ROUTE, [1, 2, "x:y"], [0.25, 0.5, 0.125])
+    found = await cache.get_many("t1", ROUTE, [1, 2, 3, "x:y"])
+    assert [None if c is None else c.score for c in found] == [0.25, 0.5, None, 0.125]
+    ages = [c.age_s for c in found if c is not None]
+    assert all(0 <= age < 5 for age in ages)
+    assert cache.read_errors == cache.write_errors == 0
+
+
+async def test_entries_expire_after_the_route_ttl(cache: RedisScoreCache) -> None:
+    await cache.put_many("t1", "short", [1], [0.5])  # TTL 0.2 s
+    assert (await cache.get_many("t1", "short", [1]))[0] is not None
+    await asyncio.sleep(0.35)
+    assert await cache.get_many("t1", "short", [1]) == [None]
+
+
+async def test_tenants_never_see_each_others_answers(cache: RedisScoreCache) -> None:
+    await cache.put_many("t1", ROUTE, [1], [0.9])
+    assert await cache.get_many("t2", ROUTE, [1]) == [None]
+    # ":" in names is escaped: tenant "a:b" + route "c" is not tenant "a" + route "b:c".
+    await cache.put_many("a:b", "c", [1], [0.1])
+    assert await cache.get_many("a", "b:c", [1]) == [None]
+    assert [c.score for c in await cache.get_many("a:b", "c", [1]) if c is not None] == [0.1]
+
+
+async def test_stalled_redis_is_all_miss_within_timeout_and_recovers(
+    cache: RedisScoreCache, server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await cache.put_many("t1", ROUTE, [1, 2], [0.3, 0.4])
+    caplog.set_level(logging.INFO, logger="inferline.degradation.cache")
+    server.pause()
+    try:
+        for _ in range(3):
+            found, read_s = await timed(cache.get_many("t1", ROUTE, [1, 2]))
+            assert found == [None, None]
+            assert read_s < TIMEOUT_S + SLACK_S
+            _, write_s = await timed(cache.put_many("t1", ROUTE, [3], [0.5]))
+            assert write_s < TIMEOUT_S + SLACK_S
+    finally:
+        server.resume()
+    assert cache.read_errors == 3
+    assert cache.write_errors == 3
+    found = await cache.get_many("t1", ROUTE, [1, 2])
+    assert [c.score for c in found if c is not None] == [0.3, 0.4]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    recoveries = [r for r in caplog.records if "recovered" in r.getMessage()]
+    assert (len(warnings), len(recoveries)) == (1, 1)  # once per outage, not per call
+
+
+async def test_stopped_redis_is_all_miss_and_recovers_after_restart(
+    cache: RedisScoreCache, server: RedisServer
+) -> None:
+    await cache.put_many("t1", ROUTE, [1], [0.3])
+    server.stop()
+    found, read_s = await timed(cache.get_many("t1", ROUTE, [1, 2]))
+    assert found == [None, None]
+    assert read_s < TIMEOUT_S + SLACK_S
+    _, write_s = await timed(cache.put_many("t1", ROUTE, [1], [0.5]))
+    assert write_s < TIMEOUT_S + SLACK_S
+    server.start()
+    await cache.put_many("t1", ROUTE, [1], [0.7])  # the restarted server kept nothing (no persistence)
+    assert [c.score for c in await cache.get_many("t1", ROUTE, [1]) if c is not None] == [0.7]

@@ -1,0 +1,81 @@
+"""TritonExecutor against the real bundled Triton: errors are classified, calls never cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from inferline.core.deadline import Deadline
+from inferline.core.served_by import Reason
+from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
+from inferline.triton.launcher import TritonLauncher
+
+pytestmark = pytest.mark.requires_triton
+
+ROWS = np.array([[0.5, 0.8, 500, 3], [0.1, 0.2, 100, 20]], np.float32)
+
+
+async def test_scores_come_back_per_row(triton_server: TritonLauncher) -> None:
+    executor = TritonExecutor(triton_server.grpc_url)
+    try:
+        result = await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(2), priority=1)
+        assert result.scores.shape == (2,) and np.all((result.scores >= 0) & (result.scores <= 1))
+        assert (result.model_name, result.model_version) == ("driver_ranker", "1")
+        assert executor.in_flight("driver_ranker") == 0
+    finally:
+        await executor.close()
+
+
+async def test_unknown_model_is_unavailable(triton_server: TritonLauncher) -> None:
+    executor = TritonExecutor(triton_server.grpc_url)
+    try:
+        with pytest.raises(ModelUnavailable) as info:
+            await executor.infer("no_such_model", ROWS, deadline=Deadline.after(2), priority=1)
+        assert info.value.degradation_reason is Reason.MODEL_UNAVAILABLE
+    finally:
+        await executor.close()
+
+
+async def test_in_flight_bound_refuses_at_once_and_counts_abandoned_calls(triton_server: TritonLauncher) -> None:
+    executor = TritonExecutor(triton_server.grpc_url, max_in_flight={"driver_ranker": 2})
+    try:
+        big = np.tile(ROWS, (32, 1))
+        # Budgets too short to wait for: both calls are abandoned but stay in flight on Triton.
+        for _ in range(2):
+            with pytest.raises(ModelBudgetExceeded):
+                await executor.infer("driver_ranker", big, deadline=Deadline.after(0.0001), priority=3)
+        if executor.in_flight("driver_ranker") == 2:
+            with pytest.raises(ModelOverloaded) as info:
+                await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(2), priority=1)
+            assert info.value.degradation_reason is Reason.OVERLOAD
+        # The abandoned calls finish on Triton (not cancelled) and free their slots.
+        for _ in range(100):
+            if executor.in_flight("driver_ranker") == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert executor.in_flight("driver_ranker") == 0 and executor.abandoned_calls == 0
+        result = await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(2), priority=1)
+        assert result.scores.shape == (2,)
+    finally:
+        await executor.close()
+
+
+async def test_expired_budget_is_refused_before_calling() -> None:
+    executor = TritonExecutor("127.0.0.1:1")
+    try:
+        with pytest.raises(ModelBudgetExceeded):
+            await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(-1), priority=1)
+        assert executor.in_flight("driver_ranker") == 0
+    finally:
+        await executor.close()
+
+
+async def test_unreachable_triton_is_unavailable() -> None:
+    executor = TritonExecutor("127.0.0.1:1")
+    try:
+        with pytest.raises(ModelUnavailable):
+            await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(2), priority=1)
+    finally:
+        await executor.close()
