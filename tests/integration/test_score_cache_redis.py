@@ -16,7 +16,6 @@ import pytest
 from inferline.degradation import RedisScoreCache
 from tests.integration.redis_fixtures import RedisServer
 
-
 ROUTE = "driver_ranking"
 TIMEOUT_S = 0.05
 """Generous next to the 5 ms default: these machines are shared and loaded."""

@@ -10,12 +10,11 @@ import pytest
 
 from inferline.core.config import load_config
 from inferline.core.deadline import Deadline
-from inferline.core.served_by import ServedBy
+from inferline.core.served_by import Reason, ServedBy
+from inferline.degradation.service import DegradedAnswer
 from inferline.features.vector import EntityId, FeatureVector
 from inferline.postprocess.client import LocalPostprocessClient
 from inferline.postprocess.service import PostprocessService
-from inferline.core.served_by import Reason
-from inferline.degradation.service import DegradedAnswer
 from inferline.router.breaker import BreakerRegistry
 from inferline.router.plan import build_route_plans
 from inferline.router.service import PredictCall, RouterService
