@@ -1,0 +1,156 @@
+"""Fixtures of the fault tests: real Triton, Redis and router processes, broken on purpose.
+
+The session fixtures of the integration tests are re-exported here (``triton_config``
+skips or fails when the bundled Triton is missing, ``redis_server`` is the tests' own
+``redis-server``). On top of them:
+
+* ``fault_repository`` / ``fault_triton``: a bundled Triton of the fault tests' own on a
+  temporary copy of the model repository, plus two test models: ``driver_ranker_slow``
+  (sleeps ``SLOW_DELAY_MS`` per batch) and ``driver_ranker_faulty`` (answers NaN for rows
+  whose first feature is negative, 7.0 below -100). Tests may stop it; ``Routers.start``
+  starts it again when a router needs it.
+* ``routers``: writes test configs (the default config with extra routes derived from
+  ``driver_ranking`` and patched sections) and runs ``inferline up`` processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import pathlib
+import shutil
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+import yaml
+
+from inferline.core.config import TritonConfig
+from inferline.triton.launcher import TritonLauncher
+from tests.integration.conftest import pytest_runtest_makereport, triton_config
+from tests.integration.redis_fixtures import redis_server
+from tests.integration.router_fixtures import ROOT, ServerProcess, start_inferline, write_test_config
+
+# Re-exported: session fixtures, and the hook that attaches server log tails to failed tests.
+__all__ = ["pytest_runtest_makereport", "redis_server", "triton_config"]
+
+BASE_ROUTE = "driver_ranking"
+SLOW_MODEL = "driver_ranker_slow"
+FAULTY_MODEL = "driver_ranker_faulty"
+SLOW_DELAY_MS = 200
+"""Per-batch delay of the slow model: well past any deadline the fault tests send it."""
+
+
+def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` merged in, recursively for mappings (other values replace)."""
+    merged = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _copy_model(repository: pathlib.Path, source: str, name: str, parameters: Mapping[str, str]) -> None:
+    """A copy of model ``source`` named ``name`` with extra config ``parameters`` (read by onnx_runner.py)."""
+    target = repository / name
+    shutil.copytree(repository / source, target, symlinks=True)
+    config = (target / "config.pbtxt").read_text().replace(f'name: "{source}"', f'name: "{name}"', 1)
+    for key, value in parameters.items():
+        config += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+    (target / "config.pbtxt").write_text(config)
+
+
+@pytest.fixture(scope="session")
+def fault_repository(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A model repository with the demo models and the slow and faulty test copies of the primary."""
+    repository = tmp_path_factory.mktemp("fault-models")
+    shutil.copy2(ROOT / "triton_models" / "onnx_runner.py", repository)  # model.py links to ../../onnx_runner.py
+    for model in ("driver_ranker", "driver_ranker_light"):
+        shutil.copytree(
+            ROOT / "triton_models" / model,
+            repository / model,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+    _copy_model(repository, "driver_ranker", SLOW_MODEL, {"delay_ms": str(SLOW_DELAY_MS)})
+    _copy_model(repository, "driver_ranker", FAULTY_MODEL, {"fault_injection": "nan_on_negative"})
+    return repository
+
+
+@pytest.fixture(scope="session")
+def fault_triton(
+    triton_config: TritonConfig, fault_repository: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonLauncher]:
+    """A bundled Triton on ``fault_repository`` (every port free); a test may stop it."""
+    config = triton_config.model_copy(update={"model_repository": fault_repository})
+    launcher = TritonLauncher(config, log_path=tmp_path_factory.mktemp("fault-triton") / "tritonserver.log")
+    launcher.start()
+    try:
+        yield launcher
+    finally:
+        launcher.stop()
+
+
+class Routers:
+    """Writes router configs and runs ``inferline up`` processes for the fault tests."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+
+    def write_config(
+        self, name: str, *, routes: Mapping[str, Mapping[str, Any]] | None = None, **sections: Mapping[str, Any]
+    ) -> pathlib.Path:
+        """The integration tests' config, plus ``routes`` and patched ``sections``.
+
+        ``routes`` maps a new route name to a patch of ``driver_ranking`` (merged
+        recursively; lists replace); the demo tenant may call every new route.
+        ``sections`` patch top-level sections, e.g. ``score_cache={"backend": "redis"}``.
+        """
+        path = write_test_config(self._tmp.mktemp(f"{name}-config") / "inferline.yaml")
+        raw = yaml.safe_load(path.read_text())
+        for route, patch in (routes or {}).items():
+            raw["routes"][route] = _merge(raw["routes"][BASE_ROUTE], patch)
+            raw["tenants"]["demo"]["routes"].append(route)
+        raw = _merge(raw, sections)
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    def start(
+        self,
+        name: str,
+        config: pathlib.Path,
+        *,
+        triton: TritonLauncher | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ServerProcess:
+        """``inferline up`` on ``config``: against ``triton`` (started if stopped), else embedded."""
+        args = ["up", "--config", str(config)]
+        if triton is not None:
+            triton.start()  # no-op while it runs
+            args += ["--triton-url", triton.grpc_url]
+        return start_inferline(args, self._tmp.mktemp(f"{name}-log") / "router.log", env=env)
+
+    @contextlib.contextmanager
+    def running(
+        self,
+        name: str,
+        *,
+        triton: TritonLauncher | None = None,
+        env: Mapping[str, str] | None = None,
+        routes: Mapping[str, Mapping[str, Any]] | None = None,
+        **sections: Mapping[str, Any],
+    ) -> Iterator[ServerProcess]:
+        """A router on a config of its own, stopped (SIGTERM, exit code 0 expected) afterwards."""
+        server = self.start(name, self.write_config(name, routes=routes, **sections), triton=triton, env=env)
+        try:
+            yield server
+        finally:
+            code = server.stop()
+        assert code == 0, f"router {name} exited with {code}:\n{server.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def routers(tmp_path_factory: pytest.TempPathFactory) -> Routers:
+    return Routers(tmp_path_factory)

@@ -1,0 +1,116 @@
+"""Deadlines and invalid model output, through a real router on the fault tests' Triton.
+
+Routes of the test config (all derived from ``driver_ranking``):
+
+* ``driver_ranking_slow``: primary ``driver_ranker_slow`` (sleeps 200 ms a batch) with a
+  500 ms model budget, so the main path's speed, not its budget, decides: a 1 s deadline
+  is answered by PRIMARY, a 100 ms one must come back from the fallback in time.
+* ``driver_ranking_reserve``: a 40 ms fallback reserve, so a deadline below it (yet long
+  enough for the round trip) shows the router's own refusal at arrival.
+* ``driver_ranking_faulty``: primary ``driver_ranker_faulty`` fed the request-time
+  ``trip_distance_km`` as its first column: -1 makes it answer NaN, -500 answers 7.0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from inferline.triton.launcher import TritonLauncher
+from tests.fault.conftest import FAULTY_MODEL, SLOW_DELAY_MS, SLOW_MODEL
+from tests.fault.load import DEGRADED, PredictClient, assert_all_answered_in_time
+from tests.integration.router_fixtures import ServerProcess
+
+if TYPE_CHECKING:
+    from tests.fault.conftest import Routers
+
+pytestmark = pytest.mark.requires_triton
+
+SLOW_ROUTE = "driver_ranking_slow"
+RESERVE_ROUTE = "driver_ranking_reserve"
+FAULTY_ROUTE = "driver_ranking_faulty"
+RESERVE_MS = 40.0
+ROUTES = {
+    SLOW_ROUTE: {"primary": {"model": SLOW_MODEL}, "budgets": {"model_ms": 500}},
+    RESERVE_ROUTE: {"budgets": {"fallback_reserve_ms": RESERVE_MS}},
+    FAULTY_ROUTE: {
+        "primary": {
+            "model": FAULTY_MODEL,
+            "features": ["trip_distance_km", "conv_rate", "acc_rate", "avg_daily_trips"],
+        }
+    },
+}
+SHORT_DEADLINE_S = 0.1
+SLOW_CALLS = 8
+"""Few enough that the breaker (20 calls at least) stays closed: every answer says DEADLINE."""
+
+
+@pytest.fixture(scope="module")
+def router(routers: Routers, fault_triton: TritonLauncher) -> Iterator[ServerProcess]:
+    with routers.running("deadlines", triton=fault_triton, routes=ROUTES) as server:
+        yield server
+
+
+@pytest.fixture
+async def client(router: ServerProcess) -> AsyncIterator[PredictClient]:
+    async with PredictClient(router.address) as predict_client:
+        yield predict_client
+
+
+async def test_slow_main_path_is_answered_by_the_fallback_before_the_deadline(client: PredictClient) -> None:
+    slow = await client.predict([1001], deadline_s=1.0, route=SLOW_ROUTE)
+    assert (slow.code, slow.served_by) == (grpc.StatusCode.OK, "PRIMARY"), slow
+    assert slow.latency_s >= SLOW_DELAY_MS / 1000  # the main path really is slower than the short deadline
+
+    samples = [
+        await client.predict([1002 + i, 1003 + i], deadline_s=SHORT_DEADLINE_S, route=SLOW_ROUTE)
+        for i in range(SLOW_CALLS)
+    ]
+    print(
+        f"\nslow route, {SHORT_DEADLINE_S * 1000:.0f} ms deadline: "
+        + ", ".join(f"{s.served_by}/{s.reason} {s.latency_s * 1000:.1f} ms" for s in samples)
+    )
+    assert_all_answered_in_time(samples)
+    assert {s.served_by for s in samples} <= DEGRADED
+    assert {s.reason for s in samples} == {"DEADLINE"}
+
+
+async def test_deadline_below_the_fallback_reserve_is_refused_at_once(client: PredictClient) -> None:
+    refused = await client.predict([1001], deadline_s=(RESERVE_MS - 10) / 1000, route=RESERVE_ROUTE)
+    print(f"\n{RESERVE_MS - 10:.0f} ms deadline, {RESERVE_MS:.0f} ms reserve: {refused.code.name} after "
+          f"{refused.latency_s * 1000:.1f} ms ({refused.details})")  # fmt: skip
+    assert refused.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "left on arrival" in refused.details  # the router's refusal, not the client's own timeout
+    assert refused.latency_s < 0.05
+
+    tiny = await client.predict([1001], deadline_s=0.003)  # below driver_ranking's 5 ms reserve
+    assert tiny.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert tiny.latency_s < 0.05
+
+    served = await client.predict([1001], deadline_s=SHORT_DEADLINE_S, route=RESERVE_ROUTE)
+    assert (served.code, served.served_by) == (grpc.StatusCode.OK, "PRIMARY"), served
+
+
+@pytest.mark.parametrize(("distance_km", "what"), [(-1.0, "NaN"), (-500.0, "7.0, out of range")])
+async def test_invalid_model_output_never_reaches_the_caller(
+    client: PredictClient, distance_km: float, what: str
+) -> None:
+    ids = [1001, 1002, 1003]
+    before = await client.predict(ids, deadline_s=0.25, route=FAULTY_ROUTE, request_features={"trip_distance_km": 5})
+    assert (before.code, before.served_by) == (grpc.StatusCode.OK, "PRIMARY"), before
+
+    bad = await client.predict(
+        ids, deadline_s=0.25, route=FAULTY_ROUTE, request_features={"trip_distance_km": distance_km}
+    )
+    print(f"\nfaulty model answering {what}: {bad.served_by}/{bad.reason}, scores {bad.scores}")
+    assert_all_answered_in_time([bad])  # includes: every score finite and in [0, 1]
+    assert bad.served_by in DEGRADED
+    assert bad.reason == "INVALID_OUTPUT"
+    assert sorted(bad.scores) == ids and not any(math.isnan(v) for v in bad.scores.values())
+
+    after = await client.predict(ids, deadline_s=0.25, route=FAULTY_ROUTE, request_features={"trip_distance_km": 2})
+    assert (after.code, after.served_by) == (grpc.StatusCode.OK, "PRIMARY"), after

@@ -1,0 +1,139 @@
+"""Feast on its Redis online store: a stalled store degrades features, never the caller.
+
+A temporary copy of the demo feature repo is pointed at a ``redis-server`` of this
+module's own, applied and materialized once. Under steady load over many entities (the
+router's hot-entity cache is off, so every call reads the store) that Redis is paused
+(SIGSTOP): calls must still be answered before their deadline, with defaults standing in
+for the features (features_degraded, reason FEATURES_DEGRADED) and the light model or the
+score cache answering; once it resumes, PRIMARY again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+import yaml
+
+from inferline.core.ports import LOOPBACK, free_port
+from inferline.demo.driver_data import driver_ids
+from inferline.triton.launcher import TritonLauncher
+from tests.fault.load import (
+    SteadyLoad,
+    assert_all_answered_in_time,
+    between,
+    cycling,
+    percentile,
+    primary_share,
+    summarize,
+)
+from tests.integration.redis_fixtures import RedisServer, _require_binary, _spawn, _wait_ready
+from tests.integration.router_fixtures import ROOT, ServerProcess
+
+if TYPE_CHECKING:
+    from tests.fault.conftest import Routers
+
+pytestmark = [pytest.mark.requires_triton, pytest.mark.requires_redis]
+
+DEADLINE_S = 0.1
+RATE_PER_S = 50.0
+ENTITIES_PER_CALL = 2
+BEFORE_S = 2.0
+PAUSE_S = 2.0
+AFTER_S = 2.5
+EDGE_S = 0.1
+"""Calls sent this close to the pause or the resume may go either way."""
+RECOVERY_WITHIN_S = 1.0
+SETUP_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def feast_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server for Feast's online store only (not the score cache's), on a free port."""
+    binary = _require_binary()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("feast-redis") / "redis-server.log"
+    process = _spawn(binary, port, log_path)
+    server = RedisServer(LOOPBACK, port, f"redis://{LOOPBACK}:{port}/0", process.pid, log_path, process, binary)
+    try:
+        _wait_ready(server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def feast_repo(feast_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The demo feature repo on the Redis online store, applied and materialized (``make setup``'s script)."""
+    repo = tmp_path_factory.mktemp("feast-repo")
+    source = ROOT / "deploy" / "feast" / "feature_repo"
+    shutil.copy2(source / "driver_repo.py", repo)
+    settings = yaml.safe_load((source / "feature_store.yaml").read_text())
+    settings["online_store"] = {"type": "redis", "connection_string": f"{feast_redis.host}:{feast_redis.port}"}
+    (repo / "feature_store.yaml").write_text(yaml.safe_dump(settings))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "setup_feast.py"), str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=SETUP_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, f"setup_feast.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return repo
+
+
+@pytest.fixture(scope="module")
+def router(routers: Routers, fault_triton: TritonLauncher, feast_repo: pathlib.Path) -> Iterator[ServerProcess]:
+    env = {"INFERLINE_FEATURE_STORE__HOT_CACHE_TTL_S": "0"}  # every call reads the store
+    with routers.running(
+        "feast-redis", triton=fault_triton, env=env, feature_store={"feast_repo": str(feast_repo)}
+    ) as server:
+        yield server
+
+
+async def test_stalled_online_store_degrades_features_then_recovers(
+    router: ServerProcess, feast_redis: RedisServer
+) -> None:
+    ids = [int(i) for i in driver_ids()]
+    random.Random(7).shuffle(ids)
+    async with SteadyLoad(
+        router.address, rate_per_s=RATE_PER_S, deadline_s=DEADLINE_S, entities=cycling(ids, ENTITIES_PER_CALL)
+    ) as load:
+        await asyncio.sleep(BEFORE_S)
+        feast_redis.pause()
+        paused_at = time.monotonic()
+        try:
+            await asyncio.sleep(PAUSE_S)
+        finally:
+            feast_redis.resume()
+        resumed_at = time.monotonic()
+        await asyncio.sleep(AFTER_S)
+    samples = load.samples
+
+    before = between(samples, 0, paused_at)
+    paused = between(samples, paused_at + EDGE_S, resumed_at - EDGE_S)
+    first_primary = next((s for s in samples if s.sent_at >= resumed_at and s.served_by == "PRIMARY"), None)
+    recovered_s = first_primary.answered_at - resumed_at if first_primary is not None else float("inf")
+    settled = between(samples, resumed_at + RECOVERY_WITHIN_S)
+    print(
+        f"\nbefore: {summarize(before)}\nRedis paused: {summarize(paused)}\nresumed: "
+        f"{summarize(between(samples, resumed_at))}\nfirst PRIMARY {recovered_s:.3f} s after SIGCONT; "
+        f"p99 {percentile([s.latency_s for s in samples], 99) * 1000:.1f} ms vs deadline {DEADLINE_S * 1000:.0f} ms"
+    )
+    assert_all_answered_in_time(samples)
+    assert primary_share(before) >= 0.95, summarize(before)
+    assert not any(s.features_degraded for s in before if s.served_by == "PRIMARY")
+    assert paused, "no call was sent while the store was paused"
+    assert {s.served_by for s in paused} <= {"LIGHT", "CACHE"}, summarize(paused)
+    assert {s.reason for s in paused} == {"FEATURES_DEGRADED"}
+    assert all(s.features_degraded for s in paused)
+    assert recovered_s < RECOVERY_WITHIN_S
+    assert primary_share(settled) >= 0.95, summarize(settled)

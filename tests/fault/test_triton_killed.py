@@ -1,0 +1,140 @@
+"""Embedded ``inferline up``: SIGKILL its bundled Triton under steady load.
+
+Callers must see no error and no late answer: degraded answers (MODEL_UNAVAILABLE) while
+Triton is down, PRIMARY again within ``RECOVERY_WITHIN_S`` of Triton being ready after the
+supervisor's restart, and the router's ``inferline_recovery_seconds`` must record it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from inferline.core.config import TritonConfig
+from inferline.core.ports import free_port
+from tests.fault.load import (
+    DEGRADED,
+    SteadyLoad,
+    assert_all_answered_in_time,
+    between,
+    cycling,
+    percentile,
+    primary_share,
+    scrape_metrics,
+    summarize,
+)
+from tests.integration.router_fixtures import ServerProcess
+
+if TYPE_CHECKING:
+    from tests.fault.conftest import Routers
+
+pytestmark = pytest.mark.requires_triton
+
+MODEL = "driver_ranker"
+DEADLINE_S = 0.1
+RATE_PER_S = 50.0
+BEFORE_KILL_S = 2.0
+AFTER_READY_S = 3.0
+RESTART_WITHIN_S = 90.0
+RECOVERY_WITHIN_S = 2.0
+AT_KILL_S = 0.5
+"""Right after the kill (before the supervisor's 0.2 s poll notices) calls in flight may
+fail as DEADLINE or MODEL_ERROR; after that every degraded answer says MODEL_UNAVAILABLE."""
+SETTLE_S = 0.5
+"""From the first PRIMARY answer on, calls sent this much later are expected on PRIMARY again."""
+RECOVERY_METRIC = f'inferline_recovery_seconds_count{{model="{MODEL}"}}'
+RECOVERY_SUM = f'inferline_recovery_seconds_sum{{model="{MODEL}"}}'
+
+
+@pytest.fixture
+def embedded(triton_config: TritonConfig, routers: Routers) -> Iterator[tuple[ServerProcess, int]]:
+    """``inferline up`` with its bundled Triton on a known gRPC port: (router, Triton port)."""
+    port = free_port()
+    with routers.running("embedded", env={"INFERLINE_TRITON__GRPC_PORT": str(port)}) as server:
+        yield server, port
+
+
+def tritonserver_pid(log_path: pathlib.Path, grpc_port: int) -> int:
+    """The pid the router's launcher logged last, checked to be the tritonserver on ``grpc_port``."""
+    pids = re.findall(r"started tritonserver pid (\d+)", log_path.read_text(errors="replace"))
+    assert pids, f"no 'started tritonserver pid' line in {log_path}"
+    pid = int(pids[-1])
+    cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert pathlib.Path(cmdline[0].decode()).name == "tritonserver", cmdline
+    assert f"--grpc-port={grpc_port}".encode() in cmdline, cmdline
+    return pid
+
+
+def triton_ready(grpc_port: int) -> bool:
+    """Server and model ready, asked on a fresh channel (no reconnect backoff to wait out)."""
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    try:
+        return bool(client.is_server_ready(client_timeout=0.5) and client.is_model_ready(MODEL, client_timeout=0.5))
+    except InferenceServerException:
+        return False
+    finally:
+        client.close()
+
+
+def wait_until(condition: Callable[[], bool], within_s: float, step_s: float = 0.05) -> float:
+    """Poll ``condition`` (blocking: run it in a thread); the monotonic time it held first."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within_s} s")
+        time.sleep(step_s)
+    return time.monotonic()
+
+
+async def test_killed_triton_degrades_then_recovers_without_errors(embedded: tuple[ServerProcess, int]) -> None:
+    router, port = embedded
+    async with SteadyLoad(
+        router.address, rate_per_s=RATE_PER_S, deadline_s=DEADLINE_S, entities=cycling(range(1001, 1301), 2)
+    ) as load:
+        await asyncio.sleep(BEFORE_KILL_S)
+        before = await asyncio.to_thread(scrape_metrics, router.metrics_port)
+        pid = tritonserver_pid(router.log_path, port)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(wait_until, lambda: not triton_ready(port), 5.0)
+        ready_at = await asyncio.to_thread(wait_until, lambda: triton_ready(port), RESTART_WITHIN_S)
+        await asyncio.sleep(AFTER_READY_S)
+    samples = load.samples
+    after = await asyncio.to_thread(scrape_metrics, router.metrics_port)
+
+    first_primary = next((s for s in samples if s.sent_at >= killed_at and s.served_by == "PRIMARY"), None)
+    recovered_at = first_primary.answered_at if first_primary is not None else float("inf")
+    outage = [s for s in samples if killed_at <= s.sent_at and s.answered_at < recovered_at]
+    latencies = [s.latency_s for s in samples]
+    print(
+        f"\nbefore kill: {summarize(between(samples, 0, killed_at))}"
+        f"\noutage ({ready_at - killed_at:.2f} s until Triton ready): {summarize(outage)}"
+        f"\nafter ready: {summarize(between(samples, ready_at))}"
+        f"\nfirst PRIMARY {recovered_at - ready_at:.3f} s after Triton ready; "
+        f"p99 {percentile(latencies, 99) * 1000:.1f} ms vs deadline {DEADLINE_S * 1000:.0f} ms; "
+        f"router's recovery_seconds sum {after.get(RECOVERY_SUM, 0) - before.get(RECOVERY_SUM, 0):.3f} s"
+    )
+
+    assert_all_answered_in_time(samples)
+    assert [s.served_by for s in between(samples, 0, killed_at)].count("PRIMARY") > 0
+    assert outage, "no call was sent while Triton was down"
+    assert {s.served_by for s in outage} <= DEGRADED
+    assert {s.reason for s in outage if s.sent_at >= killed_at + AT_KILL_S} == {"MODEL_UNAVAILABLE"}
+    assert {s.reason for s in outage} <= {"MODEL_UNAVAILABLE", "DEADLINE", "MODEL_ERROR"}
+    assert first_primary is not None, "never served by PRIMARY again"
+    assert recovered_at - ready_at < RECOVERY_WITHIN_S
+    settled = between(samples, recovered_at + SETTLE_S)
+    assert settled and primary_share(settled) >= 0.95, f"after recovery: {summarize(settled)}"
+    assert after.get(RECOVERY_METRIC, 0) >= 1
+    assert after.get(RECOVERY_METRIC, 0) - before.get(RECOVERY_METRIC, 0) >= 1, "the recovery was not recorded"
+    assert tritonserver_pid(router.log_path, port) != pid
