@@ -76,6 +76,7 @@ class WriteBehind:
         self._timeout_s = timeout_s
         self._queue: collections.deque[tuple[str, str, list[EntityId], list[float]]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._closed = False
         self.dropped = 0
@@ -93,18 +94,20 @@ class WriteBehind:
         self._queue.append((tenant, route, ids, scores))
         if self._drainer is None:
             # Made inside the running loop, not in __init__ (asyncio primitives bind to it).
-            self._wakeup = asyncio.Event()
+            self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
             self._drainer = asyncio.get_running_loop().create_task(self._drain(), name="score-writes")
-        assert self._wakeup is not None
+        assert self._wakeup is not None and self._idle is not None
+        self._idle.clear()
         self._wakeup.set()
 
     async def _drain(self) -> None:
-        assert self._wakeup is not None
+        assert self._wakeup is not None and self._idle is not None
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
                 await self._write_batch(self._take_all())
+            self._idle.set()
 
     def _take_all(self) -> dict[tuple[str, str], tuple[list[EntityId], list[float]]]:
         merged: dict[tuple[str, str], tuple[list[EntityId], list[float]]] = {}
@@ -129,9 +132,11 @@ class WriteBehind:
         self._closed = True
         if self._drainer is None:
             return
-        deadline = asyncio.get_running_loop().time() + grace_s
-        while self._queue and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        assert self._idle is not None
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            pass
         self.dropped += len(self._queue)
         self._queue.clear()
         self._drainer.cancel()
