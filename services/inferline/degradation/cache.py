@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -133,10 +134,8 @@ class WriteBehind:
         if self._drainer is None:
             return
         assert self._idle is not None
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
-            pass
         self.dropped += len(self._queue)
         self._queue.clear()
         self._drainer.cancel()
