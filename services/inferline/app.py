@@ -35,6 +35,7 @@ from inferline.router.plan import build_route_plans
 from inferline.router.recovery import RecoveryTracker
 from inferline.router.service import RouterService
 from inferline.router.servicer import InferenceServicer
+from inferline.triton.coalescer import CoalescingExecutor
 from inferline.triton.executor import TritonExecutor
 from inferline.v1 import degradation_pb2_grpc, features_pb2_grpc, inference_pb2_grpc, postprocess_pb2_grpc
 
@@ -87,9 +88,10 @@ def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> No
     app.registrations.append(ServiceRegistration(name, add))
 
 
-def _executor(config: InferlineConfig, triton_url: str, app: App) -> TritonExecutor:
+def _executor(config: InferlineConfig, triton_url: str, app: App) -> CoalescingExecutor:
     limits = {r.primary.model: r.max_in_flight for r in config.routes.values()}
-    executor = TritonExecutor(triton_url, max_in_flight=limits)
+    triton = TritonExecutor(triton_url, max_in_flight=limits)
+    executor = CoalescingExecutor(triton, config.triton.coalesce_max_concurrent, config.triton.coalesce_max_batch_rows)
     app.closers.append(executor.close)
     models = {
         v.model: (len(v.features), v.input_name, v.output_name)
@@ -97,7 +99,7 @@ def _executor(config: InferlineConfig, triton_url: str, app: App) -> TritonExecu
         for v in (r.primary, r.light)
         if v is not None
     }
-    app.starters.append(lambda: executor.warm_up(models))
+    app.starters.append(lambda: triton.warm_up(models))
     return executor
 
 
@@ -149,7 +151,7 @@ def build_app(
 def _build_router(
     config: InferlineConfig,
     app: App,
-    executor: TritonExecutor,
+    executor: CoalescingExecutor,
     features: FeaturesService | None,
     post: PostprocessService | None,
     degradation: DegradationService | None,

@@ -1,0 +1,219 @@
+"""Shared pieces of the benchmark scripts: server subprocesses, readiness waits, report helpers,
+and a ``Predict`` target that records what served each answer.
+
+``ServerProcess`` runs a server in its own session (process group) with its output in a
+log file; ``stop`` always reaps it (SIGTERM, then SIGKILL of its group). A process it
+started in a session of its own (the bundled Triton of ``inferline up``) is not in that
+group: the server is expected to stop it on SIGTERM, and the caller to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import pathlib
+import platform
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inferline.bench.targets import DEMO_API_KEY, Target, uniform_entity_ids
+from inferline.v1 import inference_pb2, inference_pb2_grpc
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess in its own session, logging to a file; ``stop`` always reaps it."""
+
+    name: str
+    url: str
+    command: list[str]
+    log_path: pathlib.Path
+    proc: subprocess.Popen[bytes] | None = None
+    env: Mapping[str, str] | None = None
+    """Variables added to (or overriding) this process's environment."""
+    cwd: pathlib.Path | None = None
+    """Working directory (None: this process's)."""
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        environ = None if self.env is None else {**os.environ, **self.env}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=self.cwd,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, SIGKILL after ``timeout_s``, then SIGKILL the process group; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return proc.returncode
+
+    def log_tail(self, size: int = 3000) -> str:
+        if not self.log_path.exists():
+            return ""
+        data = self.log_path.read_bytes()[-size:]
+        return data.decode("utf-8", errors="replace")
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], what: str, server: ServerProcess | None, timeout_s: float
+) -> None:
+    """Poll ``check`` every 0.25 s until it is true; raise if ``server`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await check():
+            return
+        if server is not None and not server.alive():
+            code = server.proc.returncode if server.proc else None
+            raise RuntimeError(f"{what} exited with code {code}; log {server.log_path}:\n{server.log_tail()}")
+        if time.monotonic() > deadline:
+            tail = server.log_tail() if server else ""
+            raise RuntimeError(f"{what} not ready within {timeout_s:g} s\n{tail}")
+        await asyncio.sleep(0.25)
+
+
+async def health_serving(url: str) -> bool:
+    """Whether the gRPC server at ``url`` reports SERVING on the standard health service."""
+    async with grpc.aio.insecure_channel(url) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def versions() -> dict[str, str]:
+    """Python and the versions of the packages that shape the numbers."""
+    out = {"python": platform.python_version()}
+    for dist in ("grpcio", "tritonclient", "uvloop", "protobuf", "inferline"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    """``v`` formatted, or ``-`` for None/NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities (no data, e.g. percentiles of nothing) written as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+@dataclass
+class PredictRecorder:
+    """What each call of a recording ``Predict`` target saw, keyed by request number."""
+
+    started: dict[int, float] = field(default_factory=dict)
+    """``time.perf_counter()`` when the call was made."""
+    served_by: dict[int, int] = field(default_factory=dict)
+    """``ServedBy`` enum value of each OK answer."""
+    reason: dict[int, int] = field(default_factory=dict)
+    """``DegradationReason`` enum value of each OK answer."""
+    error_details: dict[int, str] = field(default_factory=dict)
+    """Status details of each failed call (``AioRpcError.details()``, or the exception's text)."""
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Failed calls by (status code name or exception type, details)."""
+
+
+def recording_predict_target(
+    url: str,
+    route: str = "driver_ranking",
+    entity_ids_sampler: Callable[[], int] | None = None,
+    api_key: str = DEMO_API_KEY,
+    traffic_class: str = "critical",
+    *,
+    deadline_s: float = 0.1,
+    join_key: str = "driver_id",
+    entities_per_request: int = 1,
+    pool_size: int = 1000,
+    name: str = "router",
+) -> tuple[Target, PredictRecorder]:
+    """``predict_target`` that also records each answer's ``served_by`` and degradation reason.
+
+    Same requests (a cycling pool of pre-built ones) and gRPC deadline (``deadline_s``);
+    the recording costs two dict stores per call. Failures are re-raised after recording,
+    so the load generator sees the same outcomes.
+    """
+    sample = entity_ids_sampler or uniform_entity_ids()
+    key = inference_pb2.EntityKey
+    pool = [
+        inference_pb2.PredictRequest(
+            route=route,
+            entities=[key(name=join_key, int64_value=sample()) for _ in range(entities_per_request)],
+            traffic_class=traffic_class,
+        )
+        for _ in range(pool_size)
+    ]
+    channel = grpc.aio.insecure_channel(
+        url, options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+    )
+    predict = inference_pb2_grpc.InferenceStub(channel).Predict
+    metadata_ = (("authorization", f"Bearer {api_key}"),)
+    size = len(pool)
+    rec = PredictRecorder()
+    started, served_by, reason = rec.started, rec.served_by, rec.reason
+    perf = time.perf_counter
+
+    async def call(i: int) -> None:
+        started[i] = perf()
+        try:
+            response = await predict(pool[i % size], metadata=metadata_, timeout=deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or ""
+            rec.error_details[i] = details
+            rec.errors[(exc.code().name, details)] += 1
+            raise
+        except Exception as exc:
+            rec.error_details[i] = str(exc)
+            rec.errors[(type(exc).__name__, str(exc))] += 1
+            raise
+        served_by[i] = response.served_by
+        reason[i] = response.degradation_reason
+
+    return Target(name, call, channel), rec
