@@ -29,6 +29,9 @@ class ServerConfig(_Model):
     """Prometheus metrics port (0 disables the metrics endpoint)."""
     max_message_bytes: int = Field(1 << 20, gt=0)
     """Largest request message accepted; bigger ones are refused with RESOURCE_EXHAUSTED."""
+    max_concurrent_rpcs: int = Field(1024, ge=1)
+    """Calls handled at once; beyond it gRPC refuses new ones at the door with RESOURCE_EXHAUSTED,
+    so overload cannot queue unbounded work (and memory) inside the process."""
     grace_s: float = Field(5.0, ge=0)
     """How long in-flight calls may finish on shutdown."""
     drain_s: float = Field(0.0, ge=0)
