@@ -29,29 +29,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
-import math
 import os
 import pathlib
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import grpc
 import uvloop
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from inferline.bench.harness import ServerProcess, fmt, health_serving, json_safe, versions, wait_until
 from inferline.bench.loadgen import (
     LoadResult,
     SequentialResult,
@@ -157,54 +153,6 @@ def free_port() -> int:
 
 
 @dataclass
-class ServerProcess:
-    """A server subprocess in its own session, logging to a file; ``stop`` always reaps it."""
-
-    name: str
-    url: str
-    command: list[str]
-    log_path: pathlib.Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def log_tail(self, size: int = 3000) -> str:
-        if not self.log_path.exists():
-            return ""
-        data = self.log_path.read_bytes()[-size:]
-        return data.decode("utf-8", errors="replace")
-
-
-@dataclass
 class Stack:
     """Triton (via the launcher) and the server subprocesses; ``close`` stops everything."""
 
@@ -220,29 +168,6 @@ class Stack:
         self.launcher.stop()
 
 
-async def wait_until(check: Any, what: str, server: ServerProcess | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if await check():
-            return
-        if server is not None and not server.alive():
-            code = server.proc.returncode if server.proc else None
-            raise RuntimeError(f"{what} exited with code {code}; log {server.log_path}:\n{server.log_tail()}")
-        if time.monotonic() > deadline:
-            tail = server.log_tail() if server else ""
-            raise RuntimeError(f"{what} not ready within {timeout_s:g} s\n{tail}")
-        await asyncio.sleep(0.25)
-
-
-async def health_serving(url: str) -> bool:
-    async with grpc.aio.insecure_channel(url) as channel:
-        try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 async def triton_metadata(url: str) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(url) as channel:
         try:
@@ -252,20 +177,6 @@ async def triton_metadata(url: str) -> dict[str, Any]:
         except grpc.aio.AioRpcError as exc:
             return {"error": str(exc.code().name)}
         return {"name": md.name, "version": md.version}
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("grpcio", "tritonclient", "uvloop", "protobuf", "inferline"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[dist] = metadata.version(dist)
-    return out
-
-
-def fmt(v: float | None, spec: str = ".2f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec)
 
 
 def print_step(target: str, step: SweepStep) -> None:
@@ -299,6 +210,7 @@ async def start_servers(stack: Stack, s: Settings, log_dir: pathlib.Path) -> str
                 triton_url,
             ],
             log_dir / "passthrough.log",
+            cwd=ROOT,
         )
         stack.servers["passthrough"] = server
         server.start()
@@ -323,6 +235,7 @@ async def start_servers(stack: Stack, s: Settings, log_dir: pathlib.Path) -> str
                 triton_url,
             ],
             log_dir / "router.log",
+            cwd=ROOT,
         )
         stack.servers["router"] = server
         server.start()
@@ -511,21 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.close()  # reaps Triton and every server subprocess, whatever happened
     report["logs"] = str(log_dir)
     out = s.results_dir / f"online_overhead-{stamp}.json"
-    out.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    out.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     print_report(report)
     console.print(f"results: {out}")
     return 0
-
-
-def _finite(value: Any) -> Any:
-    """The report with NaN (no data, e.g. percentiles of zero OK answers) written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":
