@@ -2,7 +2,10 @@
 
 Callers must see no error and no late answer: degraded answers (MODEL_UNAVAILABLE) while
 Triton is down, PRIMARY again within ``RECOVERY_WITHIN_S`` of Triton being ready after the
-supervisor's restart, and the router's ``inferline_recovery_seconds`` must record it.
+supervisor's restart, and the router's ``inferline_recovery_seconds`` must record that
+recovery as callers saw it ("how long an outage really lasted for callers",
+``inferline.router.recovery``). "Ready" is judged from outside, on a fresh channel every
+poll: the server and every model the launcher loads answer ready.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.requires_triton
 
 MODEL = "driver_ranker"
+MODELS = ("driver_ranker", "driver_ranker_light")
+"""What the embedded launcher loads from ``triton_models/`` (no GPU variants here)."""
 DEADLINE_S = 0.1
 RATE_PER_S = 50.0
 BEFORE_KILL_S = 2.0
@@ -52,6 +57,11 @@ AT_KILL_S = 0.5
 fail as DEADLINE or MODEL_ERROR; after that every degraded answer says MODEL_UNAVAILABLE."""
 SETTLE_S = 0.5
 """From the first PRIMARY answer on, calls sent this much later are expected on PRIMARY again."""
+METRIC_SLACK_S = 1.0
+"""How far the router's own recovery figure may fall short of the callers'. It starts when
+the supervisor sees Triton ready, which may trail the real moment by the launcher's 0.2 s
+readiness poll plus one gRPC reconnect attempt (at most ~0.5 s with the reconnect backoff
+the executor configures), rounded up."""
 RECOVERY_METRIC = f'inferline_recovery_seconds_count{{model="{MODEL}"}}'
 RECOVERY_SUM = f'inferline_recovery_seconds_sum{{model="{MODEL}"}}'
 
@@ -115,26 +125,31 @@ async def test_killed_triton_degrades_then_recovers_without_errors(embedded: tup
     first_primary = next((s for s in samples if s.sent_at >= killed_at and s.served_by == "PRIMARY"), None)
     recovered_at = first_primary.answered_at if first_primary is not None else float("inf")
     outage = [s for s in samples if killed_at <= s.sent_at and s.answered_at < recovered_at]
-    latencies = [s.latency_s for s in samples]
+    settled = between(samples, recovered_at + SETTLE_S)
+    reported_s = after.get(RECOVERY_SUM, 0.0) - before.get(RECOVERY_SUM, 0.0)
     print(
+        f"\nkilled at {killed_at:.3f}, ready at {ready_at:.3f} (monotonic)"
         f"\nbefore kill: {summarize(between(samples, 0, killed_at))}"
         f"\noutage ({ready_at - killed_at:.2f} s until Triton ready): {summarize(outage)}"
         f"\nafter ready: {summarize(between(samples, ready_at))}"
-        f"\nfirst PRIMARY {recovered_at - ready_at:.3f} s after Triton ready; "
-        f"p99 {percentile(latencies, 99) * 1000:.1f} ms vs deadline {DEADLINE_S * 1000:.0f} ms; "
-        f"router's recovery_seconds sum {after.get(RECOVERY_SUM, 0) - before.get(RECOVERY_SUM, 0):.3f} s"
+        f"\nfirst PRIMARY {recovered_at - ready_at:.3f} s after Triton ready; the router reports "
+        f"{reported_s:.3f} s (inferline_recovery_seconds); p99 "
+        f"{percentile([s.latency_s for s in samples], 99) * 1000:.1f} ms vs deadline {DEADLINE_S * 1000:.0f} ms; "
+        f"client loop lag max {load.max_loop_lag_s * 1000:.1f} ms"
     )
 
-    assert_all_answered_in_time(samples)
-    assert [s.served_by for s in between(samples, 0, killed_at)].count("PRIMARY") > 0
+    assert_all_answered_in_time(samples, load.max_loop_lag_s)
+    assert "PRIMARY" in {s.served_by for s in between(samples, 0, killed_at)}
     assert outage, "no call was sent while Triton was down"
     assert {s.served_by for s in outage} <= DEGRADED
     assert {s.reason for s in outage if s.sent_at >= killed_at + AT_KILL_S} == {"MODEL_UNAVAILABLE"}
     assert {s.reason for s in outage} <= {"MODEL_UNAVAILABLE", "DEADLINE", "MODEL_ERROR"}
     assert first_primary is not None, "never served by PRIMARY again"
-    assert recovered_at - ready_at < RECOVERY_WITHIN_S
-    settled = between(samples, recovered_at + SETTLE_S)
-    assert settled and primary_share(settled) >= 0.95, f"after recovery: {summarize(settled)}"
-    assert after.get(RECOVERY_METRIC, 0) >= 1
-    assert after.get(RECOVERY_METRIC, 0) - before.get(RECOVERY_METRIC, 0) >= 1, "the recovery was not recorded"
+    assert settled and primary_share(settled) >= 0.9, f"after recovery: {summarize(settled)}"
     assert tritonserver_pid(router.log_path, port) != pid
+    assert after.get(RECOVERY_METRIC, 0) - before.get(RECOVERY_METRIC, 0) >= 1, "the recovery was not recorded"
+    assert recovered_at - ready_at < RECOVERY_WITHIN_S
+    assert recovered_at - ready_at - reported_s < METRIC_SLACK_S, (
+        f"callers waited {recovered_at - ready_at:.3f} s for PRIMARY after Triton was ready, "
+        f"the router reports {reported_s:.3f} s"
+    )
