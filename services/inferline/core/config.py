@@ -53,7 +53,7 @@ class TritonConfig(_Model):
     """How long to wait for the bundled server and its models to become ready."""
     load_gpu_variants: bool | Literal["auto"] = "auto"
     """Load models whose name ends in ``_gpu`` when a GPU is present ("auto"), always, or never."""
-    coalesce_max_concurrent: int = Field(4, ge=1)
+    coalesce_max_concurrent: int = Field(1, ge=1)
     """Calls in flight per (model, priority) before the router merges queued calls into one."""
     coalesce_max_batch_rows: int = Field(128, ge=1)
     """Most rows in one merged call: at most the models' ``max_batch_size``."""
