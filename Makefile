@@ -7,9 +7,17 @@ PY := $(VENV)/bin/python
 FEAST_REPO := deploy/feast/feature_repo
 FEAST_STAMP := $(FEAST_REPO)/data/.materialized
 
-.PHONY: setup demo test lint proto proto-check models clean
+.PHONY: setup demo test lint proto models clean
 
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP)
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server
+
+# The Redis tests start their own redis-server on a free port; install Debian's package
+# where the binary is missing (CI runs as root).
+.PHONY: redis-server
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+		else echo "redis-server is missing: install it (apt-get install redis-server)"; exit 1; fi; }
 
 $(VENV)/.stamp: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON)"; exit 1; }
