@@ -11,7 +11,7 @@ import numpy as np
 
 from inferline.core.config import RouteConfig
 from inferline.core.deadline import Deadline
-from inferline.core.entities import EntityId
+from inferline.core.entities import EntityId, check_entity_ids
 from inferline.core.errors import DependencyUnavailable, InvalidInput, RouteNotFound, from_rpc_error
 from inferline.core.served_by import Reason, ServedBy
 from inferline.degradation.cache import CachedScore, WriteBehind
@@ -19,7 +19,6 @@ from inferline.degradation.service import (
     DEFAULT_MAX_PENDING_WRITES,
     DegradationService,
     DegradedAnswer,
-    check_entity_ids,
 )
 from inferline.features.vector import FeatureVector
 from inferline.v1 import degradation_pb2 as dpb

@@ -10,14 +10,13 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
 from inferline.core.config import RouteConfig
 from inferline.core.deadline import Clock, Deadline
-from inferline.core.entities import EntityId
+from inferline.core.entities import EntityId, check_entity_ids
 from inferline.core.errors import InvalidInput, ModelOutputInvalid, RouteNotFound
 from inferline.core.served_by import Reason, ServedBy
 from inferline.degradation.baseline import Baseline
@@ -39,7 +38,6 @@ CLOSE_GRACE_S = 1.0
 """How long ``close`` waits for pending writes before cancelling them."""
 OUTAGE_AFTER_FAILURES = 3
 """Light-model failures in a row that are logged as an outage (each one is counted)."""
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,28 +276,6 @@ class DegradationService:
             where = [i for i, c in enumerate(cached) if c is not None]
             scores[where] = [c.score for c in hits]
         return DegradedAnswer(scores, ServedBy.BASELINE, "", oldest_ms)
-
-
-def check_entity_ids(route: RouteConfig, ids: Sequence[EntityId]) -> None:
-    """Raise InvalidInput unless ``ids`` are 1..max_entities keys of the route's type (int64 or str).
-
-    The same check as ``parse_entity_ids`` on the gRPC side, so both client twins refuse alike.
-    """
-    if not ids or len(ids) > route.max_entities:
-        raise InvalidInput("entities", f"expected 1 to {route.max_entities} entities, got {len(ids)}")
-    if route.entity.type == "int64":
-        ints = cast("Sequence[int]", ids)
-        if all(type(e) is int for e in ids) and min(ints) >= _INT64_MIN and max(ints) <= _INT64_MAX:
-            return
-    elif all(type(e) is str for e in ids):
-        return
-    for i, entity in enumerate(ids):  # slow path: find the culprit
-        if route.entity.type == "int64":
-            ok = type(entity) is int and _INT64_MIN <= entity <= _INT64_MAX
-        else:
-            ok = type(entity) is str
-        if not ok:
-            raise InvalidInput(f"entities[{i}]", f"{route.entity.join_key} must be a {route.entity.type}")
 
 
 def _check_scores(scores: npt.NDArray[np.float32], n: int, plan: _RoutePlan) -> None:

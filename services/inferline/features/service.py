@@ -13,13 +13,13 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
 from inferline.core.config import FeatureStoreConfig, RouteConfig
 from inferline.core.deadline import Clock, Deadline
+from inferline.core.entities import check_entity_ids
 from inferline.core.errors import InvalidInput, RouteNotFound
 from inferline.features.hot_cache import HotCache, Row
 from inferline.features.store import OnlineStore
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_ENTITIES = 1000
 """Most entities in one store read, so that one read's latency stays bounded under load."""
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_COLUMN_SETS = 64
 
@@ -155,9 +154,7 @@ class _RoutePlan:
 
     def __init__(self, route: RouteConfig, refs: tuple[str, ...], fetcher: _Fetcher | None) -> None:
         self.fetcher = fetcher
-        self.join_key = route.entity.join_key
-        self.int_keys = route.entity.type == "int64"
-        self.max_entities = route.max_entities
+        self.route = route
         self.names = tuple(f.name for f in route.features)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.request_cols = {f.name: i for i, f in enumerate(route.features) if f.source is None}
@@ -171,32 +168,6 @@ class _RoutePlan:
         self.template_flags: npt.NDArray[np.bool_] = np.array([f.source is None for f in route.features])
         self.stored_defaults: Row = self.template[self.stored_cols]
         self._columns: dict[tuple[str, ...], Columns | None] = {}
-
-    def check_ids(self, ids: Sequence[EntityId]) -> None:
-        """Raise InvalidInput unless ``ids`` are 1..max_entities keys of the declared type.
-
-        Checked here, not only by the gRPC servicer, so in-process callers get the same
-        answer and one bad key cannot fail the coalesced store read of other requests.
-        """
-        if not ids:
-            raise InvalidInput("entities", "at least one entity is required")
-        if len(ids) > self.max_entities:
-            raise InvalidInput("entities", f"{len(ids)} entities exceed this route's limit of {self.max_entities}")
-        if self.int_keys:
-            ints = cast("Sequence[int]", ids)
-            if all(type(e) is int for e in ids) and min(ints) >= _INT64_MIN and max(ints) <= _INT64_MAX:
-                return
-        elif all(type(e) is str for e in ids):
-            return
-        for i, entity in enumerate(ids):  # slow path: find the culprit, accept subclasses
-            field, got = f"entities[{i}]", type(entity).__name__
-            if not self.int_keys:
-                if not isinstance(entity, str):
-                    raise InvalidInput(field, f"{self.join_key} must be a string, got {got}")
-            elif not isinstance(entity, int) or isinstance(entity, bool):
-                raise InvalidInput(field, f"{self.join_key} must be an int64, got {got}")
-            elif not _INT64_MIN <= entity <= _INT64_MAX:
-                raise InvalidInput(field, f"{self.join_key} {entity} is out of the int64 range")
 
     def request_row(self, given: Mapping[str, float]) -> tuple[Row, npt.NDArray[np.bool_]]:
         """Defaults and flags of one row with the request-time values of ``given`` applied."""
@@ -300,7 +271,7 @@ class FeaturesService:
         plan = self._plans.get(route)
         if plan is None:
             raise RouteNotFound(route)
-        plan.check_ids(ids)
+        check_entity_ids(plan.route, ids)
         template, template_flags = plan.request_row(request_features)
         columns = plan.columns(names)
         values = np.empty((len(ids), len(plan.names)), dtype=np.float32)

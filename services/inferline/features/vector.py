@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-EntityId = int | str
-"""An entity's join-key value; its Python type must match the route's declared key type."""
+from inferline.core.entities import EntityId
+
+__all__ = ["EntityId", "FeatureVector"]
 
 
 @dataclass(frozen=True, slots=True)
