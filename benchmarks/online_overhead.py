@@ -35,7 +35,6 @@ import os
 import pathlib
 import platform
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from inferline.bench.loadgen import (
 )
 from inferline.bench.targets import Target, predict_target, triton_live, triton_ready, triton_target
 from inferline.core.config import load_config
+from inferline.core.ports import free_port
 from inferline.triton.launcher import TritonLauncher
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -144,12 +144,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         quick=a.quick,
         strict_generator=a.strict_generator,
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -27,8 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inferline.bench.targets import DEMO_API_KEY, Target, uniform_entity_ids
-from inferline.v1 import inference_pb2, inference_pb2_grpc
+from inferline.bench.targets import DEMO_API_KEY, Target, prepare_predict
 
 
 @dataclass
@@ -180,21 +179,11 @@ def recording_predict_target(
     the recording costs two dict stores per call. Failures are re-raised after recording,
     so the load generator sees the same outcomes.
     """
-    sample = entity_ids_sampler or uniform_entity_ids()
-    key = inference_pb2.EntityKey
-    pool = [
-        inference_pb2.PredictRequest(
-            route=route,
-            entities=[key(name=join_key, int64_value=sample()) for _ in range(entities_per_request)],
-            traffic_class=traffic_class,
-        )
-        for _ in range(pool_size)
-    ]
-    channel = grpc.aio.insecure_channel(
-        url, options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
-    )
-    predict = inference_pb2_grpc.InferenceStub(channel).Predict
-    metadata_ = (("authorization", f"Bearer {api_key}"),)
+    caller = prepare_predict(
+        url, route, entity_ids_sampler, api_key, traffic_class,
+        join_key=join_key, entities_per_request=entities_per_request, pool_size=pool_size,
+    )  # fmt: skip
+    pool, predict, metadata_ = caller.pool, caller.predict, caller.metadata
     size = len(pool)
     rec = PredictRecorder()
     started, served_by, reason = rec.started, rec.served_by, rec.reason
@@ -216,4 +205,4 @@ def recording_predict_target(
         served_by[i] = response.served_by
         reason[i] = response.degradation_reason
 
-    return Target(name, call, channel), rec
+    return Target(name, call, caller.channel), rec

@@ -109,6 +109,43 @@ def uniform_entity_ids(low: int = 1001, high: int = 2000, seed: int = 0) -> Call
     return lambda: rng.randint(low, high)
 
 
+@dataclass(frozen=True)
+class PredictCaller:
+    """What a ``Predict`` target needs per call: the request pool, the stub method, the metadata."""
+
+    pool: list[inference_pb2.PredictRequest]
+    channel: grpc.aio.Channel
+    predict: Any
+    metadata: tuple[tuple[str, str], ...]
+
+
+def prepare_predict(
+    url: str,
+    route: str,
+    entity_ids_sampler: Callable[[], int] | None,
+    api_key: str,
+    traffic_class: str,
+    *,
+    join_key: str,
+    entities_per_request: int,
+    pool_size: int,
+) -> PredictCaller:
+    """A cycling pool of pre-built requests and a channel to the router (built once, not per call)."""
+    sample = entity_ids_sampler or uniform_entity_ids()
+    key = inference_pb2.EntityKey
+    pool = [
+        inference_pb2.PredictRequest(
+            route=route,
+            entities=[key(name=join_key, int64_value=sample()) for _ in range(entities_per_request)],
+            traffic_class=traffic_class,
+        )
+        for _ in range(pool_size)
+    ]
+    channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+    predict = inference_pb2_grpc.InferenceStub(channel).Predict
+    return PredictCaller(pool, channel, predict, (("authorization", f"Bearer {api_key}"),))
+
+
 def predict_target(
     url: str,
     route: str = "driver_ranking",
@@ -127,25 +164,17 @@ def predict_target(
     The gRPC deadline is ``deadline_s``: the router owns the deadline (it answers from its
     degradation path and never cancels work in flight at Triton).
     """
-    sample = entity_ids_sampler or uniform_entity_ids()
-    key = inference_pb2.EntityKey
-    pool = [
-        inference_pb2.PredictRequest(
-            route=route,
-            entities=[key(name=join_key, int64_value=sample()) for _ in range(entities_per_request)],
-            traffic_class=traffic_class,
-        )
-        for _ in range(pool_size)
-    ]
-    channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
-    predict = inference_pb2_grpc.InferenceStub(channel).Predict
-    metadata = (("authorization", f"Bearer {api_key}"),)
+    caller = prepare_predict(
+        url, route, entity_ids_sampler, api_key, traffic_class,
+        join_key=join_key, entities_per_request=entities_per_request, pool_size=pool_size,
+    )  # fmt: skip
+    pool, predict, metadata = caller.pool, caller.predict, caller.metadata
     size = len(pool)
 
     async def call(i: int) -> None:
         await predict(pool[i % size], metadata=metadata, timeout=deadline_s)
 
-    return Target(name, call, channel)
+    return Target(name, call, caller.channel)
 
 
 async def triton_live(url: str, timeout_s: float = 2.0) -> bool:

@@ -7,11 +7,24 @@ import socket
 LOOPBACK = "127.0.0.1"
 
 
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """Distinct TCP ports the kernel reports free on ``host`` right now.
+
+    Every socket stays bound until all ports are picked, so the ports differ.
+    """
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port the kernel reports free on ``host`` right now (bind to port 0, then release)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:

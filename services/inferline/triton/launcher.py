@@ -24,7 +24,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -37,6 +36,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from inferline.core.config import TritonConfig
+from inferline.core.ports import free_ports
 from inferline.triton.executor import CHANNEL_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -153,18 +153,6 @@ def _server_environ(install: _ServerInstall) -> dict[str, str]:
     environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libs, environ.get("LD_LIBRARY_PATH")]))
     environ["VIRTUAL_ENV"] = str(install.env)
     return environ
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on loopback (all sockets are held open until every port is picked)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _kill_group(pgid: int) -> None:
@@ -301,7 +289,7 @@ class TritonLauncher:
             "http": self._config.http_port,
             "metrics": self._config.metrics_port,
         }
-        free = iter(_free_ports(sum(1 for port in wanted.values() if port == 0)))
+        free = iter(free_ports(sum(1 for port in wanted.values() if port == 0), HOST))
         self._ports = {name: port or next(free) for name, port in wanted.items()}
 
     def _command(self, install: _ServerInstall, backends: pathlib.Path) -> list[str]:
