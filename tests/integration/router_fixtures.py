@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -13,8 +10,9 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
+from inferline.bench import harness
 from inferline.core.health_wait import wait_until_serving
-from inferline.core.ports import free_port
+from inferline.core.ports import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO_KEY = "inferline-demo-key"
@@ -23,23 +21,22 @@ LIMITED_KEY = "limited-tenant-key"
 
 @dataclass
 class ServerProcess:
+    """An ``inferline`` process (started and reaped by the bench harness's ``ServerProcess``)."""
+
     address: str
     metrics_port: int
-    log_path: pathlib.Path
-    process: subprocess.Popen[bytes]
+    server: harness.ServerProcess
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+    @property
+    def log_path(self) -> pathlib.Path:
+        return self.server.log_path
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        """SIGTERM, SIGKILL after ``timeout_s``; always reaped. Returns the exit code."""
+        return self.server.stop(timeout_s)
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        return self.server.log_tail(chars)
 
 
 def write_test_config(path: pathlib.Path, **server: object) -> pathlib.Path:
@@ -64,17 +61,15 @@ def write_test_config(path: pathlib.Path, **server: object) -> pathlib.Path:
 def start_inferline(
     args: list[str], log_path: pathlib.Path, env: Mapping[str, str] | None = None, timeout_s: float = 120
 ) -> ServerProcess:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     command = [sys.executable, "-m", "inferline.cli", *args, "--port", str(port), "--metrics-port", str(metrics_port)]
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
-        )
-    server = ServerProcess(f"127.0.0.1:{port}", metrics_port, log_path, process)
+    process = harness.ServerProcess(args[0], f"127.0.0.1:{port}", command, log_path, env=env, cwd=ROOT)
+    process.start()
+    server = ServerProcess(process.url, metrics_port, process)
     try:
-        wait_until_serving(server.address, timeout_s, is_alive=lambda: process.poll() is None)
+        wait_until_serving(server.address, timeout_s, is_alive=process.alive)
     except TimeoutError:
-        server.stop(signal.SIGKILL)
+        server.stop()
         raise AssertionError(f"{' '.join(args)} did not become ready:\n{server.log_tail()}") from None
     return server
 
