@@ -7,6 +7,7 @@ reaches the others over gRPC when their addresses are configured.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,9 @@ from typing import Literal
 
 import grpc
 from prometheus_client import CollectorRegistry
+from tritonclient.grpc import service_pb2_grpc as kserve_pb2_grpc
 
+from inferline.core.auth import Authenticator
 from inferline.core.config import InferlineConfig
 from inferline.core.grpc_server import ServiceRegistration
 from inferline.core.metrics import ServingMetrics
@@ -30,8 +33,13 @@ from inferline.features.store import FeastOnlineStore
 from inferline.postprocess.client import GrpcPostprocessClient, LocalPostprocessClient, PostprocessClient
 from inferline.postprocess.service import PostprocessService
 from inferline.postprocess.servicer import PostprocessServicer
+from inferline.router.admission import AdmissionController
 from inferline.router.breaker import BreakerRegistry, BreakerState
+from inferline.router.gate import RequestGate
+from inferline.router.kserve import KServeFrontDoor
+from inferline.router.loop_lag import LoopLagMonitor
 from inferline.router.plan import build_route_plans
+from inferline.router.quota import build_rate_limiter
 from inferline.router.recovery import RecoveryTracker
 from inferline.router.service import RouterService
 from inferline.router.servicer import InferenceServicer
@@ -54,6 +62,8 @@ class App:
     starters: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     recovery: RecoveryTracker | None = None
     """Set when the process hosts the router: told when Triton is healthy again."""
+    triton: TritonExecutor | None = None
+    """The Triton executor under the coalescer, when the process talks to Triton (KServe front door)."""
 
     async def start(self) -> None:
         """Warm-ups that must finish before the process reports SERVING."""
@@ -91,6 +101,7 @@ def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> No
 def _executor(config: InferlineConfig, triton_url: str, app: App) -> CoalescingExecutor:
     limits = {r.primary.model: r.max_in_flight for r in config.routes.values()}
     triton = TritonExecutor(triton_url, max_in_flight=limits)
+    app.triton = triton
     executor = CoalescingExecutor(triton, config.triton.coalesce_max_concurrent, config.triton.coalesce_max_batch_rows)
     app.closers.append(executor.close)
     models = {
@@ -148,6 +159,36 @@ def build_app(
     return app
 
 
+def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> RequestGate:
+    """Auth, quotas and per-route admission (its queue-wait signal runs while the app does)."""
+    lag = LoopLagMonitor()
+
+    async def start_lag() -> None:
+        lag.start()
+
+    app.starters.append(start_lag)
+    app.closers.append(lag.stop)
+    metrics.queue_wait.set_function(lambda: lag.queue_wait_s)
+    admission = {}
+    # One controller per route (Predict) and one per model (KServe front door, key "model:<name>",
+    # configured by the first route using the model).
+    keys = [
+        (key, route)
+        for name, route in config.routes.items()
+        for key in (name, *(f"model:{v.model}" for v in (route.primary, route.light) if v is not None))
+    ]
+    for name, route in keys:
+        if name in admission:
+            continue
+        controller = AdmissionController(name, route.admission, config.traffic_classes, lambda: lag.queue_wait_s)
+        metrics.admission_limit.labels(name).set_function(functools.partial(getattr, controller, "limit"))
+        metrics.admission_in_flight.labels(name).set_function(functools.partial(getattr, controller, "in_flight"))
+        admission[name] = controller
+    rate_limiter = build_rate_limiter(config)
+    app.closers.append(rate_limiter.close)
+    return RequestGate(config, Authenticator(config.tenants, config.jwt), rate_limiter, admission)
+
+
 def _build_router(
     config: InferlineConfig,
     app: App,
@@ -185,14 +226,22 @@ def _build_router(
 
     app.recovery = RecoveryTracker(lambda model, s: metrics.recovery.labels(model).observe(s), time.monotonic)
     plans = build_route_plans(config)
+    gate = _gate(config, app, metrics)
     router = RouterService(
         feature_client, executor, post_client, degradation_client, plans,
         BreakerRegistry(config.breaker, on_transition=on_breaker), model_available, app.recovery,
     )  # fmt: skip
-    inference = InferenceServicer(router, config, plans, metrics)
+    inference = InferenceServicer(router, config, plans, metrics, gate)
     app.registrations.insert(
         0,
         ServiceRegistration(
             "inferline.v1.Inference", lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s)
         ),
     )
+    if app.triton is not None:
+        front_door = KServeFrontDoor(config, gate, app.triton, metrics)
+        _register(
+            app,
+            "inference.GRPCInferenceService",
+            lambda s: kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(front_door, s),
+        )

@@ -5,9 +5,10 @@ skips or fails when the bundled Triton is missing, ``redis_server`` is the tests
 ``redis-server``). On top of them:
 
 * ``fault_repository`` / ``fault_triton``: a bundled Triton of the fault tests' own on a
-  temporary copy of the model repository, plus two test models: ``driver_ranker_slow``
-  (sleeps ``SLOW_DELAY_MS`` per batch) and ``driver_ranker_faulty`` (answers NaN for rows
-  whose first feature is negative, 7.0 below -100). Tests may stop it; ``Routers.start``
+  temporary copy of the model repository, plus three test models: ``driver_ranker_slow``
+  (sleeps ``SLOW_DELAY_MS`` per batch), ``driver_ranker_faulty`` (answers NaN for rows
+  whose first feature is negative, 7.0 below -100) and ``driver_ranker_narrow`` (a small,
+  known capacity to overload). Tests may stop it; ``Routers.start``
   starts it again when a router needs it.
 * ``routers``: writes test configs (the default config with extra routes derived from
   ``driver_ranking`` and patched sections) and runs ``inferline up`` processes.
@@ -39,6 +40,11 @@ SLOW_MODEL = "driver_ranker_slow"
 FAULTY_MODEL = "driver_ranker_faulty"
 SLOW_DELAY_MS = 200
 """Per-batch delay of the slow model: well past any deadline the fault tests send it."""
+NARROW_MODEL = "driver_ranker_narrow"
+NARROW_BATCH = 2
+NARROW_DELAY_MS = 10
+"""The narrow model: one instance, batches of at most ``NARROW_BATCH`` rows, each taking
+``NARROW_DELAY_MS``: at most 200 rows a second, a capacity a test client can overload."""
 
 
 def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,11 +58,21 @@ def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _copy_model(repository: pathlib.Path, source: str, name: str, parameters: Mapping[str, str]) -> None:
-    """A copy of model ``source`` named ``name`` with extra config ``parameters`` (read by onnx_runner.py)."""
+def _copy_model(
+    repository: pathlib.Path,
+    source: str,
+    name: str,
+    parameters: Mapping[str, str],
+    edits: Mapping[str, str] | None = None,
+) -> None:
+    """A copy of model ``source`` named ``name`` with extra config ``parameters`` (read by
+    onnx_runner.py) and ``edits`` (config text replaced: old → new, each must be found)."""
     target = repository / name
     shutil.copytree(repository / source, target, symlinks=True)
     config = (target / "config.pbtxt").read_text().replace(f'name: "{source}"', f'name: "{name}"', 1)
+    for old, new in (edits or {}).items():
+        assert old in config, f"{old!r} not in the config of {source}"
+        config = config.replace(old, new)
     for key, value in parameters.items():
         config += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
     (target / "config.pbtxt").write_text(config)
@@ -76,6 +92,18 @@ def fault_repository(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         )
     _copy_model(repository, "driver_ranker", SLOW_MODEL, {"delay_ms": str(SLOW_DELAY_MS)})
     _copy_model(repository, "driver_ranker", FAULTY_MODEL, {"fault_injection": "nan_on_negative"})
+    _copy_model(
+        repository,
+        "driver_ranker",
+        NARROW_MODEL,
+        {"delay_ms": str(NARROW_DELAY_MS)},
+        {
+            "max_batch_size: 128": f"max_batch_size: {NARROW_BATCH}",
+            "count: 2": "count: 1",
+            "preferred_batch_size: [ 16, 32 ]": f"preferred_batch_size: [ {NARROW_BATCH} ]",
+            "batch_size: 8": f"batch_size: {NARROW_BATCH}",
+        },
+    )
     return repository
 
 

@@ -156,6 +156,34 @@ class BreakerConfig(_Model):
     """Successful probes needed to close again."""
 
 
+class AdmissionConfig(_Model):
+    """Adaptive concurrency limit of a route and what happens to requests over it."""
+
+    enabled: bool = True
+    """False admits everything (the in-flight bound and degradation still apply)."""
+    algorithm: Literal["gradient", "aimd"] = "gradient"
+    """``gradient``: Netflix's Gradient2 (limit follows the ratio of long- to short-term latency);
+    ``aimd``: additive increase, multiplicative decrease on a latency over ``aimd_latency_ms``."""
+    initial_limit: int = Field(20, ge=1)
+    """Where the limit starts: low, so a route proves its capacity before it is trusted with more."""
+    min_limit: int = Field(8, ge=1)
+    max_limit: int = Field(512, ge=1)
+    tolerance: float = Field(1.5, ge=1)
+    """Gradient: how much the short-term latency may exceed the long-term one before the limit shrinks."""
+    aimd_latency_ms: float = Field(50.0, gt=0)
+    """AIMD: a request slower than this counts as a drop and shrinks the limit."""
+    aimd_backoff: float = Field(0.9, gt=0, lt=1)
+    degrade_over_limit: bool = True
+    """A request of a class that may not be shed, over the limit, gets a degraded answer (OVERLOAD)
+    instead of RESOURCE_EXHAUSTED."""
+
+    @model_validator(mode="after")
+    def _limits_ordered(self) -> AdmissionConfig:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("need min_limit <= initial_limit <= max_limit")
+        return self
+
+
 class RouteConfig(_Model):
     entity: EntitySpec
     max_entities: int = Field(100, ge=1)
@@ -168,6 +196,7 @@ class RouteConfig(_Model):
     degradation: DegradationConfig = DegradationConfig()
     max_in_flight: int = Field(64, ge=1)
     """Calls in flight to the primary model at most; beyond it requests degrade (OVERLOAD)."""
+    admission: AdmissionConfig = AdmissionConfig()
 
     @model_validator(mode="after")
     def _variants_use_declared_features(self) -> RouteConfig:
@@ -189,11 +218,29 @@ class TrafficClassConfig(_Model):
     """Triton priority level (1 is the highest)."""
     default_deadline_ms: float = Field(gt=0)
     """Deadline used when the caller sets none."""
+    sheddable: bool = True
+    """May be rejected (RESOURCE_EXHAUSTED) under overload; a class that may not is degraded instead."""
+    limit_share: float = Field(1.0, gt=0, le=1)
+    """Share of a route's concurrency limit this class may fill: lower classes get smaller shares,
+    so they are shed first as in-flight work grows."""
+    queue_wait_target_ms: float = Field(50.0, gt=0)
+    """Queue wait (the router's event-loop lag) above which this class is shed."""
+
+
+class QuotaConfig(_Model):
+    """A tenant's token bucket: ``rate_per_s`` sustained, bursts of up to ``burst`` requests."""
+
+    rate_per_s: float = Field(gt=0)
+    burst: int = Field(ge=1)
 
 
 class TenantConfig(_Model):
-    api_key_sha256: list[str] = Field(min_length=1)
+    api_key_sha256: list[str] = []
     """SHA-256 hex digests of the tenant's API keys (keys themselves are never stored)."""
+    jwt_subjects: list[str] = []
+    """JWT ``sub`` claims that resolve to this tenant (besides a ``tenant`` claim naming it)."""
+    quota: QuotaConfig | None = None
+    """Requests per second this tenant may send; None: unlimited."""
     routes: list[str]
     """Routes this tenant may call."""
     traffic_classes: list[str] = ["critical", "standard", "batch"]
@@ -206,6 +253,51 @@ class TenantConfig(_Model):
             if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
                 raise ValueError("each entry must be a lowercase 64-character SHA-256 hex digest")
         return digests
+
+
+class JwtKeyConfig(_Model):
+    """One key JWTs may be signed with: an HS256 secret (from the environment) or an RS256 public key."""
+
+    kid: str | None = None
+    """Key id; a token whose header names a ``kid`` is checked only against the key with that id."""
+    algorithm: Literal["HS256", "RS256"]
+    secret_env: str | None = None
+    """HS256: name of the environment variable holding the shared secret (never the secret itself)."""
+    public_key_file: pathlib.Path | None = None
+    """RS256: PEM file of the public key (relative paths are from the config file)."""
+
+    @model_validator(mode="after")
+    def _material_matches_algorithm(self) -> JwtKeyConfig:
+        if self.algorithm == "HS256" and (self.secret_env is None or self.public_key_file is not None):
+            raise ValueError("HS256 keys need secret_env (and no public_key_file)")
+        if self.algorithm == "RS256" and (self.public_key_file is None or self.secret_env is not None):
+            raise ValueError("RS256 keys need public_key_file (and no secret_env)")
+        return self
+
+
+class JwtConfig(_Model):
+    """Bearer JWTs accepted besides API keys."""
+
+    issuer: str | None = None
+    """Required ``iss`` claim; None accepts any issuer."""
+    audience: str | None = None
+    """Required ``aud`` claim; None: tokens must not carry one."""
+    tenant_claim: str = "tenant"
+    """Claim naming the tenant; when absent, ``sub`` is looked up in the tenants' ``jwt_subjects``."""
+    leeway_s: float = Field(5.0, ge=0)
+    """Clock skew tolerated on ``exp`` / ``nbf``."""
+    keys: list[JwtKeyConfig] = Field(min_length=1)
+
+
+class RateLimitConfig(_Model):
+    """Where tenants' token buckets live: this process (one replica) or Redis (shared by replicas)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "inferline:quota"
+    timeout_ms: float = Field(5.0, gt=0)
+    """A Redis check slower than this is decided by the replica's local bucket instead (fail open
+    to a local limit: a quota store outage never fails requests nor lifts every limit)."""
 
 
 class FeatureStoreConfig(_Model):
@@ -243,6 +335,9 @@ class InferlineConfig(_Model):
     services: ServiceAddresses = ServiceAddresses()
     score_cache: ScoreCacheConfig = ScoreCacheConfig()
     breaker: BreakerConfig = BreakerConfig()
+    jwt: JwtConfig | None = None
+    """JWT bearer tokens; None accepts API keys only."""
+    rate_limit: RateLimitConfig = RateLimitConfig()
     traffic_classes: dict[str, TrafficClassConfig]
     tenants: dict[str, TenantConfig]
     routes: dict[str, RouteConfig]
@@ -256,6 +351,8 @@ class InferlineConfig(_Model):
             for cls in [*tenant.traffic_classes, tenant.default_traffic_class]:
                 if cls not in self.traffic_classes:
                     raise ValueError(f"tenants.{name}: unknown traffic class {cls!r}")
+            if not tenant.api_key_sha256 and not (tenant.jwt_subjects or self.jwt):
+                raise ValueError(f"tenants.{name}: no way to authenticate (no api_key_sha256, no jwt)")
         return self
 
 
@@ -295,7 +392,14 @@ def _resolve_paths(config: InferlineConfig, base: pathlib.Path) -> InferlineConf
         }
     )
     store = config.feature_store.model_copy(update={"feast_repo": resolve(config.feature_store.feast_repo)})
-    return config.model_copy(update={"triton": triton, "feature_store": store})
+    jwt = config.jwt
+    if jwt is not None:
+        keys = [
+            k.model_copy(update={"public_key_file": resolve(k.public_key_file)}) if k.public_key_file else k
+            for k in jwt.keys
+        ]
+        jwt = jwt.model_copy(update={"keys": keys})
+    return config.model_copy(update={"triton": triton, "feature_store": store, "jwt": jwt})
 
 
 def format_validation_error(err: ValidationError) -> str:

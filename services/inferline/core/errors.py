@@ -71,6 +71,16 @@ class RouteNotFound(InferlineError):
         super().__init__(f"unknown route {route!r}", route=route)
 
 
+class ModelNotFound(InferlineError):
+    """A model (KServe v2 front door) that no route serves, or a version the model server lacks."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+    def __init__(self, model: str, message: str | None = None) -> None:
+        super().__init__(message or f"unknown model {model!r}", model=model)
+
+
 class Shed(InferlineError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "SHED"
@@ -85,9 +95,22 @@ class Shed(InferlineError):
         return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
+class QuotaExceeded(Shed):
+    """The tenant sent more than its quota (token bucket); retry after the hint."""
+
+    reason = "QUOTA_EXCEEDED"
+
+
 class DeadlineUnaffordable(InferlineError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_UNAFFORDABLE"
+
+
+class DeadlineExceeded(InferlineError):
+    """The request's deadline ran out before an answer, and there is no degraded answer to give."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
 
 class DependencyUnavailable(InferlineError):
@@ -111,8 +134,11 @@ _BY_REASON: dict[str, type[InferlineError]] = {
         Unauthenticated,
         PermissionDenied,
         RouteNotFound,
+        ModelNotFound,
         Shed,
+        QuotaExceeded,
         DeadlineUnaffordable,
+        DeadlineExceeded,
         DependencyUnavailable,
         ModelOutputInvalid,
     )
@@ -149,8 +175,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> InferlineError:
         return InvalidInput(field, message.removeprefix(f"{field}: "))
     if cls is RouteNotFound:
         return RouteNotFound(metadata.get("route", ""))
-    if cls is Shed:
-        return Shed(message, int(metadata.get("retry_after_ms", "0")) / 1000)
+    if cls is ModelNotFound:
+        return ModelNotFound(metadata.get("model", ""), message)
+    if cls is Shed or cls is QuotaExceeded:
+        return cls(message, int(metadata.get("retry_after_ms", "0")) / 1000)
     if cls is not None:
         return cls(message, **metadata)
     return DependencyUnavailable(f"remote call failed with {exc.code().name}: {message}")
@@ -173,7 +201,11 @@ def rpc_method(func: Handler[_Servicer, _Request, _Response]) -> Handler[_Servic
             raise  # the handler aborted the call itself
         except InferlineError as err:
             status = rpc_status.to_status(to_status(err))
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            trailing = status.trailing_metadata
+            if isinstance(err, Shed):
+                # gRPC's own retry policy honours this pushback (gRFC A6); clients read it too.
+                trailing = (*trailing, ("grpc-retry-pushback-ms", str(max(1, int(err.retry_after_s * 1000)))))
+            await context.abort(status.code, status.details, trailing)
         except Exception:
             request_id = uuid.uuid4().hex[:12]
             logger.exception("unhandled error in %s (request_id=%s)", func.__qualname__, request_id)

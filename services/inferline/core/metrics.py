@@ -48,6 +48,23 @@ class ServingMetrics:
             "inferline_circuit_open", "1 while the model's circuit breaker is open or half-open", ["model"],
             registry=registry,
         )  # fmt: skip
+        self.shed = Counter(
+            "inferline_shed_total",
+            "Requests refused before any work: over quota (QUOTA_EXCEEDED) or shed by admission (SHED)",
+            ["route", "traffic_class", "reason"],
+            registry=registry,
+        )
+        self.admission_limit = Gauge(
+            "inferline_admission_limit", "Adaptive concurrency limit of the route", ["route"], registry=registry
+        )
+        self.admission_in_flight = Gauge(
+            "inferline_in_flight", "Requests of the route admitted and not yet answered", ["route"], registry=registry
+        )
+        self.queue_wait = Gauge(
+            "inferline_queue_wait_seconds",
+            "The router's queue wait: average lateness of its event loop",
+            registry=registry,
+        )
         self._children: dict[tuple[str, ...], Any] = {}
 
     def _child(self, key: tuple[str, ...], make: Any) -> Any:

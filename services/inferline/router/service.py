@@ -114,11 +114,16 @@ class RouterService:
                            for n, p in routes.items()}  # fmt: skip
         self._local_post = PostprocessService({n: p.config for n, p in routes.items()})
 
-    async def predict(self, call: PredictCall, deadline: Deadline, started_at: float) -> PredictOutcome:
+    async def predict(
+        self, call: PredictCall, deadline: Deadline, started_at: float, *, overloaded: bool = False
+    ) -> PredictOutcome:
         """Answer ``call`` before ``deadline``: from the primary path, or degraded.
 
         ``started_at`` is the ``time.perf_counter()`` at which the request arrived, so the
         routing layer's time (auth, validation) is included in the timings.
+        ``overloaded``: admission found the route over its limit for a class that may not
+        be shed; the request gets its features (the light model needs them) and then a
+        degraded answer (OVERLOAD), without touching the primary model.
 
         Raises:
             DeadlineUnaffordable: less than the fallback reserve was left on arrival.
@@ -133,12 +138,12 @@ class RouterService:
         t0 = time.perf_counter()
         times.routing_ms = (t0 - started_at) * 1000
         try:
-            return await self._primary(call, deadline, times, t0, started_at)
+            return await self._primary(call, deadline, times, t0, started_at, overloaded)
         except _Degrade as degrade:
             return await self._degraded(call, deadline, degrade.reason, degrade.vector, times, started_at)
 
     async def _primary(
-        self, call: PredictCall, deadline: Deadline, times: LayerTimes, t0: float, started_at: float
+        self, call: PredictCall, deadline: Deadline, times: LayerTimes, t0: float, started_at: float, overloaded: bool
     ) -> PredictOutcome:
         plan = call.route
         reserve_after_model = plan.post_budget_s + plan.fallback_reserve_s
@@ -147,6 +152,8 @@ class RouterService:
         times.features_ms = (t1 - t0) * 1000
         if vector.degraded:
             raise _Degrade(Reason.FEATURES_DEGRADED, vector)
+        if overloaded:
+            raise _Degrade(Reason.OVERLOAD, vector)
         variant = plan.primary
         breaker = self._breakers.get(variant.model)
         if not self._model_available():

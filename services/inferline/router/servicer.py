@@ -10,13 +10,14 @@ from typing import Any
 
 import grpc
 
-from inferline.core.auth import ApiKeyAuthenticator
 from inferline.core.config import InferlineConfig
 from inferline.core.deadline import Deadline
 from inferline.core.entities import parse_entity_ids
-from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, rpc_method
+from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, Shed, rpc_method
 from inferline.core.metrics import ServingMetrics
 from inferline.core.served_by import Reason, ServedBy
+from inferline.router.admission import Verdict
+from inferline.router.gate import RequestGate
 from inferline.router.plan import RoutePlan
 from inferline.router.service import PredictCall, PredictOutcome, RouterService
 from inferline.v1 import inference_pb2 as pb
@@ -33,18 +34,25 @@ _REASONS: dict[Reason | None, pb.DegradationReason.ValueType] = {
 _REASONS[None] = pb.DEGRADATION_REASON_UNSPECIFIED
 
 
+# Degradation reasons that mean the main path had no capacity: admission counts them as drops.
+_DROPPED = frozenset({Reason.DEADLINE, Reason.OVERLOAD})
+# Reasons decided before any model work, whose latency says nothing of the path's capacity.
+_NOT_SAMPLED = frozenset({Reason.CIRCUIT_OPEN, Reason.MODEL_UNAVAILABLE})
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(
-        self, service: RouterService, config: InferlineConfig, plans: Mapping[str, RoutePlan], metrics: ServingMetrics
+        self,
+        service: RouterService,
+        config: InferlineConfig,
+        plans: Mapping[str, RoutePlan],
+        metrics: ServingMetrics,
+        gate: RequestGate,
     ) -> None:
         self._service = service
         self._metrics = metrics
-        self._auth = ApiKeyAuthenticator(config.tenants)
+        self._gate = gate
         self._plans = plans
-        self._tenants = {
-            name: (frozenset(t.routes), frozenset(t.traffic_classes), t.default_traffic_class)
-            for name, t in config.tenants.items()
-        }
         self._classes = config.traffic_classes
 
     @rpc_method
@@ -53,14 +61,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.PredictResponse:
         started_at = time.perf_counter()
         try:
-            call = self._validate(request, self._auth.authenticate(context.invocation_metadata()))  # type: ignore[arg-type]
-            deadline = Deadline.from_context(context, self._classes[call.traffic_class].default_deadline_ms / 1000)
-            outcome = await self._service.predict(call, deadline, started_at)
+            tenant, traffic_class, plan = self._authorize(request, context)
+            entry = await self._gate.admit(tenant, plan.name, traffic_class)
         except InferlineError as err:
-            route = request.route if request.route in self._plans else "unknown"
-            traffic_class = request.traffic_class if request.traffic_class in self._classes else "unknown"
-            self._metrics.observe_error(route, traffic_class, err.code.name)
+            self._count_error(request, err)
             raise
+        permit = entry.permit
+        outcome: PredictOutcome | None = None
+        try:
+            call = self._call(request, tenant, plan, traffic_class, entry.class_config.priority)
+            deadline = Deadline.from_context(context, entry.class_config.default_deadline_ms / 1000)
+            outcome = await self._service.predict(
+                call, deadline, started_at, overloaded=permit.verdict is Verdict.DEGRADE
+            )
+        except InferlineError as err:
+            self._count_error(request, err)
+            raise
+        finally:
+            reason = outcome.reason if outcome is not None else None
+            permit.release(dropped=reason in _DROPPED, sample=outcome is not None and reason not in _NOT_SAMPLED)
         t = outcome.timings
         self._metrics.observe_success(
             call.route.name,
@@ -77,18 +96,28 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
         return self._response(request, call, outcome)
 
-    def _validate(self, request: pb.PredictRequest, tenant: str) -> PredictCall:
-        routes, classes, default_class = self._tenants[tenant]
+    def _count_error(self, request: pb.PredictRequest, err: InferlineError) -> None:
+        route = request.route if request.route in self._plans else "unknown"
+        traffic_class = request.traffic_class if request.traffic_class in self._classes else "unknown"
+        if isinstance(err, Shed):
+            self._metrics.shed.labels(route, traffic_class, err.reason).inc()
+        self._metrics.observe_error(route, traffic_class, err.code.name)
+
+    def _authorize(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[str, str, RoutePlan]:
+        """(tenant, traffic class, route plan) of an authenticated caller allowed to make this call."""
+        tenant, rules = self._gate.authenticate(context.invocation_metadata())  # type: ignore[arg-type]
         plan = self._plans.get(request.route)
         if plan is None:
             raise RouteNotFound(request.route)
-        if request.route not in routes:
+        if request.route not in rules.routes:
             raise PermissionDenied(f"tenant {tenant!r} may not call route {request.route!r}")
-        traffic_class = request.traffic_class or default_class
-        if traffic_class not in self._classes:
-            raise InvalidInput("traffic_class", f"unknown traffic class {traffic_class!r}")
-        if traffic_class not in classes:
-            raise PermissionDenied(f"tenant {tenant!r} may not use traffic class {traffic_class!r}")
+        return tenant, self._gate.traffic_class(tenant, rules, request.traffic_class), plan
+
+    def _call(
+        self, request: pb.PredictRequest, tenant: str, plan: RoutePlan, traffic_class: str, priority: int
+    ) -> PredictCall:
         for name in request.request_features:
             if name not in plan.request_feature_names:
                 raise InvalidInput(f"request_features[{name}]", "not a request-time feature of this route")
@@ -98,7 +127,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ids=parse_entity_ids(plan.config, request.entities),
             request_features=request.request_features,
             traffic_class=traffic_class,
-            priority=self._classes[traffic_class].priority,
+            priority=priority,
             top_k=request.top_k,
             request_id=request.request_id or f"{_ID_PREFIX}-{next(_ID_COUNTER)}",
         )

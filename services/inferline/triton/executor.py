@@ -25,7 +25,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inferline.core.deadline import Deadline
-from inferline.core.errors import DependencyUnavailable, ModelOutputInvalid
+from inferline.core.errors import DependencyUnavailable, InvalidInput, ModelNotFound, ModelOutputInvalid
 from inferline.core.served_by import Reason
 from inferline.router.inflight import InFlightLimit
 
@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 # How long past its budget a call may still run before gRPC gives up on it. Generous on
 # purpose: it only bounds leaked calls; the caller stopped waiting long before.
 CALL_GRACE_S = 5.0
+
+# Timeout of the small control calls (readiness, metadata, config): a healthy Triton
+# answers them in a millisecond; a slower answer means it is unreachable or stalled.
+CONTROL_TIMEOUT_S = 1.5
 
 # gRPC core's reconnect backoff starts at 1 s and grows x1.6 up to 120 s
 # (doc/connection-backoff.md), so a channel that saw Triton down for a few seconds could
@@ -112,6 +116,13 @@ def _classify(model: str, exc: grpc.aio.AioRpcError) -> ModelCallFailed:
     return ModelCallFailed(message)
 
 
+def _missing_version(model: str, version: str, exc: grpc.aio.AioRpcError) -> ModelNotFound | None:
+    """A NOT_FOUND for an explicitly requested version is the caller's error, not an outage."""
+    if version and exc.code() == grpc.StatusCode.NOT_FOUND:
+        return ModelNotFound(model, f"model {model!r} has no version {version!r}")
+    return None
+
+
 class TritonExecutor:
     """Runs models on one Triton server through its KServe v2 gRPC API (tritonclient's stubs).
 
@@ -158,21 +169,73 @@ class TritonExecutor:
         budget_s = deadline.remaining_s()
         if budget_s <= 0:
             raise ModelBudgetExceeded(f"no time left for model {model}")
+        request = self._request(model, inputs, priority, budget_s, input_name)
+        try:
+            response = await self._send(model, request, budget_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _classify(model, exc) from exc
+        return self._result(response, inputs.shape[0], output_name)
+
+    async def forward(
+        self, request: service_pb2.ModelInferRequest, *, deadline: Deadline, priority: int
+    ) -> service_pb2.ModelInferResponse:
+        """Run a caller's own KServe v2 request on Triton (the router's KServe front door).
+
+        A copy of ``request`` is sent with Triton ``priority`` and the remaining budget as
+        its queue ``timeout`` (µs; a shorter ``timeout`` of the caller's own is kept), under
+        the same per-model in-flight bound and never-cancel wait as ``infer``. The caller's
+        ``request`` is not modified.
+
+        Raises:
+            ModelBudgetExceeded: no answer within ``deadline`` (the call is not cancelled),
+                or Triton's queue timeout expired.
+            ModelOverloaded: the in-flight bound is reached, or Triton's queue is full.
+            InvalidInput: Triton refused the request as malformed (shapes, datatypes,
+                input names, batch size): the caller's error, with Triton's message.
+            ModelNotFound: the requested model version does not exist.
+            ModelUnavailable: Triton unreachable, model missing or not ready.
+            ModelCallFailed: any other failure of the call.
+        """
+        model = request.model_name
+        budget_s = deadline.remaining_s()
+        if budget_s <= 0:
+            raise ModelBudgetExceeded(f"no time left for model {model}")
+        forwarded = service_pb2.ModelInferRequest()
+        forwarded.CopyFrom(request)
+        timeout_us = max(1, int(budget_s * 1e6))
+        own = forwarded.parameters.get("timeout")
+        if own is not None and own.WhichOneof("parameter_choice") == "int64_param" and own.int64_param > 0:
+            timeout_us = min(timeout_us, own.int64_param)
+        forwarded.parameters["priority"].uint64_param = priority
+        forwarded.parameters["timeout"].int64_param = timeout_us
+        try:
+            response: service_pb2.ModelInferResponse = await self._send(model, forwarded, budget_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidInput("inputs", exc.details() or "rejected by the model server") from exc
+            raise _missing_version(model, request.model_version, exc) or _classify(model, exc) from exc
+        return response
+
+    async def _send(
+        self, model: str, request: service_pb2.ModelInferRequest, budget_s: float
+    ) -> service_pb2.ModelInferResponse:
+        """Send ``request`` under the model's in-flight bound; wait at most ``budget_s``, never cancel.
+
+        Raises:
+            ModelOverloaded: the in-flight bound is reached.
+            ModelBudgetExceeded: no answer within ``budget_s``; the call runs on, unobserved.
+            grpc.aio.AioRpcError: Triton's error, for the caller to classify.
+        """
         limit = self._limit(model)
         if not limit.try_acquire():
             raise ModelOverloaded(f"{limit.limit} calls already in flight to model {model}")
-        request = self._request(model, inputs, priority, budget_s, input_name)
         call = self._stub.ModelInfer(request, timeout=budget_s + CALL_GRACE_S)
         # The permit is released when Triton answers, not when we stop waiting.
         call.add_done_callback(lambda _call: limit.release())
         if not await self._wait(call, budget_s):
             self._abandon(call)
             raise ModelBudgetExceeded(f"model {model} did not answer within {budget_s * 1000:.1f} ms")
-        try:
-            response = await call
-        except grpc.aio.AioRpcError as exc:
-            raise _classify(model, exc) from exc
-        return self._result(response, inputs.shape[0], output_name)
+        return await call
 
     @staticmethod
     async def _wait(call: grpc.aio.UnaryUnaryCall[Any, Any], budget_s: float) -> bool:
@@ -263,6 +326,41 @@ class TritonExecutor:
                 )
             except (DependencyUnavailable, ModelOutputInvalid) as err:
                 logger.warning("warm-up of model %s failed: %s", model, err)
+
+    async def server_ready(self) -> bool:
+        """Whether Triton says it is ready. Raises ``ModelUnavailable`` when it does not answer."""
+        response = await self._control("server", self._stub.ServerReady, service_pb2.ServerReadyRequest())
+        return bool(response.ready)
+
+    async def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether Triton says the model (version) is ready. Raises ``ModelUnavailable`` when it does not answer."""
+        request = service_pb2.ModelReadyRequest(name=name, version=version)
+        response = await self._control(name, self._stub.ModelReady, request, version)
+        return bool(response.ready)
+
+    async def model_metadata(self, name: str, version: str = "") -> service_pb2.ModelMetadataResponse:
+        """Triton's metadata of the model (inputs, outputs, versions).
+
+        Raises:
+            ModelNotFound: no such version. ModelUnavailable: Triton unreachable or the model not loaded.
+        """
+        request = service_pb2.ModelMetadataRequest(name=name, version=version)
+        return await self._control(name, self._stub.ModelMetadata, request, version)
+
+    async def model_config(self, name: str, version: str = "") -> service_pb2.ModelConfigResponse:
+        """Triton's configuration of the model; raises as ``model_metadata``."""
+        request = service_pb2.ModelConfigRequest(name=name, version=version)
+        return await self._control(name, self._stub.ModelConfig, request, version)
+
+    async def _control(self, model: str, method: Any, request: Any, version: str = "") -> Any:
+        """One small control call with a short timeout (not an inference: nothing to protect)."""
+        try:
+            return await method(request, timeout=CONTROL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            err = _missing_version(model, version, exc) or ModelUnavailable(
+                f"model server did not answer for {model}: {exc.code().name}: {exc.details() or ''}"
+            )
+            raise err from exc
 
     async def is_model_ready(self, model: str) -> bool:
         try:

@@ -1,0 +1,130 @@
+"""``AdmissionController``: admit, degrade or shed a request of a route before any work on it.
+
+One controller per route. A request of class ``c`` is admitted while both hold:
+
+* the route's in-flight requests are below ``limit × c.limit_share`` — the limit is the
+  route's adaptive concurrency limit (``router.limits``), and lower classes have smaller
+  shares, so as in-flight work grows they reach their ceiling first and are shed first;
+* the router's queue wait (``LoopLagMonitor``) is below ``c.queue_wait_target_ms`` —
+  lower classes have lower targets, for the same reason.
+
+Otherwise a sheddable class is rejected (``Shed``: RESOURCE_EXHAUSTED with a retry
+hint), and a class that may not be shed gets a degraded answer (cache, light model,
+baseline; reason OVERLOAD) when the route allows it, else it is rejected too.
+
+The decision is a few comparisons and counter updates — a shed request costs no feature
+fetch, no model call, no allocation beyond the error — and nothing waits here: the
+router's queue is the event loop, bounded by ``server.max_concurrent_rpcs``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Mapping
+
+from inferline.core.config import AdmissionConfig, TrafficClassConfig
+from inferline.core.errors import Shed
+from inferline.router.limits import ConcurrencyLimit, GradientLimit, build_limit
+
+# Bounds of the retry hint sent with a shed request.
+MIN_RETRY_AFTER_S = 0.01
+MAX_RETRY_AFTER_S = 1.0
+
+
+class Verdict(enum.Enum):
+    ADMIT = "admit"
+    """Run the main path."""
+    DEGRADE = "degrade"
+    """Answer from the degradation path at once (reason OVERLOAD)."""
+
+
+class Permit:
+    """An admitted request's slot; ``release`` it exactly once when the answer is sent."""
+
+    __slots__ = ("_controller", "_in_flight", "_started", "verdict")
+
+    def __init__(self, controller: AdmissionController | None, verdict: Verdict, in_flight: int) -> None:
+        self._controller = controller
+        self.verdict = verdict
+        self._in_flight = in_flight
+        self._started = time.perf_counter()
+
+    def release(self, dropped: bool = False, sample: bool = True) -> None:
+        """Give the slot back. ``dropped``: the main path timed out or had no capacity;
+        ``sample=False``: the latency says nothing about the path's capacity (an answer
+        degraded before any model work)."""
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            controller._release(time.perf_counter() - self._started, self._in_flight, dropped, sample)
+
+
+_DEGRADED = Permit(None, Verdict.DEGRADE, 0)
+"""Shared permit of requests degraded at the door: they hold no slot, so there is nothing to release."""
+
+
+class AdmissionController:
+    """Per-route admission: adaptive concurrency limit, class shares, queue-wait targets."""
+
+    def __init__(
+        self,
+        route: str,
+        config: AdmissionConfig,
+        classes: Mapping[str, TrafficClassConfig],
+        queue_wait_s: Callable[[], float] = lambda: 0.0,
+        limit: ConcurrencyLimit | None = None,
+    ) -> None:
+        self._route = route
+        self._config = config
+        self._classes = classes
+        self._queue_wait_s = queue_wait_s
+        self._limiter = limit if limit is not None else build_limit(config)
+        self._in_flight = 0
+        self.shed_count = 0
+        self.degraded_count = 0
+
+    @property
+    def limit(self) -> int:
+        return self._limiter.limit
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def admit(self, traffic_class: str) -> Permit:
+        """Decide for one request of ``traffic_class`` (a configured class).
+
+        Returns:
+            A ``Permit`` whose ``verdict`` says whether to run the main path or degrade.
+
+        Raises:
+            Shed: the class may be shed (or the route does not degrade), and the route is
+                over the class's share of the limit or the queue wait over its target.
+        """
+        if not self._config.enabled:
+            return Permit(None, Verdict.ADMIT, 0)
+        cls = self._classes[traffic_class]
+        limit = self._limiter.limit
+        queue_wait_s = self._queue_wait_s()
+        if self._in_flight < max(1, int(limit * cls.limit_share)) and queue_wait_s * 1000 < cls.queue_wait_target_ms:
+            self._in_flight += 1
+            return Permit(self, Verdict.ADMIT, self._in_flight)
+        if not cls.sheddable and self._config.degrade_over_limit:
+            self.degraded_count += 1
+            return _DEGRADED
+        self.shed_count += 1
+        raise Shed(
+            f"route {self._route!r} is overloaded for traffic class {traffic_class!r} "
+            f"({self._in_flight} in flight, limit {limit}, queue wait {queue_wait_s * 1000:.1f} ms)",
+            self._retry_after_s(queue_wait_s),
+        )
+
+    def _retry_after_s(self, queue_wait_s: float) -> float:
+        """How long a shed caller should wait: about one latency of the path, or the queue wait if longer."""
+        rtt = self._limiter.long_rtt_s if isinstance(self._limiter, GradientLimit) else 0.0
+        return max(MIN_RETRY_AFTER_S, min(MAX_RETRY_AFTER_S, max(rtt, queue_wait_s)))
+
+    def _release(self, rtt_s: float, in_flight: int, dropped: bool, sample: bool) -> None:
+        self._in_flight -= 1
+        if sample:
+            self._limiter.on_sample(rtt_s, in_flight, dropped)

@@ -1,0 +1,206 @@
+"""KServe v2 / Triton gRPC front door (``inference.GRPCInferenceService``): translate and delegate.
+
+Unmodified ``tritonclient.grpc`` code pointed at the router gets the same gate as
+``Predict`` — authentication, tenant rules, quotas, admission (shedding), traffic-class
+priorities and deadlines — before its request reaches Triton through ``TritonExecutor``,
+which never cancels a call in flight (RECIPES.md, "Known defect"). Raw tensors have no
+degraded answer, so an overloaded model sheds (RESOURCE_EXHAUSTED) instead.
+
+Served: ServerLive, ServerReady (no auth: health probes), ServerMetadata, ModelReady,
+ModelMetadata, ModelConfig and ModelInfer. Everything else of the service (streaming,
+statistics, repository load/unload, shared memory, trace and log settings) is answered
+UNIMPLEMENTED: callers may not change or inspect the model server through the router.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from inferline.core.config import InferlineConfig
+from inferline.core.deadline import Deadline
+from inferline.core.errors import (
+    DeadlineExceeded,
+    InferlineError,
+    InvalidInput,
+    ModelNotFound,
+    PermissionDenied,
+    Shed,
+    rpc_method,
+)
+from inferline.core.metrics import ServingMetrics
+from inferline.router.admission import Verdict
+from inferline.router.gate import Entry, RequestGate, TenantRules
+from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+TRAFFIC_CLASS_PARAMETER = "traffic_class"
+TRAFFIC_CLASS_METADATA = "x-inferline-traffic-class"
+# Retry hint of a request shed because its model is overloaded (no degraded answer for raw tensors).
+OVERLOAD_RETRY_AFTER_S = 0.05
+# Kept back from the caller's deadline so that our own answer (even DEADLINE_EXCEEDED) leaves in time.
+RESPONSE_RESERVE_S = 0.001
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("inferline")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The router's KServe v2 servicer: the gate, then ``TritonExecutor.forward``."""
+
+    def __init__(
+        self, config: InferlineConfig, gate: RequestGate, executor: TritonExecutor, metrics: ServingMetrics
+    ) -> None:
+        self._gate = gate
+        self._executor = executor
+        self._metrics = metrics
+        self._classes = frozenset(config.traffic_classes)
+        self._models = frozenset(v.model for r in config.routes.values() for v in (r.primary, r.light) if v is not None)
+        self._metadata = service_pb2.ServerMetadataResponse(name="inferline", version=_version(), extensions=[])
+
+    @rpc_method
+    async def ServerLive(self, request: Any, context: Context) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @rpc_method
+    async def ServerReady(self, request: Any, context: Context) -> Any:
+        try:
+            ready = await self._executor.server_ready()
+        except ModelUnavailable:
+            ready = False
+        return service_pb2.ServerReadyResponse(ready=ready)
+
+    @rpc_method
+    async def ServerMetadata(self, request: Any, context: Context) -> Any:
+        return self._metadata
+
+    @rpc_method
+    async def ModelReady(self, request: Any, context: Context) -> Any:
+        self._authorize(request.name, context)
+        try:
+            ready = await self._executor.model_ready(request.name, request.version)
+        except ModelUnavailable:
+            ready = False  # a readiness question: "no" is the answer while Triton is away
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    @rpc_method
+    async def ModelMetadata(self, request: Any, context: Context) -> Any:
+        self._authorize(request.name, context)
+        return await self._executor.model_metadata(request.name, request.version)
+
+    @rpc_method
+    async def ModelConfig(self, request: Any, context: Context) -> Any:
+        self._authorize(request.name, context)
+        return await self._executor.model_config(request.name, request.version)
+
+    @rpc_method
+    async def ModelInfer(self, request: Any, context: Context) -> Any:
+        started = time.perf_counter()
+        model: str = request.model_name
+        route = f"kserve:{model}" if model in self._models else "unknown"
+        traffic_class = ""
+        try:
+            tenant, rules = self._authorize(model, context)
+            traffic_class = self._gate.traffic_class(tenant, rules, self._requested_class(request, context))
+            _check_tensors(request)
+            entry = await self._gate.admit(tenant, f"model:{model}", traffic_class)
+            response = await self._forward(request, entry, context)
+        except InferlineError as err:
+            label = traffic_class if traffic_class in self._classes else "unknown"
+            if isinstance(err, Shed):
+                self._metrics.shed.labels(route, label, err.reason).inc()
+            self._metrics.observe_error(route, label, err.code.name)
+            raise
+        total_ms = (time.perf_counter() - started) * 1000
+        self._metrics.observe_success(route, traffic_class, "PRIMARY", "", {"total": total_ms})
+        return response
+
+    async def _forward(self, request: Any, entry: Entry, context: Context) -> Any:
+        """Run an admitted request; release its permit exactly once, telling admission how it went."""
+        permit = entry.permit
+        dropped = sample = False
+        try:
+            if permit.verdict is Verdict.DEGRADE:
+                raise Shed(f"model {request.model_name!r} is overloaded", OVERLOAD_RETRY_AFTER_S)
+            cls = entry.class_config
+            deadline = Deadline.from_context(context, cls.default_deadline_ms / 1000).split(RESPONSE_RESERVE_S)
+            try:
+                response = await self._executor.forward(request, deadline=deadline, priority=cls.priority)
+            except ModelBudgetExceeded as err:
+                dropped = sample = True
+                raise DeadlineExceeded(f"no answer from model {request.model_name!r} within the deadline") from err
+            except ModelOverloaded as err:
+                dropped = sample = True
+                raise Shed(err.message, OVERLOAD_RETRY_AFTER_S) from err
+            sample = True
+            return response
+        finally:
+            permit.release(dropped=dropped, sample=sample)
+
+    def _authorize(self, model: str, context: Context) -> tuple[str, TenantRules]:
+        """(tenant, its rules) of an authenticated caller that may use ``model``.
+
+        Raises:
+            Unauthenticated: no or a bad bearer token (checked first: no model names leak).
+            ModelNotFound: no route serves the model.
+            PermissionDenied: none of the tenant's routes serves it.
+        """
+        tenant, rules = self._gate.authenticate(context.invocation_metadata())  # type: ignore[arg-type]
+        if model not in self._models:
+            raise ModelNotFound(model)
+        if model not in rules.models:
+            raise PermissionDenied(f"tenant {tenant!r} may not call model {model!r}")
+        return tenant, rules
+
+    @staticmethod
+    def _requested_class(request: Any, context: Context) -> str:
+        """The traffic class asked for: request parameter first, then call metadata ("" = the tenant's default)."""
+        parameter = request.parameters.get(TRAFFIC_CLASS_PARAMETER)
+        if parameter is not None:
+            if parameter.WhichOneof("parameter_choice") != "string_param":
+                raise InvalidInput(f"parameters[{TRAFFIC_CLASS_PARAMETER}]", "must be a string")
+            return str(parameter.string_param)
+        for key, value in context.invocation_metadata() or ():
+            if key == TRAFFIC_CLASS_METADATA:
+                return value if isinstance(value, str) else value.decode(errors="replace")
+        return ""
+
+    @rpc_method
+    async def _not_served(self, request: Any, context: Context) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "not served by the inferline router (inference and metadata only)"
+        )
+
+    ModelStreamInfer = _not_served
+    ModelStatistics = _not_served
+    RepositoryIndex = _not_served
+    RepositoryModelLoad = _not_served
+    RepositoryModelUnload = _not_served
+    SystemSharedMemoryStatus = _not_served
+    SystemSharedMemoryRegister = _not_served
+    SystemSharedMemoryUnregister = _not_served
+    CudaSharedMemoryStatus = _not_served
+    CudaSharedMemoryRegister = _not_served
+    CudaSharedMemoryUnregister = _not_served
+    TraceSetting = _not_served
+    LogSettings = _not_served
+
+
+def _check_tensors(request: Any) -> None:
+    """Refuse shared-memory tensors: regions live on the model server's host, and a caller
+    must not read or write regions registered there by others."""
+    for kind, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
+        for tensor in tensors:
+            if "shared_memory_region" in tensor.parameters:
+                raise InvalidInput(
+                    f"{kind}[{tensor.name}]", "shared memory is not served by the router: send the tensor contents"
+                )

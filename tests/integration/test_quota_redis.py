@@ -1,0 +1,187 @@
+"""RedisRateLimiter against a real redis-server: a quota shared by replicas, isolation, expiry, outages.
+
+Fault tests pause (SIGSTOP) the session's server or point at a port nobody listens on,
+and always leave the server running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+
+from inferline.core.config import QuotaConfig, RateLimitConfig, TenantConfig
+from inferline.core.ports import LOOPBACK, free_port
+from inferline.router.quota import RedisRateLimiter
+from tests.integration.redis_fixtures import RedisServer
+
+SLOW_RATE = 0.1
+"""One request per 10 s: nothing refills while a test runs, however loaded the machine."""
+BURST = 5
+HEALTHY_TIMEOUT_MS = 2000.0
+"""Generous, so a healthy-Redis test is never decided locally by a slow shared machine."""
+FAULT_TIMEOUT_MS = 50.0
+SLACK_S = 0.25
+"""Allowed beyond the timeout before a check counts as hanging."""
+_prefixes = itertools.count()
+T = TypeVar("T")
+
+
+def tenants(rate_per_s: float = SLOW_RATE, burst: int = BURST) -> dict[str, TenantConfig]:
+    quota = QuotaConfig(rate_per_s=rate_per_s, burst=burst)
+    return {
+        "a": TenantConfig(routes=["driver_ranking"], quota=quota),
+        "b": TenantConfig(routes=["driver_ranking"], quota=quota),
+        "free": TenantConfig(routes=["driver_ranking"]),
+    }
+
+
+def rate_limit(url: str, timeout_ms: float = HEALTHY_TIMEOUT_MS) -> RateLimitConfig:
+    """A config with a key prefix of its own, so tests never see each other's buckets."""
+    return RateLimitConfig(
+        backend="redis", redis_url=url, key_prefix=f"test-quota{next(_prefixes)}", timeout_ms=timeout_ms
+    )
+
+
+@pytest.fixture
+def server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The session server, left running (resumed, restarted) whatever the test did to it."""
+    yield redis_server
+    if redis_server.process.poll() is None:
+        redis_server.resume()
+    redis_server.start()
+
+
+@pytest.fixture
+async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    redis_client = aioredis.Redis.from_url(server.url)
+    yield redis_client
+    await redis_client.aclose()
+
+
+async def timed(call: Awaitable[T]) -> tuple[T, float]:
+    """The result of ``call`` and how long it took (loop time, seconds)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await call
+    return result, loop.time() - started
+
+
+async def test_replicas_share_one_quota(server: RedisServer, client: aioredis.Redis) -> None:
+    config = rate_limit(server.url)
+    replica_1 = RedisRateLimiter(tenants(), config)  # its own client
+    replica_2 = RedisRateLimiter(tenants(), config, client)  # a client handed in
+    try:
+        decisions = [await (replica_1 if i % 2 else replica_2).check("a") for i in range(2 * BURST)]
+        assert [d.allowed for d in decisions] == [True] * BURST + [False] * BURST  # BURST in all, not per replica
+        assert replica_1.fallbacks == replica_2.fallbacks == 0
+    finally:
+        await replica_1.close()
+        await replica_2.close()
+    assert await client.ping()  # the caller's client stays open
+
+
+async def test_concurrent_checks_are_atomic(server: RedisServer) -> None:
+    config = rate_limit(server.url)
+    replicas = [RedisRateLimiter(tenants(), config) for _ in range(3)]
+    try:
+        decisions = await asyncio.gather(*(replicas[i % 3].check("a") for i in range(30)))
+        assert sum(d.allowed for d in decisions) == BURST
+        assert sum(r.fallbacks for r in replicas) == 0
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+async def test_tenants_have_separate_buckets(server: RedisServer) -> None:
+    limiter = RedisRateLimiter(tenants(), rate_limit(server.url))
+    try:
+        assert [(await limiter.check("a")).allowed for _ in range(BURST + 1)] == [True] * BURST + [False]
+        assert (await limiter.check("b")).allowed
+        assert all([(await limiter.check("free")).allowed for _ in range(3 * BURST)])
+    finally:
+        await limiter.close()
+
+
+async def test_retry_after_is_within_one_interval_and_honoured(server: RedisServer) -> None:
+    rate = 20.0  # 50 ms per request
+    limiter = RedisRateLimiter(tenants(rate, burst=1), rate_limit(server.url))
+    try:
+        assert (await limiter.check("a")).allowed
+        refused = await limiter.check("a")
+        assert not refused.allowed
+        assert 0 < refused.retry_after_s <= 1 / rate + 1e-6
+        await asyncio.sleep(refused.retry_after_s + 0.005)
+        assert (await limiter.check("a")).allowed
+        assert limiter.fallbacks == 0
+    finally:
+        await limiter.close()
+
+
+async def test_key_expires_when_the_bucket_is_full_again(server: RedisServer, client: aioredis.Redis) -> None:
+    config = rate_limit(server.url)
+    limiter = RedisRateLimiter(tenants(rate_per_s=10, burst=3), config)
+    try:
+        for _ in range(2):
+            assert (await limiter.check("a")).allowed
+        ttl_ms = await client.pttl(f"{config.key_prefix}:a")
+        assert 0 < ttl_ms <= 200  # two requests of 100 ms each to refill
+        assert await client.exists(f"{config.key_prefix}:free") == 0
+    finally:
+        await limiter.close()
+
+
+async def test_unreachable_redis_decides_locally_within_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="inferline.router.quota")
+    config = rate_limit(f"redis://{LOOPBACK}:{free_port()}/0", FAULT_TIMEOUT_MS)
+    limiter = RedisRateLimiter(tenants(burst=3), config)
+    try:
+        allowed = []
+        for _ in range(4):
+            decision, check_s = await timed(limiter.check("a"))
+            assert check_s < FAULT_TIMEOUT_MS / 1000 + SLACK_S
+            allowed.append(decision.allowed)
+        assert allowed == [True, True, True, False]  # the replica's local bucket: limited, not lifted
+        assert (await limiter.check("free")).allowed
+        assert limiter.fallbacks == 4
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    finally:
+        await limiter.close()
+
+
+async def test_stalled_redis_decides_locally_within_timeout_and_recovers(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="inferline.router.quota")
+    limiter = RedisRateLimiter(tenants(burst=3), rate_limit(server.url, FAULT_TIMEOUT_MS))
+    try:
+        assert (await limiter.check("b")).allowed  # connected and the script loaded
+        server.pause()
+        try:
+            allowed = []
+            for _ in range(4):
+                decision, check_s = await timed(limiter.check("a"))
+                assert check_s < FAULT_TIMEOUT_MS / 1000 + SLACK_S
+                allowed.append(decision.allowed)
+        finally:
+            server.resume()
+        assert allowed == [True, True, True, False]
+        assert limiter.fallbacks == 4
+        for _ in range(40):  # the first checks may still meet connections broken by the stall
+            before = limiter.fallbacks
+            await limiter.check("b")
+            if limiter.fallbacks == before:
+                break  # decided by Redis again
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("checks still decided locally 2 s after Redis resumed")
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("unavailable" in m for m in messages) == 1
+        assert sum("recovered" in m for m in messages) == 1
+    finally:
+        await limiter.close()

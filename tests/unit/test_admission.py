@@ -1,0 +1,237 @@
+"""Admission policies alone: adaptive limits, the per-route controller, the loop-lag signal."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from inferline.core.config import AdmissionConfig, TrafficClassConfig
+from inferline.core.errors import Shed
+from inferline.router.admission import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, AdmissionController, Verdict
+from inferline.router.limits import AimdLimit, GradientLimit, build_limit
+from inferline.router.loop_lag import LoopLagMonitor
+
+CLASSES = {
+    "critical": TrafficClassConfig(priority=1, default_deadline_ms=100, sheddable=False, queue_wait_target_ms=100),
+    "standard": TrafficClassConfig(priority=2, default_deadline_ms=250, limit_share=0.8, queue_wait_target_ms=30),
+    "batch": TrafficClassConfig(priority=3, default_deadline_ms=2000, limit_share=0.5, queue_wait_target_ms=15),
+}
+
+
+class FixedLimit:
+    """A limit that never moves, so the controller's own rules are tested alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.long_rtt_s = 0.0
+        self.samples: list[tuple[float, int, bool]] = []
+
+    def on_sample(self, rtt_s: float, in_flight: int, dropped: bool) -> None:
+        self.samples.append((rtt_s, in_flight, dropped))
+
+
+def controller(limit: int = 10, queue_wait_s: float = 0.0, **config: object) -> tuple[AdmissionController, FixedLimit]:
+    fixed = FixedLimit(limit)
+    wait = [queue_wait_s]
+    ctl = AdmissionController("r", AdmissionConfig(**config), CLASSES, lambda: wait[0], limit=fixed)  # type: ignore[arg-type]
+    return ctl, fixed
+
+
+def fill(ctl: AdmissionController, traffic_class: str, n: int) -> list[object]:
+    return [ctl.admit(traffic_class) for _ in range(n)]
+
+
+# --- the controller ---------------------------------------------------------------------
+
+
+def test_lowest_class_is_shed_first_as_in_flight_grows() -> None:
+    ctl, _ = controller(limit=10)
+    fill(ctl, "critical", 5)  # batch may fill 50% of 10
+    with pytest.raises(Shed):
+        ctl.admit("batch")
+    assert ctl.admit("standard").verdict is Verdict.ADMIT  # standard may fill 80%
+    fill(ctl, "standard", 2)
+    with pytest.raises(Shed):
+        ctl.admit("standard")
+    assert ctl.admit("critical").verdict is Verdict.ADMIT
+    assert ctl.in_flight == 9
+    assert ctl.shed_count == 2
+
+
+def test_critical_over_the_limit_is_degraded_not_shed() -> None:
+    ctl, _ = controller(limit=4)
+    fill(ctl, "critical", 4)
+    permit = ctl.admit("critical")
+    assert permit.verdict is Verdict.DEGRADE
+    assert ctl.in_flight == 4, "a degraded request holds no slot"
+    assert ctl.degraded_count == 1
+    permit.release()  # harmless
+    assert ctl.in_flight == 4
+
+
+def test_critical_is_shed_when_the_route_does_not_degrade() -> None:
+    ctl, _ = controller(limit=2, degrade_over_limit=False)
+    fill(ctl, "critical", 2)
+    with pytest.raises(Shed):
+        ctl.admit("critical")
+
+
+def test_queue_wait_over_the_class_target_sheds_that_class_only() -> None:
+    ctl, _ = controller(limit=100, queue_wait_s=0.020)  # between batch (15 ms) and standard (30 ms)
+    with pytest.raises(Shed) as shed:
+        ctl.admit("batch")
+    assert "queue wait 20.0 ms" in shed.value.message
+    assert ctl.admit("standard").verdict is Verdict.ADMIT
+    assert ctl.admit("critical").verdict is Verdict.ADMIT
+
+
+def test_release_frees_the_slot_and_feeds_the_limit() -> None:
+    ctl, fixed = controller(limit=2)
+    first = ctl.admit("critical")
+    ctl.admit("critical")
+    assert ctl.admit("critical").verdict is Verdict.DEGRADE
+    first.release(dropped=True)
+    first.release()  # a second release does nothing
+    assert ctl.in_flight == 1
+    assert ctl.admit("critical").verdict is Verdict.ADMIT
+    assert len(fixed.samples) == 1
+    rtt, in_flight, dropped = fixed.samples[0]
+    assert 0 <= rtt < 1 and in_flight == 1 and dropped
+
+
+def test_release_without_sample_leaves_the_limit_alone() -> None:
+    ctl, fixed = controller()
+    ctl.admit("standard").release(sample=False)
+    assert ctl.in_flight == 0 and fixed.samples == []
+
+
+def test_retry_hint_is_bounded() -> None:
+    ctl, _ = controller(limit=100, queue_wait_s=5.0)
+    with pytest.raises(Shed) as shed:
+        ctl.admit("batch")
+    assert shed.value.retry_after_s == MAX_RETRY_AFTER_S
+    ctl, _ = controller(limit=1)
+    ctl.admit("critical")
+    with pytest.raises(Shed) as shed:
+        ctl.admit("batch")
+    assert shed.value.retry_after_s == MIN_RETRY_AFTER_S
+
+
+def test_disabled_admission_admits_everything() -> None:
+    ctl, _ = controller(limit=1, queue_wait_s=10.0, enabled=False)
+    assert all(p.verdict is Verdict.ADMIT for p in fill(ctl, "batch", 50))  # type: ignore[attr-defined]
+
+
+# --- the limits -------------------------------------------------------------------------
+
+
+def feed(
+    limit: GradientLimit | AimdLimit, rtt_s: float, n: int, in_flight: int | None = None, dropped: bool = False
+) -> None:
+    """``n`` samples; ``in_flight`` None: every permit in use (the route is busy)."""
+    for _ in range(n):
+        limit.on_sample(rtt_s, limit.limit if in_flight is None else in_flight, dropped)
+
+
+def gradient(initial: int, min_limit: int = 5, max_limit: int = 200) -> GradientLimit:
+    """A Gradient2 limit whose windows are sample-counted (10 samples), not timed."""
+    return GradientLimit(initial, min_limit, max_limit, window_s=0.0)
+
+
+def test_gradient_grows_while_latency_is_flat_and_use_is_high() -> None:
+    limit = gradient(20)
+    feed(limit, 0.005, n=500)
+    assert limit.limit > 40
+
+
+def test_gradient_grows_no_further_than_twice_the_use() -> None:
+    limit = gradient(20)
+    feed(limit, 0.005, n=500, in_flight=30)
+    assert 55 <= limit.limit <= 61
+
+
+def test_gradient_does_not_grow_an_idle_route() -> None:
+    limit = gradient(20)
+    feed(limit, 0.005, n=500, in_flight=2)
+    assert limit.limit == 20
+
+
+def test_gradient_shrinks_when_latency_rises_and_stops_at_the_minimum() -> None:
+    limit = gradient(100, min_limit=8)
+    feed(limit, 0.005, n=200)
+    grown = limit.limit
+    feed(limit, 0.050, n=100)  # queuing: 10x the latency
+    assert limit.limit < grown / 2
+    feed(limit, 0.500, n=500)
+    assert limit.limit == 8
+
+
+def test_gradient_shrinks_on_drops_even_when_latency_looks_fine() -> None:
+    limit = gradient(100)
+    feed(limit, 0.005, n=50)
+    before = limit.limit
+    feed(limit, 0.001, n=100, dropped=True)
+    assert limit.limit < before
+
+
+def test_gradient_windows_span_time_not_only_samples() -> None:
+    now = [0.0]
+    limit = GradientLimit(20, 5, 200, window_s=0.1, clock=lambda: now[0])
+    feed(limit, 0.005, n=1000)  # no time passes: one open window, nothing decided
+    assert limit.limit == 20
+    for _ in range(50):
+        now[0] += 0.1
+        feed(limit, 0.005, n=10)
+    assert limit.limit > 20
+
+
+def test_aimd_backs_off_on_drop_or_slow_and_grows_at_high_use() -> None:
+    limit = AimdLimit(initial=20, min_limit=4, max_limit=30, latency_threshold_s=0.05, backoff=0.5)
+    limit.on_sample(0.01, 20, dropped=True)
+    assert limit.limit == 10
+    limit.on_sample(0.2, 10, dropped=False)
+    assert limit.limit == 5
+    feed(limit, 0.01, n=100)
+    assert limit.limit == 30
+    feed(limit, 0.01, n=10, in_flight=1)  # low use: no growth, no shrink
+    assert limit.limit == 30
+    feed(limit, 0.01, n=20, dropped=True)
+    assert limit.limit == 4
+
+
+def test_build_limit_follows_the_config() -> None:
+    assert isinstance(build_limit(AdmissionConfig(algorithm="aimd")), AimdLimit)
+    gradient = build_limit(AdmissionConfig(initial_limit=33))
+    assert isinstance(gradient, GradientLimit) and gradient.limit == 33
+
+
+def test_admission_config_rejects_unordered_limits() -> None:
+    with pytest.raises(ValueError, match="min_limit <= initial_limit <= max_limit"):
+        AdmissionConfig(initial_limit=4, min_limit=8)
+
+
+# --- the queue-wait signal --------------------------------------------------------------
+
+
+def test_loop_lag_average_rises_and_decays() -> None:
+    monitor = LoopLagMonitor(alpha=0.5)
+    monitor.observe(0.040)
+    monitor.observe(0.040)
+    assert monitor.queue_wait_s == pytest.approx(0.030)
+    for _ in range(20):
+        monitor.observe(-0.001)  # early wake-ups count as no lag
+    assert monitor.queue_wait_s < 0.0001
+
+
+async def test_loop_lag_monitor_sees_a_blocked_loop() -> None:
+    monitor = LoopLagMonitor(tick_s=0.002, alpha=0.5)
+    monitor.start()
+    await asyncio.sleep(0.02)
+    time.sleep(0.05)  # noqa: ASYNC251 - block the loop, as a saturated router would
+    for _ in range(3):
+        await asyncio.sleep(0)  # let the late timer run, and little else
+    blocked = monitor.queue_wait_s
+    await monitor.stop()
+    assert blocked > 0.02
