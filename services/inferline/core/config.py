@@ -38,6 +38,31 @@ class ServerConfig(_Model):
     """Time between reporting NOT_SERVING and stopping, so load balancers notice."""
 
 
+class ClassBatchingConfig(_Model):
+    """The batching window of one traffic class's copy of a model (Triton's ``dynamic_batching``)."""
+
+    max_queue_delay_us: int = Field(ge=0)
+    """How long a request may wait for others to join its batch (the hard window)."""
+    preferred_batch_sizes: list[int] = []
+    """Batch sizes Triton sends at once instead of waiting out the window; empty: none."""
+
+
+class ClassCopiesConfig(_Model):
+    """Per-traffic-class copies of models, generated from one model definition.
+
+    Triton has one ``max_queue_delay_microseconds`` per model, shared by all priority
+    levels, so a class that needs its own batching window gets its own copy of the model
+    (same files, its own ``dynamic_batching``), named ``<model>__<class>``. The bundled
+    server generates the copies at start-up; for a Triton run elsewhere,
+    ``inferline triton class-copies`` writes them into its repository.
+    """
+
+    models: list[str] = []
+    """Models that get per-class copies."""
+    classes: dict[str, ClassBatchingConfig] = {}
+    """Classes with a window of their own; a class not listed uses the model itself."""
+
+
 class TritonConfig(_Model):
     url: str | None = None
     """host:port of a running Triton gRPC endpoint; None starts the bundled server."""
@@ -57,6 +82,7 @@ class TritonConfig(_Model):
     """Calls in flight per (model, priority) before the router merges queued calls into one."""
     coalesce_max_batch_rows: int = Field(128, ge=1)
     """Most rows in one merged call: at most the models' ``max_batch_size``."""
+    class_copies: ClassCopiesConfig = ClassCopiesConfig()
 
 
 class FeatureSpec(_Model):
@@ -84,6 +110,11 @@ class VariantConfig(_Model):
     """Feature names, in the model's input column order."""
     input_name: str = "features"
     output_name: str = "score"
+    device: str = "cpu"
+    """Device class the variant runs on (a key of ``device_classes``): its cost per hour."""
+    parallelism: int = Field(2, ge=1)
+    """Requests the variant serves at once (Triton instances × batch); route selection's
+    latency prediction assumes in-flight work beyond it queues."""
 
 
 class PostprocessConfig(_Model):
@@ -191,6 +222,11 @@ class RouteConfig(_Model):
     features: list[FeatureSpec]
     primary: VariantConfig
     light: VariantConfig | None = None
+    """The light model of the degradation path (needs only the features it lists)."""
+    alternates: list[VariantConfig] = []
+    """Full-quality variants besides ``primary`` (e.g. primary on GPU, alternate on CPU), in
+    order of preference: route selection spills to them when the primary's predicted
+    latency does not fit the budget, and batch traffic takes the cheapest that fits."""
     postprocess: PostprocessConfig = PostprocessConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     degradation: DegradationConfig = DegradationConfig()
@@ -225,6 +261,16 @@ class TrafficClassConfig(_Model):
     so they are shed first as in-flight work grows."""
     queue_wait_target_ms: float = Field(50.0, gt=0)
     """Queue wait (the router's event-loop lag) above which this class is shed."""
+    prefer_cheapest: bool = False
+    """Route selection picks the cheapest variant that fits the budget (batch traffic),
+    instead of the first in preference order."""
+
+
+class CanaryConfig(_Model):
+    model: str
+    """A variant of the route (its primary or one of its alternates)."""
+    share: float = Field(gt=0, le=1)
+    """Share of requests sent to it (chosen per request id, so a retried request stays put)."""
 
 
 class QuotaConfig(_Model):
@@ -241,6 +287,10 @@ class TenantConfig(_Model):
     """JWT ``sub`` claims that resolve to this tenant (besides a ``tenant`` claim naming it)."""
     quota: QuotaConfig | None = None
     """Requests per second this tenant may send; None: unlimited."""
+    pin: dict[str, str] = {}
+    """Route → model: this tenant's requests of the route always run on that variant."""
+    canary: dict[str, CanaryConfig] = {}
+    """Route → a variant that gets a share of this tenant's requests of the route."""
     routes: list[str]
     """Routes this tenant may call."""
     traffic_classes: list[str] = ["critical", "standard", "batch"]
@@ -328,6 +378,11 @@ class ServiceAddresses(_Model):
     degradation: str | None = None
 
 
+class DeviceClassConfig(_Model):
+    cost_per_hour: float = Field(ge=0)
+    """What an hour of this device costs (any currency; used for cost per 1K requests)."""
+
+
 class InferlineConfig(_Model):
     server: ServerConfig = ServerConfig()
     triton: TritonConfig = TritonConfig()
@@ -338,6 +393,10 @@ class InferlineConfig(_Model):
     jwt: JwtConfig | None = None
     """JWT bearer tokens; None accepts API keys only."""
     rate_limit: RateLimitConfig = RateLimitConfig()
+    device_classes: dict[str, DeviceClassConfig] = {
+        "cpu": DeviceClassConfig(cost_per_hour=0.20),
+        "gpu": DeviceClassConfig(cost_per_hour=3.00),
+    }
     traffic_classes: dict[str, TrafficClassConfig]
     tenants: dict[str, TenantConfig]
     routes: dict[str, RouteConfig]
@@ -353,6 +412,21 @@ class InferlineConfig(_Model):
                     raise ValueError(f"tenants.{name}: unknown traffic class {cls!r}")
             if not tenant.api_key_sha256 and not (tenant.jwt_subjects or self.jwt):
                 raise ValueError(f"tenants.{name}: no way to authenticate (no api_key_sha256, no jwt)")
+            for route, model in [*tenant.pin.items(), *((r, c.model) for r, c in tenant.canary.items())]:
+                if route not in tenant.routes:
+                    raise ValueError(f"tenants.{name}: pin/canary for route {route!r} the tenant may not call")
+                variants = [self.routes[route].primary, *self.routes[route].alternates]
+                if model not in {v.model for v in variants}:
+                    raise ValueError(f"tenants.{name}: {model!r} is not a variant of route {route!r}")
+        for name, route in self.routes.items():
+            for variant in [route.primary, *route.alternates, *([route.light] if route.light else [])]:
+                if variant.device not in self.device_classes:
+                    raise ValueError(
+                        f"routes.{name}: variant {variant.model!r} runs on unknown device {variant.device!r}"
+                    )
+        for cls in self.triton.class_copies.classes:
+            if cls not in self.traffic_classes:
+                raise ValueError(f"triton.class_copies.classes: unknown traffic class {cls!r}")
         return self
 
 
