@@ -418,11 +418,12 @@ class InferlineConfig(_Model):
                 variants = [self.routes[route].primary, *self.routes[route].alternates]
                 if model not in {v.model for v in variants}:
                     raise ValueError(f"tenants.{name}: {model!r} is not a variant of route {route!r}")
-        for name, route in self.routes.items():
-            for variant in [route.primary, *route.alternates, *([route.light] if route.light else [])]:
+        for route_name, route_config in self.routes.items():
+            light = [route_config.light] if route_config.light else []
+            for variant in [route_config.primary, *route_config.alternates, *light]:
                 if variant.device not in self.device_classes:
                     raise ValueError(
-                        f"routes.{name}: variant {variant.model!r} runs on unknown device {variant.device!r}"
+                        f"routes.{route_name}: variant {variant.model!r} runs on unknown device {variant.device!r}"
                     )
         for cls in self.triton.class_copies.classes:
             if cls not in self.traffic_classes:
