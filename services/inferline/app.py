@@ -41,10 +41,12 @@ from inferline.router.loop_lag import LoopLagMonitor
 from inferline.router.plan import build_route_plans
 from inferline.router.quota import build_rate_limiter
 from inferline.router.recovery import RecoveryTracker
+from inferline.router.selection import StatsRegistry
 from inferline.router.service import RouterService
 from inferline.router.servicer import InferenceServicer
 from inferline.triton.coalescer import CoalescingExecutor
 from inferline.triton.executor import TritonExecutor
+from inferline.triton.readiness import ModelReadiness
 from inferline.v1 import degradation_pb2_grpc, features_pb2_grpc, inference_pb2_grpc, postprocess_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -99,16 +101,13 @@ def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> No
 
 
 def _executor(config: InferlineConfig, triton_url: str, app: App) -> CoalescingExecutor:
-    limits = {r.primary.model: r.max_in_flight for r in config.routes.values()}
+    limits = {v.model: r.max_in_flight for r in config.routes.values() for v in r.full_variants}
     triton = TritonExecutor(triton_url, max_in_flight=limits)
     app.triton = triton
     executor = CoalescingExecutor(triton, config.triton.coalesce_max_concurrent, config.triton.coalesce_max_batch_rows)
     app.closers.append(executor.close)
     models = {
-        v.model: (len(v.features), v.input_name, v.output_name)
-        for r in config.routes.values()
-        for v in (r.primary, r.light)
-        if v is not None
+        v.model: (len(v.features), v.input_name, v.output_name) for r in config.routes.values() for v in r.all_variants
     }
     app.starters.append(lambda: triton.warm_up(models))
     return executor
@@ -159,6 +158,16 @@ def build_app(
     return app
 
 
+def _model_readiness(config: InferlineConfig, app: App) -> Callable[[str], bool]:
+    """Which full-quality variants Triton has loaded, refreshed in the background."""
+    if app.triton is None:
+        return lambda model: True
+    readiness = ModelReadiness(app.triton, [v.model for r in config.routes.values() for v in r.full_variants])
+    app.starters.append(readiness.start)  # after the Triton warm-up, which was added first
+    app.closers.append(readiness.stop)
+    return readiness.is_ready
+
+
 def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> RequestGate:
     """Auth, quotas and per-route admission (its queue-wait signal runs while the app does)."""
     lag = LoopLagMonitor()
@@ -175,7 +184,7 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
     keys = [
         (key, route)
         for name, route in config.routes.items()
-        for key in (name, *(f"model:{v.model}" for v in (route.primary, route.light) if v is not None))
+        for key in (name, *(f"model:{v.model}" for v in route.all_variants))
     ]
     for name, route in keys:
         if name in admission:
@@ -225,11 +234,18 @@ def _build_router(
         logger.info("circuit breaker of %s: %s -> %s", model, old.value, new.value)
 
     app.recovery = RecoveryTracker(lambda model, s: metrics.recovery.labels(model).observe(s), time.monotonic)
-    plans = build_route_plans(config)
+    breakers = BreakerRegistry(config.breaker, on_transition=on_breaker)
+    is_ready = _model_readiness(config, app)
+
+    def variant_available(model: str) -> bool:
+        """Route selection may pick ``model``: Triton up, the model loaded, its circuit not open."""
+        return model_available() and is_ready(model) and breakers.get(model).state is not BreakerState.OPEN
+
+    plans = build_route_plans(config, variant_available, StatsRegistry())
     gate = _gate(config, app, metrics)
     router = RouterService(
         feature_client, executor, post_client, degradation_client, plans,
-        BreakerRegistry(config.breaker, on_transition=on_breaker), model_available, app.recovery,
+        breakers, model_available, app.recovery,
     )  # fmt: skip
     inference = InferenceServicer(router, config, plans, metrics, gate)
     app.registrations.insert(

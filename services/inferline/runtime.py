@@ -36,7 +36,7 @@ def _supervised_app(
     config: InferlineConfig, roles: set[Role], launcher: TritonLauncher
 ) -> tuple[App, TritonSupervisor]:
     """The app with the router told at once when the bundled Triton is down, and when it is back."""
-    primaries = [r.primary.model for r in config.routes.values()]
+    primaries = [v.model for r in config.routes.values() for v in r.full_variants]
     app: App | None = None
 
     def on_change(available: bool) -> None:

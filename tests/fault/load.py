@@ -57,6 +57,8 @@ class Sample:
     """The status message of a failed call."""
     router_ms: float = 0.0
     """The router's own ``timings.total_ms`` (arrival to answer, without transport)."""
+    model_name: str = ""
+    """The model that answered (the variant route selection chose, or the light model)."""
 
     @property
     def ok(self) -> bool:
@@ -125,6 +127,7 @@ class PredictClient:
             scores={p.entity.int64_value: p.score for p in response.predictions},
             details="",
             router_ms=response.timings.total_ms,
+            model_name=response.model_name,
         )
 
 

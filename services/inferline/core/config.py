@@ -234,10 +234,21 @@ class RouteConfig(_Model):
     """Calls in flight to the primary model at most; beyond it requests degrade (OVERLOAD)."""
     admission: AdmissionConfig = AdmissionConfig()
 
+    @property
+    def full_variants(self) -> list[VariantConfig]:
+        """The variants that give a PRIMARY answer: the primary, then the alternates."""
+        return [self.primary, *self.alternates]
+
+    @property
+    def all_variants(self) -> list[VariantConfig]:
+        """Every model the route may call: primary, alternates and light."""
+        return [*self.full_variants, *([self.light] if self.light is not None else [])]
+
     @model_validator(mode="after")
     def _variants_use_declared_features(self) -> RouteConfig:
         declared = {f.name for f in self.features}
-        for label, variant in (("primary", self.primary), ("light", self.light)):
+        labelled = [("primary", self.primary), *((f"alternates[{i}]", v) for i, v in enumerate(self.alternates))]
+        for label, variant in [*labelled, ("light", self.light)]:
             if variant is None:
                 continue
             unknown = [f for f in variant.features if f not in declared]
@@ -415,12 +426,10 @@ class InferlineConfig(_Model):
             for route, model in [*tenant.pin.items(), *((r, c.model) for r, c in tenant.canary.items())]:
                 if route not in tenant.routes:
                     raise ValueError(f"tenants.{name}: pin/canary for route {route!r} the tenant may not call")
-                variants = [self.routes[route].primary, *self.routes[route].alternates]
-                if model not in {v.model for v in variants}:
+                if model not in {v.model for v in self.routes[route].full_variants}:
                     raise ValueError(f"tenants.{name}: {model!r} is not a variant of route {route!r}")
         for route_name, route_config in self.routes.items():
-            light = [route_config.light] if route_config.light else []
-            for variant in [route_config.primary, *route_config.alternates, *light]:
+            for variant in route_config.all_variants:
                 if variant.device not in self.device_classes:
                     raise ValueError(
                         f"routes.{route_name}: variant {variant.model!r} runs on unknown device {variant.device!r}"

@@ -90,11 +90,15 @@ def _report(console: Console, title: str, responses: list[pb.PredictResponse], e
             layers.add_row(layer.removesuffix("_ms"), f"{p50:.2f}", f"{p99:.2f}", f"{values.max():.2f}")
     console.print(layers)
     if responses:
-        best = responses[-1].predictions[0]
-        console.print(
-            f"example: driver {best.entity.int64_value} score {best.score:.3f} → {best.decision} "
-            f"(model {responses[-1].model_name} v{responses[-1].model_version})"
+        last = responses[-1]
+        best = last.predictions[0]
+        source = (
+            f"model {last.model_name} v{last.model_version}"
+            if last.model_version
+            else f"served by {pb.ServedBy.Name(last.served_by).removeprefix('SERVED_BY_')}"
+            + (f" {last.model_name}" if last.model_name else "")
         )
+        console.print(f"example: driver {best.entity.int64_value} score {best.score:.3f} → {best.decision} ({source})")
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from inferline.core.auth import Authenticator
-from inferline.core.config import InferlineConfig, TrafficClassConfig
+from inferline.core.config import CanaryConfig, InferlineConfig, TrafficClassConfig
 from inferline.core.errors import InvalidInput, PermissionDenied, QuotaExceeded
 from inferline.router.admission import AdmissionController, Permit
 from inferline.router.quota import RateLimiter
@@ -29,6 +29,10 @@ class TenantRules:
     """Routes (``Predict``) the tenant may call."""
     models: frozenset[str]
     """Triton models (KServe v2 front door) the tenant may call: the variants of its routes."""
+    pins: Mapping[str, str]
+    """Route → the variant this tenant's requests always use."""
+    canaries: Mapping[str, CanaryConfig]
+    """Route → a variant that gets a share of this tenant's requests."""
     classes: frozenset[str]
     default_class: str
 
@@ -58,14 +62,11 @@ class RequestGate:
         self._rules = {
             name: TenantRules(
                 routes=frozenset(t.routes),
-                models=frozenset(
-                    v.model
-                    for r in t.routes
-                    for v in (config.routes[r].primary, config.routes[r].light)
-                    if v is not None
-                ),
+                models=frozenset(v.model for r in t.routes for v in config.routes[r].all_variants),
                 classes=frozenset(t.traffic_classes),
                 default_class=t.default_traffic_class,
+                pins=dict(t.pin),
+                canaries=dict(t.canary),
             )
             for name, t in config.tenants.items()
         }

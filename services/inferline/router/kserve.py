@@ -64,7 +64,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._executor = executor
         self._metrics = metrics
         self._classes = frozenset(config.traffic_classes)
-        self._models = frozenset(v.model for r in config.routes.values() for v in (r.primary, r.light) if v is not None)
+        self._models = frozenset(v.model for r in config.routes.values() for v in r.all_variants)
         self._metadata = service_pb2.ServerMetadataResponse(name="inferline", version=_version(), extensions=[])
 
     @rpc_method

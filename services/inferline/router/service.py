@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from inferline.core.budget import layer_deadline
+from inferline.core.config import CanaryConfig, VariantConfig
 from inferline.core.deadline import Deadline
 from inferline.core.entities import EntityId
 from inferline.core.errors import DeadlineUnaffordable, DependencyUnavailable, InferlineError, ModelOutputInvalid
@@ -35,7 +37,8 @@ from inferline.postprocess.service import PostprocessService, RankedScore
 from inferline.router.breaker import BreakerRegistry
 from inferline.router.plan import RoutePlan
 from inferline.router.recovery import RecoveryTracker
-from inferline.triton.executor import ModelCallFailed, ModelExecutor
+from inferline.router.selection import VariantStats
+from inferline.triton.executor import InferResult, ModelCallFailed, ModelExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,11 @@ class PredictCall:
     priority: int
     top_k: int
     request_id: str
+    pin: str | None = None
+    """The variant the tenant pinned for this route, if any."""
+    canary: CanaryConfig | None = None
+    prefer_cheapest: bool = False
+    """The traffic class asks for the cheapest variant that fits (batch)."""
 
 
 @dataclass(slots=True)
@@ -101,7 +109,9 @@ class RouterService:
         breakers: BreakerRegistry,
         model_available: Callable[[], bool] = lambda: True,
         recovery: RecoveryTracker | None = None,
+        model_for_class: Callable[[str, str], str] = lambda model, traffic_class: model,
     ) -> None:
+        self._model_for_class = model_for_class
         self._recovery = recovery
         self._features = features
         self._executor = executor
@@ -154,25 +164,27 @@ class RouterService:
             raise _Degrade(Reason.FEATURES_DEGRADED, vector)
         if overloaded:
             raise _Degrade(Reason.OVERLOAD, vector)
-        variant = plan.primary
-        breaker = self._breakers.get(variant.model)
         if not self._model_available():
             raise _Degrade(Reason.MODEL_UNAVAILABLE, vector)
+        model_deadline = layer_deadline(deadline, plan.model_budget_s, reserve_after_model)
+        choice = plan.selector.select(
+            tenant_pin=call.pin,
+            canary=call.canary,
+            request_key=zlib.crc32(call.request_id.encode()),
+            budget_s=model_deadline.remaining_s(),
+            prefer_cheapest=call.prefer_cheapest,
+        )
+        if choice is None:  # every variant's circuit is open, or its model is not ready
+            raise _Degrade(Reason.CIRCUIT_OPEN, vector)
+        variant = choice.variant
+        breaker = self._breakers.get(variant.model)
         if not breaker.allow():
             raise _Degrade(Reason.CIRCUIT_OPEN, vector)
-        model_deadline = layer_deadline(deadline, plan.model_budget_s, reserve_after_model)
         if model_deadline.remaining_s() < MIN_MODEL_BUDGET_S:
             breaker.record_ignored()
             raise _Degrade(Reason.DEADLINE, vector)
         try:
-            result = await self._executor.infer(
-                variant.model,
-                vector.select(variant.features).values,
-                deadline=model_deadline,
-                priority=call.priority,
-                input_name=variant.input_name,
-                output_name=variant.output_name,
-            )
+            result = await self._infer(call, variant, choice.stats, vector, model_deadline, t1)
             t2 = time.perf_counter()
             times.model_ms = (t2 - t1) * 1000
             ranked = await self._postprocess.process(
@@ -210,6 +222,37 @@ class RouterService:
             features_degraded=False,
             timings=times,
         )
+
+    async def _infer(
+        self,
+        call: PredictCall,
+        variant: VariantConfig,
+        stats: VariantStats,
+        vector: FeatureVector,
+        deadline: Deadline,
+        started: float,
+    ) -> InferResult:
+        """Run the chosen variant (its traffic class's copy, if it has one), keeping its latency statistics."""
+        stats.started()
+        try:
+            result = await self._executor.infer(
+                self._model_for_class(variant.model, call.traffic_class),
+                vector.select(variant.features).values,
+                deadline=deadline,
+                priority=call.priority,
+                input_name=variant.input_name,
+                output_name=variant.output_name,
+            )
+        except ModelCallFailed as err:
+            # A timed-out call's elapsed time is a lower bound of the variant's latency: keep
+            # it, or a variant that slowed down would keep its old, fast average.
+            stats.finished(time.perf_counter() - started if err.is_timeout else None)
+            raise
+        except BaseException:
+            stats.finished(None)
+            raise
+        stats.finished(time.perf_counter() - started)
+        return result
 
     async def _fetch_features(self, call: PredictCall, deadline: Deadline) -> FeatureVector:
         try:

@@ -17,7 +17,7 @@ from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied
 from inferline.core.metrics import ServingMetrics
 from inferline.core.served_by import Reason, ServedBy
 from inferline.router.admission import Verdict
-from inferline.router.gate import RequestGate
+from inferline.router.gate import Entry, RequestGate, TenantRules
 from inferline.router.plan import RoutePlan
 from inferline.router.service import PredictCall, PredictOutcome, RouterService
 from inferline.v1 import inference_pb2 as pb
@@ -61,7 +61,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.PredictResponse:
         started_at = time.perf_counter()
         try:
-            tenant, traffic_class, plan = self._authorize(request, context)
+            tenant, rules, traffic_class, plan = self._authorize(request, context)
             entry = await self._gate.admit(tenant, plan.name, traffic_class)
         except InferlineError as err:
             self._count_error(request, err)
@@ -69,7 +69,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         permit = entry.permit
         outcome: PredictOutcome | None = None
         try:
-            call = self._call(request, tenant, plan, traffic_class, entry.class_config.priority)
+            call = self._call(request, tenant, rules, plan, entry)
             deadline = Deadline.from_context(context, entry.class_config.default_deadline_ms / 1000)
             outcome = await self._service.predict(
                 call, deadline, started_at, overloaded=permit.verdict is Verdict.DEGRADE
@@ -105,18 +105,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _authorize(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> tuple[str, str, RoutePlan]:
-        """(tenant, traffic class, route plan) of an authenticated caller allowed to make this call."""
+    ) -> tuple[str, TenantRules, str, RoutePlan]:
+        """(tenant, its rules, traffic class, route plan) of an authenticated caller allowed to make this call."""
         tenant, rules = self._gate.authenticate(context.invocation_metadata())  # type: ignore[arg-type]
         plan = self._plans.get(request.route)
         if plan is None:
             raise RouteNotFound(request.route)
         if request.route not in rules.routes:
             raise PermissionDenied(f"tenant {tenant!r} may not call route {request.route!r}")
-        return tenant, self._gate.traffic_class(tenant, rules, request.traffic_class), plan
+        return tenant, rules, self._gate.traffic_class(tenant, rules, request.traffic_class), plan
 
     def _call(
-        self, request: pb.PredictRequest, tenant: str, plan: RoutePlan, traffic_class: str, priority: int
+        self, request: pb.PredictRequest, tenant: str, rules: TenantRules, plan: RoutePlan, entry: Entry
     ) -> PredictCall:
         for name in request.request_features:
             if name not in plan.request_feature_names:
@@ -126,10 +126,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             route=plan,
             ids=parse_entity_ids(plan.config, request.entities),
             request_features=request.request_features,
-            traffic_class=traffic_class,
-            priority=priority,
+            traffic_class=entry.traffic_class,
+            priority=entry.class_config.priority,
             top_k=request.top_k,
             request_id=request.request_id or f"{_ID_PREFIX}-{next(_ID_COUNTER)}",
+            pin=rules.pins.get(plan.name),
+            canary=rules.canaries.get(plan.name),
+            prefer_cheapest=entry.class_config.prefer_cheapest,
         )
 
     @staticmethod

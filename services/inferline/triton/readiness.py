@@ -1,0 +1,78 @@
+"""``ModelReadiness``: which models Triton says are ready, refreshed in the background.
+
+Route selection must not pick a variant Triton has not loaded (a GPU variant on a machine
+without a GPU, a model an operator unloaded). Asking Triton on every request would add a
+round trip to the hot path, so a background task asks every ``interval_s`` and the hot
+path reads a set.
+
+Only Triton's explicit answer "not ready" marks a model unready. When Triton does not
+answer at all, nothing changes: an unreachable server is the supervisor's and the circuit
+breakers' business, and a slow readiness answer under overload must not take every
+variant out of selection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+from inferline.core.errors import DependencyUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class ReadinessSource(Protocol):
+    async def model_ready(self, name: str, version: str = "") -> bool: ...
+
+
+class ModelReadiness:
+    def __init__(self, source: ReadinessSource, models: Iterable[str], interval_s: float = 2.0) -> None:
+        self._source = source
+        self._models = tuple(dict.fromkeys(models))
+        self._interval_s = interval_s
+        self._unready: frozenset[str] = frozenset()
+        self._task: asyncio.Task[None] | None = None
+
+    def is_ready(self, model: str) -> bool:
+        """False only after Triton said the model is not ready (optimistic before the first answer)."""
+        return model not in self._unready
+
+    async def refresh(self) -> None:
+        """Ask Triton about every model once."""
+        unready = set(self._unready)
+        for model in self._models:
+            try:
+                ready = await self._source.model_ready(model)
+            except DependencyUnavailable:
+                continue  # no answer: keep what we knew
+            if ready:
+                unready.discard(model)
+            else:
+                unready.add(model)
+        if unready != self._unready:
+            logger.info("models not ready on Triton: %s", sorted(unready) or "none")
+        self._unready = frozenset(unready)
+
+    async def start(self) -> None:
+        """Refresh once now, then every ``interval_s`` in the background."""
+        await self.refresh()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="model-readiness")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a background refresher must never die of one bad round
+                logger.exception("model readiness refresh failed")
