@@ -64,6 +64,8 @@ class App:
     starters: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     recovery: RecoveryTracker | None = None
     """Set when the process hosts the router: told when Triton is healthy again."""
+    readiness: ModelReadiness | None = None
+    """Set when the process hosts the router: which variants Triton has loaded."""
     triton: TritonExecutor | None = None
     """The Triton executor under the coalescer, when the process talks to Triton (KServe front door)."""
 
@@ -163,6 +165,7 @@ def _model_readiness(config: InferlineConfig, app: App) -> Callable[[str], bool]
     if app.triton is None:
         return lambda model: True
     readiness = ModelReadiness(app.triton, [v.model for r in config.routes.values() for v in r.full_variants])
+    app.readiness = readiness
     app.starters.append(readiness.start)  # after the Triton warm-up, which was added first
     app.closers.append(readiness.stop)
     return readiness.is_ready
@@ -245,7 +248,7 @@ def _build_router(
     gate = _gate(config, app, metrics)
     router = RouterService(
         feature_client, executor, post_client, degradation_client, plans,
-        breakers, model_available, app.recovery,
+        breakers, model_available, app.recovery, model_ready=is_ready,
     )  # fmt: skip
     inference = InferenceServicer(router, config, plans, metrics, gate)
     app.registrations.insert(

@@ -32,6 +32,10 @@ async def _wait_for_signal() -> str:
     return await stop
 
 
+_background: set[asyncio.Task[None]] = set()
+"""Fire-and-forget tasks, referenced until done (the loop keeps only weak references)."""
+
+
 def _supervised_app(
     config: InferlineConfig, roles: set[Role], launcher: TritonLauncher
 ) -> tuple[App, TritonSupervisor]:
@@ -43,6 +47,12 @@ def _supervised_app(
         if available and app is not None and app.recovery is not None:
             for model in primaries:
                 app.recovery.healthy(model)
+        if available and app is not None and app.readiness is not None:
+            # A restarted Triton may have said "not ready" while loading: ask again now,
+            # not at the next periodic refresh, or selection would skip its models for seconds.
+            task = asyncio.get_running_loop().create_task(app.readiness.refresh())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     supervisor = TritonSupervisor(launcher, on_change=on_change)
     app = build_app(config, roles, launcher.grpc_url, model_available=lambda: supervisor.available)

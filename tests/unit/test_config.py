@@ -3,7 +3,7 @@ import pathlib
 import pytest
 import yaml
 
-from inferline.core.config import ConfigError, load_config
+from inferline.core.config import ConfigError, load_config, parse_config
 
 DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
 
@@ -66,3 +66,17 @@ def test_bad_environment_override_is_named() -> None:
 def test_missing_file_is_a_config_error(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_a_tenant_without_api_keys_needs_a_jwt_section() -> None:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["tenants"]["t"] = {"jwt_subjects": ["svc"], "routes": ["driver_ranking"]}
+    with pytest.raises(ConfigError, match="no way to authenticate"):
+        parse_config(raw, DEFAULT.parent)
+
+
+def test_a_tenants_default_class_must_be_one_it_may_use() -> None:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["tenants"]["demo"]["traffic_classes"] = ["batch"]
+    with pytest.raises(ConfigError, match="default_traffic_class"):
+        parse_config(raw, DEFAULT.parent)

@@ -421,8 +421,13 @@ class InferlineConfig(_Model):
             for cls in [*tenant.traffic_classes, tenant.default_traffic_class]:
                 if cls not in self.traffic_classes:
                     raise ValueError(f"tenants.{name}: unknown traffic class {cls!r}")
-            if not tenant.api_key_sha256 and not (tenant.jwt_subjects or self.jwt):
-                raise ValueError(f"tenants.{name}: no way to authenticate (no api_key_sha256, no jwt)")
+            if not tenant.api_key_sha256 and self.jwt is None:
+                raise ValueError(f"tenants.{name}: no way to authenticate (no api_key_sha256, and no jwt section)")
+            if tenant.default_traffic_class not in tenant.traffic_classes:
+                raise ValueError(
+                    f"tenants.{name}.default_traffic_class: {tenant.default_traffic_class!r} is not one of "
+                    "the tenant's traffic_classes"
+                )
             for route, model in [*tenant.pin.items(), *((r, c.model) for r, c in tenant.canary.items())]:
                 if route not in tenant.routes:
                     raise ValueError(f"tenants.{name}: pin/canary for route {route!r} the tenant may not call")

@@ -86,7 +86,7 @@ class Shed(InferlineError):
     reason = "SHED"
 
     def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message, retry_after_ms=str(int(retry_after_s * 1000)))
+        super().__init__(message, retry_after_ms=str(max(1, round(retry_after_s * 1000))))
         self.retry_after_s = retry_after_s
 
     def details(self) -> list[Any]:

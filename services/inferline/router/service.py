@@ -110,8 +110,10 @@ class RouterService:
         model_available: Callable[[], bool] = lambda: True,
         recovery: RecoveryTracker | None = None,
         model_for_class: Callable[[str, str], str] = lambda model, traffic_class: model,
+        model_ready: Callable[[str], bool] = lambda model: True,
     ) -> None:
         self._model_for_class = model_for_class
+        self._model_ready = model_ready
         self._recovery = recovery
         self._features = features
         self._executor = executor
@@ -174,8 +176,9 @@ class RouterService:
             budget_s=model_deadline.remaining_s(),
             prefer_cheapest=call.prefer_cheapest,
         )
-        if choice is None:  # every variant's circuit is open, or its model is not ready
-            raise _Degrade(Reason.CIRCUIT_OPEN, vector)
+        if choice is None:  # no variant may be called: each is not loaded or its circuit is open
+            loaded = any(self._model_ready(v.model) for v in plan.config.full_variants)
+            raise _Degrade(Reason.CIRCUIT_OPEN if loaded else Reason.MODEL_UNAVAILABLE, vector)
         variant = choice.variant
         breaker = self._breakers.get(variant.model)
         if not breaker.allow():
