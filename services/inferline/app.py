@@ -44,6 +44,7 @@ from inferline.router.recovery import RecoveryTracker
 from inferline.router.selection import StatsRegistry
 from inferline.router.service import RouterService
 from inferline.router.servicer import InferenceServicer
+from inferline.triton.class_copies import ClassModelMap, copy_name
 from inferline.triton.coalescer import CoalescingExecutor
 from inferline.triton.executor import TritonExecutor
 from inferline.triton.readiness import ModelReadiness
@@ -164,7 +165,10 @@ def _model_readiness(config: InferlineConfig, app: App) -> Callable[[str], bool]
     """Which full-quality variants Triton has loaded, refreshed in the background."""
     if app.triton is None:
         return lambda model: True
-    readiness = ModelReadiness(app.triton, [v.model for r in config.routes.values() for v in r.full_variants])
+    models = [v.model for r in config.routes.values() for v in r.full_variants]
+    class_copies = config.triton.class_copies
+    copies = [copy_name(m, c) for m in class_copies.models if m in models for c in class_copies.classes]
+    readiness = ModelReadiness(app.triton, models, optional_models=copies)
     app.readiness = readiness
     app.starters.append(readiness.start)  # after the Triton warm-up, which was added first
     app.closers.append(readiness.stop)
@@ -244,11 +248,18 @@ def _build_router(
         """Route selection may pick ``model``: Triton up, the model loaded, its circuit not open."""
         return model_available() and is_ready(model) and breakers.get(model).state is not BreakerState.OPEN
 
+    class_map = ClassModelMap(config.triton.class_copies)
+
+    def model_for_class(model: str, traffic_class: str) -> str:
+        """The traffic class's copy of ``model`` (its own batching window) once Triton has it loaded."""
+        copy = class_map.resolve(model, traffic_class)
+        return copy if copy == model or is_ready(copy) else model
+
     plans = build_route_plans(config, variant_available, StatsRegistry())
     gate = _gate(config, app, metrics)
     router = RouterService(
         feature_client, executor, post_client, degradation_client, plans,
-        breakers, model_available, app.recovery, model_ready=is_ready,
+        breakers, model_available, app.recovery, model_for_class, is_ready,
     )  # fmt: skip
     inference = InferenceServicer(router, config, plans, metrics, gate)
     app.registrations.insert(

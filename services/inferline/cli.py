@@ -1,4 +1,4 @@
-"""The ``inferline`` command line: up, serve, triton, predict."""
+"""The ``inferline`` command line: up, serve, triton (and triton class-copies), predict."""
 
 from __future__ import annotations
 
@@ -81,15 +81,25 @@ def serve(
     raise typer.Exit(_run(serve_process(cfg, {service}, url, start_triton=False)))
 
 
-@cli.command()
+triton_cli = typer.Typer()
+cli.add_typer(triton_cli, name="triton")
+
+
+@triton_cli.callback(invoke_without_command=True)
 def triton(
+    ctx: typer.Context,
     config: ConfigOption = DEFAULT_CONFIG,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port (default 8001)")] = 8001,
     http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = 8000,
     metrics_port: Annotated[int | None, typer.Option(help="metrics port (default 8002)")] = 8002,
     model_repository: Annotated[Path | None, typer.Option(help="model repository")] = None,
 ) -> None:
-    """Start the bundled Triton server on the model repository; stop on SIGINT/SIGTERM."""
+    """Start the bundled Triton server on the model repository; stop on SIGINT/SIGTERM.
+
+    The class-copies subcommand writes per-class model copies instead.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from inferline.triton.launcher import run_triton_forever
 
     cfg = _load(config)
@@ -97,6 +107,33 @@ def triton(
     if model_repository is not None:
         update["model_repository"] = model_repository.resolve()
     raise typer.Exit(run_triton_forever(cfg.triton.model_copy(update=update)))
+
+
+@triton_cli.command("class-copies")
+def class_copies(
+    repository: Annotated[Path, typer.Option(exists=True, file_okay=False, help="model repository holding the models")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    out: Annotated[Path | None, typer.Option(help="write the copies here (default: into the repository)")] = None,
+) -> None:
+    """Write the per-class model copies of triton.class_copies, for a Triton run elsewhere."""
+    from inferline.triton.class_copies import write_class_copies
+
+    copies_config = _load(config).triton.class_copies
+    if not copies_config.models or not copies_config.classes:
+        typer.echo(f"{config}: triton.class_copies configures no copies; nothing written", err=True)
+        return
+    missing = [m for m in copies_config.models if not (repository / m / "config.pbtxt").is_file()]
+    if missing:
+        typer.echo(f"{repository}: no model {', '.join(missing)} (triton.class_copies.models)", err=True)
+        raise typer.Exit(1)
+    target = out or repository
+    try:
+        names = write_class_copies(repository, target, copies_config)
+    except (ValueError, OSError) as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from err
+    for name in names:
+        typer.echo(str(target / name))
 
 
 def _entity(spec: str) -> Any:
@@ -150,6 +187,38 @@ def predict(
             typer.echo(json.dumps({"code": err.code().name, "message": err.details()}), err=True)
             raise typer.Exit(1) from err
     typer.echo(json_format.MessageToJson(response, preserving_proto_field_name=True))
+
+
+@cli.command()
+def stats(
+    url: Annotated[str, typer.Option(help="the router's metrics endpoint")] = "http://127.0.0.1:9464/metrics",
+    interval_s: Annotated[float, typer.Option("--interval", help="seconds between refreshes")] = 2.0,
+    once: Annotated[bool, typer.Option(help="print totals since the router started, and exit")] = False,
+) -> None:
+    """Live per-route table: latency per layer, served_by shares, fallback / rejected / timeout rates, cost."""
+    import time
+    import urllib.error
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from inferline.stats import StatsView
+
+    view = StatsView(url)
+    console = Console()
+    try:
+        if once:
+            console.print(view.refresh())
+            return
+        with Live(view.refresh(), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(view.refresh())
+    except (urllib.error.URLError, OSError) as err:
+        typer.echo(f"cannot read {url}: {err}", err=True)
+        raise typer.Exit(1) from err
+    except KeyboardInterrupt:
+        return
 
 
 def main() -> None:

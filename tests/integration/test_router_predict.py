@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import urllib.request
 
@@ -203,3 +204,32 @@ def test_cli_predict_prints_json_and_fails_on_error(router_server: ServerProcess
     bad = subprocess.run([*base, "ghost", "--entity", "driver_id=1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert json.loads(bad.stderr.strip().splitlines()[-1])["code"] == "NOT_FOUND"
+
+
+def test_cli_stats_shows_the_routes_traffic(router_server: ServerProcess, stub: pb_grpc.InferenceStub) -> None:
+    import subprocess
+    import sys
+
+    for i in range(5):
+        stub.Predict(
+            pb.PredictRequest(route="driver_ranking", entities=[pb.EntityKey(name="driver_id", int64_value=1001 + i)]),
+            timeout=2.0,
+            metadata=AUTH,
+        )
+    url = f"http://127.0.0.1:{router_server.metrics_port}/metrics"
+    shown = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "stats", "--once", "--url", url, "--interval", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "driver_ranking" in shown.stdout and "PRIMARY" in shown.stdout and "total" in shown.stdout
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "stats", "--once", "--url", "http://127.0.0.1:9/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unreachable.returncode == 1 and "cannot read" in unreachable.stderr

@@ -46,3 +46,16 @@ async def test_start_refreshes_at_once_and_stop_ends_the_task() -> None:
     assert not readiness.is_ready("gpu")
     await readiness.stop()
     await readiness.stop()  # idempotent
+
+
+async def test_optional_models_are_ready_only_once_triton_says_so() -> None:
+    triton = FakeTriton()
+    readiness = ModelReadiness(triton, ["cpu"], optional_models=["cpu__batch"])
+    assert readiness.is_ready("cpu") and not readiness.is_ready("cpu__batch")
+    triton.reachable = False
+    await readiness.refresh()
+    assert not readiness.is_ready("cpu__batch")
+    triton.reachable = True
+    triton.ready = {"cpu": True, "cpu__batch": True}
+    await readiness.refresh()
+    assert readiness.is_ready("cpu__batch")

@@ -11,6 +11,10 @@ Why explicit model control: the launcher names every model it loads
 in ``_gpu`` are loaded only where a GPU exists, and the router can later reload a model
 with a config override without restarting the server.
 
+When ``class_copies`` are configured, the server runs on a derived repository: a temporary
+directory linking every entry of ``model_repository`` plus the generated per-class copies
+(see ``inferline.triton.class_copies``), which are loaded too; ``stop`` removes it.
+
 The server runs in its own session (process group): a Ctrl-C aimed at the router does
 not reach it, and ``stop`` can kill the python-backend stubs it leaves behind. The API
 is synchronous; async callers use ``asyncio.to_thread``.
@@ -37,6 +41,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.core.config import TritonConfig
 from inferline.core.ports import free_ports
+from inferline.triton.class_copies import derive_repository
 from inferline.triton.executor import CHANNEL_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -183,6 +188,8 @@ class TritonLauncher:
         self._last_returncode: int | None = None
         self._ports: dict[str, int] = {}
         self._models: tuple[str, ...] = ()
+        self._repository: pathlib.Path | None = None
+        self._workdir: pathlib.Path | None = None  # holds a derived repository; removed on stop
         self._lock = threading.RLock()
 
     def __enter__(self) -> TritonLauncher:
@@ -224,6 +231,11 @@ class TritonLauncher:
         return self._models
 
     @property
+    def repository(self) -> pathlib.Path | None:
+        """Repository of the last ``start``: ``model_repository``, or the derived one with class copies."""
+        return self._repository
+
+    @property
     def log_path(self) -> pathlib.Path | None:
         """The server's log file (a temporary file is created on first start when none was given)."""
         return self._log_path
@@ -245,9 +257,9 @@ class TritonLauncher:
             install = _find_install(self._config.server_env)
             if install is None:
                 raise TritonStartError(f"tritonserver not found in {self._config.server_env} (install nvidia-pytriton)")
-            command = self._command(install, _prepare_backends(install))
-            self._spawn(command, _server_environ(install))
             try:
+                command = self._command(install, _prepare_backends(install))
+                self._spawn(command, _server_environ(install))
                 self._wait_ready(time.monotonic() + self._config.startup_timeout_s)
             except BaseException:
                 self.stop()
@@ -259,6 +271,7 @@ class TritonLauncher:
         with self._lock:
             proc = self._proc
             if proc is None:
+                self._remove_workdir()
                 return
             try:
                 if proc.poll() is None:
@@ -268,6 +281,7 @@ class TritonLauncher:
                 proc.wait()
                 self._proc = None
                 self._last_returncode = proc.returncode
+                self._remove_workdir()
 
     def restart(self) -> None:
         """Stop (if needed) and start again on the same ports."""
@@ -295,9 +309,15 @@ class TritonLauncher:
     def _command(self, install: _ServerInstall, backends: pathlib.Path) -> list[str]:
         self._choose_ports()
         repository = self._config.model_repository.resolve()
-        self._models = tuple(discover_models(repository, self._config.load_gpu_variants))
-        if not self._models:
+        models = discover_models(repository, self._config.load_gpu_variants)
+        if not models:
             logger.warning("no models (directories with config.pbtxt) in %s", repository)
+        if self._config.class_copies.models:
+            self._workdir = pathlib.Path(tempfile.mkdtemp(prefix="inferline-triton-repo-"))
+            repository, copies = derive_repository(repository, self._workdir, self._config.class_copies, models)
+            models += [c for c in copies if c not in models]  # copies already in the repository are regenerated
+        self._repository = repository
+        self._models = tuple(models)
         return [
             str(install.binary),
             f"--model-repository={repository}",
@@ -354,6 +374,11 @@ class TritonLauncher:
             return all(client.is_model_ready(name, client_timeout=_PROBE_TIMEOUT_S) for name in self._models)
         except InferenceServerException:
             return False
+
+    def _remove_workdir(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)  # links only: the originals stay
+            self._workdir = None
 
     def _terminate(self, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
         proc.send_signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from inferline.core.errors import DependencyUnavailable
+from inferline.core.errors import DependencyUnavailable, InferlineError
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +29,25 @@ class ReadinessSource(Protocol):
 
 
 class ModelReadiness:
-    def __init__(self, source: ReadinessSource, models: Iterable[str], interval_s: float = 2.0) -> None:
+    """``models`` are ready until Triton says otherwise; ``optional_models`` (per-class copies,
+    which a Triton run elsewhere may not have) only once Triton has said they are."""
+
+    def __init__(
+        self,
+        source: ReadinessSource,
+        models: Iterable[str],
+        interval_s: float = 2.0,
+        optional_models: Iterable[str] = (),
+    ) -> None:
         self._source = source
-        self._models = tuple(dict.fromkeys(models))
+        self._optional = frozenset(optional_models)
+        self._models = tuple(dict.fromkeys([*models, *self._optional]))
         self._interval_s = interval_s
-        self._unready: frozenset[str] = frozenset()
+        self._unready: frozenset[str] = self._optional
         self._task: asyncio.Task[None] | None = None
 
     def is_ready(self, model: str) -> bool:
-        """False only after Triton said the model is not ready (optimistic before the first answer)."""
+        """False after Triton said the model is not ready (or, for an optional model, until it said it is)."""
         return model not in self._unready
 
     async def refresh(self) -> None:
@@ -46,7 +56,9 @@ class ModelReadiness:
         for model in self._models:
             try:
                 ready = await self._source.model_ready(model)
-            except DependencyUnavailable:
+            except InferlineError as err:
+                if not isinstance(err, DependencyUnavailable) or model in self._optional:
+                    unready.add(model)  # Triton does not know it, or an optional model it did not confirm
                 continue  # no answer: keep what we knew
             if ready:
                 unready.discard(model)
