@@ -48,6 +48,7 @@ from inferline.triton.class_copies import ClassModelMap, copy_name
 from inferline.triton.coalescer import CoalescingExecutor
 from inferline.triton.executor import TritonExecutor
 from inferline.triton.readiness import ModelReadiness
+from inferline.triton.statistics import TritonStatisticsCollector
 from inferline.v1 import degradation_pb2_grpc, features_pb2_grpc, inference_pb2_grpc, postprocess_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -269,6 +270,15 @@ def _build_router(
         ),
     )
     if app.triton is not None:
+        # Triton's metrics port is known only when configured (a bundled server on a free port keeps it to itself).
+        triton_host = (config.triton.url or "127.0.0.1").rpartition(":")[0] or "127.0.0.1"
+        port = config.triton.metrics_port
+        statistics = TritonStatisticsCollector(
+            app.triton, config, metrics, metrics_url=f"http://{triton_host}:{port}/metrics" if port else None
+        )
+        app.registry.register(statistics)
+        app.starters.append(statistics.start)  # after the Triton warm-up: its first snapshot is the cost baseline
+        app.closers.append(statistics.stop)
         front_door = KServeFrontDoor(config, gate, app.triton, metrics)
         _register(
             app,

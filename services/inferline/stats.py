@@ -134,13 +134,17 @@ def route_stats(window: Samples, gauges: Samples) -> dict[str, RouteStats]:
 
 
 def model_stats(window: Samples, gauges: Samples) -> dict[str, dict[str, float]]:
-    """Per Triton model: batch efficiency (rows per execution) in the window, queue and compute ms per execution."""
+    """Per Triton model: batch efficiency (rows per execution) in the window, queue and compute ms per request.
+
+    Triton sums queue and compute time per request (each request of a batch is charged the
+    whole batch's compute), so both are divided by the requests it completed."""
     models: dict[str, dict[str, float]] = defaultdict(dict)
     names = {
         "inferline_triton_inferences_total": "inferences",
         "inferline_triton_executions_total": "executions",
         "inferline_triton_queue_seconds_total": "queue_s",
         "inferline_triton_compute_seconds_total": "compute_s",
+        "inferline_triton_requests_total": "requests",
     }
     for (name, labels), value in window.items():
         if name in names:
@@ -148,8 +152,9 @@ def model_stats(window: Samples, gauges: Samples) -> dict[str, dict[str, float]]
     for figures in models.values():
         executions = figures.get("executions", 0.0)
         figures["batch_efficiency"] = figures.get("inferences", 0.0) / executions if executions else math.nan
-        figures["queue_ms"] = figures.get("queue_s", 0.0) * 1000 / executions if executions else math.nan
-        figures["compute_ms"] = figures.get("compute_s", 0.0) * 1000 / executions if executions else math.nan
+        requests = figures.get("requests", 0.0)
+        figures["queue_ms"] = figures.get("queue_s", 0.0) * 1000 / requests if requests else math.nan
+        figures["compute_ms"] = figures.get("compute_s", 0.0) * 1000 / requests if requests else math.nan
     return dict(models)
 
 
@@ -189,7 +194,7 @@ def render(routes: Mapping[str, RouteStats], models: Mapping[str, Mapping[str, f
                 _num(stats.cost_per_1k, ".4f") if first else "",
             )
     model_table = Table(title="Triton models")
-    for column in ("model", "batch efficiency (rows/execution)", "queue ms/exec", "compute ms/exec"):
+    for column in ("model", "batch efficiency (rows/execution)", "queue ms/request", "compute ms/request"):
         model_table.add_column(column, justify="left" if column == "model" else "right")
     for model in sorted(models):
         m = models[model]

@@ -68,6 +68,8 @@ def test_model_figures_and_rendering() -> None:
             'inferline_triton_queue_seconds_total{model="m"} 0.06',
             "# TYPE inferline_triton_compute_seconds_total counter",
             'inferline_triton_compute_seconds_total{model="m"} 0.3',
+            "# TYPE inferline_triton_requests_total counter",
+            'inferline_triton_requests_total{model="m"} 60',
             "# TYPE inferline_cost_per_1k_requests gauge",
             'inferline_cost_per_1k_requests{route="r"} 0.0123',
             "",
@@ -76,8 +78,8 @@ def test_model_figures_and_rendering() -> None:
     samples = parse(text)
     models = model_stats(samples, samples)
     assert models["m"]["batch_efficiency"] == 4.0
-    assert models["m"]["queue_ms"] == pytest.approx(2.0)
-    assert models["m"]["compute_ms"] == pytest.approx(10.0)
+    assert models["m"]["queue_ms"] == pytest.approx(1.0)
+    assert models["m"]["compute_ms"] == pytest.approx(5.0)
     routes = route_stats(samples, samples)
     assert routes["r"].cost_per_1k == pytest.approx(0.0123)
     console = Console(record=True, width=200)

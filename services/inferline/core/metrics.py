@@ -65,6 +65,16 @@ class ServingMetrics:
             "The router's queue wait: average lateness of its event loop",
             registry=registry,
         )
+        self.model_calls = Counter(
+            "inferline_model_calls_total",
+            "Answers produced by a model (PRIMARY or LIGHT), by route: how a model's cost is split between routes",
+            ["route", "model"],
+            registry=registry,
+        )
+        self.answered: dict[str, int] = {}
+        """Per route: requests answered (any served_by), the denominator of cost per 1K requests."""
+        self.model_rows: dict[tuple[str, str], int] = {}
+        """Per (route, model): entity rows of the answers the model produced (cost attribution)."""
         self._children: dict[tuple[str, ...], Any] = {}
 
     def _child(self, key: tuple[str, ...], make: Any) -> Any:
@@ -78,9 +88,21 @@ class ServingMetrics:
     ) -> None:
         self._child(("req", route, traffic_class, served_by, reason), lambda: self.requests.labels(
             route, traffic_class, served_by, reason, "OK")).inc()  # fmt: skip
+        self.answered[route] = self.answered.get(route, 0) + 1
         observe = self.layer_latency.observe
         for layer, ms in layer_ms.items():
             observe((route, traffic_class, layer), ms / 1000)
+
+    def observe_model_answer(self, route: str, model: str, rows: int) -> None:
+        """Count an answer of ``route`` that ``model`` produced for ``rows`` entities; no model, no count.
+
+        ``model`` is the name Triton answered with (a traffic class's copy keeps its own name).
+        """
+        if not model:
+            return
+        key = (route, model)
+        self._child(("call", route, model), lambda: self.model_calls.labels(route, model)).inc()
+        self.model_rows[key] = self.model_rows.get(key, 0) + rows
 
     def observe_error(self, route: str, traffic_class: str, code: str) -> None:
         self.requests.labels(route, traffic_class, "", "", code).inc()

@@ -94,6 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 "total": t.total_ms,
             },
         )
+        self._metrics.observe_model_answer(call.route.name, outcome.model_name, len(call.ids))
         return self._response(request, call, outcome)
 
     def _count_error(self, request: pb.PredictRequest, err: InferlineError) -> None:

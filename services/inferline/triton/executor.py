@@ -38,6 +38,8 @@ CALL_GRACE_S = 5.0
 # Timeout of the small control calls (readiness, metadata, config): a healthy Triton
 # answers them in a millisecond; a slower answer means it is unreachable or stalled.
 CONTROL_TIMEOUT_S = 1.5
+# The statistics of every model in one answer: a little more work for Triton than a control call.
+STATISTICS_TIMEOUT_S = 2.0
 
 # gRPC core's reconnect backoff starts at 1 s and grows x1.6 up to 120 s
 # (doc/connection-backoff.md), so a channel that saw Triton down for a few seconds could
@@ -351,6 +353,22 @@ class TritonExecutor:
         """Triton's configuration of the model; raises as ``model_metadata``."""
         request = service_pb2.ModelConfigRequest(name=name, version=version)
         return await self._control(name, self._stub.ModelConfig, request, version)
+
+    async def model_statistics(self) -> service_pb2.ModelStatisticsResponse:
+        """Triton's statistics of every model (counts, queue and compute durations, batch sizes).
+
+        Raises:
+            ModelUnavailable: Triton failed or did not answer within ``STATISTICS_TIMEOUT_S``.
+        """
+        try:
+            response: service_pb2.ModelStatisticsResponse = await self._stub.ModelStatistics(
+                service_pb2.ModelStatisticsRequest(), timeout=STATISTICS_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise ModelUnavailable(
+                f"model server statistics unavailable: {exc.code().name}: {exc.details() or ''}"
+            ) from exc
+        return response
 
     async def _control(self, model: str, method: Any, request: Any, version: str = "") -> Any:
         """One small control call with a short timeout (not an inference: nothing to protect)."""
