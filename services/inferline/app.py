@@ -122,6 +122,7 @@ def build_app(
     roles: set[Role],
     triton_url: str | None = None,
     model_available: Callable[[], bool] = lambda: True,
+    triton_metrics_url: str | None = None,
 ) -> App:
     """Build the services for ``roles``; the router needs ``triton_url``.
 
@@ -158,7 +159,7 @@ def build_app(
     if "router" in roles:
         if executor is None:
             raise ValueError("the router needs a Triton URL")
-        _build_router(config, app, executor, features, post, degradation, model_available)
+        _build_router(config, app, executor, features, post, degradation, model_available, triton_metrics_url)
     return app
 
 
@@ -214,6 +215,7 @@ def _build_router(
     post: PostprocessService | None,
     degradation: DegradationService | None,
     model_available: Callable[[], bool],
+    triton_metrics_url: str | None,
 ) -> None:
     services = config.services
     feature_client: FeatureClient
@@ -270,12 +272,11 @@ def _build_router(
         ),
     )
     if app.triton is not None:
-        # Triton's metrics port is known only when configured (a bundled server on a free port keeps it to itself).
-        triton_host = (config.triton.url or "127.0.0.1").rpartition(":")[0] or "127.0.0.1"
-        port = config.triton.metrics_port
-        statistics = TritonStatisticsCollector(
-            app.triton, config, metrics, metrics_url=f"http://{triton_host}:{port}/metrics" if port else None
-        )
+        if triton_metrics_url is None and config.triton.metrics_port:
+            # A Triton run elsewhere: its metrics port only if configured.
+            triton_host = (config.triton.url or "127.0.0.1").rpartition(":")[0] or "127.0.0.1"
+            triton_metrics_url = f"http://{triton_host}:{config.triton.metrics_port}/metrics"
+        statistics = TritonStatisticsCollector(app.triton, config, metrics, metrics_url=triton_metrics_url)
         app.registry.register(statistics)
         app.starters.append(statistics.start)  # after the Triton warm-up: its first snapshot is the cost baseline
         app.closers.append(statistics.stop)

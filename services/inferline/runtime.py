@@ -55,7 +55,13 @@ def _supervised_app(
             task.add_done_callback(_background.discard)
 
     supervisor = TritonSupervisor(launcher, on_change=on_change)
-    app = build_app(config, roles, launcher.grpc_url, model_available=lambda: supervisor.available)
+    app = build_app(
+        config,
+        roles,
+        launcher.grpc_url,
+        model_available=lambda: supervisor.available,
+        triton_metrics_url=launcher.metrics_url,
+    )
     return app, supervisor
 
 

@@ -519,3 +519,51 @@ async def sweep(
         knee_is_lower_bound=knee is not None and len(steps) == len(rates) and steps[-1].passed,
         generator_fell_behind_at=[st.result.rate for st in steps if st.result.fell_behind],
     )
+
+
+def merge_load_results(results: Sequence[LoadResult], *, max_start_lag_s: float = 0.005) -> LoadResult:
+    """One ``LoadResult`` for several generators that drove the same target at the same time.
+
+    Each generator (e.g. one per process, each with its share of the rate and its own seed)
+    covered the same measured window; every result must hold its records
+    (``keep_records=True``), from which latencies, response times and start lags are
+    recomputed. Rates, counts and ``generator_cpu`` (cores busy) are summed. The merged
+    records keep each generator's request numbers, so an ``index`` is not unique.
+    """
+    if not results:
+        raise ValueError("nothing to merge")
+    if any(r.sent and not r.records for r in results):
+        raise ValueError("every result needs its records (run_open_loop(..., keep_records=True))")
+    duration = max(r.duration_s for r in results)
+    deadline = results[0].deadline_s
+    records = [rec for r in results for rec in r.records]
+    ok_lat = [rec.latency_s for rec in records if rec.outcome == OK]
+    ok_resp = [rec.start_lag_s + rec.latency_s for rec in records if rec.outcome == OK]
+    within = sum(1 for t in ok_resp if t <= deadline)
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r.errors)
+    lags = sorted(rec.start_lag_s for rec in records if not math.isnan(rec.start_lag_s))
+    lag_p99 = percentile(lags, 99)
+    window = duration if duration > 0 else math.nan
+    return LoadResult(
+        rate=round(sum(r.rate for r in results), 3),
+        duration_s=duration,
+        deadline_s=deadline,
+        offered_rate=round(len(records) / window, 3),
+        achieved_rate=round(sum(r.achieved_rate for r in results), 3),
+        goodput=round(within / window, 3),
+        sent=len(records),
+        ok=len(ok_lat),
+        ok_within_deadline=within,
+        missed_deadline=len(ok_lat) - within,
+        latency=LatencySummary.of(ok_lat),
+        response_time=LatencySummary.of(ok_resp),
+        errors=dict(sorted(errors.items())),
+        start_lag_p50_ms=_ms(percentile(lags, 50)),
+        start_lag_p99_ms=_ms(lag_p99),
+        start_lag_max_ms=_ms(lags[-1]) if lags else math.nan,
+        fell_behind=bool(lags) and lag_p99 > max_start_lag_s,
+        generator_cpu=round(sum(r.generator_cpu for r in results), 3),
+        records=records,
+    )

@@ -122,6 +122,8 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             raise
         total_ms = (time.perf_counter() - started) * 1000
         self._metrics.observe_success(route, traffic_class, "PRIMARY", "", {"total": total_ms})
+        rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
+        self._metrics.observe_model_answer(route, response.model_name, int(rows))  # its share of the model's cost
         return response
 
     async def _forward(self, request: Any, entry: Entry, context: Context) -> Any:
