@@ -389,6 +389,18 @@ class ServiceAddresses(_Model):
     degradation: str | None = None
 
 
+class TracingConfig(_Model):
+    """OpenTelemetry spans per request and per layer; off by default (no cost when off)."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console"] = "otlp"
+    """``otlp``: OTLP over gRPC to ``endpoint`` (a collector); ``console``: printed (debugging)."""
+    endpoint: str = "http://127.0.0.1:4317"
+    service_name: str = "inferline-router"
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    """Share of requests traced (parent-based, by trace id)."""
+
+
 class DeviceClassConfig(_Model):
     cost_per_hour: float = Field(ge=0)
     """What an hour of this device costs (any currency; used for cost per 1K requests)."""
@@ -404,6 +416,7 @@ class InferlineConfig(_Model):
     jwt: JwtConfig | None = None
     """JWT bearer tokens; None accepts API keys only."""
     rate_limit: RateLimitConfig = RateLimitConfig()
+    tracing: TracingConfig = TracingConfig()
     device_classes: dict[str, DeviceClassConfig] = {
         "cpu": DeviceClassConfig(cost_per_hour=0.20),
         "gpu": DeviceClassConfig(cost_per_hour=3.00),
