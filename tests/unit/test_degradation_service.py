@@ -197,13 +197,24 @@ async def test_cache_miss_goes_to_light_model_with_its_columns(
     np.testing.assert_array_equal(light.calls[0], np.array([[0.9, 0.1], [0.9, 0.2]], np.float32))  # acc, conv
 
 
-async def test_features_degraded_prefers_light_model_over_cache(
-    service: DegradationService, cache: DictCache, clock: FakeClock, light: FakeLight
+@pytest.mark.parametrize("reason", [Reason.FEATURES_DEGRADED, Reason.OVERLOAD])
+async def test_features_degraded_and_overload_prefer_light_model_over_cache(
+    service: DegradationService, cache: DictCache, clock: FakeClock, light: FakeLight, reason: Reason
 ) -> None:
     cache.seed("t1", [1, 2], [0.8, 0.3])
-    answer = await degrade(service, clock, [1, 2], features([0.1, 0.2]), Reason.FEATURES_DEGRADED)
+    answer = await degrade(service, clock, [1, 2], features([0.1, 0.2]), reason)
     assert answer.served_by is ServedBy.LIGHT
     assert cache.reads == 0
+
+
+@pytest.mark.parametrize("reason", [Reason.DEADLINE, Reason.MODEL_UNAVAILABLE, Reason.CIRCUIT_OPEN])
+async def test_other_reasons_prefer_the_cache(
+    service: DegradationService, cache: DictCache, clock: FakeClock, light: FakeLight, reason: Reason
+) -> None:
+    cache.seed("t1", [1, 2], [0.8, 0.3])
+    answer = await degrade(service, clock, [1, 2], features([0.1, 0.2]), reason)
+    assert answer.served_by is ServedBy.CACHE
+    assert light.calls == []
 
 
 async def test_features_degraded_falls_back_to_cache_when_light_fails(

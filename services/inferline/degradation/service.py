@@ -26,6 +26,9 @@ from inferline.features.vector import FeatureVector
 
 logger = logging.getLogger(__name__)
 
+_LIGHT_FIRST = frozenset({Reason.FEATURES_DEGRADED, Reason.OVERLOAD})
+"""Reasons for which the light model is tried before the cache (see ``DegradationService``)."""
+
 LIGHT_HEADROOM = 1.5
 """The light model is tried only if ``predicted latency × LIGHT_HEADROOM + LIGHT_MARGIN_S`` fits."""
 LIGHT_MARGIN_S = 0.0005
@@ -91,8 +94,10 @@ class DegradationService:
     2. Light model, when the route has one, features are given and hold its columns, and
        ``predicted_latency × 1.5 + 0.5 ms`` fits the time left → LIGHT. Failure, timeout
        or invalid output (wrong size, non-finite, outside the route's score range)
-       falls through. With reason FEATURES_DEGRADED steps 1 and 2 swap: the light model,
-       on its reduced feature set, is preferred over possibly older cached answers.
+       falls through. With reason FEATURES_DEGRADED or OVERLOAD steps 1 and 2 swap: the
+       light model is preferred over possibly older cached answers — on its reduced
+       feature set, or because the main path is merely busy and the light model is the
+       route's cheaper way to a fresh, model-based answer.
     3. Per entity: its fresh cached score, else the baseline → BASELINE when any baseline
        score was used, else CACHE. The baseline needs nothing, so an answer always comes.
 
@@ -160,7 +165,7 @@ class DegradationService:
             route: Route name.
             ids: Entity keys, in request order.
             features: The entities' feature matrix the caller holds (rows = ids), or None.
-            reason: Why the primary path was abandoned; FEATURES_DEGRADED prefers the light model.
+            reason: Why the primary path was abandoned; FEATURES_DEGRADED and OVERLOAD prefer the light model.
             deadline: The caller's deadline; steps that cannot fit are skipped.
 
         Raises:
@@ -174,14 +179,14 @@ class DegradationService:
         if features is not None and features.rows != n:
             raise InvalidInput("features", f"{features.rows} feature rows for {n} entities")
         cached: list[CachedScore | None] | None = None
-        if reason is not Reason.FEATURES_DEGRADED:
+        if reason not in _LIGHT_FIRST:
             cached = await self._lookup(tenant, plan, ids, deadline)
             if all(c is not None for c in cached):
                 return self._compose(plan, cached, features, n)
         answer = await self._light(plan, features, n, deadline)
         if answer is not None:
             return answer
-        if cached is None:  # FEATURES_DEGRADED: the cache comes after the light model
+        if cached is None:  # the cache comes after the light model
             cached = await self._lookup(tenant, plan, ids, deadline)
         return self._compose(plan, cached, features, n)
 
