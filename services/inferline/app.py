@@ -22,6 +22,7 @@ from inferline.core.auth import Authenticator
 from inferline.core.config import InferlineConfig
 from inferline.core.grpc_server import ServiceRegistration
 from inferline.core.metrics import ServingMetrics
+from inferline.core.tracing import build_tracer
 from inferline.degradation.client import DegradationClient, GrpcDegradationClient, LocalDegradationClient
 from inferline.degradation.factory import build_degradation_service
 from inferline.degradation.service import DegradationService
@@ -264,7 +265,10 @@ def _build_router(
         feature_client, executor, post_client, degradation_client, plans,
         breakers, model_available, app.recovery, model_for_class, is_ready,
     )  # fmt: skip
-    inference = InferenceServicer(router, config, plans, metrics, gate)
+    tracer = build_tracer(config.tracing)
+    if tracer is not None:
+        app.closers.append(tracer.close)  # flushes the queued spans
+    inference = InferenceServicer(router, config, plans, metrics, gate, tracer)
     app.registrations.insert(
         0,
         ServiceRegistration(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import uuid
@@ -16,6 +17,7 @@ from inferline.core.entities import parse_entity_ids
 from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, Shed, rpc_method
 from inferline.core.metrics import ServingMetrics
 from inferline.core.served_by import Reason, ServedBy
+from inferline.core.tracing import RequestTracer
 from inferline.router.admission import Verdict
 from inferline.router.gate import Entry, RequestGate, TenantRules
 from inferline.router.plan import RoutePlan
@@ -48,8 +50,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         plans: Mapping[str, RoutePlan],
         metrics: ServingMetrics,
         gate: RequestGate,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self._service = service
+        self._tracer = tracer
         self._metrics = metrics
         self._gate = gate
         self._plans = plans
@@ -65,6 +69,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             entry = await self._gate.admit(tenant, plan.name, traffic_class)
         except InferlineError as err:
             self._count_error(request, err)
+            if self._tracer is not None:
+                self._tracer.record_error(request, err, started_at, context.invocation_metadata())
             raise
         permit = entry.permit
         outcome: PredictOutcome | None = None
@@ -76,6 +82,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         except InferlineError as err:
             self._count_error(request, err)
+            if self._tracer is not None:
+                self._tracer.record_error(request, err, started_at, context.invocation_metadata())
             raise
         finally:
             reason = outcome.reason if outcome is not None else None
@@ -95,6 +103,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             },
         )
         self._metrics.observe_model_answer(call.route.name, outcome.model_name, len(call.ids))
+        if self._tracer is not None:  # next loop turn: the response goes to gRPC first, and waits on no span
+            metadata = context.invocation_metadata()
+            asyncio.get_running_loop().call_soon(self._tracer.record, call, outcome, started_at, metadata)
         return self._response(request, call, outcome)
 
     def _count_error(self, request: pb.PredictRequest, err: InferlineError) -> None:
