@@ -9,8 +9,9 @@ wait, for every request alike, at the cost of ~200 wake-ups a second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+
+from inferline.core.background import BackgroundTask
 
 
 class LoopLagMonitor:
@@ -25,7 +26,7 @@ class LoopLagMonitor:
         self._tick_s = tick_s
         self._alpha = alpha
         self._lag_s = 0.0
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("loop-lag-monitor", self._run)
 
     @property
     def queue_wait_s(self) -> float:
@@ -36,15 +37,10 @@ class LoopLagMonitor:
         self._lag_s += self._alpha * (max(0.0, lag_s) - self._lag_s)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag-monitor")
+        self._task.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
 
     async def _run(self) -> None:
         while True:

@@ -13,12 +13,11 @@ variant out of selection.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Protocol
 
+from inferline.core.background import BackgroundTask, every
 from inferline.core.errors import DependencyUnavailable, InferlineError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ class ModelReadiness:
         self._models = tuple(dict.fromkeys([*models, *self._optional]))
         self._interval_s = interval_s
         self._unready: frozenset[str] = self._optional
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("model-readiness", every(interval_s, self.refresh, "model readiness refresh"))
 
     def is_ready(self, model: str) -> bool:
         """False after Triton said the model is not ready (or, for an optional model, until it said it is)."""
@@ -71,20 +70,7 @@ class ModelReadiness:
     async def start(self) -> None:
         """Refresh once now, then every ``interval_s`` in the background."""
         await self.refresh()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="model-readiness")
+        self._task.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.refresh()
-            except Exception:  # a background refresher must never die of one bad round
-                logger.exception("model readiness refresh failed")
+        await self._task.stop()

@@ -21,7 +21,6 @@ What Triton's figures mean (``ModelStatistics``, summed here over a model's vers
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from tritonclient.grpc import service_pb2
 
+from inferline.core.background import BackgroundTask, every
 from inferline.core.config import InferlineConfig
 from inferline.core.metrics import ServingMetrics
 from inferline.triton.class_copies import COPY_SEPARATOR
@@ -218,7 +218,7 @@ class TritonStatisticsCollector(Collector):
         self._gpu: dict[str, float] = {}
         self._families: list[Metric] = self._build()
         self._warned_at = -math.inf
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("triton-statistics", every(interval_s, self.refresh, "Triton statistics refresh"))
 
     def collect(self) -> Iterable[Metric]:
         """The last snapshot's families (built on the event loop; replaced whole, never mutated)."""
@@ -303,20 +303,7 @@ class TritonStatisticsCollector(Collector):
     async def start(self) -> None:
         """Snapshot now (the cost baseline), then every ``interval_s`` in the background."""
         await self.refresh()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="triton-statistics")
+        self._task.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.refresh()
-            except Exception:  # a background refresher must never die of one bad round
-                logger.exception("Triton statistics refresh failed")
+        await self._task.stop()
