@@ -1,4 +1,4 @@
-"""The ``inferline`` command line: up, serve, triton (and triton class-copies), predict."""
+"""The ``inferline`` command line: up, serve, triton (and triton class-copies), predict, bench."""
 
 from __future__ import annotations
 
@@ -187,6 +187,63 @@ def predict(
             typer.echo(json.dumps({"code": err.code().name, "message": err.details()}), err=True)
             raise typer.Exit(1) from err
     typer.echo(json_format.MessageToJson(response, preserving_proto_field_name=True))
+
+
+@cli.command()
+def bench(
+    target: Annotated[list[str], typer.Option(help="KIND=HOST:PORT, repeatable; KIND: predict | kserve | triton")],
+    mode: Annotated[str, typer.Option(help="fixed (one rate) | sweep (find the knee)")] = "fixed",
+    rate: Annotated[float, typer.Option(help="fixed: requests per second")] = 200.0,
+    start: Annotated[float, typer.Option(help="sweep: first rate")] = 100.0,
+    factor: Annotated[float, typer.Option(help="sweep: rate multiplier per step")] = 1.25,
+    max_rate: Annotated[float, typer.Option(help="sweep: highest rate tried")] = 5000.0,
+    duration: Annotated[float, typer.Option(help="measured seconds per run")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="unmeasured seconds before each run")] = 2.0,
+    deadline_ms: Annotated[float, typer.Option(help="deadline of every request")] = 100.0,
+    mix: Annotated[str, typer.Option(help="class=share,...")] = "critical=0.3,standard=0.35,batch=0.35",
+    tenant_key: Annotated[list[str] | None, typer.Option(help="API key, repeatable (round robin)")] = None,
+    generators: Annotated[int, typer.Option(help="generator processes (0: one per 1500 req/s)")] = 0,
+    route: Annotated[str, typer.Option(help="Predict route")] = "driver_ranking",
+    model: Annotated[str, typer.Option(help="KServe v2 model")] = "driver_ranker",
+    seed: Annotated[int, typer.Option(help="seed of arrivals and classes")] = 1,
+    out: Annotated[Path | None, typer.Option(help="writes OUT.json and OUT.html")] = None,
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Open-loop load (Poisson arrivals, mixed classes, deadlines) against Predict and KServe v2 targets."""
+    import time
+
+    from inferline.bench.mix import DEFAULT_PRIORITIES, TrafficMix
+    from inferline.bench.multiproc import Generators
+    from inferline.bench.recording import make_targets
+    from inferline.bench.report import knee_text, write_report
+    from inferline.bench.runner import BenchSettings, run_bench, step_line
+
+    priorities = dict(DEFAULT_PRIORITIES)
+    if config.is_file():  # Triton priority of each class, as the router would send it
+        priorities = {name: c.priority for name, c in _load(config).traffic_classes.items()}
+    keys = tuple(tenant_key or (os.environ.get("INFERLINE_API_KEY") or DEMO_API_KEY,))
+    try:
+        specs = make_targets(target, route=route, model=model, api_keys=keys, priorities=priorities)
+        settings = BenchSettings(
+            targets=specs, mix=TrafficMix.parse(mix), mode=mode, rate=rate, start_rate=start, factor=factor,
+            max_rate=max_rate, duration_s=duration, warmup_s=warmup, deadline_s=deadline_ms / 1000.0,
+            generators=generators, seed=seed,
+        )  # fmt: skip
+        settings.rates()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    out = out or Path(f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    with Generators(settings.generator_count()) as gens:
+        try:
+            result = _run(run_bench(settings, gens, lambda t, s: typer.echo(step_line(t, s))))
+        except RuntimeError as err:
+            typer.echo(f"bench failed: {err}", err=True)
+            raise typer.Exit(1) from err
+    for entry in result["targets"]:
+        if entry["knee"]:
+            typer.echo(f"{entry['name']}: knee {knee_text(entry)} ({entry['knee']['stopped_reason']})")
+    json_path, html_path = write_report(result, out)
+    typer.echo(f"results: {json_path}\nreport:  {html_path}")
 
 
 @cli.command()

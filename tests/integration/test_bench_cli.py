@@ -1,0 +1,66 @@
+"""``inferline bench`` end to end: a fixed low rate against the real router (Predict) and Triton directly."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.router_fixtures import ROOT, ServerProcess
+
+pytestmark = pytest.mark.requires_triton
+
+RATE = 40.0
+
+
+@pytest.fixture(scope="module")
+def bench_run(
+    router_server: ServerProcess, triton_server: object, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess[str], pathlib.Path]:
+    out = tmp_path_factory.mktemp("bench") / "b"
+    command = [
+        sys.executable, "-m", "inferline.cli", "bench",
+        "--target", f"predict={router_server.address}",
+        "--target", f"triton={triton_server.grpc_url}",  # type: ignore[attr-defined]
+        "--mode", "fixed", "--rate", f"{RATE:g}", "--duration", "3", "--warmup", "0.5", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    print(done.stdout, done.stderr, sep="\n")  # shown with -s, and on failure
+    return done, out
+
+
+def test_bench_exits_cleanly_and_writes_both_files(
+    bench_run: tuple[subprocess.CompletedProcess[str], pathlib.Path],
+) -> None:
+    done, out = bench_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    json_path, html_path = out.with_name("b.json"), out.with_name("b.html")
+    assert json_path.is_file() and html_path.is_file()
+    assert html_path.read_text().count("data:image/png;base64,") == 3
+    assert f"results: {json_path}" in done.stdout
+
+
+def test_achieved_rate_matches_the_offered_one_at_low_load(
+    bench_run: tuple[subprocess.CompletedProcess[str], pathlib.Path],
+) -> None:
+    done, out = bench_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.with_name("b.json").read_text())
+    assert [t["name"] for t in result["targets"]] == ["predict", "triton"]
+    for target in result["targets"]:
+        (step,) = target["steps"]
+        name = target["name"]
+        assert step["send_rate"] == pytest.approx(RATE, rel=0.15), name
+        assert step["send_rate"] == pytest.approx(step["offered_rate"], rel=0.02), name
+        assert step["fell_behind"] is False, (name, step["start_lag_p99_ms"])
+        assert step["goodput"] > 0.9 * step["offered_rate"], (name, step["errors"], step["error_details"])
+    predict, triton = result["targets"]
+    assert predict["steps"][0]["served_by"], "Predict answers say who served them"
+    assert set(predict["steps"][0]["records"]["served_by"]) - {None} <= {"PRIMARY", "LIGHT", "CACHE", "BASELINE"}
+    assert triton["steps"][0]["served_by"] is None
+    # Same schedule for both targets, one after the other.
+    assert predict["steps"][0]["records"]["t_s"] == triton["steps"][0]["records"]["t_s"]
+    assert predict["steps"][0]["records"]["class"] == triton["steps"][0]["records"]["class"]
