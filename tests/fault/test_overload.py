@@ -70,7 +70,8 @@ def router(routers: Routers, fault_triton: TritonLauncher) -> Iterator[ServerPro
     with routers.running(
         "overload",
         triton=fault_triton,
-        routes={ROUTE: {"primary": {"model": NARROW_MODEL}}},
+        # A limit floor to suit the narrow model: it serves about 3 requests at a time.
+        routes={ROUTE: {"primary": {"model": NARROW_MODEL}, "admission": {"min_limit": 4}}},
         # Merged calls must fit the narrow model's batches, and two calls per priority in
         # flight keep its one instance busy (one would leave it idle between calls).
         env={
