@@ -107,7 +107,9 @@ def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> No
 
 def _executor(config: InferlineConfig, triton_url: str, app: App) -> CoalescingExecutor:
     limits = {v.model: r.max_in_flight for r in config.routes.values() for v in r.full_variants}
-    triton = TritonExecutor(triton_url, max_in_flight=limits)
+    copies = config.triton.class_copies
+    bases = {copy_name(m, c): m for m in copies.models for c in copies.classes}
+    triton = TritonExecutor(triton_url, max_in_flight=limits, shares_bound_with=bases)
     app.triton = triton
     executor = CoalescingExecutor(triton, config.triton.coalesce_max_concurrent, config.triton.coalesce_max_batch_rows)
     app.closers.append(executor.close)

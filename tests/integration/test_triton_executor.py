@@ -79,3 +79,21 @@ async def test_unreachable_triton_is_unavailable() -> None:
             await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(2), priority=1)
     finally:
         await executor.close()
+
+
+async def test_a_class_copy_shares_its_base_models_in_flight_bound(triton_server: TritonLauncher) -> None:
+    """Calls to a traffic class's copy and to its base model run on the same instances: one bound."""
+    copy = "driver_ranker__batch"
+    executor = TritonExecutor(
+        triton_server.grpc_url, max_in_flight={"driver_ranker": 1}, shares_bound_with={copy: "driver_ranker"}
+    )
+    try:
+        big = np.tile(ROWS, (32, 1))
+        with pytest.raises(ModelBudgetExceeded):  # abandoned, but in flight on Triton for a while
+            await executor.infer("driver_ranker", big, deadline=Deadline.after(0.0001), priority=3)
+        if executor.in_flight("driver_ranker") == 1:
+            assert executor.in_flight(copy) == 1
+            with pytest.raises(ModelOverloaded):
+                await executor.infer(copy, ROWS, deadline=Deadline.after(2), priority=3)
+    finally:
+        await executor.close()

@@ -134,18 +134,28 @@ class TritonExecutor:
     """
 
     def __init__(
-        self, url: str, max_in_flight: Mapping[str, int] | None = None, default_max_in_flight: int = 64
+        self,
+        url: str,
+        max_in_flight: Mapping[str, int] | None = None,
+        default_max_in_flight: int = 64,
+        shares_bound_with: Mapping[str, str] | None = None,
     ) -> None:
+        """``shares_bound_with`` maps a model to the model whose in-flight bound it shares: a
+        traffic class's copy runs on the same instances as its base model, so calls to the
+        copies and the base count against one bound, or Triton's queue could grow past it."""
         self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._limits: dict[str, InFlightLimit] = {m: InFlightLimit(n) for m, n in (max_in_flight or {}).items()}
         self._default_limit = default_max_in_flight
+        self._shared = dict(shares_bound_with or {})
         self._abandoned = 0
 
     def _limit(self, model: str) -> InFlightLimit:
         limit = self._limits.get(model)
         if limit is None:
-            limit = self._limits[model] = InFlightLimit(self._default_limit)
+            base = self._shared.get(model)
+            limit = self._limit(base) if base is not None else InFlightLimit(self._default_limit)
+            self._limits[model] = limit
         return limit
 
     async def infer(
