@@ -64,6 +64,48 @@ async def _traffic(
     return responses, errors
 
 
+async def _burst(address: str, n: int, deadline_s: float) -> dict[str, Counter[str]]:
+    """``n`` requests sent at once, a third of each class: outcome counts per class."""
+    classes = ("critical", "standard", "batch")
+    outcomes: dict[str, Counter[str]] = {c: Counter() for c in classes}
+    metadata = (("authorization", f"Bearer {DEMO_KEY}"),)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        await channel.channel_ready()
+
+        async def one(i: int) -> None:
+            traffic_class = classes[i % 3]
+            request = pb.PredictRequest(
+                route="driver_ranking",
+                entities=[pb.EntityKey(name="driver_id", int64_value=1001 + i % 1000)],
+                traffic_class=traffic_class,
+            )
+            try:
+                response = await stub.Predict(request, timeout=deadline_s, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                shed = err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                outcomes[traffic_class]["shed" if shed else err.code().name] += 1
+            else:
+                outcomes[traffic_class][_served(response)] += 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return outcomes
+
+
+def _report_burst(console: Console, outcomes: dict[str, Counter[str]]) -> None:
+    table = Table(title="burst: outcome per traffic class")
+    table.add_column("class")
+    table.add_column("requests", justify="right")
+    table.add_column("outcomes")
+    for traffic_class, counts in outcomes.items():
+        table.add_row(
+            traffic_class,
+            str(sum(counts.values())),
+            ", ".join(f"{name} {count}" for name, count in counts.most_common()),
+        )
+    console.print(table)
+
+
 def _served(response: pb.PredictResponse) -> str:
     served = pb.ServedBy.Name(response.served_by).removeprefix("SERVED_BY_")
     reason = pb.DegradationReason.Name(response.degradation_reason).removeprefix("DEGRADATION_REASON_")
@@ -105,6 +147,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="deploy/local/inferline.yaml")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--burst", type=int, default=300, help="requests sent at once in the admission phase")
     args = parser.parse_args()
     console = Console()
     port = free_port()
@@ -136,6 +179,11 @@ def main() -> int:
         console.print("now 100 requests, one at a time, with a 10 ms deadline: too short for the main path")
         tight, tight_errors = asyncio.run(_traffic(f"127.0.0.1:{port}", 100, 0.010, 1))
         _report(console, "deadline 10 ms", tight, tight_errors)
+        # Admission control: far more requests at once than the route's concurrency limit. The
+        # lowest classes are shed first (RESOURCE_EXHAUSTED with a retry hint); critical is never
+        # shed: over the limit it gets a degraded answer (OVERLOAD) instead.
+        console.print(f"now a burst of {args.burst} requests at once, a third of each class, deadline 250 ms")
+        _report_burst(console, asyncio.run(_burst(f"127.0.0.1:{port}", args.burst, 0.25)))
         return 0 if responses and not errors else 1
     except TimeoutError as err:
         console.print(f"[red]{err}[/red]\n" + log.read_text()[-3000:])
