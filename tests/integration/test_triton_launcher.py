@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -131,3 +132,26 @@ def test_restart_gives_new_pid_and_ready_models(triton_config: TritonConfig, tmp
         finally:
             client.close()
     assert not launcher.is_running()
+
+
+def test_a_temporary_log_is_removed_after_a_clean_run_and_kept_after_a_crash(triton_config: TritonConfig) -> None:
+    clean = TritonLauncher(triton_config)
+    clean.start()
+    clean_log = clean.log_path
+    assert clean_log is not None and clean_log.exists()
+    clean.stop()
+    assert not clean_log.exists(), "a clean run's temporary log is removed"
+
+    crashed = TritonLauncher(triton_config)
+    crashed.start()
+    crashed_log, pid = crashed.log_path, crashed.pid
+    assert crashed_log is not None and pid is not None
+    try:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while crashed.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        crashed.stop()
+        assert crashed_log.exists(), "the log of a server that died on its own is kept"
+    finally:
+        crashed_log.unlink(missing_ok=True)

@@ -184,6 +184,9 @@ class TritonLauncher:
     def __init__(self, config: TritonConfig, log_path: pathlib.Path | None = None) -> None:
         self._config = config
         self._log_path = log_path
+        self._owns_log = False
+        """The log is a temporary file of ours: removed on stop unless the server ever failed."""
+        self._failed = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._last_returncode: int | None = None
         self._ports: dict[str, int] = {}
@@ -262,6 +265,7 @@ class TritonLauncher:
                 self._spawn(command, _server_environ(install))
                 self._wait_ready(time.monotonic() + self._config.startup_timeout_s)
             except BaseException:
+                self._failed = True
                 self.stop()
                 raise
             logger.info("tritonserver ready (pid %s, grpc %s, models %s)", self.pid, self.grpc_url, self._models)
@@ -276,12 +280,16 @@ class TritonLauncher:
             try:
                 if proc.poll() is None:
                     self._terminate(proc, timeout_s)
+                else:
+                    self._failed = True  # it died on its own: keep its log
             finally:
                 _kill_group(proc.pid)
                 proc.wait()
                 self._proc = None
                 self._last_returncode = proc.returncode
                 self._remove_workdir()
+                if self._owns_log and not self._failed and self._log_path is not None:
+                    self._log_path.unlink(missing_ok=True)
 
     def restart(self) -> None:
         """Stop (if needed) and start again on the same ports."""
@@ -335,6 +343,7 @@ class TritonLauncher:
             fd, name = tempfile.mkstemp(prefix="inferline-tritonserver-", suffix=".log")
             os.close(fd)
             self._log_path = pathlib.Path(name)
+            self._owns_log = True
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with self._log_path.open("ab") as log:
             log.write(f"=== inferline: starting {' '.join(command)}\n".encode())
