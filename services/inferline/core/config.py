@@ -383,6 +383,31 @@ class ScoreCacheConfig(_Model):
     key_prefix: str = "inferline"
 
 
+class ClassShedConfig(_Model):
+    """Envoy's adaptive shedding of one traffic class, before the router sees the request."""
+
+    sr_threshold: float = Field(0.95, gt=0, le=1)
+    """Below this success rate of the class's recent requests, Envoy starts rejecting some of them."""
+    window_s: float = Field(5.0, gt=0)
+    """The sliding window the success rate is measured over."""
+    aggression: float = Field(1.5, ge=1)
+    """How steeply the rejection probability rises as the success rate falls."""
+    max_rejection_probability: float = Field(0.95, gt=0, le=1)
+
+
+class GatewayConfig(_Model):
+    """The Envoy ingress in front of the router replicas (``inferline gateway render``)."""
+
+    port: int = Field(8080, ge=0, le=65535)
+    admin_port: int = Field(9901, ge=0, le=65535)
+    routers: list[str] = ["127.0.0.1:50051"]
+    """host:port of each router replica; Envoy balances requests (not connections) over them."""
+    shed: dict[str, ClassShedConfig] = {}
+    """Traffic classes Envoy may shed on its own (C++, before any Python runs), by the
+    ``x-inferline-traffic-class`` request header; a class not listed is always forwarded."""
+    max_request_bytes: int = Field(1 << 20, gt=0)
+
+
 class ServiceAddresses(_Model):
     """Where the router reaches the other services; None means in-process (embedded)."""
 
@@ -419,6 +444,7 @@ class InferlineConfig(_Model):
     """JWT bearer tokens; None accepts API keys only."""
     rate_limit: RateLimitConfig = RateLimitConfig()
     tracing: TracingConfig = TracingConfig()
+    gateway: GatewayConfig = GatewayConfig()
     device_classes: dict[str, DeviceClassConfig] = {
         "cpu": DeviceClassConfig(cost_per_hour=0.20),
         "gpu": DeviceClassConfig(cost_per_hour=3.00),
@@ -454,6 +480,11 @@ class InferlineConfig(_Model):
                     raise ValueError(
                         f"routes.{route_name}: variant {variant.model!r} runs on unknown device {variant.device!r}"
                     )
+        for cls in self.gateway.shed:
+            if cls not in self.traffic_classes:
+                raise ValueError(f"gateway.shed: unknown traffic class {cls!r}")
+            if not self.traffic_classes[cls].sheddable:
+                raise ValueError(f"gateway.shed: traffic class {cls!r} may not be shed (sheddable: false)")
         for cls in self.triton.class_copies.classes:
             if cls not in self.traffic_classes:
                 raise ValueError(f"triton.class_copies.classes: unknown traffic class {cls!r}")
