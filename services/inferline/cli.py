@@ -1,4 +1,4 @@
-"""The ``inferline`` command line: up, serve, triton (and triton class-copies), predict, bench."""
+"""The ``inferline`` command line: up, serve, triton (and triton class-copies), gateway render, predict, bench."""
 
 from __future__ import annotations
 
@@ -134,6 +134,37 @@ def class_copies(
         raise typer.Exit(1) from err
     for name in names:
         typer.echo(str(target / name))
+
+
+gateway_cli = typer.Typer(no_args_is_help=True, help="The Envoy ingress in front of the routers.")
+cli.add_typer(gateway_cli, name="gateway")
+
+
+@gateway_cli.command("render")
+def gateway_render(
+    config: ConfigOption = DEFAULT_CONFIG,
+    out: Annotated[Path | None, typer.Option(help="write the YAML here (default: stdout)")] = None,
+    port: Annotated[int | None, typer.Option(help="listener port (default gateway.port)")] = None,
+    admin_port: Annotated[int | None, typer.Option(help="admin port (default gateway.admin_port)")] = None,
+    router: Annotated[
+        list[str] | None, typer.Option(help="router host:port, repeatable (default gateway.routers)")
+    ] = None,
+) -> None:
+    """Render the Envoy bootstrap (envoy -c FILE) that sheds gateway.shed classes before the router."""
+    import yaml
+
+    from inferline.gateway import render_envoy
+
+    try:
+        rendered = render_envoy(_load(config), port=port, admin_port=admin_port, routers=router or None)
+    except ValueError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    text = yaml.safe_dump(rendered, sort_keys=False)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
 
 
 def _entity(spec: str) -> Any:

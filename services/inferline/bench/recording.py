@@ -4,7 +4,8 @@ Three kinds of target, each called with the traffic class of the request (drawn 
 mix) and a tenant picked round robin from the API keys:
 
 - ``predict``: inferline ``Predict``; the gRPC deadline is the request's deadline (the
-  router owns it); the answer's ``served_by`` is recorded.
+  router owns it); the class also goes in ``x-inferline-traffic-class`` metadata, which
+  an Envoy gateway in front sheds by; the answer's ``served_by`` is recorded.
 - ``kserve``: the router's KServe v2 front door (``ModelInfer``), with the bearer token
   and the class in ``x-inferline-traffic-class`` metadata; gRPC deadline = the deadline.
 - ``triton``: Triton directly (``ModelInfer``), with Triton's ``priority`` (from the class)
@@ -177,7 +178,11 @@ def recording_call(
     if spec.kind == "predict":
         pools = _predict_pools(spec, class_names, seed)
         method = inference_pb2_grpc.InferenceStub(channel).Predict
-        metadata: list[list[tuple[tuple[str, str], ...]]] = [[(t,) for t in tenants] for _ in class_names]
+        # The class travels in the body for the router and as metadata for Envoy, which
+        # sheds lower classes by this header before the router sees them (gateway.shed).
+        metadata: list[list[tuple[tuple[str, str], ...]]] = [
+            [(t, (TRAFFIC_CLASS_METADATA, cls)) for t in tenants] for cls in class_names
+        ]
     else:
         pools = _infer_pools(spec, class_names, deadline_s, seed)
         method = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer

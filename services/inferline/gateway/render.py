@@ -1,0 +1,309 @@
+"""Renders the Envoy v3 bootstrap of the ingress that sheds low traffic classes before the router.
+
+A Python gRPC router cannot shed fast enough under overload: a shed still costs ~220 µs of
+router CPU against ~370 µs for an answer, and the backlog forms in gRPC's transport before
+the handler runs. So the lower classes are shed earlier, by Envoy in C++, keyed by the
+``x-inferline-traffic-class`` request header (the bench and well-behaved clients send it;
+the router still authenticates and enforces the class from the request body).
+
+Layout of the rendered config::
+
+    listener 0.0.0.0:port ── http_connection_manager (codec AUTO: gRPC over HTTP/2)
+        http_filters: inferline.shed.<class> (admission_control), one per shed class
+                      envoy.filters.http.buffer, envoy.filters.http.router
+        routes:       header x-inferline-traffic-class == <class> → router, only shed.<class> on
+                      prefix "/" (health, reflection, other classes) → router, every shed.* off
+    cluster inferline_router: HTTP/2, round robin per request, gRPC health checks
+
+``render_envoy`` returns plain dicts and lists; ``inferline gateway render`` dumps them as YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from inferline.core.config import ClassShedConfig, InferlineConfig
+
+TRAFFIC_CLASS_HEADER = "x-inferline-traffic-class"
+ROUTER_CLUSTER = "inferline_router"
+STAT_PREFIX = "inferline_ingress"
+"""Envoy's stats for the listener live under ``http.<STAT_PREFIX>.`` (e.g. ``...admission_control.rq_rejected``)."""
+SHED_FILTER_PREFIX = "inferline.shed."
+SHED_MESSAGE = "shed by the gateway: traffic class over its failure budget"
+"""grpc-message of a gateway shed (status RESOURCE_EXHAUSTED)."""
+
+_ADMISSION_CONTROL = "type.googleapis.com/envoy.extensions.filters.http.admission_control.v3.AdmissionControl"
+_FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_BUFFER = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"
+_CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+# gRPC codes that mean "the router (or its dependencies) could not cope": the only ones that
+# count against a class's success rate. Caller errors (INVALID_ARGUMENT, UNAUTHENTICATED,
+# NOT_FOUND, ...) are answers, not overload: a tenant sending bad requests must not get its
+# whole class shed. UNKNOWN 2, DEADLINE_EXCEEDED 4, RESOURCE_EXHAUSTED 8, ABORTED 10,
+# INTERNAL 13, UNAVAILABLE 14, DATA_LOSS 15.
+_GRPC_FAILURES = frozenset({2, 4, 8, 10, 13, 14, 15})
+GRPC_SUCCESS_CODES = tuple(code for code in range(17) if code not in _GRPC_FAILURES)
+
+# Far above anything one router replica can take: Envoy must never be the limit (its
+# overflow answer is UNAVAILABLE, which clients retry); shedding is admission_control's job.
+_CIRCUIT_LIMIT = 100_000
+
+
+def render_envoy(
+    config: InferlineConfig,
+    *,
+    port: int | None = None,
+    admin_port: int | None = None,
+    routers: list[str] | None = None,
+) -> dict[str, Any]:
+    """The Envoy v3 bootstrap for ``config.gateway`` as a dict (YAML-ready).
+
+    Args:
+        config: the inferline config; ``gateway`` gives ports, routers, shedding and limits.
+        port: listener port instead of ``gateway.port``.
+        admin_port: admin port (bound to 127.0.0.1 only) instead of ``gateway.admin_port``.
+        routers: ``host:port`` of each router replica instead of ``gateway.routers``.
+
+    Raises:
+        ValueError: a router address is not ``host:port`` (shed classes are checked by the config).
+    """
+    gateway = config.gateway
+    listen_port = gateway.port if port is None else port
+    return {
+        # Admin only on loopback: it can change log levels, drain listeners and quit the server.
+        "admin": {"address": _socket_address("127.0.0.1", gateway.admin_port if admin_port is None else admin_port)},
+        "static_resources": {
+            "listeners": [_listener(config, listen_port)],
+            "clusters": [_router_cluster(gateway.routers if routers is None else routers)],
+        },
+    }
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _listener(config: InferlineConfig, port: int) -> dict[str, Any]:
+    """One listener, one HCM: gRPC callers speak HTTP/2, REST tooling HTTP/1.1 (codec AUTO)."""
+    gateway = config.gateway
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": STAT_PREFIX,
+        "codec_type": "AUTO",
+        # A stream with no bytes either way for this long is reset; unary calls never get near it,
+        # a stuck client does not hold a stream forever. No request_timeout: deadlines are the caller's.
+        "stream_idle_timeout": "30s",
+        "common_http_protocol_options": {"idle_timeout": "300s"},
+        # Headers: Envoy's default 60 KiB is ample for metadata; bounded well below max_request_bytes.
+        "max_request_headers_kb": max(1, min(60, gateway.max_request_bytes // 1024)),
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "route_config": _route_config(config),
+        "local_reply_config": _local_replies(),
+        "http_filters": [*_shed_filters(config), _buffer_filter(gateway.max_request_bytes), _router_filter()],
+    }
+    return {
+        "name": "inferline_ingress",
+        "address": _socket_address("0.0.0.0", port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+
+
+def _shed_filters(config: InferlineConfig) -> list[dict[str, Any]]:
+    """One admission_control filter per shed class, so each class has its own success-rate window.
+
+    admission_control has no per-route config of its own, and one filter instance keeps one
+    sliding window: a shared filter would shed ``batch`` because ``standard`` failed. Every
+    route but its class's turns it off (``FilterConfig{disabled: true}``; Envoy 1.40 refuses
+    to switch a chain-disabled filter on with an empty ``FilterConfig``), so health checks,
+    reflection and unlisted classes never pass through any of them. They run before the buffer filter: a rejection costs
+    one header lookup, not a buffered body.
+    """
+    return [
+        {"name": SHED_FILTER_PREFIX + cls, "typed_config": _admission_control(cls, shed)}
+        for cls, shed in config.gateway.shed.items()
+    ]
+
+
+def _admission_control(cls: str, shed: ClassShedConfig) -> dict[str, Any]:
+    """Envoy's client-side-throttling filter (Google SRE book) for one class.
+
+    P(reject) = ((total - success / sr_threshold) / (total + 1)) ** (1 / aggression), capped
+    at ``max_rejection_probability``, over the last ``window_s`` of this class's requests.
+    A rejection is a local 503 reply before any upstream work; its own rejections are not
+    counted, so the class recovers once the router answers again. Runtime keys let an
+    operator tune a live Envoy (``/runtime_modify``) without a new config.
+    """
+    runtime = f"inferline.shed.{cls}"
+    return {
+        "@type": _ADMISSION_CONTROL,
+        "enabled": {"default_value": True, "runtime_key": f"{runtime}.enabled"},
+        "sampling_window": _duration(shed.window_s),
+        "sr_threshold": {"default_value": {"value": shed.sr_threshold * 100}, "runtime_key": f"{runtime}.sr_threshold"},
+        "aggression": {"default_value": shed.aggression, "runtime_key": f"{runtime}.aggression"},
+        "max_rejection_probability": {
+            "default_value": {"value": shed.max_rejection_probability * 100},
+            "runtime_key": f"{runtime}.max_rejection_probability",
+        },
+        "success_criteria": {
+            "grpc_criteria": {"grpc_success_status": list(GRPC_SUCCESS_CODES)},
+            # Non-gRPC callers (REST tooling): only 5xx means the backend is struggling.
+            "http_criteria": {"http_success_status": [{"start": 100, "end": 500}]},
+        },
+    }
+
+
+def _local_replies() -> dict[str, Any]:
+    """Turns admission_control's rejections into gRPC RESOURCE_EXHAUSTED (8).
+
+    The filter answers a plain local 503, which Envoy sends to gRPC callers as UNAVAILABLE
+    (14): the code gRPC clients and retry policies retry at once, into the overload. A shed
+    must read as the router's own shed does (RESOURCE_EXHAUSTED, never in ``retry_on``).
+    Only these rejections are matched (CEL on the response code details); Envoy's other
+    local 503s (no healthy router, connect failure) stay UNAVAILABLE, which is right there.
+    """
+    cel = {
+        "@type": _CEL_FILTER,
+        "expression": "response.code_details.contains('admission_control')",
+    }
+    grpc_status = {"key": "grpc-status", "value": "8"}
+    return {
+        "mappers": [
+            {
+                "filter": {
+                    "extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": cel}
+                },
+                "headers_to_add": [{"header": grpc_status, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "body": {"inline_string": SHED_MESSAGE},
+            }
+        ]
+    }
+
+
+def _buffer_filter(max_request_bytes: int) -> dict[str, Any]:
+    """Refuses request bodies over ``gateway.max_request_bytes`` (413) before they reach a router.
+
+    Buffering costs nothing extra for unary gRPC calls, whose message arrives whole anyway.
+    """
+    return {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": _BUFFER, "max_request_bytes": max_request_bytes},
+    }
+
+
+def _router_filter() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+
+
+def _route_config(config: InferlineConfig) -> dict[str, Any]:
+    """Class routes first (Envoy takes the first match), the catch-all ``/`` route last."""
+    shed = list(config.gateway.shed)
+    routes = [_class_route(cls, shed) for cls in shed]
+    routes.append({"name": "default", "match": {"prefix": "/"}, "route": _route_action(), **_shed_off(shed, keep=None)})
+    return {
+        "name": "inferline",
+        "virtual_hosts": [{"name": "inferline", "domains": ["*"], "routes": routes}],
+    }
+
+
+def _class_route(cls: str, shed: list[str]) -> dict[str, Any]:
+    return {
+        "name": f"class_{cls}",
+        "match": {"prefix": "/", "headers": [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]},
+        "route": _route_action(),
+        **_shed_off(shed, keep=cls),
+    }
+
+
+def _shed_off(shed: list[str], *, keep: str | None) -> dict[str, Any]:
+    """``typed_per_filter_config`` turning off every class's shed filter but ``keep``'s."""
+    off = {SHED_FILTER_PREFIX + cls: {"@type": _FILTER_CONFIG, "disabled": True} for cls in shed if cls != keep}
+    return {"typed_per_filter_config": off} if off else {}
+
+
+def _route_action() -> dict[str, Any]:
+    """Forward to the routers under the caller's own deadline, never retried.
+
+    ``timeout: 0s`` turns off Envoy's 15 s default; ``grpc_timeout_header_max: 0s`` makes the
+    caller's ``grpc-timeout`` the stream's limit, uncapped, so Envoy gives up exactly when the
+    caller does. No ``retry_policy``: a retry of an overloaded router doubles its load, and the
+    router already degrades within the budget itself.
+    """
+    return {
+        "cluster": ROUTER_CLUSTER,
+        "timeout": "0s",
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+    }
+
+
+def _router_cluster(routers: list[str]) -> dict[str, Any]:
+    """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC."""
+    endpoints = [_endpoint(address) for address in routers]
+    static = all(_is_ip(e["endpoint"]["address"]["socket_address"]["address"]) for e in endpoints)
+    return {
+        "name": ROUTER_CLUSTER,
+        # STATIC for IP literals; STRICT_DNS resolves names and follows DNS changes (k8s services).
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": "1s",
+        # Per request, not per connection: one HTTP/2 connection would pin all traffic to one replica.
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}},
+            }
+        },
+        "load_assignment": {"cluster_name": ROUTER_CLUSTER, "endpoints": [{"lb_endpoints": endpoints}]},
+        "health_checks": [_health_check()],
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": _CIRCUIT_LIMIT,
+                    "max_pending_requests": _CIRCUIT_LIMIT,
+                    "max_requests": _CIRCUIT_LIMIT,
+                    "max_retries": 0,
+                }
+            ]
+        },
+    }
+
+
+def _health_check() -> dict[str, Any]:
+    """``grpc.health.v1`` Check against each router: a draining router (NOT_SERVING) leaves rotation.
+
+    ``no_traffic_interval`` is short so a freshly started gateway learns quickly that a router is up.
+    """
+    return {
+        "timeout": "1s",
+        "interval": "2s",
+        "no_traffic_interval": "2s",
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "grpc_health_check": {},
+    }
+
+
+def _endpoint(address: str) -> dict[str, Any]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"router address must be host:port, got {address!r}")
+    return {"endpoint": {"address": _socket_address(host.strip("[]"), int(port))}}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"

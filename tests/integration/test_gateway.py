@@ -1,0 +1,147 @@
+"""Predict through a real Envoy (``inferline gateway render``) in front of a real router and Triton."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import yaml
+
+from inferline.core.config import load_config
+from inferline.core.health_wait import wait_until_serving
+from inferline.core.ports import free_ports
+from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER, render_envoy
+from inferline.v1 import inference_pb2 as pb
+from inferline.v1 import inference_pb2_grpc as pb_grpc
+from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess
+
+pytestmark = pytest.mark.requires_triton
+
+ENVOY = ROOT / ".venv/bin/envoy"
+AUTH = ("authorization", f"Bearer {DEMO_KEY}")
+REJECTED = f"http.{STAT_PREFIX}.admission_control.rq_rejected"
+
+
+@dataclass
+class Gateway:
+    address: str
+    admin_url: str
+    log_path: pathlib.Path
+
+    def stat(self, name: str) -> int:
+        with urllib.request.urlopen(f"{self.admin_url}/stats?filter=^{name}$", timeout=5) as reply:
+            text: str = reply.read().decode()
+        values = [int(line.split(": ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}: ")]
+        return sum(values)
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    router_server: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """Envoy on free ports in front of ``router_server``; ``batch`` shed over a 2 s window."""
+    tmp_path = tmp_path_factory.mktemp("gateway")
+    raw = yaml.safe_load(router_config.read_text())
+    raw["gateway"] = {"shed": {"batch": {"window_s": 2.0, "aggression": 1.0}}}
+    config_path = tmp_path / "inferline.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    port, admin_port = free_ports(2)
+    envoy_yaml = tmp_path / "envoy.yaml"
+    rendered = render_envoy(load_config(config_path), port=port, admin_port=admin_port, routers=[router_server.address])
+    envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    log_path = tmp_path / "envoy.log"
+    command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
+    command += ["--disable-hot-restart", "--concurrency", "2", "-l", "warning"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        gateway = Gateway(f"127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path)
+        try:
+            wait_until_serving(gateway.address, 30, is_alive=lambda: process.poll() is None)
+        except TimeoutError:
+            raise AssertionError(f"envoy did not forward health checks:\n{log_path.read_text()[-4000:]}") from None
+        yield gateway
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def stub(gateway: Gateway) -> Iterator[pb_grpc.InferenceStub]:
+    with grpc.insecure_channel(gateway.address) as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+def _request(traffic_class: str = "") -> pb.PredictRequest:
+    entity = pb.EntityKey(name="driver_id", int64_value=1001)
+    return pb.PredictRequest(route="driver_ranking", entities=[entity], traffic_class=traffic_class)
+
+
+def _metadata(traffic_class: str) -> tuple[tuple[str, str], ...]:
+    return (AUTH, (TRAFFIC_CLASS_HEADER, traffic_class))
+
+
+def test_predict_through_envoy_is_answered_by_the_primary(stub: pb_grpc.InferenceStub) -> None:
+    response = stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
+    assert response.served_by == pb.SERVED_BY_PRIMARY
+
+
+def test_requests_without_a_class_header_take_the_default_route(stub: pb_grpc.InferenceStub) -> None:
+    response = stub.Predict(_request(), metadata=(AUTH,), timeout=2)
+    assert response.served_by == pb.SERVED_BY_PRIMARY
+
+
+def test_short_deadline_through_envoy_degrades_or_expires(stub: pb_grpc.InferenceStub) -> None:
+    codes = Counter[str]()
+    for _ in range(10):
+        try:
+            response = stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=0.012)
+            codes[pb.ServedBy.Name(response.served_by).removeprefix("SERVED_BY_")] += 1
+        except grpc.RpcError as err:
+            codes[err.code().name] += 1
+    assert set(codes) <= {"PRIMARY", "LIGHT", "CACHE", "BASELINE", "DEADLINE_EXCEEDED"}, codes
+
+
+def test_auth_errors_pass_through(stub: pb_grpc.InferenceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Predict(_request("critical"), metadata=((TRAFFIC_CLASS_HEADER, "critical"),), timeout=2)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_failing_batch_is_shed_by_envoy_while_critical_is_served(gateway: Gateway, stub: pb_grpc.InferenceStub) -> None:
+    # 4 ms is under the route's 5 ms fallback reserve: the router refuses at once with
+    # DEADLINE_EXCEEDED, a failure in batch's success rate; Envoy soon sheds some of these.
+    failing = Counter[str]()
+    for _ in range(40):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(_request("batch"), metadata=_metadata("batch"), timeout=0.004)
+        failing[caught.value.code().name] += 1
+    assert set(failing) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, failing
+    rejected_before = gateway.stat(REJECTED)
+    codes = Counter[str]()
+    for _ in range(20):
+        try:
+            stub.Predict(_request("batch"), metadata=_metadata("batch"), timeout=2)
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[f"{err.code().name}: {err.details()}"] += 1
+    # Envoy rejects most (P ≤ max_rejection_probability) and says so as RESOURCE_EXHAUSTED.
+    assert codes[f"RESOURCE_EXHAUSTED: {SHED_MESSAGE}"] >= 5, codes
+    assert set(codes) <= {"OK", f"RESOURCE_EXHAUSTED: {SHED_MESSAGE}"}, codes
+    assert gateway.stat(REJECTED) - rejected_before == codes[f"RESOURCE_EXHAUSTED: {SHED_MESSAGE}"]
+    for _ in range(5):  # another class's window is untouched
+        response = stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
+        assert response.served_by == pb.SERVED_BY_PRIMARY

@@ -1,0 +1,133 @@
+"""The rendered Envoy bootstrap: its structure, and that the real ``envoy --mode validate`` accepts it."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from inferline.cli import cli
+from inferline.core.config import InferlineConfig, parse_config
+from inferline.gateway import ROUTER_CLUSTER, TRAFFIC_CLASS_HEADER, render_envoy
+
+DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
+ENVOY = pathlib.Path(".venv/bin/envoy")
+SHED = {"batch": {"window_s": 2, "sr_threshold": 0.9}, "standard": {}}
+
+
+def _config(**gateway: Any) -> InferlineConfig:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["gateway"] = gateway
+    return parse_config(raw, DEFAULT.parent)
+
+
+def _hcm(rendered: dict[str, Any]) -> dict[str, Any]:
+    hcm: dict[str, Any] = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    return hcm["typed_config"]  # type: ignore[no-any-return]
+
+
+def _routes(rendered: dict[str, Any]) -> list[dict[str, Any]]:
+    return _hcm(rendered)["route_config"]["virtual_hosts"][0]["routes"]  # type: ignore[no-any-return]
+
+
+def _validate(rendered: dict[str, Any], tmp_path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    return subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path), "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("gateway", [{}, {"shed": SHED}], ids=["default", "shed"])
+def test_real_envoy_validates_the_rendered_config(gateway: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    result = _validate(render_envoy(_config(**gateway)), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:
+    rendered = render_envoy(_config(shed=SHED), routers=["localhost:50051", "127.0.0.1:50052"])
+    assert rendered["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
+    result = _validate(rendered, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_config_has_only_the_catch_all_route() -> None:
+    rendered = render_envoy(_config())
+    assert [r["match"] for r in _routes(rendered)] == [{"prefix": "/"}]
+    assert [f["name"] for f in _hcm(rendered)["http_filters"]][-1] == "envoy.filters.http.router"
+    assert not any(f["name"].startswith("inferline.shed.") for f in _hcm(rendered)["http_filters"])
+
+
+def test_each_shed_class_gets_a_header_route_and_the_default_route_is_last() -> None:
+    routes = _routes(render_envoy(_config(shed=SHED)))
+    assert [r["name"] for r in routes] == ["class_batch", "class_standard", "default"]
+    for route, cls in zip(routes, ["batch", "standard"], strict=False):
+        assert route["match"]["headers"] == [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]
+    assert routes[-1]["match"] == {"prefix": "/"}
+
+
+def test_each_class_route_keeps_only_its_own_shed_filter() -> None:
+    routes = {r["name"]: r for r in _routes(render_envoy(_config(shed=SHED)))}
+    assert set(routes["class_batch"]["typed_per_filter_config"]) == {"inferline.shed.standard"}
+    assert set(routes["class_standard"]["typed_per_filter_config"]) == {"inferline.shed.batch"}
+    assert set(routes["default"]["typed_per_filter_config"]) == {"inferline.shed.batch", "inferline.shed.standard"}
+    assert all(c["disabled"] for r in routes.values() for c in r["typed_per_filter_config"].values())
+
+
+def test_admission_control_takes_the_class_settings() -> None:
+    filters = {f["name"]: f["typed_config"] for f in _hcm(render_envoy(_config(shed=SHED)))["http_filters"]}
+    batch = filters["inferline.shed.batch"]
+    assert batch["sampling_window"] == "2s"
+    assert batch["sr_threshold"]["default_value"] == {"value": pytest.approx(90.0)}
+    assert batch["max_rejection_probability"]["default_value"] == {"value": pytest.approx(95.0)}
+    assert batch["aggression"]["default_value"] == 1.5
+    success = set(batch["success_criteria"]["grpc_criteria"]["grpc_success_status"])
+    assert 0 in success and 16 in success  # OK, and a caller's UNAUTHENTICATED is not overload
+    assert not success & {4, 8, 14}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE are failures
+
+
+def test_routes_forward_under_the_callers_deadline_and_never_retry() -> None:
+    for route in _routes(render_envoy(_config(shed=SHED))):
+        action = route["route"]
+        assert action["cluster"] == ROUTER_CLUSTER
+        assert action["timeout"] == "0s"
+        assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+        assert "retry_policy" not in action
+    assert "retry_policy" not in _hcm(render_envoy(_config(shed=SHED)))["route_config"]["virtual_hosts"][0]
+
+
+def test_cluster_endpoints_come_from_the_routers() -> None:
+    rendered = render_envoy(_config(), port=18080, admin_port=19901, routers=["10.0.0.1:50051", "10.0.0.2:50052"])
+    cluster = rendered["static_resources"]["clusters"][0]
+    addresses = [
+        e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert addresses == [{"address": "10.0.0.1", "port_value": 50051}, {"address": "10.0.0.2", "port_value": 50052}]
+    assert cluster["type"] == "STATIC"
+    assert cluster["lb_policy"] == "ROUND_ROBIN"
+    assert cluster["health_checks"][0]["grpc_health_check"] == {}
+    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
+    assert rendered["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
+    assert rendered["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 18080
+
+
+def test_bad_router_address_is_refused() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        render_envoy(_config(), routers=["router"])
+
+
+def test_cli_writes_the_rendered_yaml(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    args = ["gateway", "render", "--config", str(DEFAULT), "--out", str(out), "--port", "8081", "--router", "r:1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load(out.read_text())
+    assert written == render_envoy(_config(), port=8081, routers=["r:1"])
