@@ -52,6 +52,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import signal
 import sys
 import time
@@ -61,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvloop
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -72,7 +74,9 @@ from inferline.bench.mix import DEFAULT_MIX
 from inferline.bench.multiproc import MAX_START_LAG_S, START_DELAY_S, Generators, GenResult
 from inferline.bench.recording import TargetSpec
 from inferline.bench.targets import triton_live
+from inferline.core.config import parse_config
 from inferline.core.ports import free_port
+from inferline.gateway import render_envoy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROUTE = "driver_ranking"
@@ -84,7 +88,11 @@ POOL_SIZE = 1000
 """Pre-built requests per class and generator (entity ids drawn uniformly), used cyclically."""
 SHED = "RESOURCE_EXHAUSTED"
 ADMISSION_ENV = "INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED"
-CONFIGS = {"on": {ADMISSION_ENV: "true"}, "off": {ADMISSION_ENV: "false"}}
+CONFIGS = {"on": {ADMISSION_ENV: "true"}, "off": {ADMISSION_ENV: "false"}, "gateway": {ADMISSION_ENV: "true"}}
+"""``gateway``: admission on, and the load goes through Envoy (``inferline gateway render``),
+which sheds ``GATEWAY_SHED`` classes by header before the router's Python code sees them."""
+GATEWAY_SHED = {"batch": {"window_s": 1.0}, "standard": {"window_s": 1.0}}
+ENVOY = ROOT / ".venv/bin/envoy"
 
 # Targets (issue #4).
 KNEE_GOODPUT_MIN = 0.95
@@ -134,7 +142,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--generators", type=int, default=2, help="load generator processes (default 2)")
     p.add_argument("--knee", type=float, default=None, help="use this knee (req/s) and skip the sweep")
     p.add_argument("--multipliers", default="1,2,3", help="rates of the runs, as multiples of the knee")
-    p.add_argument("--admission", default="on,off", help="configurations to run, in order: on, off or both")
+    p.add_argument(
+        "--admission", default="on,off", help="configurations to run, in order: on, off, gateway (on + Envoy in front)"
+    )
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--start-rate", type=float, default=200.0, help="first rate of the knee sweep")
     p.add_argument("--step-factor", type=float, default=None, help="sweep rate multiplier (default 1.25; quick 1.5)")
@@ -298,6 +308,12 @@ class Router:
     metrics_port: int
     triton_pid: int | None = None
     triton_url: str | None = None
+    target_url: str | None = None
+    """Where the load goes: the router itself, or the Envoy gateway in front of it."""
+
+    @property
+    def target(self) -> str:
+        return self.target_url or self.server.url
 
     async def start(self, ready_timeout_s: float) -> None:
         self.server.start()
@@ -450,7 +466,7 @@ async def measured_run(
     sampler = asyncio.create_task(sample_rss())
     try:
         results = await gens.run(
-            predict_target(router.server.url),
+            predict_target(router.target),
             MIX,
             rate,
             warmup_s=warmup_s,
@@ -589,6 +605,7 @@ async def run_configuration(
         cwd=ROOT,
     )
     router = Router(server.name, server, metrics_port)
+    envoy: ServerProcess | None = None
     config: dict[str, Any] = {"env": CONFIGS[name], "runs": []}
     report["configurations"][name] = config
     try:
@@ -601,9 +618,13 @@ async def run_configuration(
             f"bundled Triton pid {router.triton_pid} at {router.triton_url}",
             highlight=False,
         )
+        if name == "gateway":
+            envoy = await start_gateway(s, server.url, log_dir)
+            router.target_url = envoy.url
+            console.print(f"Envoy gateway {envoy.url} in front, shedding {', '.join(GATEWAY_SHED)} by header")
         # Warm the router (feature cache, channels, model sessions) before anything is measured.
         await gens.run(
-            predict_target(server.url), MIX, 100.0, warmup_s=0.0, duration_s=2.0, deadline_s=s.deadline_s, seed=999
+            predict_target(router.target), MIX, 100.0, warmup_s=0.0, duration_s=2.0, deadline_s=s.deadline_s, seed=999
         )
         if knee is None:
             console.rule(f"knee sweep (admission {name}, mixed traffic)")
@@ -640,12 +661,31 @@ async def run_configuration(
             await asyncio.sleep(3.0)  # let queues drain and the limit settle
         config["rss_mb_end"] = rss_mb(server.pid)
     finally:
+        if envoy is not None:
+            envoy.stop()
         config["router_returncode"] = server.stop(timeout_s=30.0)
         left = triton_left(router)
         config["tritonserver_left_behind"] = left
         if left:
             console.print(f"[red]tritonserver left behind after the router stopped: {left} (killed)")
     return knee
+
+
+async def start_gateway(s: Settings, router_url: str, log_dir: pathlib.Path) -> ServerProcess:
+    """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
+    raw = yaml.safe_load(s.config.read_text())
+    raw["gateway"] = {"shed": GATEWAY_SHED}
+    config = parse_config(raw, s.config.resolve().parent, str(s.config))
+    port, admin_port = free_port(), free_port()
+    envoy_yaml = log_dir / "envoy.yaml"
+    rendered = render_envoy(config, port=port, admin_port=admin_port, routers=[router_url])
+    envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
+    command += ["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
+    envoy = ServerProcess("envoy", f"127.0.0.1:{port}", command, log_dir / "envoy.log", cwd=ROOT)
+    envoy.start()
+    await wait_until(lambda: health_serving(envoy.url), "envoy", envoy, s.ready_timeout_s)
+    return envoy
 
 
 def triton_left(router: Router) -> list[int]:
