@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from inferline.cli import cli
-from inferline.core.config import InferlineConfig, parse_config
+from inferline.core.config import InferlineConfig, load_config, parse_config
 from inferline.gateway import ROUTER_CLUSTER, TRAFFIC_CLASS_HEADER, render_envoy
 
 DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
@@ -130,4 +130,4 @@ def test_cli_writes_the_rendered_yaml(tmp_path: pathlib.Path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     written = yaml.safe_load(out.read_text())
-    assert written == render_envoy(_config(), port=8081, routers=["r:1"])
+    assert written == render_envoy(load_config(DEFAULT), port=8081, routers=["r:1"])
