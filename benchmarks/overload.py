@@ -91,7 +91,8 @@ ADMISSION_ENV = "INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED"
 CONFIGS = {"on": {ADMISSION_ENV: "true"}, "off": {ADMISSION_ENV: "false"}, "gateway": {ADMISSION_ENV: "true"}}
 """``gateway``: admission on, and the load goes through Envoy (``inferline gateway render``),
 which sheds ``GATEWAY_SHED`` classes by header before the router's Python code sees them."""
-GATEWAY_SHED = {"batch": {"window_s": 1.0}, "standard": {"window_s": 1.0}}
+GATEWAY_SHED: dict[str, dict[str, float]] = {"batch": {}, "standard": {}}
+"""Classes Envoy sheds, with the config's defaults (``ClassShedConfig``)."""
 ENVOY = ROOT / ".venv/bin/envoy"
 
 # Targets (issue #4).
