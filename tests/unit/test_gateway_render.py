@@ -89,6 +89,7 @@ def test_admission_control_takes_the_class_settings() -> None:
     assert batch["sr_threshold"]["default_value"] == {"value": pytest.approx(90.0)}
     assert batch["max_rejection_probability"]["default_value"] == {"value": pytest.approx(95.0)}
     assert batch["aggression"]["default_value"] == 1.5
+    assert batch["rps_threshold"]["default_value"] == 5  # the default: no shedding of a trickle
     success = set(batch["success_criteria"]["grpc_criteria"]["grpc_success_status"])
     assert 0 in success and 16 in success  # OK, and a caller's UNAUTHENTICATED is not overload
     assert not success & {4, 8, 14}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE are failures

@@ -394,6 +394,9 @@ class ClassShedConfig(_Model):
     aggression: float = Field(1.5, ge=1)
     """How steeply the rejection probability rises as the success rate falls."""
     max_rejection_probability: float = Field(0.95, gt=0, le=1)
+    rps_threshold: int = Field(5, ge=0)
+    """Envoy sheds the class only while it sends at least this many requests a second: a few
+    failures of a trickle of traffic are no overload."""
 
 
 class GatewayConfig(_Model):

@@ -122,8 +122,8 @@ def _shed_filters(config: InferlineConfig) -> list[dict[str, Any]]:
     sliding window: a shared filter would shed ``batch`` because ``standard`` failed. Every
     route but its class's turns it off (``FilterConfig{disabled: true}``; Envoy 1.40 refuses
     to switch a chain-disabled filter on with an empty ``FilterConfig``), so health checks,
-    reflection and unlisted classes never pass through any of them. They run before the buffer filter: a rejection costs
-    one header lookup, not a buffered body.
+    reflection and unlisted classes never pass through any of them. They run before the
+    buffer filter: a rejection costs one header lookup, not a buffered body.
     """
     return [
         {"name": SHED_FILTER_PREFIX + cls, "typed_config": _admission_control(cls, shed)}
@@ -147,6 +147,7 @@ def _admission_control(cls: str, shed: ClassShedConfig) -> dict[str, Any]:
         "sampling_window": _duration(shed.window_s),
         "sr_threshold": {"default_value": {"value": shed.sr_threshold * 100}, "runtime_key": f"{runtime}.sr_threshold"},
         "aggression": {"default_value": shed.aggression, "runtime_key": f"{runtime}.aggression"},
+        "rps_threshold": {"default_value": shed.rps_threshold, "runtime_key": f"{runtime}.rps_threshold"},
         "max_rejection_probability": {
             "default_value": {"value": shed.max_rejection_probability * 100},
             "runtime_key": f"{runtime}.max_rejection_probability",
