@@ -306,32 +306,58 @@ def _summarize(
             last_answer = max(last_answer, started[j] + lat)
         else:
             errors[outcome[j]] += 1
-    lags = sorted(lag[j] for j in measured if not math.isnan(lag[j]))
-    lag_p99 = percentile(lags, 99)
-    window = duration_s if duration_s > 0 else math.nan
     stretched = max(last_answer - (t0 + warmup_s), duration_s)
     records = [RequestRecord(j, offsets[j], lag[j], latency[j], outcome[j]) for j in measured] if keep_records else []
     return LoadResult(
         rate=rate,
         duration_s=duration_s,
         deadline_s=deadline_s,
-        offered_rate=round(len(measured) / window, 3),
         achieved_rate=round(len(ok_lat) / stretched, 3) if stretched > 0 else math.nan,
-        goodput=round(within / window, 3),
-        sent=len(measured),
-        ok=len(ok_lat),
-        ok_within_deadline=within,
-        missed_deadline=len(ok_lat) - within,
-        latency=LatencySummary.of(ok_lat),
-        response_time=LatencySummary.of(ok_resp),
-        errors=dict(sorted(errors.items())),
-        start_lag_p50_ms=_ms(percentile(lags, 50)),
-        start_lag_p99_ms=_ms(lag_p99),
-        start_lag_max_ms=_ms(lags[-1]) if lags else math.nan,
-        fell_behind=bool(lags) and lag_p99 > max_start_lag_s,
         generator_cpu=round(generator_cpu, 3),
         records=records,
+        **_observed(
+            ok_lat=ok_lat,
+            ok_resp=ok_resp,
+            within=within,
+            errors=errors,
+            lags=[lag[j] for j in measured],
+            sent=len(measured),
+            duration_s=duration_s,
+            max_start_lag_s=max_start_lag_s,
+        ),
     )
+
+
+def _observed(
+    *,
+    ok_lat: list[float],
+    ok_resp: list[float],
+    within: int,
+    errors: Counter[str],
+    lags: list[float],
+    sent: int,
+    duration_s: float,
+    max_start_lag_s: float,
+) -> dict[str, Any]:
+    """The ``LoadResult`` fields that follow from the measured requests alone (one run, or merged runs)."""
+    lags = sorted(x for x in lags if not math.isnan(x))
+    lag_p99 = percentile(lags, 99)
+    window = duration_s if duration_s > 0 else math.nan
+    return {
+        "offered_rate": round(sent / window, 3),
+        "goodput": round(within / window, 3),
+        "sent": sent,
+        "ok": len(ok_lat),
+        "ok_within_deadline": within,
+        "missed_deadline": len(ok_lat) - within,
+        "latency": LatencySummary.of(ok_lat),
+        "response_time": LatencySummary.of(ok_resp),
+        "errors": dict(sorted(errors.items())),
+        "start_lag_p50_ms": _ms(percentile(lags, 50)),
+        "start_lag_p99_ms": _ms(lag_p99),
+        "start_lag_max_ms": _ms(lags[-1]) if lags else math.nan,
+        "fell_behind": bool(lags) and lag_p99 > max_start_lag_s,
+    }
 
 
 @dataclass(frozen=True)
@@ -543,27 +569,21 @@ def merge_load_results(results: Sequence[LoadResult], *, max_start_lag_s: float 
     errors: Counter[str] = Counter()
     for r in results:
         errors.update(r.errors)
-    lags = sorted(rec.start_lag_s for rec in records if not math.isnan(rec.start_lag_s))
-    lag_p99 = percentile(lags, 99)
-    window = duration if duration > 0 else math.nan
     return LoadResult(
         rate=round(sum(r.rate for r in results), 3),
         duration_s=duration,
         deadline_s=deadline,
-        offered_rate=round(len(records) / window, 3),
         achieved_rate=round(sum(r.achieved_rate for r in results), 3),
-        goodput=round(within / window, 3),
-        sent=len(records),
-        ok=len(ok_lat),
-        ok_within_deadline=within,
-        missed_deadline=len(ok_lat) - within,
-        latency=LatencySummary.of(ok_lat),
-        response_time=LatencySummary.of(ok_resp),
-        errors=dict(sorted(errors.items())),
-        start_lag_p50_ms=_ms(percentile(lags, 50)),
-        start_lag_p99_ms=_ms(lag_p99),
-        start_lag_max_ms=_ms(lags[-1]) if lags else math.nan,
-        fell_behind=bool(lags) and lag_p99 > max_start_lag_s,
         generator_cpu=round(sum(r.generator_cpu for r in results), 3),
         records=records,
+        **_observed(
+            ok_lat=ok_lat,
+            ok_resp=ok_resp,
+            within=within,
+            errors=errors,
+            lags=[rec.start_lag_s for rec in records],
+            sent=len(records),
+            duration_s=duration,
+            max_start_lag_s=max_start_lag_s,
+        ),
     )
