@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from inferline.core.deadline import Clock
 from inferline.core.entities import EntityId
+from inferline.core.redis_client import fail_fast_redis
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +30,6 @@ DEFAULT_TTL_S = 3600.0
 
 OUTAGE_AFTER_FAILURES = 3
 """Consecutive failed calls that make an outage (logged); a lone slow call is only counted."""
-
-REDIS_MAX_CONNECTIONS = 64
-"""Pool bound: past it a call fails at once (a miss) instead of opening yet another socket."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,14 +240,7 @@ class RedisScoreCache:
     def _redis(self) -> aioredis.Redis:
         """The client, created on first use inside the running loop; it stays bound to that loop."""
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self._url,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-                retry=Retry(NoBackoff(), 0),  # a retry would double the time a caller can lose
-                max_connections=REDIS_MAX_CONNECTIONS,
-                driver_info=None,  # no CLIENT SETINFO round trip on every new connection
-            )
+            self._client = fail_fast_redis(self._url, self._timeout_s)
         return self._client
 
     def _keys(self, tenant: str, route: str, ids: Sequence[EntityId]) -> list[str]:

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.retry import Retry
 
 from inferline.core.config import InferlineConfig, QuotaConfig, RateLimitConfig, TenantConfig
 from inferline.core.deadline import Clock
+from inferline.core.redis_client import fail_fast_redis
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +34,6 @@ BOUNDARY_SLACK_S = 1e-6
 due could be refused by one rounding error: ``burst`` requests at one instant, or a clock
 ticking at exactly the rate. Passing one early by at most the slack does not raise the
 sustained rate: ``tat`` still advances by a full interval from where it was."""
-
-REDIS_MAX_CONNECTIONS = 64
-"""Pool bound: past it a check fails at once (decided locally) instead of opening yet another socket."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +219,7 @@ class RedisRateLimiter:
         """The registered script; our client is created on first use, inside the running loop."""
         if self._script is None:
             if self._client is None:
-                self._client = aioredis.Redis.from_url(
-                    self._url,
-                    socket_timeout=self._timeout_s,
-                    socket_connect_timeout=self._timeout_s,
-                    retry=Retry(NoBackoff(), 0),  # a retry would double the time a request can lose
-                    max_connections=REDIS_MAX_CONNECTIONS,
-                    driver_info=None,  # no CLIENT SETINFO round trip on every new connection
-                )
+                self._client = fail_fast_redis(self._url, self._timeout_s)
             self._script = self._client.register_script(_GCRA_LUA)
         return self._script
 
