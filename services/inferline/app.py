@@ -45,7 +45,7 @@ from inferline.router.recovery import RecoveryTracker
 from inferline.router.selection import StatsRegistry
 from inferline.router.service import RouterService
 from inferline.router.servicer import InferenceServicer
-from inferline.triton.class_copies import ClassModelMap, copy_name
+from inferline.triton.class_copies import ClassModelMap
 from inferline.triton.coalescer import CoalescingExecutor
 from inferline.triton.executor import TritonExecutor
 from inferline.triton.readiness import ModelReadiness
@@ -107,8 +107,7 @@ def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> No
 
 def _executor(config: InferlineConfig, triton_url: str, app: App) -> CoalescingExecutor:
     limits = {v.model: r.max_in_flight for r in config.routes.values() for v in r.full_variants}
-    copies = config.triton.class_copies
-    bases = {copy_name(m, c): m for m in copies.models for c in copies.classes}
+    bases = ClassModelMap(config.triton.class_copies).bases
     triton = TritonExecutor(triton_url, max_in_flight=limits, shares_bound_with=bases)
     app.triton = triton
     executor = CoalescingExecutor(triton, config.triton.coalesce_max_concurrent, config.triton.coalesce_max_batch_rows)
@@ -171,8 +170,7 @@ def _model_readiness(config: InferlineConfig, app: App) -> Callable[[str], bool]
     if app.triton is None:
         return lambda model: True
     models = [v.model for r in config.routes.values() for v in r.full_variants]
-    class_copies = config.triton.class_copies
-    copies = [copy_name(m, c) for m in class_copies.models if m in models for c in class_copies.classes]
+    copies = [copy for copy, base in ClassModelMap(config.triton.class_copies).bases.items() if base in models]
     readiness = ModelReadiness(app.triton, models, optional_models=copies)
     app.readiness = readiness
     app.starters.append(readiness.start)  # after the Triton warm-up, which was added first

@@ -115,6 +115,10 @@ def test_class_model_map_resolves_configured_pairs_only(model: str, cls: str, ex
 
 def test_class_model_map_lists_its_copies() -> None:
     assert sorted(ClassModelMap(CONFIG).copies) == ["driver_ranker__batch", "driver_ranker__critical"]
+    assert ClassModelMap(CONFIG).bases == {
+        "driver_ranker__batch": "driver_ranker",
+        "driver_ranker__critical": "driver_ranker",
+    }
 
 
 @pytest.fixture

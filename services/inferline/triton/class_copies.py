@@ -61,6 +61,11 @@ class ClassModelMap:
         """Every copy name the config defines."""
         return list(self._copies.values())
 
+    @property
+    def bases(self) -> dict[str, str]:
+        """Copy name → the model it is a copy of."""
+        return {copy: model for (model, _), copy in self._copies.items()}
+
 
 def render_copy(config_pbtxt: str, model: str, cls: str, batching: ClassBatchingConfig) -> str:
     """The ``config.pbtxt`` of ``model``'s copy for class ``cls``.
