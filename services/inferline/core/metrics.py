@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from inferline.core.errors import InferlineError, Shed
 from inferline.core.fast_histogram import FastHistogram
 
 # 0.5 ms .. 10 s, fine enough around typical online deadlines for p95/p99.
@@ -106,3 +107,9 @@ class ServingMetrics:
 
     def observe_error(self, route: str, traffic_class: str, code: str) -> None:
         self.requests.labels(route, traffic_class, "", "", code).inc()
+
+    def observe_failure(self, route: str, traffic_class: str, err: InferlineError) -> None:
+        """A request that ended in ``err``: counted by its status code, and as shed when it was."""
+        if isinstance(err, Shed):
+            self.shed.labels(route, traffic_class, err.reason).inc()
+        self.observe_error(route, traffic_class, err.code.name)

@@ -115,10 +115,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             entry = await self._gate.admit(tenant, f"model:{model}", traffic_class)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
-            label = traffic_class if traffic_class in self._classes else "unknown"
-            if isinstance(err, Shed):
-                self._metrics.shed.labels(route, label, err.reason).inc()
-            self._metrics.observe_error(route, label, err.code.name)
+            self._metrics.observe_failure(route, traffic_class if traffic_class in self._classes else "unknown", err)
             raise
         total_ms = (time.perf_counter() - started) * 1000
         self._metrics.observe_success(route, traffic_class, "PRIMARY", "", {"total": total_ms})

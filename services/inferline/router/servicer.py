@@ -14,7 +14,7 @@ import grpc
 from inferline.core.config import InferlineConfig
 from inferline.core.deadline import Deadline
 from inferline.core.entities import parse_entity_ids
-from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, Shed, rpc_method
+from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, rpc_method
 from inferline.core.metrics import ServingMetrics
 from inferline.core.served_by import Reason, ServedBy
 from inferline.core.tracing import RequestTracer
@@ -111,9 +111,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _count_error(self, request: pb.PredictRequest, err: InferlineError) -> None:
         route = request.route if request.route in self._plans else "unknown"
         traffic_class = request.traffic_class if request.traffic_class in self._classes else "unknown"
-        if isinstance(err, Shed):
-            self._metrics.shed.labels(route, traffic_class, err.reason).inc()
-        self._metrics.observe_error(route, traffic_class, err.code.name)
+        self._metrics.observe_failure(route, traffic_class, err)
 
     def _authorize(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
