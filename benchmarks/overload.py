@@ -56,14 +56,12 @@ import random
 import signal
 import sys
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
@@ -77,6 +75,7 @@ from inferline.bench.targets import triton_live
 from inferline.core.config import parse_config
 from inferline.core.ports import free_port
 from inferline.gateway import render_envoy
+from inferline.stats import scrape as scrape_samples
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROUTE = "driver_ranking"
@@ -273,23 +272,21 @@ def triton_child(router_pid: int) -> tuple[int, int] | None:
 def scrape(port: int) -> dict[str, Any]:
     """The router's admission limit, in-flight count, queue wait and shed counters by class."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        samples = scrape_samples(f"http://127.0.0.1:{port}/metrics")
     except OSError as exc:
         return {"error": repr(exc)}
     out: dict[str, Any] = {"shed": {}}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = sample.labels
-            if family.name == "inferline_admission_limit" and labels.get("route") == ROUTE:
-                out["admission_limit"] = sample.value
-            elif family.name == "inferline_in_flight" and labels.get("route") == ROUTE:
-                out["in_flight"] = sample.value
-            elif family.name == "inferline_queue_wait_seconds":
-                out["queue_wait_ms"] = round(sample.value * 1000.0, 3)
-            elif family.name == "inferline_shed" and sample.name.endswith("_total") and labels.get("route") == ROUTE:
-                key = f"{labels.get('traffic_class')}/{labels.get('reason')}"
-                out["shed"][key] = out["shed"].get(key, 0.0) + sample.value
+    for (name, label_items), value in samples.items():
+        labels = dict(label_items)
+        if name == "inferline_admission_limit" and labels.get("route") == ROUTE:
+            out["admission_limit"] = value
+        elif name == "inferline_in_flight" and labels.get("route") == ROUTE:
+            out["in_flight"] = value
+        elif name == "inferline_queue_wait_seconds":
+            out["queue_wait_ms"] = round(value * 1000.0, 3)
+        elif name == "inferline_shed_total" and labels.get("route") == ROUTE:
+            key = f"{labels.get('traffic_class')}/{labels.get('reason')}"
+            out["shed"][key] = out["shed"].get(key, 0.0) + value
     return out
 
 
