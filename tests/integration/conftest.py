@@ -16,11 +16,11 @@ import pytest
 
 from inferline.core.config import TritonConfig
 from inferline.triton.launcher import TritonLauncher, find_tritonserver
-from tests.integration.redis_fixtures import redis_server
+from tests.integration.redis_fixtures import redis_left_running, redis_server
 from tests.integration.router_fixtures import router_config, router_server
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-__all__ = ["redis_server", "router_config", "router_server"]  # re-exported fixtures
+__all__ = ["redis_left_running", "redis_server", "router_config", "router_server"]  # re-exported fixtures
 LOG_TAIL_BYTES = 4000
 
 # Fixture → marker: every test using the fixture gets the marker, so `-m "not requires_triton"` deselects it.

@@ -117,3 +117,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_left_running(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The session server, left running (resumed, restarted) whatever the test did to it (pause, stop)."""
+    yield redis_server
+    if redis_server.process.poll() is None:
+        redis_server.resume()
+    redis_server.start()

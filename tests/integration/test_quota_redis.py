@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import pytest
@@ -49,17 +49,8 @@ def rate_limit(url: str, timeout_ms: float = HEALTHY_TIMEOUT_MS) -> RateLimitCon
 
 
 @pytest.fixture
-def server(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The session server, left running (resumed, restarted) whatever the test did to it."""
-    yield redis_server
-    if redis_server.process.poll() is None:
-        redis_server.resume()
-    redis_server.start()
-
-
-@pytest.fixture
-async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    redis_client = aioredis.Redis.from_url(server.url)
+async def client(redis_left_running: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    redis_client = aioredis.Redis.from_url(redis_left_running.url)
     yield redis_client
     await redis_client.aclose()
 
@@ -72,8 +63,8 @@ async def timed(call: Awaitable[T]) -> tuple[T, float]:
     return result, loop.time() - started
 
 
-async def test_replicas_share_one_quota(server: RedisServer, client: aioredis.Redis) -> None:
-    config = rate_limit(server.url)
+async def test_replicas_share_one_quota(redis_left_running: RedisServer, client: aioredis.Redis) -> None:
+    config = rate_limit(redis_left_running.url)
     replica_1 = RedisRateLimiter(tenants(), config)  # its own client
     replica_2 = RedisRateLimiter(tenants(), config, client)  # a client handed in
     try:
@@ -86,8 +77,8 @@ async def test_replicas_share_one_quota(server: RedisServer, client: aioredis.Re
     assert await client.ping()  # the caller's client stays open
 
 
-async def test_concurrent_checks_are_atomic(server: RedisServer) -> None:
-    config = rate_limit(server.url)
+async def test_concurrent_checks_are_atomic(redis_left_running: RedisServer) -> None:
+    config = rate_limit(redis_left_running.url)
     replicas = [RedisRateLimiter(tenants(), config) for _ in range(3)]
     try:
         decisions = await asyncio.gather(*(replicas[i % 3].check("a") for i in range(30)))
@@ -98,8 +89,8 @@ async def test_concurrent_checks_are_atomic(server: RedisServer) -> None:
             await replica.close()
 
 
-async def test_tenants_have_separate_buckets(server: RedisServer) -> None:
-    limiter = RedisRateLimiter(tenants(), rate_limit(server.url))
+async def test_tenants_have_separate_buckets(redis_left_running: RedisServer) -> None:
+    limiter = RedisRateLimiter(tenants(), rate_limit(redis_left_running.url))
     try:
         assert [(await limiter.check("a")).allowed for _ in range(BURST + 1)] == [True] * BURST + [False]
         assert (await limiter.check("b")).allowed
@@ -108,9 +99,9 @@ async def test_tenants_have_separate_buckets(server: RedisServer) -> None:
         await limiter.close()
 
 
-async def test_retry_after_is_within_one_interval_and_honoured(server: RedisServer) -> None:
+async def test_retry_after_is_within_one_interval_and_honoured(redis_left_running: RedisServer) -> None:
     rate = 20.0  # 50 ms per request
-    limiter = RedisRateLimiter(tenants(rate, burst=1), rate_limit(server.url))
+    limiter = RedisRateLimiter(tenants(rate, burst=1), rate_limit(redis_left_running.url))
     try:
         assert (await limiter.check("a")).allowed
         refused = await limiter.check("a")
@@ -123,8 +114,10 @@ async def test_retry_after_is_within_one_interval_and_honoured(server: RedisServ
         await limiter.close()
 
 
-async def test_key_expires_when_the_bucket_is_full_again(server: RedisServer, client: aioredis.Redis) -> None:
-    config = rate_limit(server.url)
+async def test_key_expires_when_the_bucket_is_full_again(
+    redis_left_running: RedisServer, client: aioredis.Redis
+) -> None:
+    config = rate_limit(redis_left_running.url)
     limiter = RedisRateLimiter(tenants(rate_per_s=10, burst=3), config)
     try:
         for _ in range(2):
@@ -155,13 +148,13 @@ async def test_unreachable_redis_decides_locally_within_timeout(caplog: pytest.L
 
 
 async def test_stalled_redis_decides_locally_within_timeout_and_recovers(
-    server: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_left_running: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="inferline.router.quota")
-    limiter = RedisRateLimiter(tenants(burst=3), rate_limit(server.url, FAULT_TIMEOUT_MS))
+    limiter = RedisRateLimiter(tenants(burst=3), rate_limit(redis_left_running.url, FAULT_TIMEOUT_MS))
     try:
         assert (await limiter.check("b")).allowed  # connected and the script loaded
-        server.pause()
+        redis_left_running.pause()
         try:
             allowed = []
             for _ in range(4):
@@ -169,7 +162,7 @@ async def test_stalled_redis_decides_locally_within_timeout_and_recovers(
                 assert check_s < FAULT_TIMEOUT_MS / 1000 + SLACK_S
                 allowed.append(decision.allowed)
         finally:
-            server.resume()
+            redis_left_running.resume()
         assert allowed == [True, True, True, False]
         assert limiter.fallbacks == 4
         for _ in range(40):  # the first checks may still meet connections broken by the stall

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import pytest
@@ -26,18 +26,11 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def server(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The session server, left running (resumed, restarted) whatever the test did to it."""
-    yield redis_server
-    if redis_server.process.poll() is None:
-        redis_server.resume()
-    redis_server.start()
-
-
-@pytest.fixture
-async def cache(server: RedisServer) -> AsyncIterator[RedisScoreCache]:
+async def cache(redis_left_running: RedisServer) -> AsyncIterator[RedisScoreCache]:
     """A cache with a key prefix of its own, so tests never see each other's keys."""
-    score_cache = RedisScoreCache(server.url, f"test{next(_prefixes)}", {ROUTE: 60.0, "short": 0.2}, TIMEOUT_S)
+    score_cache = RedisScoreCache(
+        redis_left_running.url, f"test{next(_prefixes)}", {ROUTE: 60.0, "short": 0.2}, TIMEOUT_S
+    )
     yield score_cache
     await score_cache.close()
 
@@ -76,11 +69,11 @@ async def test_tenants_never_see_each_others_answers(cache: RedisScoreCache) -> 
 
 
 async def test_stalled_redis_is_all_miss_within_timeout_and_recovers(
-    cache: RedisScoreCache, server: RedisServer, caplog: pytest.LogCaptureFixture
+    cache: RedisScoreCache, redis_left_running: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     await cache.put_many("t1", ROUTE, [1, 2], [0.3, 0.4])
     caplog.set_level(logging.INFO, logger="inferline.degradation.cache")
-    server.pause()
+    redis_left_running.pause()
     try:
         for _ in range(3):
             found, read_s = await timed(cache.get_many("t1", ROUTE, [1, 2]))
@@ -89,7 +82,7 @@ async def test_stalled_redis_is_all_miss_within_timeout_and_recovers(
             _, write_s = await timed(cache.put_many("t1", ROUTE, [3], [0.5]))
             assert write_s < TIMEOUT_S + SLACK_S
     finally:
-        server.resume()
+        redis_left_running.resume()
     assert cache.read_errors == 3
     assert cache.write_errors == 3
     found = await cache.get_many("t1", ROUTE, [1, 2])
@@ -100,15 +93,15 @@ async def test_stalled_redis_is_all_miss_within_timeout_and_recovers(
 
 
 async def test_stopped_redis_is_all_miss_and_recovers_after_restart(
-    cache: RedisScoreCache, server: RedisServer
+    cache: RedisScoreCache, redis_left_running: RedisServer
 ) -> None:
     await cache.put_many("t1", ROUTE, [1], [0.3])
-    server.stop()
+    redis_left_running.stop()
     found, read_s = await timed(cache.get_many("t1", ROUTE, [1, 2]))
     assert found == [None, None]
     assert read_s < TIMEOUT_S + SLACK_S
     _, write_s = await timed(cache.put_many("t1", ROUTE, [1], [0.5]))
     assert write_s < TIMEOUT_S + SLACK_S
-    server.start()
+    redis_left_running.start()
     await cache.put_many("t1", ROUTE, [1], [0.7])  # the restarted server kept nothing (no persistence)
     assert [c.score for c in await cache.get_many("t1", ROUTE, [1]) if c is not None] == [0.7]
