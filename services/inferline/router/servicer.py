@@ -68,9 +68,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             tenant, rules, traffic_class, plan = self._authorize(request, context)
             entry = await self._gate.admit(tenant, plan.name, traffic_class)
         except InferlineError as err:
-            self._count_error(request, err)
-            if self._tracer is not None:
-                self._tracer.record_error(request, err, started_at, context.invocation_metadata())
+            self._failed(request, err, started_at, context)
             raise
         permit = entry.permit
         outcome: PredictOutcome | None = None
@@ -81,9 +79,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 call, deadline, started_at, overloaded=permit.verdict is Verdict.DEGRADE
             )
         except InferlineError as err:
-            self._count_error(request, err)
-            if self._tracer is not None:
-                self._tracer.record_error(request, err, started_at, context.invocation_metadata())
+            self._failed(request, err, started_at, context)
             raise
         finally:
             reason = outcome.reason if outcome is not None else None
@@ -108,10 +104,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             asyncio.get_running_loop().call_soon(self._tracer.record, call, outcome, started_at, metadata)
         return self._response(request, call, outcome)
 
-    def _count_error(self, request: pb.PredictRequest, err: InferlineError) -> None:
+    def _failed(
+        self,
+        request: pb.PredictRequest,
+        err: InferlineError,
+        started_at: float,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Count (and trace) a request that ends in ``err``; labels only from known routes and classes."""
         route = request.route if request.route in self._plans else "unknown"
         traffic_class = request.traffic_class if request.traffic_class in self._classes else "unknown"
         self._metrics.observe_failure(route, traffic_class, err)
+        if self._tracer is not None:
+            self._tracer.record_error(request, err, started_at, context.invocation_metadata())
 
     def _authorize(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
