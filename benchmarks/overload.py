@@ -6,15 +6,24 @@ post-processing and degradation in one process, plus its own bundled Triton) and
 35 % standard, 35 % batch (each request's class drawn with a seeded RNG), one entity per
 request drawn from 1001..2000, a 100 ms gRPC deadline on every request.
 
-1. **Knee** (admission on): the highest rate of a ladder (×1.25 from 200 req/s; ×1.5 with
-   ``--quick``) at which the p99 response time of OK answers stays under the deadline and
-   goodput (OK answers before the deadline) is at least 95 % of offered — the same
-   criteria as benchmarks/online_overhead.py, with the mixed traffic. ``--knee`` skips it.
-2. **Overload**: for each configuration — admission on, then off
-   (``INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED=false``), each on a fresh
-   ``inferline up`` — fixed runs at ``--multipliers`` × the knee found with admission on
-   (default 1, 2, 3), ``--duration`` seconds each after a warm-up; the same seeds, so both
-   configurations see the same arrivals and the same mix.
+1. **Knee** (with the first configuration, admission on): the highest rate of a ladder
+   (×1.25 from 200 req/s; ×1.5 with ``--quick``) at which the p99 response time of OK
+   answers stays under the deadline, goodput (OK answers before the deadline) is at least
+   95 % of offered and at least 95 % of requests are answered by PRIMARY or LIGHT (cheap
+   cache answers from an open breaker must not carry the knee past the main path's
+   capacity). ``--knee`` skips it.
+2. **Overload**: for each configuration (``--admission``, each on a fresh ``inferline up``)
+   — ``on``, ``off`` (``INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED=false``),
+   ``gateway`` (on, behind Envoy shedding on the router's overload signal) and
+   ``gateway-sr`` (the same, Envoy shedding on success rates) — fixed runs at
+   ``--multipliers`` × the knee (default 1, 2, 3), ``--duration`` seconds each after a
+   warm-up; the same seeds, so all configurations see the same arrivals and mix. The knee
+   is that of the path measured: sweep with ``gateway`` first to find the gateway path's.
+
+``--server-cpus 1 --generator-cpus 0`` pins the router and its Triton (and Envoy, unless
+``--gateway-cpus``) to CPU 1 and the load to CPU 0, as if the clients ran elsewhere; without
+it, on a small machine the generators take the server's CPU and every configuration
+measures the machine's saturation. ``--gateway-nice`` runs Envoy at another niceness.
 
 The load comes from ``--generators`` processes (``inferline.bench.multiproc``, the same
 generators as ``inferline bench``), each with its own uvloop and grpc.aio channel, running
@@ -30,7 +39,8 @@ measured the machine's saturation as much as the router.
 Per run it reports the offered rate, the rate requests were actually sent at, goodput
 (and as a share of the knee), and per class: OK before the deadline, answered by PRIMARY
 or LIGHT, shed (RESOURCE_EXHAUSTED) and how fast (from the start of the call, which
-leaves generator lag out), other errors, response-time percentiles of OK answers; the
+leaves generator lag out; sheds by the gateway and by the router apart), other errors,
+response-time percentiles of OK answers; the
 router's RSS (``/proc/<pid>/status`` VmRSS) at the start and end of the measured window;
 whether the bundled Triton survived (same pid, live); the admission limit and the shed
 counters the router exports. Targets checked per run: goodput ≥ 90 % of the knee, critical
@@ -39,6 +49,7 @@ router RSS flat (< 32 MB growth over the window), Triton up. Results:
 ``benchmarks/results/overload-<timestamp>.json``, router logs beside it.
 
     .venv/bin/python benchmarks/overload.py                          # full run, ~5 min
+    .venv/bin/python benchmarks/overload.py --admission gateway,gateway-sr --server-cpus 1 --generator-cpus 0
     .venv/bin/python benchmarks/overload.py --quick                  # smoke test, ~2 min
     .venv/bin/python benchmarks/overload.py --knee 500 --multipliers 2,3 --generators 3
 """
@@ -65,8 +76,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from inferline.bench.analysis import SERVED_BY, generator_summary, iter_requests, send_rate
-from inferline.bench.harness import ServerProcess, fmt, health_serving, json_safe, versions, wait_until
+from inferline.bench.analysis import SERVED_BY, generator_summary, send_rate
+from inferline.bench.harness import ServerProcess, fmt, health_serving, json_safe, parse_cpus, versions, wait_until
 from inferline.bench.loadgen import OK, LoadResult, merge_load_results, percentile, rate_ladder, step_verdict
 from inferline.bench.mix import DEFAULT_MIX
 from inferline.bench.multiproc import MAX_START_LAG_S, START_DELAY_S, Generators, GenResult
@@ -87,9 +98,16 @@ POOL_SIZE = 1000
 """Pre-built requests per class and generator (entity ids drawn uniformly), used cyclically."""
 SHED = "RESOURCE_EXHAUSTED"
 ADMISSION_ENV = "INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED"
-CONFIGS = {"on": {ADMISSION_ENV: "true"}, "off": {ADMISSION_ENV: "false"}, "gateway": {ADMISSION_ENV: "true"}}
+CONFIGS = {
+    "on": {ADMISSION_ENV: "true"},
+    "off": {ADMISSION_ENV: "false"},
+    "gateway": {ADMISSION_ENV: "true"},
+    "gateway-sr": {ADMISSION_ENV: "true"},
+}
 """``gateway``: admission on, and the load goes through Envoy (``inferline gateway render``),
-which sheds ``GATEWAY_SHED`` classes by header before the router's Python code sees them."""
+which sheds ``GATEWAY_SHED`` classes on the router's overload signal before the router's
+Python code sees them; ``gateway-sr``: the same, Envoy shedding on the classes' success rate."""
+GATEWAY_SHED_BY = {"gateway": "signal", "gateway-sr": "success_rate"}
 GATEWAY_SHED: dict[str, dict[str, float]] = {"batch": {}, "standard": {}}
 """Classes Envoy sheds, with the config's defaults (``ClassShedConfig``)."""
 ENVOY = ROOT / ".venv/bin/envoy"
@@ -97,6 +115,9 @@ ENVOY = ROOT / ".venv/bin/envoy"
 # Targets (issue #4).
 KNEE_GOODPUT_MIN = 0.95
 """Knee criterion: goodput at least this share of offered (and p99 of OK answers under the deadline)."""
+KNEE_FULL_MODEL_MIN = 0.95
+"""Knee criterion: at least this share of requests answered by PRIMARY or LIGHT. Without it the
+knee climbs past the main path's capacity on cheap cache answers (an open breaker answers fast)."""
 GOODPUT_OF_KNEE_MIN = 0.90
 CRITICAL_IN_TIME_MIN = 0.99
 CRITICAL_FULL_MODEL_MIN = 0.95
@@ -128,6 +149,14 @@ class Settings:
     seed: int
     results_dir: pathlib.Path
     ready_timeout_s: float
+    server_cpus: frozenset[int] | None = None
+    """CPUs of the router, its Triton and Envoy (None: not pinned)."""
+    generator_cpus: frozenset[int] | None = None
+    """CPUs of the load generators and this process (None: not pinned)."""
+    gateway_cpus: frozenset[int] | None = None
+    """CPUs of Envoy (None: the server's)."""
+    gateway_nice: int = 0
+    """Niceness of Envoy (negative: scheduled ahead of the router and Triton on a shared CPU)."""
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -154,7 +183,35 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--results-dir", type=pathlib.Path, default=ROOT / "benchmarks/results")
     p.add_argument("--ready-timeout-s", type=float, default=180.0)
+    p.add_argument(
+        "--server-cpus",
+        default=None,
+        help="pin the router, its Triton and Envoy to these CPUs (taskset list: 1 or 1-3)",
+    )
+    p.add_argument(
+        "--generator-cpus",
+        default=None,
+        help="pin the load generators (and this process) to these CPUs, e.g. 0: the load then does not take the "
+        "server's CPU, as with generators on another machine",
+    )
+    p.add_argument("--gateway-cpus", default=None, help="pin Envoy to these CPUs (default: --server-cpus)")
+    p.add_argument(
+        "--gateway-nice",
+        type=int,
+        default=0,
+        help="run Envoy at this niceness, e.g. -10: a sidecar's own CPU share when it shares the server's CPUs",
+    )
     a = p.parse_args(argv)
+    cpus: dict[str, frozenset[int] | None] = {}
+    for flag, text in (
+        ("--server-cpus", a.server_cpus),
+        ("--generator-cpus", a.generator_cpus),
+        ("--gateway-cpus", a.gateway_cpus),
+    ):
+        try:
+            cpus[flag] = None if text is None else parse_cpus(text)
+        except ValueError as exc:
+            p.error(f"{flag}: {exc}")
     try:
         multipliers = [float(m) for m in a.multipliers.split(",") if m.strip()]
     except ValueError:
@@ -164,8 +221,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     admission = [c.strip() for c in a.admission.split(",") if c.strip()]
     if not admission or any(c not in CONFIGS for c in admission):
         p.error(f"--admission: choose from {','.join(CONFIGS)}")
-    if a.knee is None and admission[0] != "on":
-        p.error("the knee is found with admission on: list 'on' first or give --knee")
+    if a.knee is None and admission[0] == "off":
+        p.error("the knee is found with admission on: list 'on' or a gateway first, or give --knee")
     if a.generators < 1:
         p.error("--generators must be at least 1")
 
@@ -190,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         seed=a.seed,
         results_dir=a.results_dir,
         ready_timeout_s=a.ready_timeout_s,
+        server_cpus=cpus["--server-cpus"],
+        generator_cpus=cpus["--generator-cpus"],
+        gateway_cpus=cpus["--gateway-cpus"] or cpus["--server-cpus"],
+        gateway_nice=a.gateway_nice,
     )
 
 
@@ -366,11 +427,14 @@ def analyse(merged: LoadResult, gens: list[GenResult], *, deadline_s: float) -> 
     errors: dict[str, Counter[str]] = {c: Counter() for c in CLASSES}
     ok_resp: dict[str, list[float]] = {c: [] for c in CLASSES}
     shed_call: dict[str, list[float]] = {c: [] for c in CLASSES}
+    gateway_shed_call: list[float] = []
+    router_shed_call: list[float] = []
     shed_resp: dict[str, list[float]] = {c: [] for c in CLASSES}
     details: Counter[str] = Counter()
     for g in gens:
         details.update(g.error_details)
-    for cls, r, served in iter_requests(gens, CLASSES):
+    records = ((g, CLASSES[g.classes[r.index]], r, g.served_by[r.index]) for g in gens for r in g.result.records)
+    for g, cls, r, served in records:
         n[cls] += 1
         response = r.start_lag_s + r.latency_s
         if r.outcome == OK:
@@ -381,6 +445,7 @@ def analyse(merged: LoadResult, gens: list[GenResult], *, deadline_s: float) -> 
         elif r.outcome == SHED:
             shed[cls] += 1
             shed_call[cls].append(r.latency_s)
+            (gateway_shed_call if r.index in g.gateway_shed else router_shed_call).append(r.latency_s)
             shed_resp[cls].append(response)
         else:
             errors[cls][r.outcome] += 1
@@ -405,6 +470,10 @@ def analyse(merged: LoadResult, gens: list[GenResult], *, deadline_s: float) -> 
             "send_rate": round(send_rate(gens), 1),
             "shed": _share(len(all_shed_call), merged.sent),
             "shed_call_ms": _pcts(all_shed_call),
+            # Who shed: Envoy (before any Python) or the router itself (after its transport queue).
+            "shed_by_gateway": len(gateway_shed_call),
+            "gateway_shed_call_ms": _pcts(gateway_shed_call),
+            "router_shed_call_ms": _pcts(router_shed_call),
             "classes": classes,
             "error_details": dict(details.most_common(10)),
             "generators": generator_summary(gens),
@@ -530,6 +599,9 @@ async def find_knee(router: Router, gens: Generators, s: Settings) -> dict[str, 
             seed=s.seed * 1000 + 500 + k,
         )
         reason = step_verdict(merged, p99_limit_s=s.deadline_s, goodput_min_fraction=KNEE_GOODPUT_MIN)
+        full = sum(run["classes"][c]["primary_or_light"] * run["classes"][c]["requests"] for c in CLASSES)
+        if reason is None and full < KNEE_FULL_MODEL_MIN * merged.sent:
+            reason = f"only {full / max(1, merged.sent):.1%} answered by PRIMARY or LIGHT"
         if not run["triton"]["same_pid"] or not run["triton"]["live"]:
             reason = f"Triton died or restarted ({run['triton']}); {reason or ''}"
         if not run["router"]["alive"]:
@@ -582,7 +654,8 @@ def print_run(label: str, run: dict[str, Any], knee: float) -> None:
     console.print(
         f"  {label:<16} {run['rate']:>7.0f}/s sent {run['send_rate']:>7.0f} good {run['goodput']:>7.0f} "
         f"({run['goodput'] / knee:.0%} of knee) crit in-time {fmt(100 * (c['critical']['ok_in_time'] or 0), '.1f')}% "
-        f"shed p99 {fmt(run['shed_call_ms']['p99_ms'])} ms lag99 {fmt(run['start_lag_p99_ms'])} ms "
+        f"shed p99 {fmt(run['shed_call_ms']['p99_ms'])} ms (gateway {fmt(run['gateway_shed_call_ms']['p99_ms'])}, "
+        f"router {fmt(run['router_shed_call_ms']['p99_ms'])}) lag99 {fmt(run['start_lag_p99_ms'])} ms "
         + ("[green]targets met[/]" if not bad else f"[red]missed: {', '.join(bad)}[/]"),
         highlight=False,
     )
@@ -601,6 +674,7 @@ async def run_configuration(
         log_dir / f"router-admission-{name}.log",
         env=CONFIGS[name],
         cwd=ROOT,
+        cpus=s.server_cpus,
     )
     router = Router(server.name, server, metrics_port)
     envoy: ServerProcess | None = None
@@ -616,10 +690,13 @@ async def run_configuration(
             f"bundled Triton pid {router.triton_pid} at {router.triton_url}",
             highlight=False,
         )
-        if name == "gateway":
-            envoy = await start_gateway(s, server.url, log_dir)
+        if name in GATEWAY_SHED_BY:
+            envoy = await start_gateway(name, s, server.url, log_dir)
             router.target_url = envoy.url
-            console.print(f"Envoy gateway {envoy.url} in front, shedding {', '.join(GATEWAY_SHED)} by header")
+            console.print(
+                f"Envoy gateway {envoy.url} in front, shedding {', '.join(GATEWAY_SHED)} by header "
+                f"on {GATEWAY_SHED_BY[name]}"
+            )
         # Warm the router (feature cache, channels, model sessions) before anything is measured.
         await gens.run(
             predict_target(router.target), MIX, 100.0, warmup_s=0.0, duration_s=2.0, deadline_s=s.deadline_s, seed=999
@@ -628,6 +705,7 @@ async def run_configuration(
             console.rule(f"knee sweep (admission {name}, mixed traffic)")
             sweep = await find_knee(router, gens, s)
             report["knee_sweep"] = sweep
+            report["knee_found_with"] = name
             knee = sweep["knee_rate"]
             console.print(f"  {sweep['stopped_reason']}", highlight=False)
             if knee is None:
@@ -669,10 +747,10 @@ async def run_configuration(
     return knee
 
 
-async def start_gateway(s: Settings, router_url: str, log_dir: pathlib.Path) -> ServerProcess:
+async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathlib.Path) -> ServerProcess:
     """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
     raw = yaml.safe_load(s.config.read_text())
-    raw["gateway"] = {"shed": GATEWAY_SHED}
+    raw["gateway"] = {"shed": GATEWAY_SHED, "shed_by": GATEWAY_SHED_BY[name]}
     config = parse_config(raw, s.config.resolve().parent, str(s.config))
     port, admin_port = free_port(), free_port()
     envoy_yaml = log_dir / "envoy.yaml"
@@ -680,7 +758,13 @@ async def start_gateway(s: Settings, router_url: str, log_dir: pathlib.Path) -> 
     envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))
     command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
     command += ["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
-    envoy = ServerProcess("envoy", f"127.0.0.1:{port}", command, log_dir / "envoy.log", cwd=ROOT)
+    if s.gateway_nice:
+        # Envoy's one worker thread would otherwise queue for the CPU behind the router's and
+        # Triton's dozens of threads (each its own CFS entity): sheds then took 40 ms p99. A
+        # sidecar in its own container cgroup gets its share promptly; a lower nice value is
+        # how one process tree gets that here. It changes when Envoy runs, not how much.
+        command = ["nice", "-n", str(s.gateway_nice), *command]
+    envoy = ServerProcess("envoy", f"127.0.0.1:{port}", command, log_dir / "envoy.log", cwd=ROOT, cpus=s.gateway_cpus)
     envoy.start()
     await wait_until(lambda: health_serving(envoy.url), "envoy", envoy, s.ready_timeout_s)
     return envoy
@@ -751,7 +835,11 @@ def print_report(report: dict[str, Any]) -> None:
         return
     deadline_ms = float(report["settings"]["deadline_s"]) * 1000
     sweep = report.get("knee_sweep")
-    src = "--knee" if sweep is None else ("≥" if sweep["knee_is_lower_bound"] else "") + "sweep, admission on"
+    src = (
+        "--knee"
+        if sweep is None
+        else ("≥" if sweep["knee_is_lower_bound"] else "") + f"sweep, {report.get('knee_found_with', 'on')}"
+    )
     runs = [(name, r) for name, cfg in report["configurations"].items() for r in cfg["runs"]]
 
     t = Table(title=f"overload — knee {knee:g} req/s ({src}), deadline {deadline_ms:g} ms, mix 30/35/35")
@@ -864,7 +952,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    gens = Generators(s.generators, name="overload-gen")
+    if s.generator_cpus:
+        os.sched_setaffinity(0, s.generator_cpus)
+    gens = Generators(s.generators, name="overload-gen", cpus=s.generator_cpus)
     try:
         gens.start()
         report = uvloop.run(run(s, gens, log_dir))

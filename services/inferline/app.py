@@ -37,6 +37,7 @@ from inferline.postprocess.servicer import PostprocessServicer
 from inferline.router.admission import AdmissionController
 from inferline.router.breaker import BreakerRegistry, BreakerState
 from inferline.router.gate import RequestGate
+from inferline.router.ingress import IngressWait
 from inferline.router.kserve import KServeFrontDoor
 from inferline.router.loop_lag import LoopLagMonitor
 from inferline.router.plan import build_route_plans
@@ -187,7 +188,13 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
 
     app.starters.append(start_lag)
     app.closers.append(lag.stop)
-    metrics.queue_wait.set_function(lambda: lag.queue_wait_s)
+    ingress = IngressWait()
+
+    def queue_wait_s() -> float:
+        """Waits inside the loop (lag) or before it (gateway requests' ingress wait), whichever is longer."""
+        return max(lag.queue_wait_s, ingress.recent_s)
+
+    metrics.queue_wait.set_function(queue_wait_s)
     admission = {}
     # One controller per route (Predict) and one per model (KServe front door, key "model:<name>",
     # configured by the first route using the model).
@@ -199,13 +206,13 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
     for name, route in keys:
         if name in admission:
             continue
-        controller = AdmissionController(name, route.admission, config.traffic_classes, lambda: lag.queue_wait_s)
+        controller = AdmissionController(name, route.admission, config.traffic_classes, queue_wait_s)
         metrics.admission_limit.labels(name).set_function(functools.partial(getattr, controller, "limit"))
         metrics.admission_in_flight.labels(name).set_function(functools.partial(getattr, controller, "in_flight"))
         admission[name] = controller
     rate_limiter = build_rate_limiter(config)
     app.closers.append(rate_limiter.close)
-    return RequestGate(config, Authenticator(config.tenants, config.jwt), rate_limiter, admission)
+    return RequestGate(config, Authenticator(config.tenants, config.jwt), rate_limiter, admission, ingress)
 
 
 def _build_router(

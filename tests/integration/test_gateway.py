@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import random
@@ -11,18 +12,21 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
 import yaml
 
+from inferline.core import headers
 from inferline.core.config import load_config
 from inferline.core.health_wait import wait_until_serving
 from inferline.core.ports import free_ports
 from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER, render_envoy
+from inferline.gateway.render import SIGNAL_SHED_MESSAGE
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess
+from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_inferline
 
 pytestmark = pytest.mark.requires_triton
 
@@ -44,19 +48,18 @@ class Gateway:
         return sum(values)
 
 
-@pytest.fixture(scope="module")
-def gateway(
-    router_server: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def _envoy(
+    gateway_config: dict[str, Any], router_config: pathlib.Path, router: str, tmp_path: pathlib.Path
 ) -> Iterator[Gateway]:
-    """Envoy on free ports in front of ``router_server``; ``batch`` shed over a 2 s window."""
-    tmp_path = tmp_path_factory.mktemp("gateway")
+    """A real Envoy on free ports, rendered from ``router_config`` with ``gateway_config``, in front of ``router``."""
     raw = yaml.safe_load(router_config.read_text())
-    raw["gateway"] = {"shed": {"batch": {"window_s": 2.0, "aggression": 1.0}}}
+    raw["gateway"] = gateway_config
     config_path = tmp_path / "inferline.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     port, admin_port = free_ports(2)
     envoy_yaml = tmp_path / "envoy.yaml"
-    rendered = render_envoy(load_config(config_path), port=port, admin_port=admin_port, routers=[router_server.address])
+    rendered = render_envoy(load_config(config_path), port=port, admin_port=admin_port, routers=[router])
     envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))
     log_path = tmp_path / "envoy.log"
     command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
@@ -77,6 +80,16 @@ def gateway(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    router_server: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """Envoy in front of ``router_server``, shedding ``batch`` on its success rate over a 2 s window."""
+    shed = {"shed_by": "success_rate", "shed": {"batch": {"window_s": 2.0, "aggression": 1.0}}}
+    with _envoy(shed, router_config, router_server.address, tmp_path_factory.mktemp("gateway")) as gateway:
+        yield gateway
 
 
 @pytest.fixture
@@ -145,3 +158,82 @@ def test_failing_batch_is_shed_by_envoy_while_critical_is_served(gateway: Gatewa
     for _ in range(5):  # another class's window is untouched
         response = stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
         assert response.served_by == pb.SERVED_BY_PRIMARY
+
+
+# --- shedding on the router's own overload signal -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overloaded_router(
+    triton_server: object, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A router whose admission always refuses ``batch``: its queue-wait target is 1 µs, under any loop lag."""
+    env = {"INFERLINE_TRAFFIC_CLASSES__BATCH__QUEUE_WAIT_TARGET_MS": "0.001"}
+    url = triton_server.grpc_url  # type: ignore[attr-defined]
+    log = tmp_path_factory.mktemp("overloaded-router") / "router.log"
+    server = start_inferline(["up", "--config", str(router_config), "--triton-url", url], log, env=env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def signal_gateway(
+    overloaded_router: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """Envoy in front of ``overloaded_router``, shedding batch and standard on the router's signal."""
+    shed = {"shed_by": "signal", "shed": {"batch": {}, "standard": {}}}
+    tmp_path = tmp_path_factory.mktemp("signal-gateway")
+    with _envoy(shed, router_config, overloaded_router.address, tmp_path) as gateway:
+        yield gateway
+
+
+def _overloaded_trailer(call: grpc.Call) -> str | bytes | None:
+    return dict(call.trailing_metadata() or ()).get(headers.OVERLOADED)
+
+
+def test_router_answers_through_the_gateway_carry_its_overload_signal(
+    signal_gateway: Gateway, overloaded_router: ServerProcess
+) -> None:
+    with grpc.insecure_channel(signal_gateway.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        response, call = stub.Predict.with_call(_request("critical"), metadata=_metadata("critical"), timeout=2)
+        with pytest.raises(grpc.RpcError) as unauthenticated:
+            stub.Predict(_request("critical"), metadata=((TRAFFIC_CLASS_HEADER, "critical"),), timeout=2)
+    assert response.served_by == pb.SERVED_BY_PRIMARY
+    # The router read the gateway's copy of the grpc-timeout (or it would send no signal).
+    assert _overloaded_trailer(call) == "batch"
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _overloaded_trailer(unauthenticated.value) is None  # type: ignore[arg-type]  # not for strangers
+    with grpc.insecure_channel(overloaded_router.address) as channel:  # a direct caller gets no signal
+        _, direct = pb_grpc.InferenceStub(channel).Predict.with_call(
+            _request("critical"), metadata=_metadata("critical"), timeout=2
+        )
+    assert _overloaded_trailer(direct) is None
+
+
+def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(signal_gateway: Gateway) -> None:
+    aborts = f"http.{STAT_PREFIX}.fault.batch.aborts_injected"
+    with grpc.insecure_channel(signal_gateway.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for _ in range(30):  # each answer names batch: Envoy's batch shed probability climbs to its cap
+            stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
+        before = signal_gateway.stat(aborts)
+        batch = Counter[str]()
+        for _ in range(50):
+            try:
+                stub.Predict(_request("batch"), metadata=_metadata("batch"), timeout=2)
+                batch["OK"] += 1
+            except grpc.RpcError as err:
+                batch[f"{err.code().name}: {err.details()}"] += 1
+        standard = Counter[str]()
+        for _ in range(20):
+            response = stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2)
+            standard[pb.ServedBy.Name(response.served_by)] += 1
+    by_gateway = batch[f"RESOURCE_EXHAUSTED: {SIGNAL_SHED_MESSAGE}"]
+    # P = 0.99 once capped: nearly every batch call is turned away by Envoy, the rest by the router itself.
+    assert by_gateway >= 40, batch
+    assert set(batch) <= {f"RESOURCE_EXHAUSTED: {SIGNAL_SHED_MESSAGE}"} | {
+        k for k in batch if k.startswith("RESOURCE_EXHAUSTED: route 'driver_ranking' is overloaded")
+    }, batch
+    assert signal_gateway.stat(aborts) - before == by_gateway  # counted per class in Envoy's stats
+    assert standard == {"SERVED_BY_PRIMARY": 20}  # the router never named standard

@@ -87,6 +87,36 @@ def test_queue_wait_over_the_class_target_sheds_that_class_only() -> None:
     assert ctl.admit("critical").verdict is Verdict.ADMIT
 
 
+def test_a_request_that_waited_long_before_its_handler_is_judged_by_its_own_wait() -> None:
+    ctl, _ = controller(limit=100)  # the route's signal says no wait
+    with pytest.raises(Shed) as shed:
+        ctl.admit("batch", waited_s=0.020)
+    assert "queue wait 20.0 ms" in shed.value.message
+    assert ctl.admit("standard", waited_s=0.020).verdict is Verdict.ADMIT
+    assert ctl.admit("critical", waited_s=0.200).verdict is Verdict.DEGRADE  # over its 100 ms target: degraded
+    assert ctl.admit("batch").verdict is Verdict.ADMIT  # the next request is judged by its own wait
+
+
+def test_overloaded_names_the_classes_admit_would_refuse_lowest_first() -> None:
+    ctl, _ = controller(limit=10)
+    assert ctl.overloaded() == ""
+    fill(ctl, "critical", 5)
+    assert ctl.overloaded() == "batch"  # at batch's 50 % share
+    fill(ctl, "critical", 3)
+    assert ctl.overloaded() == "batch,standard"  # and at standard's 80 %
+    fill(ctl, "critical", 2)
+    assert ctl.overloaded() == "batch,standard"  # critical is never named: it is degraded, not shed
+
+
+def test_overloaded_follows_the_queue_wait_signal() -> None:
+    ctl, _ = controller(limit=100, queue_wait_s=0.020)
+    assert ctl.overloaded() == "batch"
+    ctl, _ = controller(limit=100, queue_wait_s=0.040)
+    assert ctl.overloaded() == "batch,standard"
+    ctl, _ = controller(limit=100, queue_wait_s=10.0, enabled=False)
+    assert ctl.overloaded() == ""  # admission off: the gateway is never told to shed
+
+
 def test_release_frees_the_slot_and_feeds_the_limit() -> None:
     ctl, fixed = controller(limit=2)
     first = ctl.admit("critical")

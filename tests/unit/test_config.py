@@ -80,3 +80,19 @@ def test_a_tenants_default_class_must_be_one_it_may_use() -> None:
     raw["tenants"]["demo"]["traffic_classes"] = ["batch"]
     with pytest.raises(ConfigError, match="default_traffic_class"):
         parse_config(raw, DEFAULT.parent)
+
+
+def test_a_traffic_class_name_must_be_plain() -> None:
+    # Class names travel in headers, comma-separated overload lists and Prometheus labels.
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["traffic_classes"]["bulk,slow"] = {"priority": 3, "default_deadline_ms": 1000}
+    with pytest.raises(ConfigError, match=r"traffic_classes: .*traffic class name 'bulk,slow'"):
+        parse_config(raw, DEFAULT.parent)
+
+
+def test_gateway_sheds_on_the_router_signal_unless_told_otherwise() -> None:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    assert parse_config(raw, DEFAULT.parent).gateway.shed_by == "signal"
+    raw["gateway"]["shed_by"] = "latency"
+    with pytest.raises(ConfigError, match=r"gateway\.shed_by"):
+        parse_config(raw, DEFAULT.parent)

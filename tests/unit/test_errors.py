@@ -17,6 +17,12 @@ class Aborted(Exception):
 
 
 class FakeContext:
+    def __init__(self, trailing: tuple[tuple[str, str], ...] = ()) -> None:
+        self._trailing = trailing
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
     async def abort(self, code: grpc.StatusCode, details: str, trailing: Any) -> None:
         raise Aborted(code, details, trailing)
 
@@ -30,9 +36,9 @@ class Servicer:
         raise self.error
 
 
-async def call(error: Exception) -> Aborted:
+async def call(error: Exception, trailing: tuple[tuple[str, str], ...] = ()) -> Aborted:
     with pytest.raises(Aborted) as aborted:
-        await Servicer(error).Call(None, FakeContext())
+        await Servicer(error).Call(None, FakeContext(trailing))
     return aborted.value
 
 
@@ -51,6 +57,15 @@ async def test_shed_carries_reason_retry_info_and_pushback() -> None:
     status.details[1].Unpack(retry)
     assert info.reason == "SHED" and info.metadata["retry_after_ms"] == "25"
     assert retry.retry_delay.ToMilliseconds() == 25
+
+
+async def test_trailing_metadata_set_by_the_handler_goes_out_with_the_status() -> None:
+    # The gateway's overload signal is set before the handler fails; the abort must not drop it.
+    aborted = await call(Shed("overloaded", 0.01), trailing=(("x-inferline-overloaded", "batch"),))
+    trailing = dict(aborted.trailing)
+    assert trailing["x-inferline-overloaded"] == "batch"
+    assert trailing["grpc-retry-pushback-ms"] == "10"
+    assert "grpc-status-details-bin" in trailing
 
 
 async def test_quota_exceeded_is_a_shed_with_its_own_reason() -> None:

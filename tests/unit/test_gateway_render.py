@@ -11,12 +11,15 @@ import yaml
 from typer.testing import CliRunner
 
 from inferline.cli import cli
+from inferline.core import headers
 from inferline.core.config import InferlineConfig, load_config, parse_config
 from inferline.gateway import ROUTER_CLUSTER, TRAFFIC_CLASS_HEADER, render_envoy
+from inferline.gateway.render import SIGNAL_FILTER, SIGNAL_SHED_FILTER, SIGNAL_SHED_HEADER
 
 DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
 ENVOY = pathlib.Path(".venv/bin/envoy")
 SHED = {"batch": {"window_s": 2, "sr_threshold": 0.9}, "standard": {}}
+SR = "success_rate"
 
 
 def _config(**gateway: Any) -> InferlineConfig:
@@ -46,14 +49,16 @@ def _validate(rendered: dict[str, Any], tmp_path: pathlib.Path) -> subprocess.Co
     )
 
 
-@pytest.mark.parametrize("gateway", [{}, {"shed": SHED}], ids=["default", "shed"])
+@pytest.mark.parametrize(
+    "gateway", [{}, {"shed": SHED}, {"shed": SHED, "shed_by": SR}], ids=["default", "signal", "success_rate"]
+)
 def test_real_envoy_validates_the_rendered_config(gateway: dict[str, Any], tmp_path: pathlib.Path) -> None:
     result = _validate(render_envoy(_config(**gateway)), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:
-    rendered = render_envoy(_config(shed=SHED), routers=["localhost:50051", "127.0.0.1:50052"])
+    rendered = render_envoy(_config(shed=SHED, shed_by=SR), routers=["localhost:50051", "127.0.0.1:50052"])
     assert rendered["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
     result = _validate(rendered, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -66,8 +71,45 @@ def test_default_config_has_only_the_catch_all_route() -> None:
     assert not any(f["name"].startswith("inferline.shed.") for f in _hcm(rendered)["http_filters"])
 
 
+def test_signal_shedding_is_a_lua_filter_and_a_fault_filter_before_the_router() -> None:
+    rendered = render_envoy(_config(shed=SHED))
+    names = [f["name"] for f in _hcm(rendered)["http_filters"]]
+    assert names == [SIGNAL_FILTER, SIGNAL_SHED_FILTER, "envoy.filters.http.buffer", "envoy.filters.http.router"]
+    assert [r["name"] for r in _routes(rendered)] == ["default"]  # the Lua filter reads the class itself
+
+
+def test_signal_fault_filter_aborts_only_marked_requests_with_resource_exhausted() -> None:
+    filters = {f["name"]: f["typed_config"] for f in _hcm(render_envoy(_config(shed=SHED)))["http_filters"]}
+    fault = filters[SIGNAL_SHED_FILTER]
+    assert fault["abort"]["grpc_status"] == 8
+    assert fault["abort"]["percentage"] == {"numerator": 100, "denominator": "HUNDRED"}
+    assert fault["headers"] == [{"name": SIGNAL_SHED_HEADER, "present_match": True}]
+
+
+def test_signal_lua_knows_the_shed_classes_and_the_steps() -> None:
+    config = _config(shed={"batch": {}}, signal={"step_up": 0.1, "step_down": 0.01, "max_probability": 0.9})
+    filters = {f["name"]: f["typed_config"] for f in _hcm(render_envoy(config))["http_filters"]}
+    script = filters[SIGNAL_FILTER]["default_source_code"]["inline_string"]
+    assert 'local shed_p = {["batch"] = 0.0}' in script  # only the listed classes are ever shed
+    assert "local STEP_UP, STEP_DOWN, MAX_P = 0.1, 0.01, 0.9" in script
+    for name in (headers.TRAFFIC_CLASS, headers.OVERLOADED, SIGNAL_SHED_HEADER):
+        assert f'"{name}"' in script
+
+
+def test_every_request_carries_the_callers_grpc_timeout_for_the_router() -> None:
+    vhost = _hcm(render_envoy(_config(shed=SHED)))["route_config"]["virtual_hosts"][0]
+    assert vhost["request_headers_to_remove"] == [headers.INGRESS_TIMEOUT]  # never a caller's own value
+    [added] = vhost["request_headers_to_add"]
+    assert added["header"] == {"key": headers.INGRESS_TIMEOUT, "value": "%REQ(grpc-timeout)%"}
+
+
+def test_no_shed_classes_means_no_shed_filters() -> None:
+    names = [f["name"] for f in _hcm(render_envoy(_config()))["http_filters"]]
+    assert names == ["envoy.filters.http.buffer", "envoy.filters.http.router"]
+
+
 def test_each_shed_class_gets_a_header_route_and_the_default_route_is_last() -> None:
-    routes = _routes(render_envoy(_config(shed=SHED)))
+    routes = _routes(render_envoy(_config(shed=SHED, shed_by=SR)))
     assert [r["name"] for r in routes] == ["class_batch", "class_standard", "default"]
     for route, cls in zip(routes, ["batch", "standard"], strict=False):
         assert route["match"]["headers"] == [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]
@@ -75,7 +117,7 @@ def test_each_shed_class_gets_a_header_route_and_the_default_route_is_last() -> 
 
 
 def test_each_class_route_keeps_only_its_own_shed_filter() -> None:
-    routes = {r["name"]: r for r in _routes(render_envoy(_config(shed=SHED)))}
+    routes = {r["name"]: r for r in _routes(render_envoy(_config(shed=SHED, shed_by=SR)))}
     assert set(routes["class_batch"]["typed_per_filter_config"]) == {"inferline.shed.standard"}
     assert set(routes["class_standard"]["typed_per_filter_config"]) == {"inferline.shed.batch"}
     assert set(routes["default"]["typed_per_filter_config"]) == {"inferline.shed.batch", "inferline.shed.standard"}
@@ -83,7 +125,9 @@ def test_each_class_route_keeps_only_its_own_shed_filter() -> None:
 
 
 def test_admission_control_takes_the_class_settings() -> None:
-    filters = {f["name"]: f["typed_config"] for f in _hcm(render_envoy(_config(shed=SHED)))["http_filters"]}
+    rendered = render_envoy(_config(shed=SHED, shed_by=SR))
+    filters = {f["name"]: f["typed_config"] for f in _hcm(rendered)["http_filters"]}
+    assert SIGNAL_FILTER not in filters  # one signal or the other, never both
     batch = filters["inferline.shed.batch"]
     assert batch["sampling_window"] == "2s"
     assert batch["sr_threshold"]["default_value"] == {"value": pytest.approx(90.0)}
@@ -96,7 +140,7 @@ def test_admission_control_takes_the_class_settings() -> None:
 
 
 def test_routes_forward_under_the_callers_deadline_and_never_retry() -> None:
-    for route in _routes(render_envoy(_config(shed=SHED))):
+    for route in _routes(render_envoy(_config(shed=SHED, shed_by=SR))):
         action = route["route"]
         assert action["cluster"] == ROUTER_CLUSTER
         assert action["timeout"] == "0s"

@@ -30,6 +30,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inferline.bench.targets import DEMO_API_KEY, Target, prepare_predict
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as ``taskset -c`` takes it (``"1"``, ``"0,2"``, ``"2-5"``) → the set of CPU numbers.
+
+    Raises:
+        ValueError: not such a list, or a CPU this process may not run on.
+    """
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"CPU list {text!r}: expected numbers and ranges like 0,2-3")
+        cpus.update(range(int(low), int(high or low) + 1))
+    usable = os.sched_getaffinity(0)
+    if not cpus or not cpus <= usable:
+        raise ValueError(f"CPU list {text!r}: this machine lets us use CPUs {sorted(usable)}")
+    return frozenset(cpus)
+
+
 @dataclass
 class ServerProcess:
     """A server subprocess in its own session, logging to a file; ``stop`` always reaps it."""
@@ -43,13 +61,18 @@ class ServerProcess:
     """Variables added to (or overriding) this process's environment."""
     cwd: pathlib.Path | None = None
     """Working directory (None: this process's)."""
+    cpus: frozenset[int] | None = None
+    """CPUs the process and everything it starts may run on (``taskset``; None: no pinning)."""
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         environ = None if self.env is None else {**os.environ, **self.env}
         with self.log_path.open("ab") as log:
+            # taskset sets the affinity before exec, so every thread and child (Triton, its
+            # backend stubs, Envoy's workers) inherits it; setting it after Popen would race them.
+            pin = ["taskset", "-c", ",".join(map(str, sorted(self.cpus)))] if self.cpus else []
             self.proc = subprocess.Popen(
-                self.command,
+                [*pin, *self.command],
                 cwd=self.cwd,
                 env=environ,
                 stdin=subprocess.DEVNULL,
@@ -134,13 +157,15 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinities (no data, e.g. percentiles of nothing) written as None."""
+    """``value`` with NaN and infinities (no data, e.g. percentiles of nothing) as None, sets as sorted lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
+    if isinstance(value, frozenset | set):
+        return sorted(json_safe(v) for v in value)
     return value
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ import uvloop
 from inferline.bench.loadgen import LoadResult, poisson_schedule, run_open_loop
 from inferline.bench.mix import TrafficMix
 from inferline.bench.recording import CHANNEL_OPTIONS, TargetSpec, recording_call
+from inferline.gateway.render import GATEWAY_SHED_PREFIX
 
 MAX_START_LAG_S = 0.005
 """A generator whose p99 start lag exceeds this fell behind its schedule."""
@@ -68,6 +70,8 @@ class GenResult:
     """How late the generator started against the common start instant."""
     warmup_s: float = 0.0
     """Start of the measured window, seconds from the run's start (the records' ``scheduled_s`` count from there)."""
+    gateway_shed: frozenset[int] = frozenset()
+    """Request numbers of the calls a gateway (Envoy) shed, told apart from the router's sheds by their message."""
 
 
 async def generate(job: GenJob) -> GenResult:
@@ -99,12 +103,19 @@ async def generate(job: GenJob) -> GenResult:
             keep_records=True,
         )
     details = log.details_of(r.index for r in result.records)  # the measured window's only
-    return GenResult(result, classes, log.served_by, details, round(late * 1000.0, 3), job.warmup_s)
+    gateway_shed = frozenset(i for i, detail in log.error_details.items() if GATEWAY_SHED_PREFIX in detail)
+    return GenResult(result, classes, log.served_by, details, round(late * 1000.0, 3), job.warmup_s, gateway_shed)
 
 
-def generator_main(conn: Connection) -> None:
-    """Body of a generator process: run each job received on ``conn``, send back its result."""
+def generator_main(conn: Connection, cpus: frozenset[int] | None = None) -> None:
+    """Body of a generator process: run each job received on ``conn``, send back its result.
+
+    ``cpus``: the only CPUs this process may run on (``os.sched_setaffinity``), so that a
+    benchmark can keep its load off the cores of the server it measures.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     while True:
         try:
             job = conn.recv()
@@ -132,7 +143,8 @@ def _recv(conn: Connection, timeout_s: float) -> GenResult | str:
 class Generators:
     """A pool of generator processes, reused across runs; use as a context manager or start/close."""
 
-    def __init__(self, count: int, name: str = "bench-gen") -> None:
+    def __init__(self, count: int, name: str = "bench-gen", cpus: frozenset[int] | None = None) -> None:
+        """``count`` processes, pinned to ``cpus`` when given (None: wherever the OS puts them)."""
         if count < 1:
             raise ValueError("need at least one generator")
         ctx = multiprocessing.get_context("spawn")
@@ -140,7 +152,7 @@ class Generators:
         self.procs: list[Any] = []
         for k in range(count):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=generator_main, args=(child,), name=f"{name}-{k}", daemon=True)
+            proc = ctx.Process(target=generator_main, args=(child, cpus), name=f"{name}-{k}", daemon=True)
             self.conns.append(parent)
             self.procs.append(proc)
         self.executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="gen-recv")

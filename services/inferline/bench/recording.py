@@ -32,10 +32,10 @@ from tritonclient.grpc import service_pb2_grpc
 from inferline.bench.loadgen import CallFn
 from inferline.bench.mix import DEFAULT_PRIORITIES
 from inferline.bench.targets import DEMO_API_KEY, build_model_infer_request, uniform_entity_ids
+from inferline.core.headers import TRAFFIC_CLASS
 from inferline.v1 import inference_pb2, inference_pb2_grpc
 
 TARGET_KINDS = ("predict", "kserve", "triton")
-TRAFFIC_CLASS_METADATA = "x-inferline-traffic-class"
 """Metadata key the router's KServe v2 front door reads the traffic class from."""
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", 16 << 20),
@@ -181,13 +181,13 @@ def recording_call(
         # The class travels in the body for the router and as metadata for Envoy, which
         # sheds lower classes by this header before the router sees them (gateway.shed).
         metadata: list[list[tuple[tuple[str, str], ...]]] = [
-            [(t, (TRAFFIC_CLASS_METADATA, cls)) for t in tenants] for cls in class_names
+            [(t, (TRAFFIC_CLASS, cls)) for t in tenants] for cls in class_names
         ]
     else:
         pools = _infer_pools(spec, class_names, deadline_s, seed)
         method = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         if spec.kind == "kserve":
-            metadata = [[(t, (TRAFFIC_CLASS_METADATA, cls)) for t in tenants] for cls in class_names]
+            metadata = [[(t, (TRAFFIC_CLASS, cls)) for t in tenants] for cls in class_names]
         else:
             metadata = [[()] for _ in class_names]
             n_tenants = 1

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_CLASS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class _Model(BaseModel):
@@ -384,7 +387,7 @@ class ScoreCacheConfig(_Model):
 
 
 class ClassShedConfig(_Model):
-    """Envoy's adaptive shedding of one traffic class, before the router sees the request."""
+    """Envoy's shedding of one traffic class on its success rate (``gateway.shed_by: success_rate``)."""
 
     sr_threshold: float = Field(0.85, gt=0, le=1)
     """Below this success rate of the class's recent requests, Envoy starts rejecting some of them.
@@ -399,6 +402,25 @@ class ClassShedConfig(_Model):
     failures of a trickle of traffic are no overload."""
 
 
+class ShedSignalConfig(_Model):
+    """How Envoy follows the routers' overload signal (``gateway.shed_by: signal``).
+
+    Every answer to a gateway request names the classes its route's admission refuses right
+    now (``x-inferline-overloaded``). Envoy keeps a shed probability per class (per worker
+    thread): up by ``step_up`` on each answer naming the class, down by ``step_down`` on each
+    that does not, at most ``max_probability``. It settles where about
+    ``step_down / (step_up + step_down)`` of answers name the class (4 % by default): the
+    routers stay at the edge of shedding it and shed few themselves — a router's shed comes
+    after the call waited in its transport queue (tens of ms under overload), Envoy's in ~1 ms.
+    After an overload the probability falls to 0 within ``max_probability / step_down``
+    answers (~1 s at a few hundred answers a second).
+    """
+
+    step_up: float = Field(0.05, gt=0, le=1)
+    step_down: float = Field(0.002, gt=0, le=1)
+    max_probability: float = Field(0.99, gt=0, le=1)
+
+
 class GatewayConfig(_Model):
     """The Envoy ingress in front of the router replicas (``inferline gateway render``)."""
 
@@ -408,7 +430,13 @@ class GatewayConfig(_Model):
     """host:port of each router replica; Envoy balances requests (not connections) over them."""
     shed: dict[str, ClassShedConfig] = {}
     """Traffic classes Envoy may shed on its own (C++, before any Python runs), by the
-    ``x-inferline-traffic-class`` request header; a class not listed is always forwarded."""
+    ``x-inferline-traffic-class`` request header; a class not listed is always forwarded.
+    The per-class settings are those of ``shed_by: success_rate``."""
+    shed_by: Literal["signal", "success_rate"] = "signal"
+    """``signal``: on the routers' own overload signal (``x-inferline-overloaded`` on their
+    answers; ``signal``), before the routers fail. ``success_rate``: when the class's success
+    rate falls (Envoy's admission_control), for routers that do not send the signal."""
+    signal: ShedSignalConfig = ShedSignalConfig()
     max_request_bytes: int = Field(1 << 20, gt=0)
 
 
@@ -456,6 +484,15 @@ class InferlineConfig(_Model):
     traffic_classes: dict[str, TrafficClassConfig]
     tenants: dict[str, TenantConfig]
     routes: dict[str, RouteConfig]
+
+    @field_validator("traffic_classes")
+    @classmethod
+    def _class_names(cls, classes: dict[str, TrafficClassConfig]) -> dict[str, TrafficClassConfig]:
+        """Class names travel in headers, comma-separated lists and Prometheus labels: keep them plain."""
+        for name in classes:
+            if not _CLASS_NAME.fullmatch(name):
+                raise ValueError(f"traffic class name {name!r}: use letters, digits, '_' and '-' only")
+        return classes
 
     @model_validator(mode="after")
     def _references_exist(self) -> InferlineConfig:

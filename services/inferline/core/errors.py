@@ -201,7 +201,8 @@ def rpc_method(func: Handler[_Servicer, _Request, _Response]) -> Handler[_Servic
             raise  # the handler aborted the call itself
         except InferlineError as err:
             status = rpc_status.to_status(to_status(err))
-            trailing = status.trailing_metadata
+            # What the handler set (e.g. the gateway's overload signal) goes out with the status.
+            trailing = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
             if isinstance(err, Shed):
                 # gRPC's own retry policy honours this pushback (gRFC A6); clients read it too.
                 trailing = (*trailing, ("grpc-retry-pushback-ms", str(max(1, int(err.retry_after_s * 1000)))))

@@ -63,7 +63,8 @@ class ServingMetrics:
         )
         self.queue_wait = Gauge(
             "inferline_queue_wait_seconds",
-            "The router's queue wait: average lateness of its event loop",
+            "The router's queue wait: average lateness of its event loop, or of gateway requests' wait "
+            "before their handler, whichever is longer",
             registry=registry,
         )
         self.model_calls = Counter(

@@ -6,13 +6,31 @@ the handler runs. So the lower classes are shed earlier, by Envoy in C++, keyed 
 ``x-inferline-traffic-class`` request header (the bench and well-behaved clients send it;
 the router still authenticates and enforces the class from the request body).
 
+One of two signals drives the shedding (``gateway.shed_by``):
+
+* ``signal`` (the default), the routers' own: every answer to a gateway request
+  carries ``x-inferline-overloaded``, the classes its route's admission refuses right now. A
+  Lua filter keeps a shed probability per class, raised by each answer naming the class and
+  lowered by each that does not, and marks that share of the class's requests; a fault
+  filter turns marked requests away (RESOURCE_EXHAUSTED, counted per class as
+  ``http.inferline_ingress.fault.<class>.aborts_injected``). So the lower classes are shed
+  before they cost a router anything, as soon as the router says so, not after it failed.
+  The gateway also copies the caller's ``grpc-timeout`` into ``x-inferline-ingress-timeout``,
+  from which a router measures how long a call waited in its transport (``router.ingress``).
+* ``success_rate``: the class's success rate (Envoy's ``admission_control``, one filter
+  per class), for routers that do not send the signal. Not both: admission_control would
+  count the signal's sheds (local replies pass its encoder) as the class's failures and shed
+  on top of them.
+
 Layout of the rendered config::
 
     listener 0.0.0.0:port ── http_connection_manager (codec AUTO: gRPC over HTTP/2)
-        http_filters: inferline.shed.<class> (admission_control), one per shed class
+        http_filters: shed_by signal:       inferline.signal (Lua), inferline.signal_shed (fault)
+                      shed_by success_rate: inferline.shed.<class> (admission_control), one per class
                       envoy.filters.http.buffer, envoy.filters.http.router
-        routes:       header x-inferline-traffic-class == <class> → router, only shed.<class> on
-                      prefix "/" (health, reflection, other classes) → router, every shed.* off
+        routes:       header x-inferline-traffic-class == <class> → router (success_rate: only shed.<class> on)
+                      prefix "/" (health, reflection, other classes) → router (success_rate: every shed.* off)
+                      (all: x-inferline-ingress-timeout = the caller's grpc-timeout)
     cluster inferline_router: HTTP/2, round robin per request, gRPC health checks
 
 ``render_envoy`` returns plain dicts and lists; ``inferline gateway render`` dumps them as YAML.
@@ -23,15 +41,29 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from inferline.core.config import ClassShedConfig, InferlineConfig
+from inferline.core import headers
+from inferline.core.config import ClassShedConfig, InferlineConfig, ShedSignalConfig
 
-TRAFFIC_CLASS_HEADER = "x-inferline-traffic-class"
+TRAFFIC_CLASS_HEADER = headers.TRAFFIC_CLASS
 ROUTER_CLUSTER = "inferline_router"
 STAT_PREFIX = "inferline_ingress"
 """Envoy's stats for the listener live under ``http.<STAT_PREFIX>.`` (e.g. ``...admission_control.rq_rejected``)."""
 SHED_FILTER_PREFIX = "inferline.shed."
-SHED_MESSAGE = "shed by the gateway: traffic class over its failure budget"
-"""grpc-message of a gateway shed (status RESOURCE_EXHAUSTED)."""
+GATEWAY_SHED_PREFIX = "shed by the gateway"
+"""How every gateway shed's grpc-message starts (a router's own sheds say "route ... is overloaded")."""
+SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: traffic class over its failure budget"
+"""grpc-message of a gateway shed on the success rate (status RESOURCE_EXHAUSTED)."""
+SIGNAL_SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: the routers are shedding this traffic class"
+"""grpc-message of a gateway shed on the routers' overload signal (status RESOURCE_EXHAUSTED)."""
+SIGNAL_FILTER = "inferline.signal"
+SIGNAL_SHED_FILTER = "inferline.signal_shed"
+SIGNAL_SHED_HEADER = "x-inferline-gateway-shed"
+"""Set by the Lua filter on a request it sheds; the fault filter turns such requests away."""
+_DOWNSTREAM_CLUSTER = "x-envoy-downstream-service-cluster"
+"""The fault filter counts aborts per value of this header: the Lua filter sets it to the class."""
+
+_LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+_FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 
 _ADMISSION_CONTROL = "type.googleapis.com/envoy.extensions.filters.http.admission_control.v3.AdmissionControl"
 _FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
@@ -104,7 +136,12 @@ def _listener(config: InferlineConfig, port: int) -> dict[str, Any]:
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "route_config": _route_config(config),
         "local_reply_config": _local_replies(),
-        "http_filters": [*_shed_filters(config), _buffer_filter(gateway.max_request_bytes), _router_filter()],
+        "http_filters": [
+            *_signal_filters(config),
+            *_shed_filters(config),
+            _buffer_filter(gateway.max_request_bytes),
+            _router_filter(),
+        ],
     }
     return {
         "name": "inferline_ingress",
@@ -113,6 +150,81 @@ def _listener(config: InferlineConfig, port: int) -> dict[str, Any]:
             {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
         ],
     }
+
+
+def _signal_filters(config: InferlineConfig) -> list[dict[str, Any]]:
+    """The Lua filter that follows the routers' overload signal, and the fault filter that sheds.
+
+    Lua cannot count into Envoy's stats, so it only marks a request (``x-inferline-gateway-shed``,
+    and the class as the downstream cluster); the fault filter aborts marked requests with
+    RESOURCE_EXHAUSTED and counts them per class.
+    """
+    signal = config.gateway.signal
+    if config.gateway.shed_by != "signal" or not config.gateway.shed:
+        return []
+    lua = {"@type": _LUA, "default_source_code": {"inline_string": _signal_lua(list(config.gateway.shed), signal)}}
+    fault = {
+        "@type": _FAULT,
+        "abort": {"grpc_status": 8, "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
+        "headers": [{"name": SIGNAL_SHED_HEADER, "present_match": True}],
+    }
+    return [{"name": SIGNAL_FILTER, "typed_config": lua}, {"name": SIGNAL_SHED_FILTER, "typed_config": fault}]
+
+
+def _signal_lua(classes: list[str], signal: ShedSignalConfig) -> str:
+    """The Lua script: one shed probability per class, per worker thread (Lua state is per worker).
+
+    Each answer with ``x-inferline-overloaded`` (a trailer of unary gRPC answers, a header of
+    trailers-only ones such as sheds) moves every class's probability: up ``step_up`` if the
+    list names the class, else down ``step_down``. Answers without it (other servers, the
+    gateway's own replies) move nothing. Class names are plain (config-checked), so they are
+    safe in Lua strings and in the comma-separated list.
+    """
+    table = ", ".join(f'["{cls}"] = 0.0' for cls in classes)
+    return f"""-- inferline gateway: shed on the routers' overload signal (rendered by `inferline gateway render`)
+local CLASS_HEADER = "{headers.TRAFFIC_CLASS}"
+local OVERLOADED = "{headers.OVERLOADED}"
+local SHED_HEADER = "{SIGNAL_SHED_HEADER}"
+local DOWNSTREAM_CLUSTER = "{_DOWNSTREAM_CLUSTER}"
+local STEP_UP, STEP_DOWN, MAX_P = {signal.step_up!r}, {signal.step_down!r}, {signal.max_probability!r}
+local shed_p = {{{table}}}
+
+local function follow(list)
+  local padded = "," .. list .. ","
+  for cls, p in pairs(shed_p) do
+    if string.find(padded, "," .. cls .. ",", 1, true) then
+      p = p + STEP_UP
+      if p > MAX_P then p = MAX_P end
+    else
+      p = p - STEP_DOWN
+      if p < 0 then p = 0 end
+    end
+    shed_p[cls] = p
+  end
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local cls = headers:get(CLASS_HEADER)
+  if cls == nil then return end
+  local p = shed_p[cls]
+  if p ~= nil and p > 0 and math.random() < p then
+    headers:replace(SHED_HEADER, cls)
+    headers:replace(DOWNSTREAM_CLUSTER, cls)
+  end
+end
+
+function envoy_on_response(handle)
+  local list = handle:headers():get(OVERLOADED)
+  if list == nil then
+    local trailers = handle:trailers()
+    if trailers == nil then return end
+    list = trailers:get(OVERLOADED)
+    if list == nil then return end
+  end
+  follow(list)
+end
+"""
 
 
 def _shed_filters(config: InferlineConfig) -> list[dict[str, Any]]:
@@ -125,6 +237,8 @@ def _shed_filters(config: InferlineConfig) -> list[dict[str, Any]]:
     reflection and unlisted classes never pass through any of them. They run before the
     buffer filter: a rejection costs one header lookup, not a buffered body.
     """
+    if config.gateway.shed_by != "success_rate":
+        return []
     return [
         {"name": SHED_FILTER_PREFIX + cls, "typed_config": _admission_control(cls, shed)}
         for cls, shed in config.gateway.shed.items()
@@ -161,7 +275,7 @@ def _admission_control(cls: str, shed: ClassShedConfig) -> dict[str, Any]:
 
 
 def _local_replies() -> dict[str, Any]:
-    """Turns admission_control's rejections into gRPC RESOURCE_EXHAUSTED (8).
+    """Turns the gateway's sheds into gRPC RESOURCE_EXHAUSTED (8) with a message saying why.
 
     The filter answers a plain local 503, which Envoy sends to gRPC callers as UNAVAILABLE
     (14): the code gRPC clients and retry policies retry at once, into the overload. A shed
@@ -173,18 +287,19 @@ def _local_replies() -> dict[str, Any]:
         "@type": _CEL_FILTER,
         "expression": "response.code_details.contains('admission_control')",
     }
+    signal_cel = {"@type": _CEL_FILTER, "expression": "response.code_details.contains('fault_filter_abort')"}
     grpc_status = {"key": "grpc-status", "value": "8"}
-    return {
-        "mappers": [
-            {
-                "filter": {
-                    "extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": cel}
-                },
-                "headers_to_add": [{"header": grpc_status, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
-                "body": {"inline_string": SHED_MESSAGE},
-            }
-        ]
-    }
+
+    def mapper(expression: dict[str, Any], message: str) -> dict[str, Any]:
+        return {
+            "filter": {
+                "extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": expression}
+            },
+            "headers_to_add": [{"header": grpc_status, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+            "body": {"inline_string": message},
+        }
+
+    return {"mappers": [mapper(cel, SHED_MESSAGE), mapper(signal_cel, SIGNAL_SHED_MESSAGE)]}
 
 
 def _buffer_filter(max_request_bytes: int) -> dict[str, Any]:
@@ -203,13 +318,28 @@ def _router_filter() -> dict[str, Any]:
 
 
 def _route_config(config: InferlineConfig) -> dict[str, Any]:
-    """Class routes first (Envoy takes the first match), the catch-all ``/`` route last."""
-    shed = list(config.gateway.shed)
+    """Class routes first (Envoy takes the first match), the catch-all ``/`` route last.
+
+    Class routes only switch the success-rate filters per class; with ``shed_by: signal``
+    the Lua filter reads the class itself, and one route serves everything.
+    """
+    shed = list(config.gateway.shed) if config.gateway.shed_by == "success_rate" else []
     routes = [_class_route(cls, shed) for cls in shed]
     routes.append({"name": "default", "match": {"prefix": "/"}, "route": _route_action(), **_shed_off(shed, keep=None)})
+    # The caller's grpc-timeout, for the router to measure its transport wait (router.ingress);
+    # a caller's own copy is dropped first, an absent grpc-timeout adds nothing.
+    ingress_timeout = {"key": headers.INGRESS_TIMEOUT, "value": "%REQ(grpc-timeout)%"}
     return {
         "name": "inferline",
-        "virtual_hosts": [{"name": "inferline", "domains": ["*"], "routes": routes}],
+        "virtual_hosts": [
+            {
+                "name": "inferline",
+                "domains": ["*"],
+                "routes": routes,
+                "request_headers_to_remove": [headers.INGRESS_TIMEOUT],
+                "request_headers_to_add": [{"header": ingress_timeout, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+            }
+        ],
     }
 
 

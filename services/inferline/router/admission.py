@@ -5,8 +5,10 @@ One controller per route. A request of class ``c`` is admitted while both hold:
 * the route's in-flight requests are below ``limit × c.limit_share`` — the limit is the
   route's adaptive concurrency limit (``router.limits``), and lower classes have smaller
   shares, so as in-flight work grows they reach their ceiling first and are shed first;
-* the router's queue wait (``LoopLagMonitor``) is below ``c.queue_wait_target_ms`` —
-  lower classes have lower targets, for the same reason.
+* the router's queue wait is below ``c.queue_wait_target_ms`` — lower classes have lower
+  targets, for the same reason. The queue wait is the larger of the route's signal (event-loop
+  lag, recent waits before the handler: ``LoopLagMonitor``, ``IngressWait``) and this
+  request's own wait before its handler, when the gateway let it be measured.
 
 Otherwise a sheddable class is rejected (``Shed``: RESOURCE_EXHAUSTED with a retry
 hint), and a class that may not be shed gets a degraded answer (cache, light model,
@@ -82,6 +84,10 @@ class AdmissionController:
         self._in_flight = 0
         self.shed_count = 0
         self.degraded_count = 0
+        # Lowest class first: the order the gateway is told to shed them in.
+        self._sheddable = sorted(
+            ((name, c) for name, c in classes.items() if c.sheddable), key=lambda item: -item[1].priority
+        )
 
     @property
     def limit(self) -> int:
@@ -91,8 +97,10 @@ class AdmissionController:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def admit(self, traffic_class: str) -> Permit:
+    def admit(self, traffic_class: str, waited_s: float = 0.0) -> Permit:
         """Decide for one request of ``traffic_class`` (a configured class).
+
+        ``waited_s``: how long this request waited before its handler ran (0 when unknown).
 
         Returns:
             A ``Permit`` whose ``verdict`` says whether to run the main path or degrade.
@@ -105,8 +113,8 @@ class AdmissionController:
             return Permit(None, Verdict.ADMIT, 0)
         cls = self._classes[traffic_class]
         limit = self._limiter.limit
-        queue_wait_s = self._queue_wait_s()
-        if self._in_flight < max(1, int(limit * cls.limit_share)) and queue_wait_s * 1000 < cls.queue_wait_target_ms:
+        queue_wait_s = max(self._queue_wait_s(), waited_s)
+        if not self._over(cls, limit, queue_wait_s):
             self._in_flight += 1
             return Permit(self, Verdict.ADMIT, self._in_flight)
         if not cls.sheddable and self._config.degrade_over_limit:
@@ -118,6 +126,22 @@ class AdmissionController:
             f"({self._in_flight} in flight, limit {limit}, queue wait {queue_wait_s * 1000:.1f} ms)",
             self._retry_after_s(queue_wait_s),
         )
+
+    def overloaded(self) -> str:
+        """The sheddable classes a request would be refused in right now, lowest first, comma-separated.
+
+        The same test as ``admit`` (without this request's own wait), so the gateway sheds
+        exactly the classes the router would. "" when none, or when admission is off.
+        """
+        if not self._config.enabled:
+            return ""
+        limit, queue_wait_s = self._limiter.limit, self._queue_wait_s()
+        return ",".join(name for name, c in self._sheddable if self._over(c, limit, queue_wait_s))
+
+    def _over(self, cls: TrafficClassConfig, limit: int, queue_wait_s: float) -> bool:
+        """Whether the route is over ``cls``'s share of the limit or its queue-wait target."""
+        over_share = self._in_flight >= max(1, int(limit * cls.limit_share))
+        return over_share or queue_wait_s * 1000 >= cls.queue_wait_target_ms
 
     def _retry_after_s(self, queue_wait_s: float) -> float:
         """How long a shed caller should wait: about one latency of the path, or the queue wait if longer."""

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import grpc
 
 from inferline.core.auth import Authenticator
 from inferline.core.config import CanaryConfig, InferlineConfig, TrafficClassConfig
 from inferline.core.errors import InvalidInput, PermissionDenied, QuotaExceeded
+from inferline.core.headers import OVERLOADED
 from inferline.router.admission import AdmissionController, Permit
+from inferline.router.ingress import IngressWait
 from inferline.router.quota import RateLimiter
 
 Metadata = Sequence[tuple[str, str | bytes]] | None
@@ -54,10 +59,12 @@ class RequestGate:
         authenticator: Authenticator,
         rate_limiter: RateLimiter,
         admission: Mapping[str, AdmissionController],
+        ingress: IngressWait | None = None,
     ) -> None:
         self._auth = authenticator
         self._quota = rate_limiter
         self._admission = admission
+        self.ingress = ingress if ingress is not None else IngressWait()
         self._classes = config.traffic_classes
         self._rules = {
             name: TenantRules(
@@ -90,8 +97,23 @@ class RequestGate:
             raise PermissionDenied(f"tenant {tenant!r} may not use traffic class {traffic_class!r}")
         return traffic_class
 
-    async def admit(self, tenant: str, admission_key: str, traffic_class: str) -> Entry:
-        """Quota, then admission, for an authenticated, authorized request.
+    def waited(self, context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+        """How long the request waited before its handler; None when it did not come through the gateway.
+
+        Call first in the handler: the wait is read off the deadline's remaining time.
+        """
+        return self.ingress.measure(context.invocation_metadata(), context.time_remaining())  # type: ignore[arg-type]
+
+    def signal_overload(self, context: grpc.aio.ServicerContext[Any, Any], admission_key: str) -> None:
+        """Tell the gateway which classes ``admission_key``'s admission refuses now (``x-inferline-overloaded``).
+
+        A trailer sent with whatever status the call ends in (``rpc_method`` keeps it). Only
+        for gateway requests of authenticated callers: the state is the operator's, not the world's.
+        """
+        context.set_trailing_metadata(((OVERLOADED, self._admission[admission_key].overloaded()),))
+
+    async def admit(self, tenant: str, admission_key: str, traffic_class: str, waited_s: float = 0.0) -> Entry:
+        """Quota, then admission, for an authenticated, authorized request (``waited_s``: its wait so far).
 
         Raises:
             QuotaExceeded: the tenant is over its quota.
@@ -100,5 +122,5 @@ class RequestGate:
         decision = await self._quota.check(tenant)
         if not decision.allowed:
             raise QuotaExceeded(f"tenant {tenant!r} is over its request quota", decision.retry_after_s)
-        permit = self._admission[admission_key].admit(traffic_class)
+        permit = self._admission[admission_key].admit(traffic_class, waited_s)
         return Entry(tenant, traffic_class, self._classes[traffic_class], permit)

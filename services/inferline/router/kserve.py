@@ -32,6 +32,7 @@ from inferline.core.errors import (
     Shed,
     rpc_method,
 )
+from inferline.core.headers import TRAFFIC_CLASS
 from inferline.core.metrics import ServingMetrics
 from inferline.router.admission import Verdict
 from inferline.router.gate import Entry, RequestGate, TenantRules
@@ -40,7 +41,6 @@ from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, Mode
 Context = grpc.aio.ServicerContext[Any, Any]
 
 TRAFFIC_CLASS_PARAMETER = "traffic_class"
-TRAFFIC_CLASS_METADATA = "x-inferline-traffic-class"
 # Retry hint of a request shed because its model is overloaded (no degraded answer for raw tensors).
 OVERLOAD_RETRY_AFTER_S = 0.05
 # Kept back from the caller's deadline so that our own answer (even DEADLINE_EXCEEDED) leaves in time.
@@ -108,11 +108,14 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         model: str = request.model_name
         route = f"kserve:{model}" if model in self._models else "unknown"
         traffic_class = ""
+        waited = self._gate.waited(context)
         try:
             tenant, rules = self._authorize(model, context)
+            if waited is not None:
+                self._gate.signal_overload(context, f"model:{model}")
             traffic_class = self._gate.traffic_class(tenant, rules, self._requested_class(request, context))
             _check_tensors(request)
-            entry = await self._gate.admit(tenant, f"model:{model}", traffic_class)
+            entry = await self._gate.admit(tenant, f"model:{model}", traffic_class, waited or 0.0)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
             self._metrics.observe_failure(route, traffic_class if traffic_class in self._classes else "unknown", err)
@@ -169,7 +172,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 raise InvalidInput(f"parameters[{TRAFFIC_CLASS_PARAMETER}]", "must be a string")
             return str(parameter.string_param)
         for key, value in context.invocation_metadata() or ():
-            if key == TRAFFIC_CLASS_METADATA:
+            if key == TRAFFIC_CLASS:
                 return value if isinstance(value, str) else value.decode(errors="replace")
         return ""
 

@@ -64,9 +64,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictResponse:
         started_at = time.perf_counter()
+        waited = self._gate.waited(context)
         try:
             tenant, rules, traffic_class, plan = self._authorize(request, context)
-            entry = await self._gate.admit(tenant, plan.name, traffic_class)
+            if waited is not None:
+                self._gate.signal_overload(context, plan.name)
+            entry = await self._gate.admit(tenant, plan.name, traffic_class, waited or 0.0)
         except InferlineError as err:
             self._failed(request, err, started_at, context)
             raise

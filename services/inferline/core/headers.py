@@ -1,0 +1,12 @@
+"""Request and response metadata keys shared by the router, the gateway (Envoy) and clients."""
+
+TRAFFIC_CLASS = "x-inferline-traffic-class"
+"""Request: the call's traffic class. The gateway sheds by it; the KServe front door reads it
+when the request has no ``traffic_class`` parameter; ``Predict`` takes the class from its body."""
+INGRESS_TIMEOUT = "x-inferline-ingress-timeout"
+"""Request, set by the gateway: the caller's ``grpc-timeout`` as the gateway received it (gRPC
+consumes the original, so a handler never sees it). The router reads its own wait before the
+handler off it (``router.ingress``)."""
+OVERLOADED = "x-inferline-overloaded"
+"""Trailer of the router's answer to a gateway request: comma-separated sheddable classes its
+admission refuses right now, lowest first ("" when none). The gateway sheds on it."""

@@ -1,0 +1,150 @@
+"""The gateway's Lua shedding script, run in LuaJIT (Envoy's Lua engine) with stand-ins for Envoy's handles.
+
+The stand-ins are the few handle methods the script calls (``headers()``, ``trailers()``,
+``get``, ``replace``); the script itself is exactly what ``render_envoy`` puts in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from lupa import luajit21
+
+from inferline.core import headers
+from inferline.core.config import parse_config
+from inferline.gateway import render_envoy
+from inferline.gateway.render import SIGNAL_FILTER, SIGNAL_SHED_HEADER
+from tests.unit.test_gateway_render import DEFAULT
+
+# Envoy's handles, reduced to what the script uses; ``draw`` stands in for math.random.
+HANDLES = """
+local function header_map(t)
+  return {
+    get = function(self, key) return t[key] end,
+    replace = function(self, key, value) t[key] = value end,
+  }
+end
+function request(t)
+  local map = header_map(t)
+  return {headers = function(self) return map end}
+end
+function response(h, trailers)
+  local map = header_map(h)
+  return {
+    headers = function(self) return map end,
+    trailers = function(self) if trailers == nil then return nil end return header_map(trailers) end,
+  }
+end
+draw = 0.5
+math.random = function() return draw end
+"""
+
+
+class Script:
+    """The rendered script loaded into a fresh LuaJIT state (one Envoy worker's)."""
+
+    def __init__(self, **gateway: Any) -> None:
+        raw = yaml.safe_load(DEFAULT.read_text())
+        raw["gateway"] = {"shed": {"batch": {}, "standard": {}}, **gateway}
+        rendered = render_envoy(parse_config(raw, DEFAULT.parent))
+        hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        [lua] = [f for f in hcm["http_filters"] if f["name"] == SIGNAL_FILTER]
+        self.lua = luajit21.LuaRuntime(unpack_returned_tuples=True)
+        self.lua.execute(HANDLES)
+        self.lua.execute(lua["typed_config"]["default_source_code"]["inline_string"])
+        self.g = self.lua.globals()
+
+    def answer(self, overloaded: str | None, *, in_trailers: bool = True) -> None:
+        """One answer through ``envoy_on_response``: the signal in its trailers (or headers), or none."""
+        signal = {} if overloaded is None else {headers.OVERLOADED: overloaded}
+        head = self.lua.table_from({":status": "200", **({} if in_trailers else signal)})
+        trailers = self.lua.table_from({"grpc-status": "0", **(signal if in_trailers else {})})
+        self.g.envoy_on_response(self.g.response(head, trailers))
+
+    def shed(self, traffic_class: str | None, draw: float = 0.5) -> bool:
+        """Whether ``envoy_on_request`` marks a request of ``traffic_class`` for the fault filter."""
+        self.g.draw = draw
+        request = {":path": "/inferline.v1.Inference/Predict"}
+        if traffic_class is not None:
+            request[headers.TRAFFIC_CLASS] = traffic_class
+        table = self.lua.table_from(request)
+        self.g.envoy_on_request(self.g.request(table))
+        marked = table[SIGNAL_SHED_HEADER]
+        if marked is not None:
+            assert marked == traffic_class
+            assert table["x-envoy-downstream-service-cluster"] == traffic_class  # the fault filter counts per class
+        return marked is not None
+
+    def p(self, traffic_class: str) -> float:
+        """The class's shed probability, found by bisecting the draw (``shed_p`` is local to the script)."""
+        low, high = 0.0, 1.0
+        for _ in range(30):
+            mid = (low + high) / 2
+            if self.shed(traffic_class, draw=mid):
+                low = mid
+            else:
+                high = mid
+        return low
+
+
+def test_nothing_is_shed_until_a_router_says_so() -> None:
+    script = Script()
+    assert not script.shed("batch", draw=0.0)
+    script.answer("")
+    assert not script.shed("batch", draw=0.0)
+
+
+def test_each_answer_naming_a_class_raises_its_shed_probability_by_step_up() -> None:
+    script = Script(signal={"step_up": 0.1, "step_down": 0.01})
+    for _ in range(3):
+        script.answer("batch")
+    assert script.p("batch") == pytest.approx(0.3, abs=1e-6)
+    assert script.p("standard") == pytest.approx(0.0, abs=1e-6)  # not named: stays at 0, never negative
+
+
+def test_the_probability_is_capped_and_decays_on_answers_that_do_not_name_the_class() -> None:
+    script = Script(signal={"step_up": 0.5, "step_down": 0.1, "max_probability": 0.9})
+    for _ in range(5):
+        script.answer("batch,standard")
+    assert script.p("batch") == pytest.approx(0.9, abs=1e-6)
+    script.answer("batch")  # standard recovers first: the router sheds it no longer
+    script.answer("batch")
+    assert script.p("standard") == pytest.approx(0.7, abs=1e-6)
+    assert script.p("batch") == pytest.approx(0.9, abs=1e-6)
+    for _ in range(20):
+        script.answer("")
+    assert script.p("batch") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_request_is_shed_when_its_draw_falls_under_the_probability() -> None:
+    script = Script(signal={"step_up": 0.5})
+    script.answer("batch")
+    assert script.shed("batch", draw=0.49)
+    assert not script.shed("batch", draw=0.51)
+
+
+def test_classes_the_gateway_may_not_shed_and_requests_without_a_class_pass() -> None:
+    script = Script(signal={"step_up": 1.0})
+    script.answer("batch,standard,critical")
+    assert not script.shed("critical", draw=0.0)  # not in gateway.shed
+    assert not script.shed(None, draw=0.0)  # no class header: health checks, reflection
+    assert script.shed("standard", draw=0.0)
+
+
+def test_the_signal_is_read_from_headers_of_trailers_only_answers_and_names_match_whole() -> None:
+    script = Script(signal={"step_up": 0.25})
+    script.answer("batch", in_trailers=False)  # a shed: status and metadata in one HEADERS frame
+    assert script.p("batch") == pytest.approx(0.25, abs=1e-6)
+    script.answer("batchy,standard2")  # other names that merely contain a class's name
+    assert script.p("batch") == pytest.approx(0.245, abs=1e-6)
+    assert script.p("standard") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_answers_without_the_signal_move_nothing() -> None:
+    script = Script(signal={"step_up": 0.25})
+    script.answer("batch")
+    script.answer(None)  # another upstream, or the gateway's own reply
+    script.g.envoy_on_response(script.g.response(script.lua.table_from({":status": "200"}), None))
+    assert script.p("batch") == pytest.approx(0.25, abs=1e-6)
