@@ -157,6 +157,8 @@ class Settings:
     """CPUs of Envoy (None: the server's)."""
     gateway_nice: int = 0
     """Niceness of Envoy (negative: scheduled ahead of the router and Triton on a shared CPU)."""
+    signal_step_down: float | None = None
+    """``gateway.signal.step_down`` of the ``gateway`` configuration (None: the config's default)."""
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -200,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         type=int,
         default=0,
         help="run Envoy at this niceness, e.g. -10: a sidecar's own CPU share when it shares the server's CPUs",
+    )
+    p.add_argument(
+        "--signal-step-down", type=float, default=None, help="gateway.signal.step_down (default: the config's)"
     )
     a = p.parse_args(argv)
     cpus: dict[str, frozenset[int] | None] = {}
@@ -251,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         generator_cpus=cpus["--generator-cpus"],
         gateway_cpus=cpus["--gateway-cpus"] or cpus["--server-cpus"],
         gateway_nice=a.gateway_nice,
+        signal_step_down=a.signal_step_down,
     )
 
 
@@ -751,6 +757,8 @@ async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathli
     """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
     raw = yaml.safe_load(s.config.read_text())
     raw["gateway"] = {"shed": GATEWAY_SHED, "shed_by": GATEWAY_SHED_BY[name]}
+    if s.signal_step_down is not None:
+        raw["gateway"]["signal"] = {"step_down": s.signal_step_down}
     config = parse_config(raw, s.config.resolve().parent, str(s.config))
     port, admin_port = free_port(), free_port()
     envoy_yaml = log_dir / "envoy.yaml"

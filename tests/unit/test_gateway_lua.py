@@ -134,7 +134,7 @@ def test_classes_the_gateway_may_not_shed_and_requests_without_a_class_pass() ->
 
 
 def test_the_signal_is_read_from_headers_of_trailers_only_answers_and_names_match_whole() -> None:
-    script = Script(signal={"step_up": 0.25})
+    script = Script(signal={"step_up": 0.25, "step_down": 0.005})
     script.answer("batch", in_trailers=False)  # a shed: status and metadata in one HEADERS frame
     assert script.p("batch") == pytest.approx(0.25, abs=1e-6)
     script.answer("batchy,standard2")  # other names that merely contain a class's name
