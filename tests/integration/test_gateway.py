@@ -107,6 +107,18 @@ def _metadata(traffic_class: str) -> tuple[tuple[str, str], ...]:
     return (AUTH, (TRAFFIC_CLASS_HEADER, traffic_class))
 
 
+def _outcomes(stub: pb_grpc.InferenceStub, traffic_class: str, n: int) -> Counter[str]:
+    """``n`` calls of ``traffic_class``, counted as "OK" or "CODE: details"."""
+    codes = Counter[str]()
+    for _ in range(n):
+        try:
+            stub.Predict(_request(traffic_class), metadata=_metadata(traffic_class), timeout=2)
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[f"{err.code().name}: {err.details()}"] += 1
+    return codes
+
+
 def test_predict_through_envoy_is_answered_by_the_primary(stub: pb_grpc.InferenceStub) -> None:
     response = stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
     assert response.served_by == pb.SERVED_BY_PRIMARY
@@ -144,13 +156,7 @@ def test_failing_batch_is_shed_by_envoy_while_critical_is_served(gateway: Gatewa
         failing[caught.value.code().name] += 1
     assert set(failing) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, failing
     rejected_before = gateway.stat(REJECTED)
-    codes = Counter[str]()
-    for _ in range(20):
-        try:
-            stub.Predict(_request("batch"), metadata=_metadata("batch"), timeout=2)
-            codes["OK"] += 1
-        except grpc.RpcError as err:
-            codes[f"{err.code().name}: {err.details()}"] += 1
+    codes = _outcomes(stub, "batch", 20)
     # Envoy rejects most (P ≤ max_rejection_probability) and says so as RESOURCE_EXHAUSTED.
     assert codes[f"RESOURCE_EXHAUSTED: {SHED_MESSAGE}"] >= 5, codes
     assert set(codes) <= {"OK", f"RESOURCE_EXHAUSTED: {SHED_MESSAGE}"}, codes
@@ -218,13 +224,7 @@ def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(signal
         for _ in range(30):  # each answer names batch: Envoy's batch shed probability climbs to its cap
             stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
         before = signal_gateway.stat(aborts)
-        batch = Counter[str]()
-        for _ in range(50):
-            try:
-                stub.Predict(_request("batch"), metadata=_metadata("batch"), timeout=2)
-                batch["OK"] += 1
-            except grpc.RpcError as err:
-                batch[f"{err.code().name}: {err.details()}"] += 1
+        batch = _outcomes(stub, "batch", 50)
         standard = Counter[str]()
         for _ in range(20):
             response = stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2)
