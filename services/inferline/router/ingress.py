@@ -13,7 +13,7 @@ never sees it), so at the handler::
 with no clock shared between hosts. Requests that did not come through the gateway carry no
 such header and give no reading.
 
-The other direction: every answer to a gateway request carries ``x-inferline-overloaded``,
+The other direction: every answer to an authenticated gateway request carries ``x-inferline-overloaded``,
 the sheddable classes the route's admission would refuse right now ("" when none). The
 gateway sheds those classes with a probability it raises on each answer that names them and
 lowers on each that does not (``inferline.gateway``), so the lower classes are turned away
