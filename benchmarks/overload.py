@@ -76,7 +76,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from inferline.bench.analysis import SERVED_BY, generator_summary, send_rate
+from inferline.bench.analysis import SERVED_BY, generator_summary, iter_requests, send_rate
 from inferline.bench.harness import ServerProcess, fmt, health_serving, json_safe, parse_cpus, versions, wait_until
 from inferline.bench.loadgen import OK, LoadResult, merge_load_results, percentile, rate_ladder, step_verdict
 from inferline.bench.mix import DEFAULT_MIX
@@ -439,7 +439,7 @@ def analyse(merged: LoadResult, gens: list[GenResult], *, deadline_s: float) -> 
     details: Counter[str] = Counter()
     for g in gens:
         details.update(g.error_details)
-    records = ((g, CLASSES[g.classes[r.index]], r, g.served_by[r.index]) for g in gens for r in g.result.records)
+    records = ((g, *row) for g in gens for row in iter_requests([g], CLASSES))  # g: whose sheds were Envoy's
     for g, cls, r, served in records:
         n[cls] += 1
         response = r.start_lag_s + r.latency_s
@@ -605,7 +605,8 @@ async def find_knee(router: Router, gens: Generators, s: Settings) -> dict[str, 
             seed=s.seed * 1000 + 500 + k,
         )
         reason = step_verdict(merged, p99_limit_s=s.deadline_s, goodput_min_fraction=KNEE_GOODPUT_MIN)
-        full = sum(run["classes"][c]["primary_or_light"] * run["classes"][c]["requests"] for c in CLASSES)
+        by = [run["classes"][c]["served_by"] for c in CLASSES]
+        full = sum(b.get("PRIMARY", 0) + b.get("LIGHT", 0) for b in by)
         if reason is None and full < KNEE_FULL_MODEL_MIN * merged.sent:
             reason = f"only {full / max(1, merged.sent):.1%} answered by PRIMARY or LIGHT"
         if not run["triton"]["same_pid"] or not run["triton"]["live"]:
