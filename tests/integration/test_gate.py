@@ -213,6 +213,17 @@ def _assert_refused(err: grpc.RpcError, code: grpc.StatusCode, reason: str, mess
     assert message in err.details()
 
 
+def _assert_critical_denied(stub: pb_grpc.InferenceStub, token: str) -> None:
+    """jwt_tenant's token may not use the critical class (PERMISSION_DENIED naming the tenant)."""
+    err = _refused(stub, _auth(token), traffic_class="critical")
+    _assert_refused(
+        err,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PERMISSION_DENIED",
+        f"tenant {JWT_TENANT!r} may not use traffic class 'critical'",
+    )
+
+
 def _pushback_ms(err: grpc.RpcError) -> int:
     values = [v for k, v in err.trailing_metadata() or () if k == "grpc-retry-pushback-ms"]
     assert len(values) == 1, f"grpc-retry-pushback-ms in trailing metadata {err.trailing_metadata()}"
@@ -344,13 +355,7 @@ def test_valid_jwt_resolves_to_its_tenant(stub: pb_grpc.InferenceStub, keys: Key
     token = VALID_TOKENS[name](keys)
     assert _predict(stub, _auth(token)).predictions
     # It is jwt_tenant's (and no other tenant's) token: only jwt_tenant may not use critical.
-    err = _refused(stub, _auth(token), traffic_class="critical")
-    _assert_refused(
-        err,
-        grpc.StatusCode.PERMISSION_DENIED,
-        "PERMISSION_DENIED",
-        f"tenant {JWT_TENANT!r} may not use traffic class 'critical'",
-    )
+    _assert_critical_denied(stub, token)
 
 
 @pytest.mark.parametrize("name", INVALID_TOKENS)
@@ -386,13 +391,7 @@ def test_jwt_tenant_is_denied_routes_and_classes_it_may_not_use(stub: pb_grpc.In
         "PERMISSION_DENIED",
         f"tenant {JWT_TENANT!r} may not call route {OTHER_ROUTE!r}",
     )
-    err = _refused(stub, _auth(token), traffic_class="critical")
-    _assert_refused(
-        err,
-        grpc.StatusCode.PERMISSION_DENIED,
-        "PERMISSION_DENIED",
-        f"tenant {JWT_TENANT!r} may not use traffic class 'critical'",
-    )
+    _assert_critical_denied(stub, token)
 
 
 @pytest.mark.requires_redis

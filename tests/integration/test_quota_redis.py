@@ -63,6 +63,16 @@ async def timed(call: Awaitable[T]) -> tuple[T, float]:
     return result, loop.time() - started
 
 
+async def checks_within_fault_timeout(limiter: RedisRateLimiter, tenant: str, n: int) -> list[bool]:
+    """``n`` checks of ``tenant``, each decided within the Redis timeout (plus slack); whether each was allowed."""
+    allowed = []
+    for _ in range(n):
+        decision, check_s = await timed(limiter.check(tenant))
+        assert check_s < FAULT_TIMEOUT_MS / 1000 + SLACK_S
+        allowed.append(decision.allowed)
+    return allowed
+
+
 async def test_replicas_share_one_quota(redis_left_running: RedisServer, client: aioredis.Redis) -> None:
     config = rate_limit(redis_left_running.url)
     replica_1 = RedisRateLimiter(tenants(), config)  # its own client
@@ -134,11 +144,7 @@ async def test_unreachable_redis_decides_locally_within_timeout(caplog: pytest.L
     config = rate_limit(f"redis://{LOOPBACK}:{free_port()}/0", FAULT_TIMEOUT_MS)
     limiter = RedisRateLimiter(tenants(burst=3), config)
     try:
-        allowed = []
-        for _ in range(4):
-            decision, check_s = await timed(limiter.check("a"))
-            assert check_s < FAULT_TIMEOUT_MS / 1000 + SLACK_S
-            allowed.append(decision.allowed)
+        allowed = await checks_within_fault_timeout(limiter, "a", 4)
         assert allowed == [True, True, True, False]  # the replica's local bucket: limited, not lifted
         assert (await limiter.check("free")).allowed
         assert limiter.fallbacks == 4
@@ -156,11 +162,7 @@ async def test_stalled_redis_decides_locally_within_timeout_and_recovers(
         assert (await limiter.check("b")).allowed  # connected and the script loaded
         redis_left_running.pause()
         try:
-            allowed = []
-            for _ in range(4):
-                decision, check_s = await timed(limiter.check("a"))
-                assert check_s < FAULT_TIMEOUT_MS / 1000 + SLACK_S
-                allowed.append(decision.allowed)
+            allowed = await checks_within_fault_timeout(limiter, "a", 4)
         finally:
             redis_left_running.resume()
         assert allowed == [True, True, True, False]
