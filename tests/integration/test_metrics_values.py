@@ -103,22 +103,41 @@ def test_primary_traffic_counts_latency_triton_figures_and_cost(
 def test_answers_past_a_tiny_deadline_are_counted_by_who_served_them(
     router_server: ServerProcess, stub: pb_grpc.InferenceStub
 ) -> None:
+    """8 ms deadlines leave no room for the primary path, so every answer is degraded.
+
+    On a loaded machine a request can also spend more than 3 ms in transport and arrive
+    with less than the 5 ms fallback reserve: the router then refuses it at once with
+    DEADLINE_EXCEEDED, which is the documented behaviour, so those are counted apart
+    (and must stay a minority) rather than failing the test.
+    """
     stub.Predict(_request(0), timeout=5, metadata=AUTH)  # warm: the score cache now holds these entities
     before = scrape(router_server)
     served: collections.Counter[tuple[str, str]] = collections.Counter()
+    refused_on_arrival = expired_at_client = 0
     for i in range(N):
-        response = stub.Predict(_request(i), timeout=0.008, metadata=AUTH)
+        try:
+            response = stub.Predict(_request(i), timeout=0.008, metadata=AUTH)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+            if "needed even for a degraded answer" in (error.details() or ""):
+                refused_on_arrival += 1
+            else:
+                expired_at_client += 1  # the router may still have answered, after the client gave up
+            continue
         served[pb.ServedBy.Name(response.served_by), pb.DegradationReason.Name(response.degradation_reason)] += 1
     after = scrape(router_server)
+    answered = sum(served.values())
+    assert answered >= N // 2, (served, refused_on_arrival, expired_at_client)
 
     def delta(**labels: str) -> float:
         labels = {"route": ROUTE, "traffic_class": "standard", "code": "OK", **labels}
         return total(after, "inferline_requests_total", **labels) - total(before, "inferline_requests_total", **labels)
 
     degraded = sum(delta(served_by=s, reason="DEADLINE") for s in ("CACHE", "BASELINE", "LIGHT"))
-    assert degraded == N, served
+    assert answered <= degraded <= answered + expired_at_client, served
+    assert delta(served_by="PRIMARY", reason="") <= expired_at_client
     for (served_by, reason), n in served.items():
-        assert (
-            delta(served_by=served_by.removeprefix("SERVED_BY_"), reason=reason.removeprefix("DEGRADATION_REASON_"))
-            == n
+        counted = delta(
+            served_by=served_by.removeprefix("SERVED_BY_"), reason=reason.removeprefix("DEGRADATION_REASON_")
         )
+        assert n <= counted <= n + expired_at_client
