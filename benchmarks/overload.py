@@ -23,7 +23,8 @@ request drawn from 1001..2000, a 100 ms gRPC deadline on every request.
 ``--server-cpus 1 --generator-cpus 0`` pins the router and its Triton (and Envoy, unless
 ``--gateway-cpus``) to CPU 1 and the load to CPU 0, as if the clients ran elsewhere; without
 it, on a small machine the generators take the server's CPU and every configuration
-measures the machine's saturation. ``--gateway-nice`` runs Envoy at another niceness.
+measures the machine's saturation. ``--gateway-nice`` runs Envoy at another niceness;
+``--gateway-in-flight`` sets its in-flight limit on the shed classes (``gateway.in_flight``).
 
 The load comes from ``--generators`` processes (``inferline.bench.multiproc``, the same
 generators as ``inferline bench``), each with its own uvloop and grpc.aio channel, running
@@ -68,7 +69,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
@@ -159,6 +160,8 @@ class Settings:
     """Niceness of Envoy (negative: scheduled ahead of the router and Triton on a shared CPU)."""
     signal_step_down: float | None = None
     """``gateway.signal.step_down`` of the ``gateway`` configuration (None: the config's default)."""
+    gateway_in_flight: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``gateway.in_flight`` for the gateways (empty: the config's)."""
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -206,7 +209,24 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--signal-step-down", type=float, default=None, help="gateway.signal.step_down (default: the config's)"
     )
+    p.add_argument(
+        "--gateway-in-flight",
+        default=None,
+        help="the gateways' in-flight limit on the shed classes: 'adaptive', 'off', or N (a fixed cap of N per "
+        "router, not adaptive) (default: the config's gateway.in_flight)",
+    )
     a = p.parse_args(argv)
+    in_flight: dict[str, Any] = {}
+    if a.gateway_in_flight is not None:
+        text = a.gateway_in_flight.strip()
+        if text == "adaptive":
+            in_flight = {"adaptive": True}
+        elif text == "off":
+            in_flight = {"adaptive": False, "max_per_router": None}
+        elif text.isdigit() and int(text) >= 1:
+            in_flight = {"adaptive": False, "max_per_router": int(text)}
+        else:
+            p.error(f"--gateway-in-flight: 'adaptive', 'off' or a positive number, got {text!r}")
     cpus: dict[str, frozenset[int] | None] = {}
     for flag, text in (
         ("--server-cpus", a.server_cpus),
@@ -257,6 +277,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         gateway_cpus=cpus["--gateway-cpus"] or cpus["--server-cpus"],
         gateway_nice=a.gateway_nice,
         signal_step_down=a.signal_step_down,
+        gateway_in_flight=in_flight,
     )
 
 
@@ -757,7 +778,7 @@ async def run_configuration(
 async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathlib.Path) -> ServerProcess:
     """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
     raw = yaml.safe_load(s.config.read_text())
-    raw["gateway"] = {"shed": GATEWAY_SHED, "shed_by": GATEWAY_SHED_BY[name]}
+    raw["gateway"] = {"shed": GATEWAY_SHED, "shed_by": GATEWAY_SHED_BY[name], "in_flight": s.gateway_in_flight}
     if s.signal_step_down is not None:
         raw["gateway"]["signal"] = {"step_down": s.signal_step_down}
     config = parse_config(raw, s.config.resolve().parent, str(s.config))

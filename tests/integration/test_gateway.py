@@ -23,7 +23,7 @@ from inferline.core.config import load_config
 from inferline.core.health_wait import wait_until_serving
 from inferline.core.ports import free_ports
 from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER, render_envoy
-from inferline.gateway.render import SIGNAL_SHED_MESSAGE
+from inferline.gateway.render import ADAPTIVE_SHED_MESSAGE, IN_FLIGHT_SHED_MESSAGE, SIGNAL_SHED_MESSAGE
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_inferline
@@ -237,3 +237,78 @@ def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(signal
     }, batch
     assert signal_gateway.stat(aborts) - before == by_gateway  # counted per class in Envoy's stats
     assert standard == {"SERVED_BY_PRIMARY": 20}  # the router never named standard
+
+
+# --- the in-flight bound --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bounded_gateway(
+    router_server: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """Envoy in front of ``router_server`` holding at most one batch request at the router (fixed cap)."""
+    bounded = {"shed_by": "signal", "shed": {"batch": {}}, "in_flight": {"adaptive": False, "max_per_router": 1}}
+    with _envoy(bounded, router_config, router_server.address, tmp_path_factory.mktemp("bounded")) as gateway:
+        yield gateway
+
+
+def _burst(stub: pb_grpc.InferenceStub, traffic_class: str, n: int) -> Counter[str]:
+    """``n`` calls of ``traffic_class`` all in flight at once, counted as "OK" or "CODE: details"."""
+    calls = [
+        stub.Predict.future(_request(traffic_class), metadata=_metadata(traffic_class), timeout=5) for _ in range(n)
+    ]
+    codes = Counter[str]()
+    for call in calls:
+        try:
+            call.result()
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[f"{err.code().name}: {err.details()}"] += 1
+    return codes
+
+
+def test_fixed_in_flight_cap_refuses_a_burst_of_a_shed_class_but_never_the_others(bounded_gateway: Gateway) -> None:
+    overflow = "cluster.inferline_router.upstream_rq_active_overflow"
+    refused = f"RESOURCE_EXHAUSTED: {IN_FLIGHT_SHED_MESSAGE}"
+    with grpc.insecure_channel(bounded_gateway.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        assert _outcomes(stub, "batch", 3) == {"OK": 3}  # one at a time fits under the bound
+        before = bounded_gateway.stat(overflow)
+        batch = _burst(stub, "batch", 30)
+        critical = _burst(stub, "critical", 30)
+    assert set(batch) <= {"OK", refused}, batch
+    assert batch["OK"] >= 1 and batch[refused] >= 10, batch  # 30 at once: most find the one slot taken
+    assert bounded_gateway.stat(overflow) - before == batch[refused]
+    assert critical == {"OK": 30}  # HIGH priority: not held by the bound however many are in flight
+
+
+@pytest.fixture(scope="module")
+def adaptive_gateway(
+    router_server: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """Envoy in front of ``router_server`` with the adaptive in-flight limit on batch (the default).
+
+    A fresh gradient controller first measures the router's unloaded latency, holding batch
+    to ``min_concurrency`` (2 here) until ``min_rtt_requests`` (200) answers came back.
+    """
+    in_flight = {"min_concurrency": 2, "min_rtt_requests": 200}
+    adaptive = {"shed_by": "signal", "shed": {"batch": {}}, "in_flight": in_flight}
+    with _envoy(adaptive, router_config, router_server.address, tmp_path_factory.mktemp("adaptive")) as gateway:
+        yield gateway
+
+
+def test_adaptive_in_flight_limit_refuses_a_burst_of_a_shed_class_but_never_the_others(
+    adaptive_gateway: Gateway,
+) -> None:
+    blocked = f"http.{STAT_PREFIX}.adaptive_concurrency.gradient_controller.rq_blocked"
+    refused = f"RESOURCE_EXHAUSTED: {ADAPTIVE_SHED_MESSAGE}"
+    with grpc.insecure_channel(adaptive_gateway.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        assert _outcomes(stub, "batch", 3) == {"OK": 3}  # one at a time fits under any limit
+        before = adaptive_gateway.stat(blocked)
+        batch = _burst(stub, "batch", 30)
+        critical = _burst(stub, "critical", 30)
+    assert set(batch) <= {"OK", refused}, batch
+    assert batch["OK"] >= 2 and batch[refused] >= 10, batch  # 30 at once against a limit of 2
+    assert adaptive_gateway.stat(blocked) - before == batch[refused]
+    assert critical == {"OK": 30}  # the catch-all route has the limit off

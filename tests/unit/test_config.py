@@ -96,3 +96,13 @@ def test_gateway_sheds_on_the_router_signal_unless_told_otherwise() -> None:
     raw["gateway"]["shed_by"] = "latency"
     with pytest.raises(ConfigError, match=r"gateway\.shed_by"):
         parse_config(raw, DEFAULT.parent)
+
+
+def test_gateway_in_flight_limit_is_adaptive_unless_told_otherwise() -> None:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    in_flight = parse_config(raw, DEFAULT.parent).gateway.in_flight
+    assert in_flight.adaptive and in_flight.max_per_router is None
+    for key, bad in (("max_per_router", 0), ("latency_percentile", 101), ("buffer", -0.1), ("min_concurrency", 0)):
+        raw["gateway"]["in_flight"] = {key: bad}
+        with pytest.raises(ConfigError, match=rf"gateway\.in_flight\.{key}"):
+            parse_config(raw, DEFAULT.parent)

@@ -1,7 +1,7 @@
 """The gateway's Lua shedding script, run in LuaJIT (Envoy's Lua engine) with stand-ins for Envoy's handles.
 
 The stand-ins are the few handle methods the script calls (``headers()``, ``trailers()``,
-``get``, ``replace``); the script itself is exactly what ``render_envoy`` puts in the config.
+``get``, ``replace``, ``remove``); the script itself is exactly what ``render_envoy`` puts in the config.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ local function header_map(t)
   return {
     get = function(self, key) return t[key] end,
     replace = function(self, key, value) t[key] = value end,
+    remove = function(self, key) t[key] = nil end,
   }
 end
 function request(t)
@@ -72,10 +73,10 @@ class Script:
         trailers = self.lua.table_from({"grpc-status": "0", **(signal if in_trailers else {})})
         self.g.envoy_on_response(self.g.response(head, trailers))
 
-    def shed(self, traffic_class: str | None, draw: float = 0.5) -> bool:
-        """Whether ``envoy_on_request`` marks a request of ``traffic_class`` for the fault filter."""
+    def shed(self, traffic_class: str | None, draw: float = 0.5, **sent: str) -> bool:
+        """Whether ``envoy_on_request`` marks a request of ``traffic_class``, with headers ``sent``, for the fault."""
         self.g.draw = draw
-        request = {":path": "/inferline.v1.Inference/Predict"}
+        request = {":path": "/inferline.v1.Inference/Predict", **sent}
         if traffic_class is not None:
             request[headers.TRAFFIC_CLASS] = traffic_class
         table = self.lua.table_from(request)
@@ -150,3 +151,11 @@ def test_answers_without_the_signal_move_nothing() -> None:
     script.answer(None)  # another upstream, or the gateway's own reply
     script.g.envoy_on_response(script.g.response(script.lua.table_from({":status": "200"}), None))
     assert script.p("batch") == pytest.approx(0.25, abs=1e-6)
+
+
+def test_a_callers_own_shed_mark_is_dropped() -> None:
+    # Only the script may mark a request for the fault filter: a caller sending the header
+    # (by mistake, or copying a request it saw) is not turned away while nothing is shed.
+    script = Script()
+    for traffic_class in ("batch", "critical", None):
+        assert not script.shed(traffic_class, draw=0.0, **{SIGNAL_SHED_HEADER: "batch"})

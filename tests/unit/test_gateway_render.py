@@ -14,7 +14,14 @@ from inferline.cli import cli
 from inferline.core import headers
 from inferline.core.config import InferlineConfig, load_config, parse_config
 from inferline.gateway import ROUTER_CLUSTER, TRAFFIC_CLASS_HEADER, render_envoy
-from inferline.gateway.render import SIGNAL_FILTER, SIGNAL_SHED_FILTER, SIGNAL_SHED_HEADER
+from inferline.gateway.render import (
+    ADAPTIVE_SHED_MESSAGE,
+    IN_FLIGHT_FILTER,
+    IN_FLIGHT_SHED_MESSAGE,
+    SIGNAL_FILTER,
+    SIGNAL_SHED_FILTER,
+    SIGNAL_SHED_HEADER,
+)
 
 DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
 ENVOY = pathlib.Path(".venv/bin/envoy")
@@ -74,8 +81,19 @@ def test_default_config_has_only_the_catch_all_route() -> None:
 def test_signal_shedding_is_a_lua_filter_and_a_fault_filter_before_the_router() -> None:
     rendered = render_envoy(_config(shed=SHED))
     names = [f["name"] for f in _hcm(rendered)["http_filters"]]
-    assert names == [SIGNAL_FILTER, SIGNAL_SHED_FILTER, "envoy.filters.http.buffer", "envoy.filters.http.router"]
-    assert [r["name"] for r in _routes(rendered)] == ["default"]  # the Lua filter reads the class itself
+    assert names == [
+        SIGNAL_FILTER,
+        SIGNAL_SHED_FILTER,
+        IN_FLIGHT_FILTER,
+        "envoy.filters.http.buffer",
+        "envoy.filters.http.router",
+    ]
+    # The Lua filter reads the class itself: the class routes set the routing priority, and
+    # only the catch-all turns a filter (the in-flight limit) off.
+    routes = {r["name"]: r for r in _routes(rendered)}
+    assert list(routes) == ["class_batch", "class_standard", "default"]
+    assert "typed_per_filter_config" not in routes["class_batch"]
+    assert set(routes["default"]["typed_per_filter_config"]) == {IN_FLIGHT_FILTER}
 
 
 def test_signal_fault_filter_aborts_only_marked_requests_with_resource_exhausted() -> None:
@@ -120,7 +138,11 @@ def test_each_class_route_keeps_only_its_own_shed_filter() -> None:
     routes = {r["name"]: r for r in _routes(render_envoy(_config(shed=SHED, shed_by=SR)))}
     assert set(routes["class_batch"]["typed_per_filter_config"]) == {"inferline.shed.standard"}
     assert set(routes["class_standard"]["typed_per_filter_config"]) == {"inferline.shed.batch"}
-    assert set(routes["default"]["typed_per_filter_config"]) == {"inferline.shed.batch", "inferline.shed.standard"}
+    assert set(routes["default"]["typed_per_filter_config"]) == {
+        "inferline.shed.batch",
+        "inferline.shed.standard",
+        IN_FLIGHT_FILTER,
+    }
     assert all(c["disabled"] for r in routes.values() for c in r["typed_per_filter_config"].values())
 
 
@@ -147,6 +169,63 @@ def test_routes_forward_under_the_callers_deadline_and_never_retry() -> None:
         assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
         assert "retry_policy" not in action
     assert "retry_policy" not in _hcm(render_envoy(_config(shed=SHED)))["route_config"]["virtual_hosts"][0]
+
+
+def _thresholds(rendered: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    cluster = rendered["static_resources"]["clusters"][0]
+    return {t["priority"]: t for t in cluster["circuit_breakers"]["thresholds"]}
+
+
+@pytest.mark.parametrize("shed_by", ["signal", SR])
+def test_shed_classes_go_at_default_priority_and_everything_else_at_high(shed_by: str) -> None:
+    routes = {r["name"]: r["route"]["priority"] for r in _routes(render_envoy(_config(shed=SHED, shed_by=shed_by)))}
+    assert routes == {"class_batch": "DEFAULT", "class_standard": "DEFAULT", "default": "HIGH"}
+
+
+def test_in_flight_bound_is_the_default_priority_breaker_times_the_replicas() -> None:
+    config = _config(shed=SHED, in_flight={"max_per_router": 24})
+    thresholds = _thresholds(render_envoy(config, routers=["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]))
+    assert thresholds["DEFAULT"]["max_requests"] == 72
+    assert thresholds["HIGH"]["max_requests"] >= 100_000  # critical and unclassed traffic is never held
+    assert thresholds["DEFAULT"]["max_retries"] == thresholds["HIGH"]["max_retries"] == 0
+
+
+def test_no_fixed_cap_by_default_leaves_the_breakers_open() -> None:
+    thresholds = _thresholds(render_envoy(_config(shed=SHED)))
+    assert thresholds["DEFAULT"]["max_requests"] == thresholds["HIGH"]["max_requests"] >= 100_000
+
+
+def test_adaptive_in_flight_limit_takes_the_config_and_sits_after_the_shed_filters() -> None:
+    in_flight = {"latency_percentile": 90, "buffer": 0.25, "update_interval_s": 0.2, "min_rtt_interval_s": 60}
+    rendered = render_envoy(_config(shed=SHED, shed_by=SR, in_flight={**in_flight, "min_concurrency": 2}))
+    names = [f["name"] for f in _hcm(rendered)["http_filters"]]
+    assert names.index(IN_FLIGHT_FILTER) == names.index("envoy.filters.http.buffer") - 1
+    assert names.index(IN_FLIGHT_FILTER) > max(names.index(f"inferline.shed.{c}") for c in SHED)
+    [adaptive] = [f["typed_config"] for f in _hcm(rendered)["http_filters"] if f["name"] == IN_FLIGHT_FILTER]
+    gradient = adaptive["gradient_controller_config"]
+    assert gradient["sample_aggregate_percentile"] == {"value": 90}
+    assert gradient["concurrency_limit_params"]["concurrency_update_interval"] == "0.2s"
+    assert gradient["min_rtt_calc_params"]["interval"] == "60s"
+    assert gradient["min_rtt_calc_params"]["buffer"] == {"value": pytest.approx(25.0)}
+    assert gradient["min_rtt_calc_params"]["min_concurrency"] == 2
+
+
+def test_no_adaptive_limit_when_turned_off_or_nothing_is_shed() -> None:
+    for config in (_config(shed=SHED, in_flight={"adaptive": False}), _config()):
+        hcm = _hcm(render_envoy(config))
+        assert IN_FLIGHT_FILTER not in [f["name"] for f in hcm["http_filters"]]
+        assert IN_FLIGHT_FILTER not in str(hcm["route_config"])
+
+
+def test_in_flight_refusals_are_told_as_resource_exhausted() -> None:
+    mappers = _hcm(render_envoy(_config(shed=SHED)))["local_reply_config"]["mappers"]
+    [overflow] = [m for m in mappers if "response_flag_filter" in m["filter"]]
+    assert overflow["filter"]["response_flag_filter"] == {"flags": ["UO"]}
+    assert overflow["body"]["inline_string"] == IN_FLIGHT_SHED_MESSAGE
+    [adaptive] = [m for m in mappers if "reached_concurrency_limit" in str(m["filter"])]
+    assert adaptive["body"]["inline_string"] == ADAPTIVE_SHED_MESSAGE
+    for mapper in (overflow, adaptive):
+        assert mapper["headers_to_add"][0]["header"] == {"key": "grpc-status", "value": "8"}
 
 
 def test_cluster_endpoints_come_from_the_routers() -> None:

@@ -421,6 +421,40 @@ class ShedSignalConfig(_Model):
     max_probability: float = Field(0.99, gt=0, le=1)
 
 
+class InFlightConfig(_Model):
+    """How many requests of the ``gateway.shed`` classes Envoy lets be outstanding at the routers.
+
+    The backlog a Python router cannot shed fast is the one in its gRPC transport, before the
+    handler runs: a router's own shed waits there (tens of ms under overload). Envoy keeps
+    that backlog short for the shed classes, refusing the rest of a burst at once
+    (RESOURCE_EXHAUSTED), while the shed signal catches up. Other classes (and requests
+    without the class header) are never held.
+
+    ``adaptive``: Envoy's gradient controller (``adaptive_concurrency``), in the style of
+    Netflix's concurrency-limits. It measures the routers' unloaded latency (minRTT, with the
+    limit pinned to ``min_concurrency`` for ``min_rtt_requests`` answers every
+    ``min_rtt_interval_s``), then every ``update_interval_s`` scales the limit by
+    (minRTT × (1 + ``buffer``)) / (the ``latency_percentile`` of recent answers), plus a
+    little headroom: as the routers' queue lengthens their latency rises and the limit falls.
+    It needs no tuning per machine; the limit is for all replicas together.
+    ``max_per_router``: a fixed cap on top (an Envoy circuit breaker, this × the replicas in
+    ``gateway.routers``); None for none.
+    """
+
+    adaptive: bool = True
+    latency_percentile: float = Field(50.0, gt=0, le=100)
+    """The percentile of recent answer latencies compared with minRTT (50: the median; a
+    higher one reacts to the tail, and sheds more of the lower classes at 1× load)."""
+    buffer: float = Field(0.1, ge=0, le=1)
+    """The share above minRTT that still counts as unloaded."""
+    update_interval_s: float = Field(0.1, gt=0)
+    min_rtt_interval_s: float = Field(30.0, gt=0)
+    min_rtt_requests: int = Field(50, ge=1)
+    min_concurrency: int = Field(3, ge=1)
+    max_limit: int = Field(1000, ge=1)
+    max_per_router: int | None = Field(None, gt=0)
+
+
 class GatewayConfig(_Model):
     """The Envoy ingress in front of the router replicas (``inferline gateway render``)."""
 
@@ -437,6 +471,7 @@ class GatewayConfig(_Model):
     answers; ``signal``), before the routers fail. ``success_rate``: when the class's success
     rate falls (Envoy's admission_control), for routers that do not send the signal."""
     signal: ShedSignalConfig = ShedSignalConfig()
+    in_flight: InFlightConfig = InFlightConfig()
     max_request_bytes: int = Field(1 << 20, gt=0)
 
 

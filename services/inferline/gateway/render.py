@@ -27,11 +27,21 @@ Layout of the rendered config::
     listener 0.0.0.0:port ── http_connection_manager (codec AUTO: gRPC over HTTP/2)
         http_filters: shed_by signal:       inferline.signal (Lua), inferline.signal_shed (fault)
                       shed_by success_rate: inferline.shed.<class> (admission_control), one per class
+                      inferline.in_flight (adaptive_concurrency; gateway.in_flight.adaptive)
                       envoy.filters.http.buffer, envoy.filters.http.router
-        routes:       header x-inferline-traffic-class == <class> → router (success_rate: only shed.<class> on)
-                      prefix "/" (health, reflection, other classes) → router (success_rate: every shed.* off)
+        routes:       header x-inferline-traffic-class == <shed class> → router at priority DEFAULT
+                                                             (success_rate: only shed.<class> on)
+                      prefix "/" (health, reflection, other classes) → router at priority HIGH
+                                                             (in_flight off; success_rate: every shed.* off)
                       (all: x-inferline-ingress-timeout = the caller's grpc-timeout)
-    cluster inferline_router: HTTP/2, round robin per request, gRPC health checks
+    cluster inferline_router: HTTP/2, round robin per request, gRPC health checks, circuit
+                      breakers: DEFAULT max_requests = in_flight.max_per_router × replicas, HIGH unbounded
+
+A third shed, under both signals: the in-flight limit (``gateway.in_flight``). Envoy keeps the
+shed classes' requests outstanding at the routers under an adaptive concurrency limit (and an
+optional fixed cap) and refuses the rest of a burst at once (RESOURCE_EXHAUSTED), so they
+cannot queue deep in a router's transport — where a router's own shed would wait tens of ms —
+while the shed probability or the success-rate window is still catching up.
 
 ``render_envoy`` returns plain dicts and lists; ``inferline gateway render`` dumps them as YAML.
 """
@@ -55,6 +65,14 @@ SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: traffic class over its failure budget"
 """grpc-message of a gateway shed on the success rate (status RESOURCE_EXHAUSTED)."""
 SIGNAL_SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: the routers are shedding this traffic class"
 """grpc-message of a gateway shed on the routers' overload signal (status RESOURCE_EXHAUSTED)."""
+ADAPTIVE_SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: the shed classes are at the routers' adaptive concurrency limit"
+"""grpc-message of a gateway shed by the adaptive in-flight limit (status RESOURCE_EXHAUSTED)."""
+IN_FLIGHT_SHED_MESSAGE = (
+    f"{GATEWAY_SHED_PREFIX}: the routers already hold gateway.in_flight.max_per_router requests of the shed classes"
+)
+"""grpc-message of a gateway shed by the fixed in-flight cap (status RESOURCE_EXHAUSTED)."""
+IN_FLIGHT_FILTER = "inferline.in_flight"
+"""The adaptive_concurrency filter: on the shed classes' routes only."""
 SIGNAL_FILTER = "inferline.signal"
 SIGNAL_SHED_FILTER = "inferline.signal_shed"
 SIGNAL_SHED_HEADER = "x-inferline-gateway-shed"
@@ -66,6 +84,7 @@ _LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 _FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 
 _ADMISSION_CONTROL = "type.googleapis.com/envoy.extensions.filters.http.admission_control.v3.AdmissionControl"
+_ADAPTIVE_CONCURRENCY = "type.googleapis.com/envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency"
 _FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -81,8 +100,9 @@ _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProt
 _GRPC_FAILURES = frozenset({2, 4, 8, 10, 13, 14, 15})
 GRPC_SUCCESS_CODES = tuple(code for code in range(17) if code not in _GRPC_FAILURES)
 
-# Far above anything one router replica can take: Envoy must never be the limit (its
-# overflow answer is UNAVAILABLE, which clients retry); shedding is admission_control's job.
+# Far above anything one router replica can take: the limit of everything the in-flight bound
+# does not cover (the protected classes, connections, pending requests), where Envoy must
+# never be what refuses a request.
 _CIRCUIT_LIMIT = 100_000
 
 
@@ -111,7 +131,9 @@ def render_envoy(
         "admin": {"address": _socket_address("127.0.0.1", gateway.admin_port if admin_port is None else admin_port)},
         "static_resources": {
             "listeners": [_listener(config, listen_port)],
-            "clusters": [_router_cluster(gateway.routers if routers is None else routers)],
+            "clusters": [
+                _router_cluster(gateway.routers if routers is None else routers, gateway.in_flight.max_per_router)
+            ],
         },
     }
 
@@ -139,6 +161,7 @@ def _listener(config: InferlineConfig, port: int) -> dict[str, Any]:
         "http_filters": [
             *_signal_filters(config),
             *_shed_filters(config),
+            *_in_flight_filters(config),
             _buffer_filter(gateway.max_request_bytes),
             _router_filter(),
         ],
@@ -205,6 +228,7 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
+  headers:remove(SHED_HEADER) -- only this script marks a request for the fault filter
   local cls = headers:get(CLASS_HEADER)
   if cls == nil then return end
   local p = shed_p[cls]
@@ -274,32 +298,76 @@ def _admission_control(cls: str, shed: ClassShedConfig) -> dict[str, Any]:
     }
 
 
+def _in_flight_filters(config: InferlineConfig) -> list[dict[str, Any]]:
+    """Envoy's adaptive concurrency limit (gradient controller) for the shed classes' requests.
+
+    After the shed filters: a request they turn away never counts as outstanding, and their
+    instant local replies never pass for router latency samples. The catch-all route turns
+    it off, so only the shed classes' requests are limited and sampled. Under ``shed_by:
+    success_rate`` its refusals count against the class's success rate, as a router's own
+    sheds would.
+    """
+    in_flight = config.gateway.in_flight
+    if not config.gateway.shed or not in_flight.adaptive:
+        return []
+    gradient = {
+        "sample_aggregate_percentile": {"value": in_flight.latency_percentile},
+        "concurrency_limit_params": {
+            "max_concurrency_limit": in_flight.max_limit,
+            "concurrency_update_interval": _duration(in_flight.update_interval_s),
+        },
+        "min_rtt_calc_params": {
+            "interval": _duration(in_flight.min_rtt_interval_s),
+            "request_count": in_flight.min_rtt_requests,
+            "jitter": {"value": 10.0},
+            "buffer": {"value": in_flight.buffer * 100},
+            "min_concurrency": in_flight.min_concurrency,
+        },
+    }
+    typed = {
+        "@type": _ADAPTIVE_CONCURRENCY,
+        "gradient_controller_config": gradient,
+        "enabled": {"default_value": True, "runtime_key": "inferline.in_flight.enabled"},
+    }
+    return [{"name": IN_FLIGHT_FILTER, "typed_config": typed}]
+
+
 def _local_replies() -> dict[str, Any]:
     """Turns the gateway's sheds into gRPC RESOURCE_EXHAUSTED (8) with a message saying why.
 
     The filter answers a plain local 503, which Envoy sends to gRPC callers as UNAVAILABLE
     (14): the code gRPC clients and retry policies retry at once, into the overload. A shed
     must read as the router's own shed does (RESOURCE_EXHAUSTED, never in ``retry_on``).
-    Only these rejections are matched (CEL on the response code details); Envoy's other
-    local 503s (no healthy router, connect failure) stay UNAVAILABLE, which is right there.
+    Only these rejections are matched (CEL on the response code details, and the upstream
+    overflow flag ``UO`` of the fixed in-flight cap); Envoy's other local 503s (no healthy
+    router, connect failure) stay UNAVAILABLE, which is right there.
     """
     cel = {
         "@type": _CEL_FILTER,
         "expression": "response.code_details.contains('admission_control')",
     }
     signal_cel = {"@type": _CEL_FILTER, "expression": "response.code_details.contains('fault_filter_abort')"}
+    adaptive_cel = {"@type": _CEL_FILTER, "expression": "response.code_details.contains('reached_concurrency_limit')"}
     grpc_status = {"key": "grpc-status", "value": "8"}
 
-    def mapper(expression: dict[str, Any], message: str) -> dict[str, Any]:
+    def mapper(access_log_filter: dict[str, Any], message: str) -> dict[str, Any]:
         return {
-            "filter": {
-                "extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": expression}
-            },
+            "filter": access_log_filter,
             "headers_to_add": [{"header": grpc_status, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
             "body": {"inline_string": message},
         }
 
-    return {"mappers": [mapper(cel, SHED_MESSAGE), mapper(signal_cel, SIGNAL_SHED_MESSAGE)]}
+    def cel_filter(expression: dict[str, Any]) -> dict[str, Any]:
+        return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": expression}}
+
+    return {
+        "mappers": [
+            mapper(cel_filter(cel), SHED_MESSAGE),
+            mapper(cel_filter(signal_cel), SIGNAL_SHED_MESSAGE),
+            mapper(cel_filter(adaptive_cel), ADAPTIVE_SHED_MESSAGE),
+            mapper({"response_flag_filter": {"flags": ["UO"]}}, IN_FLIGHT_SHED_MESSAGE),
+        ]
+    }
 
 
 def _buffer_filter(max_request_bytes: int) -> dict[str, Any]:
@@ -318,14 +386,19 @@ def _router_filter() -> dict[str, Any]:
 
 
 def _route_config(config: InferlineConfig) -> dict[str, Any]:
-    """Class routes first (Envoy takes the first match), the catch-all ``/`` route last.
+    """A route per shed class first (Envoy takes the first match), the catch-all ``/`` route last.
 
-    Class routes only switch the success-rate filters per class; with ``shed_by: signal``
-    the Lua filter reads the class itself, and one route serves everything.
+    Shed classes go at Envoy's DEFAULT routing priority, whose circuit breaker is the
+    in-flight bound; everything else at HIGH, whose breaker never trips. With ``shed_by:
+    success_rate`` the class routes also switch the success-rate filters per class; with
+    ``signal`` the Lua filter reads the class itself.
     """
-    shed = list(config.gateway.shed) if config.gateway.shed_by == "success_rate" else []
-    routes = [_class_route(cls, shed) for cls in shed]
-    routes.append({"name": "default", "match": {"prefix": "/"}, "route": _route_action(), **_shed_off(shed, keep=None)})
+    shed = list(config.gateway.shed)
+    filters = [SHED_FILTER_PREFIX + cls for cls in shed] if config.gateway.shed_by == "success_rate" else []
+    routes = [_class_route(cls, filters) for cls in shed]
+    unlimited = [*filters, *(f["name"] for f in _in_flight_filters(config))]
+    default = {"name": "default", "match": {"prefix": "/"}, "route": _route_action("HIGH")}
+    routes.append({**default, **_filters_off(unlimited, keep=None)})
     # The caller's grpc-timeout, for the router to measure its transport wait (router.ingress);
     # a caller's own copy is dropped first, an absent grpc-timeout adds nothing.
     ingress_timeout = {"key": headers.INGRESS_TIMEOUT, "value": "%REQ(grpc-timeout)%"}
@@ -343,23 +416,23 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
     }
 
 
-def _class_route(cls: str, shed: list[str]) -> dict[str, Any]:
+def _class_route(cls: str, filters: list[str]) -> dict[str, Any]:
     return {
         "name": f"class_{cls}",
         "match": {"prefix": "/", "headers": [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]},
-        "route": _route_action(),
-        **_shed_off(shed, keep=cls),
+        "route": _route_action("DEFAULT"),
+        **_filters_off(filters, keep=SHED_FILTER_PREFIX + cls),
     }
 
 
-def _shed_off(shed: list[str], *, keep: str | None) -> dict[str, Any]:
-    """``typed_per_filter_config`` turning off every class's shed filter but ``keep``'s."""
-    off = {SHED_FILTER_PREFIX + cls: {"@type": _FILTER_CONFIG, "disabled": True} for cls in shed if cls != keep}
+def _filters_off(names: list[str], *, keep: str | None) -> dict[str, Any]:
+    """``typed_per_filter_config`` turning off every filter in ``names`` but ``keep``."""
+    off = {name: {"@type": _FILTER_CONFIG, "disabled": True} for name in names if name != keep}
     return {"typed_per_filter_config": off} if off else {}
 
 
-def _route_action() -> dict[str, Any]:
-    """Forward to the routers under the caller's own deadline, never retried.
+def _route_action(priority: str) -> dict[str, Any]:
+    """Forward to the routers at ``priority`` under the caller's own deadline, never retried.
 
     ``timeout: 0s`` turns off Envoy's 15 s default; ``grpc_timeout_header_max: 0s`` makes the
     caller's ``grpc-timeout`` the stream's limit, uncapped, so Envoy gives up exactly when the
@@ -368,14 +441,21 @@ def _route_action() -> dict[str, Any]:
     """
     return {
         "cluster": ROUTER_CLUSTER,
+        "priority": priority,
         "timeout": "0s",
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
     }
 
 
-def _router_cluster(routers: list[str]) -> dict[str, Any]:
-    """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC."""
+def _router_cluster(routers: list[str], max_per_router: int | None) -> dict[str, Any]:
+    """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC.
+
+    The DEFAULT-priority circuit breaker (the shed classes' routes) is the fixed in-flight
+    cap, for the replicas listed: a DNS name that resolves to several counts once. HIGH (every
+    other request) is never limited.
+    """
     endpoints = [_endpoint(address) for address in routers]
+    bound = _CIRCUIT_LIMIT if max_per_router is None else max_per_router * len(routers)
     static = all(_is_ip(e["endpoint"]["address"]["socket_address"]["address"]) for e in endpoints)
     return {
         "name": ROUTER_CLUSTER,
@@ -392,17 +472,17 @@ def _router_cluster(routers: list[str]) -> dict[str, Any]:
         },
         "load_assignment": {"cluster_name": ROUTER_CLUSTER, "endpoints": [{"lb_endpoints": endpoints}]},
         "health_checks": [_health_check()],
-        "circuit_breakers": {
-            "thresholds": [
-                {
-                    "priority": "DEFAULT",
-                    "max_connections": _CIRCUIT_LIMIT,
-                    "max_pending_requests": _CIRCUIT_LIMIT,
-                    "max_requests": _CIRCUIT_LIMIT,
-                    "max_retries": 0,
-                }
-            ]
-        },
+        "circuit_breakers": {"thresholds": [_circuit("DEFAULT", bound), _circuit("HIGH", _CIRCUIT_LIMIT)]},
+    }
+
+
+def _circuit(priority: str, max_requests: int) -> dict[str, Any]:
+    return {
+        "priority": priority,
+        "max_connections": _CIRCUIT_LIMIT,
+        "max_pending_requests": _CIRCUIT_LIMIT,
+        "max_requests": max_requests,
+        "max_retries": 0,
     }
 
 
