@@ -162,6 +162,8 @@ class Settings:
     """``gateway.signal.step_down`` of the ``gateway`` configuration (None: the config's default)."""
     gateway_in_flight: dict[str, Any] = field(default_factory=dict)
     """Overrides of ``gateway.in_flight`` for the gateways (empty: the config's)."""
+    gateway_settings: dict[str, Any] = field(default_factory=dict)
+    """More gateway settings (``--gateway-set``), nested as in the config; applied last."""
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -215,7 +217,24 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="the gateways' in-flight limit on the shed classes: 'adaptive', 'off', or N (a fixed cap of N per "
         "router, not adaptive) (default: the config's gateway.in_flight)",
     )
+    p.add_argument(
+        "--gateway-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a gateway setting for the gateways, VALUE in YAML, e.g. in_flight.min_rtt_ms=5 (repeatable)",
+    )
     a = p.parse_args(argv)
+    gateway_settings: dict[str, Any] = {}
+    for item in a.gateway_set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--gateway-set: KEY=VALUE, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = gateway_settings
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     in_flight: dict[str, Any] = {}
     if a.gateway_in_flight is not None:
         text = a.gateway_in_flight.strip()
@@ -278,6 +297,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         gateway_nice=a.gateway_nice,
         signal_step_down=a.signal_step_down,
         gateway_in_flight=in_flight,
+        gateway_settings=gateway_settings,
     )
 
 
@@ -779,6 +799,11 @@ async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathli
     """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
     raw = yaml.safe_load(s.config.read_text())
     raw["gateway"] = {"shed": GATEWAY_SHED, "shed_by": GATEWAY_SHED_BY[name], "in_flight": s.gateway_in_flight}
+    for key, value in s.gateway_settings.items():
+        if isinstance(value, dict) and isinstance(raw["gateway"].get(key), dict):
+            raw["gateway"][key] = {**raw["gateway"][key], **value}
+        else:
+            raw["gateway"][key] = value
     if s.signal_step_down is not None:
         raw["gateway"]["signal"] = {"step_down": s.signal_step_down}
     config = parse_config(raw, s.config.resolve().parent, str(s.config))

@@ -57,7 +57,14 @@ def _validate(rendered: dict[str, Any], tmp_path: pathlib.Path) -> subprocess.Co
 
 
 @pytest.mark.parametrize(
-    "gateway", [{}, {"shed": SHED}, {"shed": SHED, "shed_by": SR}], ids=["default", "signal", "success_rate"]
+    "gateway",
+    [
+        {},
+        {"shed": SHED},
+        {"shed": SHED, "shed_by": SR},
+        {"shed": SHED, "in_flight": {"adaptive": False, "max_per_router": 8}},
+    ],
+    ids=["default", "signal", "success_rate", "fixed_cap"],
 )
 def test_real_envoy_validates_the_rendered_config(gateway: dict[str, Any], tmp_path: pathlib.Path) -> None:
     result = _validate(render_envoy(_config(**gateway)), tmp_path)
@@ -255,3 +262,13 @@ def test_cli_writes_the_rendered_yaml(tmp_path: pathlib.Path) -> None:
     assert result.exit_code == 0, result.output
     written = yaml.safe_load(out.read_text())
     assert written == render_envoy(load_config(DEFAULT), port=8081, routers=["r:1"])
+
+
+def test_a_fixed_min_rtt_replaces_sampling_it(tmp_path: pathlib.Path) -> None:
+    rendered = render_envoy(_config(shed=SHED, in_flight={"min_rtt_ms": 5}))
+    [adaptive] = [f["typed_config"] for f in _hcm(rendered)["http_filters"] if f["name"] == IN_FLIGHT_FILTER]
+    min_rtt = adaptive["gradient_controller_config"]["min_rtt_calc_params"]
+    assert min_rtt["fixed_value"] == "0.005s"
+    assert "interval" not in min_rtt and "request_count" not in min_rtt
+    result = _validate(rendered, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

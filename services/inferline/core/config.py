@@ -436,7 +436,10 @@ class InFlightConfig(_Model):
     ``min_rtt_interval_s``), then every ``update_interval_s`` scales the limit by
     (minRTT × (1 + ``buffer``)) / (the ``latency_percentile`` of recent answers), plus a
     little headroom: as the routers' queue lengthens their latency rises and the limit falls.
-    It needs no tuning per machine; the limit is for all replicas together.
+    It needs no tuning per machine; the limit is for all replicas together. A minRTT sampled
+    while the routers were busy with the classes Envoy never holds (critical) is high, and
+    the limit with it; ``min_rtt_ms`` fixes minRTT instead, turning the limit into a latency
+    target (the percentile held under ``min_rtt_ms`` × (1 + ``buffer``)).
     ``max_per_router``: a fixed cap on top (an Envoy circuit breaker, this × the replicas in
     ``gateway.routers``); None for none.
     """
@@ -450,6 +453,9 @@ class InFlightConfig(_Model):
     update_interval_s: float = Field(0.1, gt=0)
     min_rtt_interval_s: float = Field(30.0, gt=0)
     min_rtt_requests: int = Field(50, ge=1)
+    min_rtt_ms: float | None = Field(None, gt=0)
+    """A fixed minRTT in ms instead of sampling it (``min_rtt_interval_s`` and
+    ``min_rtt_requests`` then do nothing); None: sampled."""
     min_concurrency: int = Field(3, ge=1)
     max_limit: int = Field(1000, ge=1)
     max_per_router: int | None = Field(None, gt=0)

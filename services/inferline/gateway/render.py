@@ -52,7 +52,7 @@ import ipaddress
 from typing import Any
 
 from inferline.core import headers
-from inferline.core.config import ClassShedConfig, InferlineConfig, ShedSignalConfig
+from inferline.core.config import ClassShedConfig, InferlineConfig, InFlightConfig, ShedSignalConfig
 
 TRAFFIC_CLASS_HEADER = headers.TRAFFIC_CLASS
 ROUTER_CLUSTER = "inferline_router"
@@ -317,11 +317,9 @@ def _in_flight_filters(config: InferlineConfig) -> list[dict[str, Any]]:
             "concurrency_update_interval": _duration(in_flight.update_interval_s),
         },
         "min_rtt_calc_params": {
-            "interval": _duration(in_flight.min_rtt_interval_s),
-            "request_count": in_flight.min_rtt_requests,
-            "jitter": {"value": 10.0},
             "buffer": {"value": in_flight.buffer * 100},
             "min_concurrency": in_flight.min_concurrency,
+            **_min_rtt(in_flight),
         },
     }
     typed = {
@@ -330,6 +328,17 @@ def _in_flight_filters(config: InferlineConfig) -> list[dict[str, Any]]:
         "enabled": {"default_value": True, "runtime_key": "inferline.in_flight.enabled"},
     }
     return [{"name": IN_FLIGHT_FILTER, "typed_config": typed}]
+
+
+def _min_rtt(in_flight: InFlightConfig) -> dict[str, Any]:
+    """Sample minRTT every ``min_rtt_interval_s`` (±10 % jitter), or take ``min_rtt_ms`` as it."""
+    if in_flight.min_rtt_ms is not None:
+        return {"fixed_value": _duration(in_flight.min_rtt_ms / 1000)}
+    return {
+        "interval": _duration(in_flight.min_rtt_interval_s),
+        "request_count": in_flight.min_rtt_requests,
+        "jitter": {"value": 10.0},
+    }
 
 
 def _local_replies() -> dict[str, Any]:
