@@ -144,8 +144,9 @@ def test_shared_memory_tensors_are_refused(client: triton_grpc.InferenceServerCl
         ({"traffic_class": "platinum"}, AUTH),
         ({"traffic_class": 3}, AUTH),
         (None, {**AUTH, "x-inferline-traffic-class": "platinum"}),
+        ({"traffic_class": "critical"}, {**AUTH, "x-inferline-traffic-class": "batch"}),
     ],
-    ids=["unknown-parameter", "not-a-string", "unknown-metadata"],
+    ids=["unknown-parameter", "not-a-string", "unknown-metadata", "parameter-and-metadata-differ"],
 )
 def test_bad_traffic_class_is_invalid_argument(
     client: triton_grpc.InferenceServerClient, parameters: dict[str, Any] | None, headers: dict[str, str]
@@ -157,6 +158,8 @@ def test_bad_traffic_class_is_invalid_argument(
 def test_traffic_class_from_metadata_is_served(client: triton_grpc.InferenceServerClient) -> None:
     headers = {**AUTH, "x-inferline-traffic-class": "batch"}
     assert client.infer(MODEL, _inputs(), headers=headers, client_timeout=5).as_numpy("score").shape == (2, 1)
+    both = client.infer(MODEL, _inputs(), headers=headers, parameters={"traffic_class": "batch"}, client_timeout=5)
+    assert both.as_numpy("score").shape == (2, 1)
 
 
 @pytest.mark.parametrize("client_timeout", [0.0005, 0.002, 0.01])

@@ -233,3 +233,20 @@ def test_cli_stats_shows_the_routes_traffic(router_server: ServerProcess, stub: 
         timeout=60,
     )
     assert unreachable.returncode == 1 and "cannot read" in unreachable.stderr
+
+
+CLASS_HEADER = "x-inferline-traffic-class"
+
+
+def test_the_class_header_stands_in_for_an_empty_class_and_must_agree_with_a_set_one(
+    stub: pb_grpc.InferenceStub,
+) -> None:
+    # The gateway sheds and limits by the header; the router serves by the class it resolves.
+    agreeing = stub.Predict(_request(1001, traffic_class="batch"), timeout=5, metadata=(*AUTH, (CLASS_HEADER, "batch")))
+    assert agreeing.served_by == pb.SERVED_BY_PRIMARY
+    header_only = _error(stub, _request(1001), (*AUTH, (CLASS_HEADER, "platinum")))
+    assert header_only.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown traffic class 'platinum'" in header_only.details()
+    differing = _error(stub, _request(1001, traffic_class="critical"), (*AUTH, (CLASS_HEADER, "batch")))
+    assert differing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'critical' differs from the x-inferline-traffic-class header 'batch'" in differing.details()

@@ -4,7 +4,8 @@ A Python gRPC router cannot shed fast enough under overload: a shed still costs 
 router CPU against ~370 µs for an answer, and the backlog forms in gRPC's transport before
 the handler runs. So the lower classes are shed earlier, by Envoy in C++, keyed by the
 ``x-inferline-traffic-class`` request header (the bench and well-behaved clients send it;
-the router still authenticates and enforces the class from the request body).
+the router still authenticates, and refuses a call whose header names another class than
+its message, ``RequestGate.requested_class``).
 
 One of two signals drives the shedding (``gateway.shed_by``):
 

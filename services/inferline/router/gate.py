@@ -20,7 +20,7 @@ import grpc
 from inferline.core.auth import Authenticator
 from inferline.core.config import CanaryConfig, InferlineConfig, TrafficClassConfig
 from inferline.core.errors import InvalidInput, PermissionDenied, QuotaExceeded
-from inferline.core.headers import OVERLOADED
+from inferline.core.headers import OVERLOADED, TRAFFIC_CLASS
 from inferline.router.admission import AdmissionController, Permit
 from inferline.router.ingress import IngressWait
 from inferline.router.quota import RateLimiter
@@ -96,6 +96,29 @@ class RequestGate:
         if traffic_class not in rules.classes:
             raise PermissionDenied(f"tenant {tenant!r} may not use traffic class {traffic_class!r}")
         return traffic_class
+
+    @staticmethod
+    def requested_class(in_request: str, metadata: Metadata, field: str) -> str:
+        """The class a call asks for: ``in_request`` (the message's own ``field``), else the
+        ``x-inferline-traffic-class`` header, else "" (the tenant's default).
+
+        The header is what the gateway sheds and limits by; the router admits by the class
+        it resolves here. A call whose header names another class than its message would be
+        shed or spared by the gateway as one class and served as another, so it is refused.
+
+        Raises:
+            InvalidInput: the header and the message name different classes.
+        """
+        header = next((v for k, v in metadata or () if k == TRAFFIC_CLASS), None)
+        if header is None:
+            return in_request
+        hinted = header if isinstance(header, str) else header.decode(errors="replace")
+        if in_request and hinted != in_request:
+            raise InvalidInput(
+                field,
+                f"{in_request!r} differs from the {TRAFFIC_CLASS} header {hinted!r}: send one class, or both alike",
+            )
+        return in_request or hinted
 
     def waited(self, context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
         """How long the request waited before its handler; None when it did not come through the gateway.

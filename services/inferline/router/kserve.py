@@ -32,7 +32,6 @@ from inferline.core.errors import (
     Shed,
     rpc_method,
 )
-from inferline.core.headers import TRAFFIC_CLASS
 from inferline.core.metrics import ServingMetrics
 from inferline.router.admission import Verdict
 from inferline.router.gate import Entry, RequestGate, TenantRules
@@ -163,18 +162,16 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             raise PermissionDenied(f"tenant {tenant!r} may not call model {model!r}")
         return tenant, rules
 
-    @staticmethod
-    def _requested_class(request: Any, context: Context) -> str:
+    def _requested_class(self, request: Any, context: Context) -> str:
         """The traffic class asked for: request parameter first, then call metadata ("" = the tenant's default)."""
+        field = f"parameters[{TRAFFIC_CLASS_PARAMETER}]"
         parameter = request.parameters.get(TRAFFIC_CLASS_PARAMETER)
+        in_request = ""
         if parameter is not None:
             if parameter.WhichOneof("parameter_choice") != "string_param":
-                raise InvalidInput(f"parameters[{TRAFFIC_CLASS_PARAMETER}]", "must be a string")
-            return str(parameter.string_param)
-        for key, value in context.invocation_metadata() or ():
-            if key == TRAFFIC_CLASS:
-                return value if isinstance(value, str) else value.decode(errors="replace")
-        return ""
+                raise InvalidInput(field, "must be a string")
+            in_request = str(parameter.string_param)
+        return self._gate.requested_class(in_request, context.invocation_metadata(), field)  # type: ignore[arg-type]
 
     @rpc_method
     async def _not_served(self, request: Any, context: Context) -> Any:

@@ -131,7 +131,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise RouteNotFound(request.route)
         if request.route not in rules.routes:
             raise PermissionDenied(f"tenant {tenant!r} may not call route {request.route!r}")
-        return tenant, rules, self._gate.traffic_class(tenant, rules, request.traffic_class), plan
+        metadata = context.invocation_metadata()
+        requested = self._gate.requested_class(request.traffic_class, metadata, "traffic_class")  # type: ignore[arg-type]
+        return tenant, rules, self._gate.traffic_class(tenant, rules, requested), plan
 
     def _call(
         self, request: pb.PredictRequest, tenant: str, rules: TenantRules, plan: RoutePlan, entry: Entry
