@@ -267,21 +267,6 @@ def _burst(stub: pb_grpc.InferenceStub, traffic_class: str, n: int) -> Counter[s
     return codes
 
 
-def test_fixed_in_flight_cap_refuses_a_burst_of_a_shed_class_but_never_the_others(bounded_gateway: Gateway) -> None:
-    overflow = "cluster.inferline_router.upstream_rq_active_overflow"
-    refused = f"RESOURCE_EXHAUSTED: {IN_FLIGHT_SHED_MESSAGE}"
-    with grpc.insecure_channel(bounded_gateway.address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        assert _outcomes(stub, "batch", 3) == {"OK": 3}  # one at a time fits under the bound
-        before = bounded_gateway.stat(overflow)
-        batch = _burst(stub, "batch", 30)
-        critical = _burst(stub, "critical", 30)
-    assert set(batch) <= {"OK", refused}, batch
-    assert batch["OK"] >= 1 and batch[refused] >= 10, batch  # 30 at once: most find the one slot taken
-    assert bounded_gateway.stat(overflow) - before == batch[refused]
-    assert critical == {"OK": 30}  # HIGH priority: not held by the bound however many are in flight
-
-
 @pytest.fixture(scope="module")
 def adaptive_gateway(
     router_server: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
@@ -297,18 +282,32 @@ def adaptive_gateway(
         yield gateway
 
 
-def test_adaptive_in_flight_limit_refuses_a_burst_of_a_shed_class_but_never_the_others(
-    adaptive_gateway: Gateway,
+@pytest.mark.parametrize(
+    ("gateway_fixture", "counter", "message", "slots"),
+    [
+        ("bounded_gateway", "cluster.inferline_router.upstream_rq_active_overflow", IN_FLIGHT_SHED_MESSAGE, 1),
+        (
+            "adaptive_gateway",
+            f"http.{STAT_PREFIX}.adaptive_concurrency.gradient_controller.rq_blocked",
+            ADAPTIVE_SHED_MESSAGE,
+            2,
+        ),
+    ],
+    ids=["fixed_cap", "adaptive"],
+)
+def test_in_flight_limit_refuses_a_burst_of_a_shed_class_but_never_the_others(
+    request: pytest.FixtureRequest, gateway_fixture: str, counter: str, message: str, slots: int
 ) -> None:
-    blocked = f"http.{STAT_PREFIX}.adaptive_concurrency.gradient_controller.rq_blocked"
-    refused = f"RESOURCE_EXHAUSTED: {ADAPTIVE_SHED_MESSAGE}"
-    with grpc.insecure_channel(adaptive_gateway.address) as channel:
+    gateway: Gateway = request.getfixturevalue(gateway_fixture)
+    refused = f"RESOURCE_EXHAUSTED: {message}"
+    with grpc.insecure_channel(gateway.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         assert _outcomes(stub, "batch", 3) == {"OK": 3}  # one at a time fits under any limit
-        before = adaptive_gateway.stat(blocked)
+        before = gateway.stat(counter)
         batch = _burst(stub, "batch", 30)
         critical = _burst(stub, "critical", 30)
     assert set(batch) <= {"OK", refused}, batch
-    assert batch["OK"] >= 2 and batch[refused] >= 10, batch  # 30 at once against a limit of 2
-    assert adaptive_gateway.stat(blocked) - before == batch[refused]
-    assert critical == {"OK": 30}  # the catch-all route has the limit off
+    assert batch["OK"] >= slots and batch[refused] >= 10, batch  # 30 at once against a limit of `slots`
+    assert gateway.stat(counter) - before == batch[refused]
+    # HIGH priority, and the catch-all route has the adaptive limit off: never held.
+    assert critical == {"OK": 30}
