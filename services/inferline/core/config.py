@@ -441,7 +441,10 @@ class InFlightConfig(_Model):
     the limit with it; ``min_rtt_ms`` fixes minRTT instead, turning the limit into a latency
     target (the percentile held under ``min_rtt_ms`` × (1 + ``buffer``)).
     ``max_per_router``: a fixed cap on top (an Envoy circuit breaker, this × the replicas in
-    ``gateway.routers``); None for none.
+    ``gateway.routers``); None for none. Envoy samples every answer that passes the adaptive
+    filter, its own later local replies included (envoyproxy/envoy#8274): the cap's refusals
+    and "no healthy router" replies read as fast answers and let the adaptive limit rise (the
+    cap itself still holds).
     """
 
     adaptive: bool = True
