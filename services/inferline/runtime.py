@@ -92,7 +92,7 @@ async def serve_process(config: InferlineConfig, roles: set[Role], triton_url: s
         logger.info("serving %s on port %d (triton %s)", ",".join(sorted(roles)), running.port, triton_url)
         received = await _wait_for_signal()
         logger.info("%s received: draining", received)
-        await running.drain_and_stop(config.server.drain_s, config.server.grace_s)
+        await running.drain_and_stop(config.server.drain_s, config.server.grace_s, config.server.drain_quiet_s)
         await app.close()
         return 0
     finally:

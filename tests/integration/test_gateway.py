@@ -8,6 +8,8 @@ import pathlib
 import random
 import signal
 import subprocess
+import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -50,16 +52,17 @@ class Gateway:
 
 @contextlib.contextmanager
 def _envoy(
-    gateway_config: dict[str, Any], router_config: pathlib.Path, router: str, tmp_path: pathlib.Path
+    gateway_config: dict[str, Any], router_config: pathlib.Path, router: str | list[str], tmp_path: pathlib.Path
 ) -> Iterator[Gateway]:
-    """A real Envoy on free ports, rendered from ``router_config`` with ``gateway_config``, in front of ``router``."""
+    """A real Envoy on free ports, rendered from ``router_config`` with ``gateway_config``, before ``router``(s)."""
     raw = yaml.safe_load(router_config.read_text())
     raw["gateway"] = gateway_config
     config_path = tmp_path / "inferline.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     port, admin_port = free_ports(2)
     envoy_yaml = tmp_path / "envoy.yaml"
-    rendered = render_envoy(load_config(config_path), port=port, admin_port=admin_port, routers=[router])
+    routers = [router] if isinstance(router, str) else router
+    rendered = render_envoy(load_config(config_path), port=port, admin_port=admin_port, routers=routers)
     envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))
     log_path = tmp_path / "envoy.log"
     command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
@@ -311,3 +314,85 @@ def test_in_flight_limit_refuses_a_burst_of_a_shed_class_but_never_the_others(
     assert gateway.stat(counter) - before == batch[refused]
     # HIGH priority, and the catch-all route has the adaptive limit off: never held.
     assert critical == {"OK": 30}
+
+
+# --- several router replicas, one of them restarted -------------------------------------
+
+DRAIN_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def second_router(
+    triton_server: object, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Another ``inferline up`` replica on the session's Triton, draining up to 10 s (the test stops it)."""
+    url = triton_server.grpc_url  # type: ignore[attr-defined]
+    log = tmp_path_factory.mktemp("second-router") / "router.log"
+    env = {"INFERLINE_SERVER__DRAIN_S": str(DRAIN_S)}
+    server = start_inferline(["up", "--config", str(router_config), "--triton-url", url], log, env=env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pair_gateway(
+    router_server: ServerProcess,
+    second_router: ServerProcess,
+    router_config: pathlib.Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    """Envoy balancing over ``router_server`` and ``second_router``."""
+    routers = [router_server.address, second_router.address]
+    with _envoy({}, router_config, routers, tmp_path_factory.mktemp("pair")) as gateway:
+        yield gateway
+
+
+def _predictions_served(server: ServerProcess) -> float:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inferline_requests_total{") and 'route="driver_ranking"' in line and 'code="OK"' in line
+    )
+
+
+def test_a_router_replica_stopping_behind_the_gateway_loses_no_call(
+    pair_gateway: Gateway, router_server: ServerProcess, second_router: ServerProcess
+) -> None:
+    before = [_predictions_served(router_server), _predictions_served(second_router)]
+    with grpc.insecure_channel(pair_gateway.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        assert _outcomes(stub, "critical", 20) == {"OK": 20}
+        # Requests, not connections, are balanced: both replicas answered some.
+        assert _predictions_served(router_server) > before[0]
+        assert _predictions_served(second_router) > before[1]
+
+        outcomes = Counter[str]()
+        stopping = threading.Event()
+
+        def call_until_stopped() -> None:
+            while not stopping.is_set():
+                outcomes.update(_outcomes(stub, "critical", 1))
+
+        callers = [threading.Thread(target=call_until_stopped) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        try:
+            time.sleep(1.0)
+            # SIGTERM: NOT_SERVING; the gateway's health checks take the replica out of rotation;
+            # once no call came for drain_quiet_s (1 s), it stops, with grace for calls in flight.
+            stop_started = time.monotonic()
+            code = second_router.stop(timeout_s=DRAIN_S + 10)
+            stopped_in_s = time.monotonic() - stop_started
+            served_while_stopping = outcomes["OK"]
+            time.sleep(1.5)  # the gateway keeps answering from the replica left
+        finally:
+            stopping.set()
+            for caller in callers:
+                caller.join()
+    assert code == 0, second_router.log_tail()
+    assert set(outcomes) == {"OK"}, outcomes  # no call failed while a replica went away
+    assert 1.0 < stopped_in_s < DRAIN_S - 2, second_router.log_tail()  # quiet soon after the gateway noticed
+    assert outcomes["OK"] > served_while_stopping > 0

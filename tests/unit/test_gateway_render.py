@@ -168,13 +168,16 @@ def test_admission_control_takes_the_class_settings() -> None:
     assert not success & {4, 8, 14}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE are failures
 
 
-def test_routes_forward_under_the_callers_deadline_and_never_retry() -> None:
+def test_routes_forward_under_the_callers_deadline_and_retry_only_calls_no_router_saw() -> None:
     for route in _routes(render_envoy(_config(shed=SHED, shed_by=SR))):
         action = route["route"]
         assert action["cluster"] == ROUTER_CLUSTER
         assert action["timeout"] == "0s"
         assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
-        assert "retry_policy" not in action
+        retry = action["retry_policy"]
+        # Never on a router's answer or failure (5xx, reset, gRPC codes): that would double an overload.
+        assert retry["retry_on"] == "connect-failure,refused-stream"
+        assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
     assert "retry_policy" not in _hcm(render_envoy(_config(shed=SHED)))["route_config"]["virtual_hosts"][0]
 
 
@@ -194,7 +197,8 @@ def test_in_flight_bound_is_the_default_priority_breaker_times_the_replicas() ->
     thresholds = _thresholds(render_envoy(config, routers=["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]))
     assert thresholds["DEFAULT"]["max_requests"] == 72
     assert thresholds["HIGH"]["max_requests"] >= 100_000  # critical and unclassed traffic is never held
-    assert thresholds["DEFAULT"]["max_retries"] == thresholds["HIGH"]["max_retries"] == 0
+    for priority in ("DEFAULT", "HIGH"):  # retries (of calls no router saw) bounded by a budget
+        assert thresholds[priority]["retry_budget"]["budget_percent"] == {"value": 25.0}
 
 
 def test_no_fixed_cap_by_default_leaves_the_breakers_open() -> None:

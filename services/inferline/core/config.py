@@ -38,7 +38,12 @@ class ServerConfig(_Model):
     grace_s: float = Field(5.0, ge=0)
     """How long in-flight calls may finish on shutdown."""
     drain_s: float = Field(0.0, ge=0)
-    """Time between reporting NOT_SERVING and stopping, so load balancers notice."""
+    """Longest time between reporting NOT_SERVING and stopping, so load balancers notice and
+    stop sending (0: stop at once). Behind Envoy or a Kubernetes Service, set it above their
+    health-check detection time (the gateway's: about 2 s)."""
+    drain_quiet_s: float = Field(1.0, gt=0)
+    """The drain ends early once no call (health checks aside) arrived for this long: the
+    load balancers have stopped sending, and stopping loses nothing."""
 
 
 class ClassBatchingConfig(_Model):

@@ -442,19 +442,40 @@ def _filters_off(names: list[str], *, keep: str | None) -> dict[str, Any]:
 
 
 def _route_action(priority: str) -> dict[str, Any]:
-    """Forward to the routers at ``priority`` under the caller's own deadline, never retried.
+    """Forward to the routers at ``priority`` under the caller's own deadline.
 
     ``timeout: 0s`` turns off Envoy's 15 s default; ``grpc_timeout_header_max: 0s`` makes the
     caller's ``grpc-timeout`` the stream's limit, uncapped, so Envoy gives up exactly when the
-    caller does. No ``retry_policy``: a retry of an overloaded router doubles its load, and the
-    router already degrades within the budget itself.
+    caller does. Retried only when no router saw the call — the connection was refused (a
+    replica stopped, before the health checks noticed) or the stream refused (a replica
+    going away) — on another replica, at once. Never after a router answered or failed: a
+    retry of an overloaded router doubles its load, and the router already degrades within
+    the budget itself.
     """
     return {
         "cluster": ROUTER_CLUSTER,
         "priority": priority,
         "timeout": "0s",
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+        "retry_policy": _UNSEEN_RETRY,
     }
+
+
+_UNSEEN_RETRY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+    "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.005s"},
+}
+"""Retries of calls no router saw (see ``_route_action``): each on a replica not yet tried."""
 
 
 def _router_cluster(routers: list[str], max_per_router: int | None) -> dict[str, Any]:
@@ -487,23 +508,26 @@ def _router_cluster(routers: list[str], max_per_router: int | None) -> dict[str,
 
 
 def _circuit(priority: str, max_requests: int) -> dict[str, Any]:
+    """One priority's limits; retries (of calls no router saw) at most a quarter of the calls in flight."""
     return {
         "priority": priority,
         "max_connections": _CIRCUIT_LIMIT,
         "max_pending_requests": _CIRCUIT_LIMIT,
         "max_requests": max_requests,
-        "max_retries": 0,
+        "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 10},
     }
 
 
 def _health_check() -> dict[str, Any]:
     """``grpc.health.v1`` Check against each router: a draining router (NOT_SERVING) leaves rotation.
 
-    ``no_traffic_interval`` is short so a freshly started gateway learns quickly that a router is up.
+    Within about two intervals (two failed checks), which a router's ``server.drain_s`` must
+    cover. ``no_traffic_interval`` is short so a freshly started gateway learns quickly that
+    a router is up.
     """
     return {
         "timeout": "1s",
-        "interval": "2s",
+        "interval": "1s",
         "no_traffic_interval": "2s",
         "unhealthy_threshold": 2,
         "healthy_threshold": 1,
