@@ -255,11 +255,11 @@ def bounded_gateway(
         yield gateway
 
 
-def _burst(stub: pb_grpc.InferenceStub, traffic_class: str, n: int) -> Counter[str]:
-    """``n`` calls of ``traffic_class`` all in flight at once, counted as "OK" or "CODE: details"."""
-    calls = [
-        stub.Predict.future(_request(traffic_class), metadata=_metadata(traffic_class), timeout=5) for _ in range(n)
-    ]
+def _burst(stub: pb_grpc.InferenceStub, traffic_class: str, n: int, *, header: bool = True) -> Counter[str]:
+    """``n`` calls of ``traffic_class`` (with the class header, or without), all in flight at once,
+    counted as "OK" or "CODE: details"."""
+    metadata = _metadata(traffic_class) if header else (AUTH,)
+    calls = [stub.Predict.future(_request(traffic_class), metadata=metadata, timeout=5) for _ in range(n)]
     codes = Counter[str]()
     for call in calls:
         try:
@@ -309,10 +309,13 @@ def test_in_flight_limit_refuses_a_burst_of_a_shed_class_but_never_the_others(
         before = gateway.stat(counter)
         batch = _burst(stub, "batch", 30)
         critical = _burst(stub, "critical", 30)
-    assert set(batch) <= {"OK", refused}, batch
-    assert batch["OK"] >= slots and batch[refused] >= 10, batch  # 30 at once against a limit of `slots`
-    assert gateway.stat(counter) - before == batch[refused]
-    # HIGH priority, and the catch-all route has the adaptive limit off: never held.
+        unnamed = _burst(stub, "batch", 30, header=False)
+    for burst in (batch, unnamed):
+        assert set(burst) <= {"OK", refused}, burst
+        assert burst["OK"] >= slots and burst[refused] >= 10, burst  # 30 at once against a limit of `slots`
+    # Calls without the class header are limited as the shed classes are: leaving it out buys nothing.
+    assert gateway.stat(counter) - before == batch[refused] + unnamed[refused]
+    # Named critical: HIGH priority, its route has the adaptive limit off; never held.
     assert critical == {"OK": 30}
 
 

@@ -78,9 +78,13 @@ def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_default_config_has_only_the_catch_all_route() -> None:
+def test_without_shed_classes_every_class_goes_at_high_priority() -> None:
     rendered = render_envoy(_config())
-    assert [r["match"] for r in _routes(rendered)] == [{"prefix": "/"}]
+    routes = {r["name"]: r for r in _routes(rendered)}
+    assert list(routes) == ["class_critical", "class_standard", "class_batch", "default"]
+    assert routes["default"]["match"] == {"prefix": "/"}
+    assert all(routes[f"class_{c}"]["route"]["priority"] == "HIGH" for c in ("critical", "standard", "batch"))
+    assert not any("typed_per_filter_config" in r for r in routes.values())  # no filter to turn off
     assert [f["name"] for f in _hcm(rendered)["http_filters"]][-1] == "envoy.filters.http.router"
     assert not any(f["name"].startswith("inferline.shed.") for f in _hcm(rendered)["http_filters"])
 
@@ -96,11 +100,12 @@ def test_signal_shedding_is_a_lua_filter_and_a_fault_filter_before_the_router() 
         "envoy.filters.http.router",
     ]
     # The Lua filter reads the class itself: the class routes set the routing priority, and
-    # only the catch-all turns a filter (the in-flight limit) off.
+    # only the protected class's route turns a filter (the in-flight limit) off.
     routes = {r["name"]: r for r in _routes(rendered)}
-    assert list(routes) == ["class_batch", "class_standard", "default"]
+    assert list(routes) == ["class_batch", "class_standard", "class_critical", "default"]
     assert "typed_per_filter_config" not in routes["class_batch"]
-    assert set(routes["default"]["typed_per_filter_config"]) == {IN_FLIGHT_FILTER}
+    assert "typed_per_filter_config" not in routes["default"]  # no header: limited like a shed class
+    assert set(routes["class_critical"]["typed_per_filter_config"]) == {IN_FLIGHT_FILTER}
 
 
 def test_signal_fault_filter_aborts_only_marked_requests_with_resource_exhausted() -> None:
@@ -133,10 +138,10 @@ def test_no_shed_classes_means_no_shed_filters() -> None:
     assert names == ["envoy.filters.http.buffer", "envoy.filters.http.router"]
 
 
-def test_each_shed_class_gets_a_header_route_and_the_default_route_is_last() -> None:
+def test_each_class_gets_a_header_route_and_the_default_route_is_last() -> None:
     routes = _routes(render_envoy(_config(shed=SHED, shed_by=SR)))
-    assert [r["name"] for r in routes] == ["class_batch", "class_standard", "default"]
-    for route, cls in zip(routes, ["batch", "standard"], strict=False):
+    assert [r["name"] for r in routes] == ["class_batch", "class_standard", "class_critical", "default"]
+    for route, cls in zip(routes, ["batch", "standard", "critical"], strict=False):
         assert route["match"]["headers"] == [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]
     assert routes[-1]["match"] == {"prefix": "/"}
 
@@ -145,11 +150,12 @@ def test_each_class_route_keeps_only_its_own_shed_filter() -> None:
     routes = {r["name"]: r for r in _routes(render_envoy(_config(shed=SHED, shed_by=SR)))}
     assert set(routes["class_batch"]["typed_per_filter_config"]) == {"inferline.shed.standard"}
     assert set(routes["class_standard"]["typed_per_filter_config"]) == {"inferline.shed.batch"}
-    assert set(routes["default"]["typed_per_filter_config"]) == {
+    assert set(routes["class_critical"]["typed_per_filter_config"]) == {
         "inferline.shed.batch",
         "inferline.shed.standard",
         IN_FLIGHT_FILTER,
     }
+    assert set(routes["default"]["typed_per_filter_config"]) == {"inferline.shed.batch", "inferline.shed.standard"}
     assert all(c["disabled"] for r in routes.values() for c in r["typed_per_filter_config"].values())
 
 
@@ -187,9 +193,14 @@ def _thresholds(rendered: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("shed_by", ["signal", SR])
-def test_shed_classes_go_at_default_priority_and_everything_else_at_high(shed_by: str) -> None:
+def test_only_a_named_protected_class_goes_at_high_priority(shed_by: str) -> None:
     routes = {r["name"]: r["route"]["priority"] for r in _routes(render_envoy(_config(shed=SHED, shed_by=shed_by)))}
-    assert routes == {"class_batch": "DEFAULT", "class_standard": "DEFAULT", "default": "HIGH"}
+    assert routes == {
+        "class_batch": "DEFAULT",
+        "class_standard": "DEFAULT",
+        "class_critical": "HIGH",
+        "default": "DEFAULT",
+    }
 
 
 def test_in_flight_bound_is_the_default_priority_breaker_times_the_replicas() -> None:

@@ -432,8 +432,9 @@ class InFlightConfig(_Model):
     The backlog a Python router cannot shed fast is the one in its gRPC transport, before the
     handler runs: a router's own shed waits there (tens of ms under overload). Envoy keeps
     that backlog short for the shed classes, refusing the rest of a burst at once
-    (RESOURCE_EXHAUSTED), while the shed signal catches up. Other classes (and requests
-    without the class header) are never held.
+    (RESOURCE_EXHAUSTED), while the shed signal catches up. Calls whose class header names
+    another class (critical) are never held; calls without the header are held like the
+    shed classes'.
 
     ``adaptive``: Envoy's gradient controller (``adaptive_concurrency``), in the style of
     Netflix's concurrency-limits. It measures the routers' unloaded latency (minRTT, with the

@@ -32,8 +32,10 @@ Layout of the rendered config::
                       envoy.filters.http.buffer, envoy.filters.http.router
         routes:       header x-inferline-traffic-class == <shed class> → router at priority DEFAULT
                                                              (success_rate: only shed.<class> on)
-                      prefix "/" (health, reflection, other classes) → router at priority HIGH
+                      header x-inferline-traffic-class == <other class> → router at priority HIGH
                                                              (in_flight off; success_rate: every shed.* off)
+                      prefix "/" (no or unknown class header) → router at priority DEFAULT
+                                                             (success_rate: every shed.* off)
                       (all: x-inferline-ingress-timeout = the caller's grpc-timeout)
     cluster inferline_router: HTTP/2, round robin per request, gRPC health checks, circuit
                       breakers: DEFAULT max_requests = in_flight.max_per_router × replicas, HIGH unbounded
@@ -73,7 +75,7 @@ IN_FLIGHT_SHED_MESSAGE = (
 )
 """grpc-message of a gateway shed by the fixed in-flight cap (status RESOURCE_EXHAUSTED)."""
 IN_FLIGHT_FILTER = "inferline.in_flight"
-"""The adaptive_concurrency filter: on the shed classes' routes only."""
+"""The adaptive_concurrency filter: off on the protected classes' routes only."""
 SIGNAL_FILTER = "inferline.signal"
 SIGNAL_SHED_FILTER = "inferline.signal_shed"
 SIGNAL_SHED_HEADER = "x-inferline-gateway-shed"
@@ -303,8 +305,9 @@ def _in_flight_filters(config: InferlineConfig) -> list[dict[str, Any]]:
     """Envoy's adaptive concurrency limit (gradient controller) for the shed classes' requests.
 
     After the shed filters: a request they turn away never counts as outstanding, and their
-    instant local replies never pass for router latency samples. The catch-all route turns
-    it off, so only the shed classes' requests are limited and sampled. Under ``shed_by:
+    instant local replies never pass for router latency samples. The routes of the
+    protected classes turn it off, so only the shed classes' calls (and calls without the
+    class header) are limited and sampled. Under ``shed_by:
     success_rate`` its refusals count against the class's success rate, as a router's own
     sheds would.
     """
@@ -396,19 +399,24 @@ def _router_filter() -> dict[str, Any]:
 
 
 def _route_config(config: InferlineConfig) -> dict[str, Any]:
-    """A route per shed class first (Envoy takes the first match), the catch-all ``/`` route last.
+    """A route per traffic class first (Envoy takes the first match), the catch-all ``/`` route last.
 
-    Shed classes go at Envoy's DEFAULT routing priority, whose circuit breaker is the
-    in-flight bound; everything else at HIGH, whose breaker never trips. With ``shed_by:
-    success_rate`` the class routes also switch the success-rate filters per class; with
-    ``signal`` the Lua filter reads the class itself.
+    Only a class the gateway never sheds (critical), named in the class header, goes at
+    Envoy's HIGH routing priority, where no limit applies and the in-flight limit is off.
+    The shed classes, and calls without the header (or with an unknown class), go at
+    DEFAULT, under the in-flight limit: leaving the header out never buys a way past it,
+    and naming a class the message does not is refused by the router. With ``shed_by:
+    success_rate`` each shed class's route also keeps only its own success-rate filter on;
+    with ``signal`` the Lua filter reads the class itself.
     """
     shed = list(config.gateway.shed)
+    protected = [cls for cls in config.traffic_classes if cls not in config.gateway.shed]
     filters = [SHED_FILTER_PREFIX + cls for cls in shed] if config.gateway.shed_by == "success_rate" else []
-    routes = [_class_route(cls, filters) for cls in shed]
     unlimited = [*filters, *(f["name"] for f in _in_flight_filters(config))]
-    default = {"name": "default", "match": {"prefix": "/"}, "route": _route_action("HIGH")}
-    routes.append({**default, **_filters_off(unlimited, keep=None)})
+    routes = [_class_route(cls, "DEFAULT", filters, keep=SHED_FILTER_PREFIX + cls) for cls in shed]
+    routes += [_class_route(cls, "HIGH", unlimited, keep=None) for cls in protected]
+    default = {"name": "default", "match": {"prefix": "/"}, "route": _route_action("DEFAULT")}
+    routes.append({**default, **_filters_off(filters, keep=None)})
     # The caller's grpc-timeout, for the router to measure its transport wait (router.ingress);
     # a caller's own copy is dropped first, an absent grpc-timeout adds nothing.
     ingress_timeout = {"key": headers.INGRESS_TIMEOUT, "value": "%REQ(grpc-timeout)%"}
@@ -426,12 +434,13 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
     }
 
 
-def _class_route(cls: str, filters: list[str]) -> dict[str, Any]:
+def _class_route(cls: str, priority: str, filters_off: list[str], *, keep: str | None) -> dict[str, Any]:
+    """The route of calls whose class header names ``cls``: at ``priority``, ``filters_off`` off but ``keep``."""
     return {
         "name": f"class_{cls}",
         "match": {"prefix": "/", "headers": [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]},
-        "route": _route_action("DEFAULT"),
-        **_filters_off(filters, keep=SHED_FILTER_PREFIX + cls),
+        "route": _route_action(priority),
+        **_filters_off(filters_off, keep=keep),
     }
 
 
@@ -481,9 +490,9 @@ _UNSEEN_RETRY: dict[str, Any] = {
 def _router_cluster(routers: list[str], max_per_router: int | None) -> dict[str, Any]:
     """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC.
 
-    The DEFAULT-priority circuit breaker (the shed classes' routes) is the fixed in-flight
-    cap, for the replicas listed: a DNS name that resolves to several counts once. HIGH (every
-    other request) is never limited.
+    The DEFAULT-priority circuit breaker (the shed classes, and calls without the class
+    header) is the fixed in-flight cap, for the replicas listed: a DNS name that resolves to
+    several counts once. HIGH (calls naming a protected class) is never limited.
     """
     endpoints = [_endpoint(address) for address in routers]
     bound = _CIRCUIT_LIMIT if max_per_router is None else max_per_router * len(routers)
