@@ -74,6 +74,17 @@ def start_inferline(
     return server
 
 
+def start_router(
+    triton_server: object,
+    router_config: pathlib.Path,
+    log_dir: pathlib.Path,
+    env: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """``inferline up`` with ``router_config`` (and ``env``) against the session's real Triton."""
+    url = triton_server.grpc_url  # type: ignore[attr-defined]
+    return start_inferline(["up", "--config", str(router_config), "--triton-url", url], log_dir / "router.log", env)
+
+
 @pytest.fixture(scope="session")
 def router_config(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return write_test_config(tmp_path_factory.mktemp("router") / "inferline.yaml", max_message_bytes=65536)
@@ -84,9 +95,7 @@ def router_server(
     triton_server: object, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """``inferline up`` against the session's real Triton, with in-process services."""
-    url = triton_server.grpc_url  # type: ignore[attr-defined]
-    log = tmp_path_factory.mktemp("router-log") / "router.log"
-    server = start_inferline(["up", "--config", str(router_config), "--triton-url", url], log)
+    server = start_router(triton_server, router_config, tmp_path_factory.mktemp("router-log"))
     yield server
     code = server.stop()
     assert code == 0, f"router exited with {code}:\n{server.log_tail()}"

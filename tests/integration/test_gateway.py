@@ -28,7 +28,7 @@ from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER, r
 from inferline.gateway.render import ADAPTIVE_SHED_MESSAGE, IN_FLIGHT_SHED_MESSAGE, SIGNAL_SHED_MESSAGE
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_inferline
+from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_router
 
 pytestmark = pytest.mark.requires_triton
 
@@ -178,9 +178,7 @@ def overloaded_router(
 ) -> Iterator[ServerProcess]:
     """A router whose admission always refuses ``batch``: its queue-wait target is 1 µs, under any loop lag."""
     env = {"INFERLINE_TRAFFIC_CLASSES__BATCH__QUEUE_WAIT_TARGET_MS": "0.001"}
-    url = triton_server.grpc_url  # type: ignore[attr-defined]
-    log = tmp_path_factory.mktemp("overloaded-router") / "router.log"
-    server = start_inferline(["up", "--config", str(router_config), "--triton-url", url], log, env=env)
+    server = start_router(triton_server, router_config, tmp_path_factory.mktemp("overloaded-router"), env)
     yield server
     server.stop()
 
@@ -329,10 +327,8 @@ def second_router(
     triton_server: object, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """Another ``inferline up`` replica on the session's Triton, draining up to 10 s (the test stops it)."""
-    url = triton_server.grpc_url  # type: ignore[attr-defined]
-    log = tmp_path_factory.mktemp("second-router") / "router.log"
     env = {"INFERLINE_SERVER__DRAIN_S": str(DRAIN_S)}
-    server = start_inferline(["up", "--config", str(router_config), "--triton-url", url], log, env=env)
+    server = start_router(triton_server, router_config, tmp_path_factory.mktemp("second-router"), env)
     yield server
     server.stop()
 
