@@ -97,6 +97,16 @@ def test_a_request_that_waited_long_before_its_handler_is_judged_by_its_own_wait
     assert ctl.admit("batch").verdict is Verdict.ADMIT  # the next request is judged by its own wait
 
 
+def test_a_request_whose_queue_something_upstream_bounds_is_shed_only_over_its_share() -> None:
+    # The gateway's in-flight limit bounds the wait: shedding after it would only be slow.
+    ctl, _ = controller(limit=10, queue_wait_s=0.020)
+    assert ctl.admit("batch", waited_s=0.050, queue_wait=False).verdict is Verdict.ADMIT
+    assert ctl.overloaded() == "batch"  # the gateway still hears of the wait
+    fill(ctl, "critical", 4)
+    with pytest.raises(Shed):  # 5 of 10 in flight: batch's 50 % share
+        ctl.admit("batch", queue_wait=False)
+
+
 def test_overloaded_names_the_classes_admit_would_refuse_lowest_first() -> None:
     ctl, _ = controller(limit=10)
     assert ctl.overloaded() == ""

@@ -97,10 +97,13 @@ class AdmissionController:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def admit(self, traffic_class: str, waited_s: float = 0.0) -> Permit:
+    def admit(self, traffic_class: str, waited_s: float = 0.0, *, queue_wait: bool = True) -> Permit:
         """Decide for one request of ``traffic_class`` (a configured class).
 
         ``waited_s``: how long this request waited before its handler ran (0 when unknown).
+        ``queue_wait``: False when something upstream already bounds this request's queue
+        (the gateway's in-flight limit): only the class's share of the limit can shed it
+        then. A shed for queue wait comes after the wait, so it is never a fast one.
 
         Returns:
             A ``Permit`` whose ``verdict`` says whether to run the main path or degrade.
@@ -113,7 +116,7 @@ class AdmissionController:
             return Permit(None, Verdict.ADMIT, 0)
         cls = self._classes[traffic_class]
         limit = self._limiter.limit
-        queue_wait_s = max(self._queue_wait_s(), waited_s)
+        queue_wait_s = max(self._queue_wait_s(), waited_s) if queue_wait else 0.0
         if not self._over(cls, limit, queue_wait_s):
             self._in_flight += 1
             return Permit(self, Verdict.ADMIT, self._in_flight)

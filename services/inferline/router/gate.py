@@ -66,6 +66,11 @@ class RequestGate:
         self._admission = admission
         self.ingress = ingress if ingress is not None else IngressWait()
         self._classes = config.traffic_classes
+        in_flight = config.gateway.in_flight
+        gateway_limits = in_flight.adaptive or in_flight.max_per_router is not None
+        # Classes whose gateway calls wait behind the gateway's in-flight limit, not in an
+        # unbounded transport queue: their queue wait is the gateway's to act on.
+        self._gateway_bounded = frozenset(config.gateway.shed) if gateway_limits else frozenset()
         self._rules = {
             name: TenantRules(
                 routes=frozenset(t.routes),
@@ -135,8 +140,15 @@ class RequestGate:
         """
         context.set_trailing_metadata(((OVERLOADED, self._admission[admission_key].overloaded()),))
 
-    async def admit(self, tenant: str, admission_key: str, traffic_class: str, waited_s: float = 0.0) -> Entry:
-        """Quota, then admission, for an authenticated, authorized request (``waited_s``: its wait so far).
+    async def admit(self, tenant: str, admission_key: str, traffic_class: str, waited_s: float | None = None) -> Entry:
+        """Quota, then admission, for an authenticated, authorized request.
+
+        ``waited_s``: its wait before the handler, for a call through the gateway (None: a
+        direct call). A gateway call of a class the gateway limits in flight is not shed for
+        queue wait: the gateway's latency-driven limit keeps that queue short, and a router's
+        shed for queue wait comes only after the wait (tens of ms). Its class's share of the
+        route's limit still sheds it, and the queue wait still goes to the gateway in the
+        overload signal.
 
         Raises:
             QuotaExceeded: the tenant is over its quota.
@@ -145,5 +157,6 @@ class RequestGate:
         decision = await self._quota.check(tenant)
         if not decision.allowed:
             raise QuotaExceeded(f"tenant {tenant!r} is over its request quota", decision.retry_after_s)
-        permit = self._admission[admission_key].admit(traffic_class, waited_s)
+        bounded = waited_s is not None and traffic_class in self._gateway_bounded
+        permit = self._admission[admission_key].admit(traffic_class, waited_s or 0.0, queue_wait=not bounded)
         return Entry(tenant, traffic_class, self._classes[traffic_class], permit)

@@ -114,7 +114,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 self._gate.signal_overload(context, f"model:{model}")
             traffic_class = self._gate.traffic_class(tenant, rules, self._requested_class(request, context))
             _check_tensors(request)
-            entry = await self._gate.admit(tenant, f"model:{model}", traffic_class, waited or 0.0)
+            entry = await self._gate.admit(tenant, f"model:{model}", traffic_class, waited)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
             self._metrics.observe_failure(route, traffic_class if traffic_class in self._classes else "unknown", err)

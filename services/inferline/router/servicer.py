@@ -69,7 +69,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             tenant, rules, traffic_class, plan = self._authorize(request, context)
             if waited is not None:
                 self._gate.signal_overload(context, plan.name)
-            entry = await self._gate.admit(tenant, plan.name, traffic_class, waited or 0.0)
+            entry = await self._gate.admit(tenant, plan.name, traffic_class, waited)
         except InferlineError as err:
             self._failed(request, err, started_at, context)
             raise
