@@ -15,7 +15,8 @@ request drawn from 1001..2000, a 100 ms gRPC deadline on every request.
 2. **Overload**: for each configuration (``--admission``, each on a fresh ``inferline up``)
    — ``on``, ``off`` (``INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED=false``),
    ``gateway`` (on, behind Envoy shedding on the router's overload signal) and
-   ``gateway-sr`` (the same, Envoy shedding on success rates) — fixed runs at
+   ``gateway-sr`` (the same, Envoy shedding on success rates) and ``gateway-off`` (Envoy as a
+   plain proxy, admission off: the gateway path without admission control) — fixed runs at
    ``--multipliers`` × the knee (default 1, 2, 3), ``--duration`` seconds each after a
    warm-up; the same seeds, so all configurations see the same arrivals and mix. The knee
    is that of the path measured: sweep with ``gateway`` first to find the gateway path's.
@@ -104,11 +105,16 @@ CONFIGS = {
     "off": {ADMISSION_ENV: "false"},
     "gateway": {ADMISSION_ENV: "true"},
     "gateway-sr": {ADMISSION_ENV: "true"},
+    "gateway-off": {ADMISSION_ENV: "false"},
 }
 """``gateway``: admission on, and the load goes through Envoy (``inferline gateway render``),
 which sheds ``GATEWAY_SHED`` classes on the router's overload signal before the router's
-Python code sees them; ``gateway-sr``: the same, Envoy shedding on the classes' success rate."""
-GATEWAY_SHED_BY = {"gateway": "signal", "gateway-sr": "success_rate"}
+Python code sees them; ``gateway-sr``: the same, Envoy shedding on the classes' success rate;
+``gateway-off``: the same Envoy as a plain proxy (nothing shed) and admission off — the
+gateway path without admission control."""
+GATEWAY_SHED_BY = {"gateway": "signal", "gateway-sr": "success_rate", "gateway-off": "signal"}
+PLAIN_PROXY = frozenset({"gateway-off"})
+"""Gateway configurations whose Envoy sheds nothing."""
 GATEWAY_SHED: dict[str, dict[str, float]] = {"batch": {}, "standard": {}}
 """Classes Envoy sheds, with the config's defaults (``ClassShedConfig``)."""
 ENVOY = ROOT / ".venv/bin/envoy"
@@ -179,7 +185,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--knee", type=float, default=None, help="use this knee (req/s) and skip the sweep")
     p.add_argument("--multipliers", default="1,2,3", help="rates of the runs, as multiples of the knee")
     p.add_argument(
-        "--admission", default="on,off", help="configurations to run, in order: on, off, gateway (on + Envoy in front)"
+        "--admission",
+        default="on,off",
+        help="configurations to run, in order: on, off, gateway, gateway-sr, gateway-off",
     )
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--start-rate", type=float, default=200.0, help="first rate of the knee sweep")
@@ -265,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     admission = [c.strip() for c in a.admission.split(",") if c.strip()]
     if not admission or any(c not in CONFIGS for c in admission):
         p.error(f"--admission: choose from {','.join(CONFIGS)}")
-    if a.knee is None and admission[0] == "off":
+    if a.knee is None and CONFIGS[admission[0]][ADMISSION_ENV] == "false":
         p.error("the knee is found with admission on: list 'on' or a gateway first, or give --knee")
     if a.generators < 1:
         p.error("--generators must be at least 1")
@@ -742,7 +750,9 @@ async def run_configuration(
             envoy = await start_gateway(name, s, server.url, log_dir)
             router.target_url = envoy.url
             console.print(
-                f"Envoy gateway {envoy.url} in front, shedding {', '.join(GATEWAY_SHED)} by header "
+                f"Envoy gateway {envoy.url} in front, a plain proxy"
+                if name in PLAIN_PROXY
+                else f"Envoy gateway {envoy.url} in front, shedding {', '.join(GATEWAY_SHED)} by header "
                 f"on {GATEWAY_SHED_BY[name]}"
             )
         # Warm the router (feature cache, channels, model sessions) before anything is measured.
@@ -798,7 +808,8 @@ async def run_configuration(
 async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathlib.Path) -> ServerProcess:
     """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
     raw = yaml.safe_load(s.config.read_text())
-    raw["gateway"] = {"shed": GATEWAY_SHED, "shed_by": GATEWAY_SHED_BY[name], "in_flight": s.gateway_in_flight}
+    shed = {} if name in PLAIN_PROXY else GATEWAY_SHED
+    raw["gateway"] = {"shed": shed, "shed_by": GATEWAY_SHED_BY[name], "in_flight": s.gateway_in_flight}
     for key, value in s.gateway_settings.items():
         if isinstance(value, dict) and isinstance(raw["gateway"].get(key), dict):
             raw["gateway"][key] = {**raw["gateway"][key], **value}
