@@ -166,10 +166,9 @@ class Settings:
     """Niceness of Envoy (negative: scheduled ahead of the router and Triton on a shared CPU)."""
     signal_step_down: float | None = None
     """``gateway.signal.step_down`` of the ``gateway`` configuration (None: the config's default)."""
-    gateway_in_flight: dict[str, Any] = field(default_factory=dict)
-    """Overrides of ``gateway.in_flight`` for the gateways (empty: the config's)."""
     gateway_settings: dict[str, Any] = field(default_factory=dict)
-    """More gateway settings (``--gateway-set``), nested as in the config; applied last."""
+    """Gateway settings for the gateways (``--gateway-in-flight``, then ``--gateway-set``), nested
+    as in the config; empty: the config's."""
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -234,6 +233,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     a = p.parse_args(argv)
     gateway_settings: dict[str, Any] = {}
+    if a.gateway_in_flight is not None:
+        text = a.gateway_in_flight.strip()
+        if text == "adaptive":
+            gateway_settings["in_flight"] = {"adaptive": True}
+        elif text == "off":
+            gateway_settings["in_flight"] = {"adaptive": False, "max_per_router": None}
+        elif text.isdigit() and int(text) >= 1:
+            gateway_settings["in_flight"] = {"adaptive": False, "max_per_router": int(text)}
+        else:
+            p.error(f"--gateway-in-flight: 'adaptive', 'off' or a positive number, got {text!r}")
     for item in a.gateway_set:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -243,17 +252,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    in_flight: dict[str, Any] = {}
-    if a.gateway_in_flight is not None:
-        text = a.gateway_in_flight.strip()
-        if text == "adaptive":
-            in_flight = {"adaptive": True}
-        elif text == "off":
-            in_flight = {"adaptive": False, "max_per_router": None}
-        elif text.isdigit() and int(text) >= 1:
-            in_flight = {"adaptive": False, "max_per_router": int(text)}
-        else:
-            p.error(f"--gateway-in-flight: 'adaptive', 'off' or a positive number, got {text!r}")
     cpus: dict[str, frozenset[int] | None] = {}
     for flag, text in (
         ("--server-cpus", a.server_cpus),
@@ -304,7 +302,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         gateway_cpus=cpus["--gateway-cpus"] or cpus["--server-cpus"],
         gateway_nice=a.gateway_nice,
         signal_step_down=a.signal_step_down,
-        gateway_in_flight=in_flight,
         gateway_settings=gateway_settings,
     )
 
@@ -809,7 +806,7 @@ async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathli
     """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
     raw = yaml.safe_load(s.config.read_text())
     shed = {} if name in PLAIN_PROXY else GATEWAY_SHED
-    raw["gateway"] = {"shed": shed, "shed_by": GATEWAY_SHED_BY[name], "in_flight": s.gateway_in_flight}
+    raw["gateway"] = {"shed": shed, "shed_by": GATEWAY_SHED_BY[name]}
     for key, value in s.gateway_settings.items():
         if isinstance(value, dict) and isinstance(raw["gateway"].get(key), dict):
             raw["gateway"][key] = {**raw["gateway"][key], **value}

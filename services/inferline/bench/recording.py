@@ -36,7 +36,6 @@ from inferline.core.headers import TRAFFIC_CLASS
 from inferline.v1 import inference_pb2, inference_pb2_grpc
 
 TARGET_KINDS = ("predict", "kserve", "triton")
-"""Metadata key the router's KServe v2 front door reads the traffic class from."""
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", 16 << 20),
     ("grpc.max_send_message_length", 16 << 20),

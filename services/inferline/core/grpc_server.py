@@ -82,7 +82,7 @@ class RunningServer:
     service_names: tuple[str, ...]
     activity: CallActivity
 
-    async def drain_and_stop(self, drain_s: float, grace_s: float, quiet_s: float = 1.0) -> None:
+    async def drain_and_stop(self, drain_s: float, grace_s: float, quiet_s: float) -> None:
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if drain_s > 0:

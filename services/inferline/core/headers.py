@@ -1,8 +1,9 @@
 """Request and response metadata keys shared by the router, the gateway (Envoy) and clients."""
 
 TRAFFIC_CLASS = "x-inferline-traffic-class"
-"""Request: the call's traffic class. The gateway sheds by it; the KServe front door reads it
-when the request has no ``traffic_class`` parameter; ``Predict`` takes the class from its body."""
+"""Request: the call's traffic class. The gateway sheds and limits by it; the router takes it when
+the message names no class (``traffic_class`` field, KServe ``traffic_class`` parameter) and
+refuses a call whose header and message name different classes (``RequestGate.requested_class``)."""
 INGRESS_TIMEOUT = "x-inferline-ingress-timeout"
 """Request, set by the gateway: the caller's ``grpc-timeout`` as the gateway received it (gRPC
 consumes the original, so a handler never sees it). The router reads its own wait before the

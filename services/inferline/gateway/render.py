@@ -312,7 +312,7 @@ def _in_flight_filters(config: InferlineConfig) -> list[dict[str, Any]]:
     sheds would.
     """
     in_flight = config.gateway.in_flight
-    if not config.gateway.shed or not in_flight.adaptive:
+    if not _adaptive_in_flight(config):
         return []
     gradient = {
         "sample_aggregate_percentile": {"value": in_flight.latency_percentile},
@@ -332,6 +332,11 @@ def _in_flight_filters(config: InferlineConfig) -> list[dict[str, Any]]:
         "enabled": {"default_value": True, "runtime_key": "inferline.in_flight.enabled"},
     }
     return [{"name": IN_FLIGHT_FILTER, "typed_config": typed}]
+
+
+def _adaptive_in_flight(config: InferlineConfig) -> bool:
+    """Whether the gateway has the adaptive in-flight limit: it is on, and there are classes to hold."""
+    return bool(config.gateway.shed) and config.gateway.in_flight.adaptive
 
 
 def _min_rtt(in_flight: InFlightConfig) -> dict[str, Any]:
@@ -412,7 +417,7 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
     shed = list(config.gateway.shed)
     protected = [cls for cls in config.traffic_classes if cls not in config.gateway.shed]
     filters = [SHED_FILTER_PREFIX + cls for cls in shed] if config.gateway.shed_by == "success_rate" else []
-    unlimited = [*filters, *(f["name"] for f in _in_flight_filters(config))]
+    unlimited = [*filters, *([IN_FLIGHT_FILTER] if _adaptive_in_flight(config) else [])]
     routes = [_class_route(cls, "DEFAULT", filters, keep=SHED_FILTER_PREFIX + cls) for cls in shed]
     routes += [_class_route(cls, "HIGH", unlimited, keep=None) for cls in protected]
     default = {"name": "default", "match": {"prefix": "/"}, "route": _route_action("DEFAULT")}
