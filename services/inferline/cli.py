@@ -39,6 +39,17 @@ def _load(path: Path, **overrides: Any) -> InferlineConfig:
     return config.model_copy(update={"server": server})
 
 
+def _check_tls(config: InferlineConfig, *, router: bool, triton_client: bool, bundled_triton: bool) -> None:
+    """Read every TLS file the process will use before anything starts: a bad one exits 2, naming its key."""
+    from inferline.core.tls import check_files
+
+    try:
+        check_files(config, router=router, triton_client=triton_client, bundled_triton=bundled_triton)
+    except ConfigError as err:
+        typer.echo(f"invalid TLS configuration: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
 def _run(coro: Any) -> Any:
     import uvloop
 
@@ -56,7 +67,9 @@ def up(
     from inferline.runtime import serve_process
 
     cfg = _load(config, port=port, metrics_port=metrics_port)
-    raise typer.Exit(_run(serve_process(cfg, set(SERVICES), triton_url or cfg.triton.url, start_triton=True)))
+    url = triton_url or cfg.triton.url
+    _check_tls(cfg, router=True, triton_client=True, bundled_triton=url is None)
+    raise typer.Exit(_run(serve_process(cfg, set(SERVICES), url, start_triton=True)))
 
 
 @cli.command()
@@ -78,6 +91,8 @@ def serve(
     if service == "router" and not url:
         typer.echo("serve router needs --triton-url or triton.url in the config", err=True)
         raise typer.Exit(2)
+    uses_triton = service in ("router", "degradation") and url is not None
+    _check_tls(cfg, router=service == "router", triton_client=uses_triton, bundled_triton=False)
     raise typer.Exit(_run(serve_process(cfg, {service}, url, start_triton=False)))
 
 
@@ -189,11 +204,21 @@ def predict(
     api_key: Annotated[str | None, typer.Option(help="API key (default: the demo key)")] = None,
     feature: Annotated[list[str] | None, typer.Option(help="request-time feature name=value")] = None,
     top_k: Annotated[int, typer.Option(help="keep the best k (0: route default)")] = 0,
+    ca_file: Annotated[Path | None, typer.Option(help="TLS: the CA the router's certificate is signed by")] = None,
+    cert_file: Annotated[Path | None, typer.Option(help="TLS: client certificate (mutual TLS)")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="TLS: the client certificate's key")] = None,
+    server_name: Annotated[str | None, typer.Option(help="TLS: name the router's certificate carries")] = None,
 ) -> None:
-    """Send one Predict request and print the response as JSON (non-zero exit on an error status)."""
+    """Send one Predict request and print the response as JSON (non-zero exit on an error status).
+
+    Over TLS when --ca-file is given (docs/tls.md), plain text otherwise.
+    """
     import grpc
     from google.protobuf import json_format
+    from pydantic import ValidationError
 
+    from inferline.core.config import TlsClientConfig, format_validation_error
+    from inferline.core.tls import channel
     from inferline.v1 import inference_pb2 as pb
     from inferline.v1 import inference_pb2_grpc as pb_grpc
 
@@ -209,9 +234,21 @@ def predict(
         top_k=top_k,
     )
     key = api_key or os.environ.get("INFERLINE_API_KEY") or DEMO_API_KEY
-    with grpc.insecure_channel(target) as channel:
+    tls = None
+    if ca_file is not None:
         try:
-            response = pb_grpc.InferenceStub(channel).Predict(
+            tls = TlsClientConfig(ca_file=ca_file, cert_file=cert_file, key_file=key_file, server_name=server_name)
+        except ValidationError as err:
+            typer.echo(f"TLS options:\n{format_validation_error(err)}", err=True)
+            raise typer.Exit(2) from err
+    try:
+        opened = channel(target, tls, "tls")
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    with opened:
+        try:
+            response = pb_grpc.InferenceStub(opened).Predict(
                 request, timeout=deadline_ms / 1000, metadata=(("authorization", f"Bearer {key}"),)
             )
         except grpc.RpcError as err:

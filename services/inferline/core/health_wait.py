@@ -7,19 +7,24 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inferline.core.config import TlsClientConfig
+from inferline.core.tls import channel
 
-def wait_until_serving(address: str, timeout_s: float, is_alive: object = None) -> None:
+
+def wait_until_serving(
+    address: str, timeout_s: float, is_alive: object = None, tls: TlsClientConfig | None = None
+) -> None:
     """Poll ``grpc.health.v1.Health/Check`` until SERVING.
 
     ``is_alive`` is an optional zero-argument callable; when it returns False (the
-    process died) waiting stops at once.
+    process died) waiting stops at once. ``tls``: the server serves TLS; connect with it.
 
     Raises:
         TimeoutError: not SERVING within ``timeout_s``, or the process died.
     """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    with channel(address, tls, "tls") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if callable(is_alive) and not is_alive():
                 raise TimeoutError(f"process serving {address} exited before it was ready")
