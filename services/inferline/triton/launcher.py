@@ -15,6 +15,10 @@ When ``class_copies`` are configured, the server runs on a derived repository: a
 directory linking every entry of ``model_repository`` plus the generated per-class copies
 (see ``inferline.triton.class_copies``), which are loaded too; ``stop`` removes it.
 
+With ``triton.server_tls`` the server serves gRPC over TLS only (``--grpc-use-ssl``, and
+``--grpc-use-ssl-mutual`` with a client CA), and the readiness probe connects as the router
+does, with ``triton.tls``; the HTTP and metrics ports stay plain text on loopback.
+
 The server runs in its own session (process group): a Ctrl-C aimed at the router does
 not reach it, and ``stop`` can kill the python-backend stubs it leaves behind. The API
 is synchronous; async callers use ``asyncio.to_thread``.
@@ -39,8 +43,9 @@ from typing import Literal
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from inferline.core.config import TritonConfig
+from inferline.core.config import TlsServerConfig, TritonConfig
 from inferline.core.ports import free_ports
+from inferline.core.tls import channel_options, tritonclient_kwargs
 from inferline.triton.class_copies import derive_repository
 from inferline.triton.executor import CHANNEL_OPTIONS
 
@@ -164,6 +169,20 @@ def _kill_group(pgid: int) -> None:
     """SIGKILL whatever is left in the server's process group (e.g. orphaned backend stubs)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _ssl_flags(tls: TlsServerConfig | None) -> list[str]:
+    """Triton's flags for gRPC over TLS (``triton.server_tls``); mutual TLS with ``client_ca_file``.
+
+    ``--grpc-use-ssl-mutual`` makes Triton require and verify a client certificate against
+    ``--grpc-root-cert`` (GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY).
+    """
+    if tls is None:
+        return []
+    flags = ["--grpc-use-ssl=true", f"--grpc-server-cert={tls.cert_file}", f"--grpc-server-key={tls.key_file}"]
+    if tls.client_ca_file is not None:
+        flags += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={tls.client_ca_file}"]
+    return flags
 
 
 def _log_tail(path: pathlib.Path | None) -> str:
@@ -336,6 +355,7 @@ class TritonLauncher:
             *(f"--{kind}-port={self._ports[kind]}" for kind in ("grpc", "http", "metrics")),
             f"--exit-timeout-secs={_EXIT_TIMEOUT_S}",
             "--log-verbose=0",
+            *_ssl_flags(self._config.server_tls),
         ]
 
     def _spawn(self, command: list[str], environ: dict[str, str]) -> None:
@@ -362,7 +382,10 @@ class TritonLauncher:
     def _wait_ready(self, deadline: float) -> None:
         # The executor's short reconnect backoff: with gRPC's default (1 s growing x1.6) a
         # restarted Triton was seen ready ~3 s late, and callers degraded for nothing.
-        client = grpcclient.InferenceServerClient(self.grpc_url, channel_args=CHANNEL_OPTIONS)
+        # Over TLS with triton.tls when the server serves it (triton.server_tls).
+        tls = self._config.tls if self._config.server_tls is not None else None
+        options = [*CHANNEL_OPTIONS, *channel_options(tls)]
+        client = grpcclient.InferenceServerClient(self.grpc_url, channel_args=options, **tritonclient_kwargs(tls))
         try:
             while not self._probe(client):
                 assert self._proc is not None
