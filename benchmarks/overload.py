@@ -66,6 +66,7 @@ import os
 import pathlib
 import platform
 import random
+import secrets
 import signal
 import sys
 import time
@@ -1015,6 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # One deployment: the routers and Envoy started below inherit the gateway secret, without
+    # which a router ignores the gateway's headers (router.gateway_trust).
+    os.environ.setdefault("INFERLINE_GATEWAY_SECRET", secrets.token_urlsafe(24))
     if s.generator_cpus:
         os.sched_setaffinity(0, s.generator_cpus)
     gens = Generators(s.generators, name="overload-gen", cpus=s.generator_cpus)

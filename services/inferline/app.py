@@ -12,16 +12,26 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2_grpc as kserve_pb2_grpc
 
+from inferline.core import tls
 from inferline.core.auth import Authenticator
-from inferline.core.config import InferlineConfig
+from inferline.core.config import InferlineConfig, TlsClientConfig
 from inferline.core.grpc_server import ServiceRegistration
+from inferline.core.headers import GATEWAY_HEADERS
 from inferline.core.metrics import ServingMetrics
+from inferline.core.service_auth import (
+    ROUTER,
+    ServiceAuthInterceptor,
+    ServiceCredentials,
+    ServiceTokenSigner,
+    ServiceTokenVerifier,
+    service_secret,
+)
 from inferline.core.tracing import build_tracer
 from inferline.degradation.client import DegradationClient, GrpcDegradationClient, LocalDegradationClient
 from inferline.degradation.factory import build_degradation_service
@@ -37,6 +47,7 @@ from inferline.postprocess.servicer import PostprocessServicer
 from inferline.router.admission import AdmissionController
 from inferline.router.breaker import BreakerRegistry, BreakerState
 from inferline.router.gate import RequestGate
+from inferline.router.gateway_trust import GatewayTrust
 from inferline.router.ingress import IngressWait
 from inferline.router.kserve import KServeFrontDoor
 from inferline.router.loop_lag import LoopLagMonitor
@@ -72,6 +83,8 @@ class App:
     """Set when the process hosts the router: which variants Triton has loaded."""
     triton: TritonExecutor | None = None
     """The Triton executor under the coalescer, when the process talks to Triton (KServe front door)."""
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = field(default_factory=list)
+    """Server interceptors of the process's port (an internal service's service-token check)."""
 
     async def start(self) -> None:
         """Warm-ups that must finish before the process reports SERVING."""
@@ -96,8 +109,13 @@ def _features(config: InferlineConfig, app: App) -> FeaturesService:
     return service
 
 
-def _channel(address: str, app: App) -> grpc.aio.Channel:
-    channel = grpc.aio.insecure_channel(address)
+def _channel(
+    address: str, app: App, tls_config: TlsClientConfig | None = None, credentials: ServiceCredentials | None = None
+) -> grpc.aio.Channel:
+    """A channel to a remote service: over TLS per ``services.tls``, plain text without it;
+    every call carries ``credentials`` (the router's service token)."""
+    interceptors: list[Any] = [credentials] if credentials is not None else []
+    channel = tls.aio_channel(address, tls_config, "services.tls", interceptors=interceptors)
     app.closers.append(lambda: channel.close(grace=None))
     return channel
 
@@ -109,7 +127,7 @@ def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> No
 def _executor(config: InferlineConfig, triton_url: str, app: App) -> CoalescingExecutor:
     limits = {v.model: r.max_in_flight for r in config.routes.values() for v in r.full_variants}
     bases = ClassModelMap(config.triton.class_copies).bases
-    triton = TritonExecutor(triton_url, max_in_flight=limits, shares_bound_with=bases)
+    triton = TritonExecutor(triton_url, max_in_flight=limits, shares_bound_with=bases, tls=config.triton.tls)
     app.triton = triton
     executor = CoalescingExecutor(triton, config.triton.coalesce_max_concurrent, config.triton.coalesce_max_batch_rows)
     app.closers.append(executor.close)
@@ -140,19 +158,25 @@ def build_app(
     if "degradation" in roles:
         degradation = build_degradation_service(config, executor)
         app.closers.append(degradation.close)
-    if features is not None:
+    # With the router in the process, the others are called in-process and never served:
+    # only the public services are on its port. Alone, a service is served to routers only.
+    internal = "router" not in roles
+    if internal:
+        verifier = ServiceTokenVerifier(service_secret(config.services.secret_env))
+        app.interceptors.append(ServiceAuthInterceptor(verifier))
+    if features is not None and internal:
         f_servicer = FeaturesServicer(features, config.routes)
         _register(
             app, "inferline.v1.Features", lambda s: features_pb2_grpc.add_FeaturesServicer_to_server(f_servicer, s)
         )
-    if post is not None:
+    if post is not None and internal:
         p_servicer = PostprocessServicer(post)
         _register(
             app,
             "inferline.v1.Postprocess",
             lambda s: postprocess_pb2_grpc.add_PostprocessServicer_to_server(p_servicer, s),
         )
-    if degradation is not None:
+    if degradation is not None and internal:
         d_servicer = DegradationServicer(degradation, config.routes)
         _register(
             app,
@@ -212,7 +236,10 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
         admission[name] = controller
     rate_limiter = build_rate_limiter(config)
     app.closers.append(rate_limiter.close)
-    return RequestGate(config, Authenticator(config.tenants, config.jwt), rate_limiter, admission, ingress)
+    untrusted = {header: metrics.untrusted_headers.labels(header) for header in GATEWAY_HEADERS}
+    trust = GatewayTrust.from_environment(config.gateway.secret_env, on_untrusted=lambda h: untrusted[h].inc())
+    authenticator = Authenticator(config.tenants, config.jwt)
+    return RequestGate(config, authenticator, rate_limiter, admission, ingress, trust)
 
 
 def _build_router(
@@ -226,19 +253,24 @@ def _build_router(
     triton_metrics_url: str | None,
 ) -> None:
     services = config.services
+    credentials: ServiceCredentials | None = None
+    if any((services.features, services.postprocess, services.degradation)):
+        secret = service_secret(services.secret_env)
+        credentials = ServiceCredentials(ServiceTokenSigner(secret, ROUTER, services.token_lifetime_s))
     feature_client: FeatureClient
     if features is None and services.features:
-        feature_client = GrpcFeatureClient(_channel(services.features, app), config.routes)
+        feature_client = GrpcFeatureClient(_channel(services.features, app, services.tls, credentials), config.routes)
     else:
         feature_client = LocalFeatureClient(features or _features(config, app))
     post_client: PostprocessClient
     if post is None and services.postprocess:
-        post_client = GrpcPostprocessClient(_channel(services.postprocess, app))
+        post_client = GrpcPostprocessClient(_channel(services.postprocess, app, services.tls, credentials))
     else:
         post_client = LocalPostprocessClient(post or PostprocessService(config.routes))
     degradation_client: DegradationClient
     if degradation is None and services.degradation:
-        degradation_client = GrpcDegradationClient(_channel(services.degradation, app), config.routes)
+        channel = _channel(services.degradation, app, services.tls, credentials)
+        degradation_client = GrpcDegradationClient(channel, config.routes)
     else:
         if degradation is None:
             degradation = build_degradation_service(config, executor)

@@ -39,12 +39,20 @@ def _load(path: Path, **overrides: Any) -> InferlineConfig:
     return config.model_copy(update={"server": server})
 
 
-def _check_tls(config: InferlineConfig, *, router: bool, triton_client: bool, bundled_triton: bool) -> None:
+def _check_tls(
+    config: InferlineConfig, *, router: bool, triton_client: bool, bundled_triton: bool, grpc_server: bool = True
+) -> None:
     """Read every TLS file the process will use before anything starts: a bad one exits 2, naming its key."""
     from inferline.core.tls import check_files
 
     try:
-        check_files(config, router=router, triton_client=triton_client, bundled_triton=bundled_triton)
+        check_files(
+            config,
+            router=router,
+            triton_client=triton_client,
+            bundled_triton=bundled_triton,
+            grpc_server=grpc_server,
+        )
     except ConfigError as err:
         typer.echo(f"invalid TLS configuration: {err}", err=True)
         raise typer.Exit(2) from err
@@ -121,6 +129,7 @@ def triton(
     update: dict[str, Any] = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
     if model_repository is not None:
         update["model_repository"] = model_repository.resolve()
+    _check_tls(cfg, router=False, triton_client=False, bundled_triton=True, grpc_server=False)
     raise typer.Exit(run_triton_forever(cfg.triton.model_copy(update=update)))
 
 

@@ -86,7 +86,7 @@ async def serve_process(config: InferlineConfig, roles: set[Role], triton_url: s
         gc.freeze()
         if supervisor is not None:
             await supervisor.start()
-        running = await start_server(app.registrations, config.server)
+        running = await start_server(app.registrations, config.server, interceptors=app.interceptors)
         if config.server.metrics_port:
             start_http_server(config.server.metrics_port, addr=config.server.host, registry=app.registry)
         logger.info("serving %s on port %d (triton %s)", ",".join(sorted(roles)), running.port, triton_url)

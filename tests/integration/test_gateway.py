@@ -2,87 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pathlib
-import random
-import signal
-import subprocess
 import threading
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import pytest
-import yaml
 
 from inferline.core import headers
-from inferline.core.config import load_config
-from inferline.core.health_wait import wait_until_serving
-from inferline.core.ports import free_ports
-from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER, render_envoy
+from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER
 from inferline.gateway.render import ADAPTIVE_SHED_MESSAGE, IN_FLIGHT_SHED_MESSAGE, SIGNAL_SHED_MESSAGE
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_router
+from tests.integration.gateway_fixtures import Gateway, start_gateway
+from tests.integration.router_fixtures import DEMO_KEY, ServerProcess, start_router
 
 pytestmark = pytest.mark.requires_triton
 
-ENVOY = ROOT / ".venv/bin/envoy"
 AUTH = ("authorization", f"Bearer {DEMO_KEY}")
 REJECTED = f"http.{STAT_PREFIX}.admission_control.rq_rejected"
-
-
-@dataclass
-class Gateway:
-    address: str
-    admin_url: str
-    log_path: pathlib.Path
-
-    def stat(self, name: str) -> int:
-        with urllib.request.urlopen(f"{self.admin_url}/stats?filter=^{name}$", timeout=5) as reply:
-            text: str = reply.read().decode()
-        values = [int(line.split(": ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}: ")]
-        return sum(values)
-
-
-@contextlib.contextmanager
-def _envoy(
-    gateway_config: dict[str, Any], router_config: pathlib.Path, router: str | list[str], tmp_path: pathlib.Path
-) -> Iterator[Gateway]:
-    """A real Envoy on free ports, rendered from ``router_config`` with ``gateway_config``, before ``router``(s)."""
-    raw = yaml.safe_load(router_config.read_text())
-    raw["gateway"] = gateway_config
-    config_path = tmp_path / "inferline.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
-    port, admin_port = free_ports(2)
-    envoy_yaml = tmp_path / "envoy.yaml"
-    routers = [router] if isinstance(router, str) else router
-    rendered = render_envoy(load_config(config_path), port=port, admin_port=admin_port, routers=routers)
-    envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))
-    log_path = tmp_path / "envoy.log"
-    command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
-    command += ["--disable-hot-restart", "--concurrency", "2", "-l", "warning"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        gateway = Gateway(f"127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path)
-        try:
-            wait_until_serving(gateway.address, 30, is_alive=lambda: process.poll() is None)
-        except TimeoutError:
-            raise AssertionError(f"envoy did not forward health checks:\n{log_path.read_text()[-4000:]}") from None
-        yield gateway
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +32,7 @@ def gateway(
 ) -> Iterator[Gateway]:
     """Envoy in front of ``router_server``, shedding ``batch`` on its success rate over a 2 s window."""
     shed = {"shed_by": "success_rate", "shed": {"batch": {"window_s": 2.0, "aggression": 1.0}}}
-    with _envoy(shed, router_config, router_server.address, tmp_path_factory.mktemp("gateway")) as gateway:
+    with start_gateway(shed, router_config, router_server.address, tmp_path_factory.mktemp("gateway")) as gateway:
         yield gateway
 
 
@@ -190,7 +131,7 @@ def signal_gateway(
     """Envoy in front of ``overloaded_router``, shedding batch and standard on the router's signal."""
     shed = {"shed_by": "signal", "shed": {"batch": {}, "standard": {}}}
     tmp_path = tmp_path_factory.mktemp("signal-gateway")
-    with _envoy(shed, router_config, overloaded_router.address, tmp_path) as gateway:
+    with start_gateway(shed, router_config, overloaded_router.address, tmp_path) as gateway:
         yield gateway
 
 
@@ -254,7 +195,7 @@ def bounded_gateway(
 ) -> Iterator[Gateway]:
     """Envoy in front of ``router_server`` holding at most one batch request at the router (fixed cap)."""
     bounded = {"shed_by": "signal", "shed": {"batch": {}}, "in_flight": {"adaptive": False, "max_per_router": 1}}
-    with _envoy(bounded, router_config, router_server.address, tmp_path_factory.mktemp("bounded")) as gateway:
+    with start_gateway(bounded, router_config, router_server.address, tmp_path_factory.mktemp("bounded")) as gateway:
         yield gateway
 
 
@@ -284,7 +225,7 @@ def adaptive_gateway(
     """
     in_flight = {"min_concurrency": 2, "min_rtt_requests": 200}
     adaptive = {"shed_by": "signal", "shed": {"batch": {}}, "in_flight": in_flight}
-    with _envoy(adaptive, router_config, router_server.address, tmp_path_factory.mktemp("adaptive")) as gateway:
+    with start_gateway(adaptive, router_config, router_server.address, tmp_path_factory.mktemp("adaptive")) as gateway:
         yield gateway
 
 
@@ -347,7 +288,7 @@ def pair_gateway(
 ) -> Iterator[Gateway]:
     """Envoy balancing over ``router_server`` and ``second_router``."""
     routers = [router_server.address, second_router.address]
-    with _envoy({}, router_config, routers, tmp_path_factory.mktemp("pair")) as gateway:
+    with start_gateway({}, router_config, routers, tmp_path_factory.mktemp("pair")) as gateway:
         yield gateway
 
 

@@ -32,6 +32,12 @@ def test_keys_resolve_to_their_tenant(auth: ApiKeyAuthenticator) -> None:
     assert auth.authenticate([("x-other", "1"), ("authorization", "Bearer key-b2")]) == "b"
 
 
+@pytest.mark.parametrize("value", [" Bearer key-a", "Bearer  key-a", "bearer key-a ", "\tBEARER key-a"])
+def test_whitespace_clients_commonly_send_around_the_token_is_accepted(auth: ApiKeyAuthenticator, value: str) -> None:
+    # perf_analyzer's -H "authorization: Bearer KEY" keeps the space after the colon.
+    assert auth.authenticate([("authorization", value)]) == "a"
+
+
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
@@ -39,6 +45,8 @@ def test_keys_resolve_to_their_tenant(auth: ApiKeyAuthenticator) -> None:
         ([("authorization", "key-a")], "must be 'Bearer"),
         ([("authorization", "Basic key-a")], "must be 'Bearer"),
         ([("authorization", "Bearer ")], "must be 'Bearer"),
+        ([("authorization", "   ")], "must be 'Bearer"),
+        ([("authorization", "Bearer key-a extra")], "must be 'Bearer"),
         ([("authorization", "Bearer wrong")], "unknown API key"),
     ],
 )
@@ -375,3 +383,19 @@ def test_looks_like_jwt() -> None:
     assert looks_like_jwt(hs256(claims()))
     for token in ["key-acme", "a.b.c", "a.b", "e30.e30.x", "eyJhbGciOiJIUzI1NiJ9.x", "é.é.é", "[[[[.x.y"]:
         assert not looks_like_jwt(token), token
+
+
+def test_a_maximum_lifetime_refuses_long_lived_tokens_and_requires_iat(jwt_config: JwtConfig) -> None:
+    limited = JwtVerifier(jwt_config.model_copy(update={"max_lifetime_s": 3600}), TENANTS, {SECRET_ENV: SECRET})
+    now = int(time.time())
+    assert limited.verify(hs256(claims(iat=now, exp=now + 3600))) == "beta"
+    with pytest.raises(Unauthenticated, match=r"lifetime \(exp - iat\) exceeds the 3600 s allowed"):
+        limited.verify(hs256(claims(iat=now, exp=now + 3601)))
+    with pytest.raises(Unauthenticated, match="lifetime"):
+        limited.verify(hs256(claims(iat=now, exp=1e300)))  # the token the issue found accepted
+    with pytest.raises(Unauthenticated, match="'iat'"):
+        limited.verify(hs256(claims()))
+    # Without the limit, the same long-lived token still passes: the limit is what refuses it.
+    assert (
+        JwtVerifier(jwt_config, TENANTS, {SECRET_ENV: SECRET}).verify(hs256(claims(iat=now, exp=now + 10**9))) == "beta"
+    )

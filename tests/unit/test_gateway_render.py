@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 from typing import Any
 
@@ -82,7 +83,7 @@ def test_without_shed_classes_every_class_goes_at_high_priority() -> None:
     rendered = render_envoy(_config())
     routes = {r["name"]: r for r in _routes(rendered)}
     assert list(routes) == ["class_critical", "class_standard", "class_batch", "default"]
-    assert routes["default"]["match"] == {"prefix": "/"}
+    assert list(routes["default"]["match"]) == ["safe_regex"]  # the public services' paths, whatever the headers
     assert all(routes[f"class_{c}"]["route"]["priority"] == "HIGH" for c in ("critical", "standard", "batch"))
     assert not any("typed_per_filter_config" in r for r in routes.values())  # no filter to turn off
     assert [f["name"] for f in _hcm(rendered)["http_filters"]][-1] == "envoy.filters.http.router"
@@ -126,11 +127,32 @@ def test_signal_lua_knows_the_shed_classes_and_the_steps() -> None:
         assert f'"{name}"' in script
 
 
-def test_every_request_carries_the_callers_grpc_timeout_for_the_router() -> None:
-    vhost = _hcm(render_envoy(_config(shed=SHED)))["route_config"]["virtual_hosts"][0]
-    assert vhost["request_headers_to_remove"] == [headers.INGRESS_TIMEOUT]  # never a caller's own value
-    [added] = vhost["request_headers_to_add"]
-    assert added["header"] == {"key": headers.INGRESS_TIMEOUT, "value": "%REQ(grpc-timeout)%"}
+def test_every_request_carries_the_callers_grpc_timeout_and_the_gateway_secret_for_the_router() -> None:
+    vhost = _hcm(render_envoy(_config(shed=SHED, secret_env="MY_GATEWAY_SECRET")))["route_config"]["virtual_hosts"][0]
+    # Never a caller's own value of either.
+    assert vhost["request_headers_to_remove"] == [headers.INGRESS_TIMEOUT, headers.GATEWAY_SECRET]
+    timeout, secret = (added["header"] for added in vhost["request_headers_to_add"])
+    assert timeout == {"key": headers.INGRESS_TIMEOUT, "value": "%REQ(grpc-timeout)%"}
+    # Read from Envoy's environment at start: the secret itself is never in the rendered file.
+    assert secret == {"key": headers.GATEWAY_SECRET, "value": "%ENVIRONMENT(MY_GATEWAY_SECRET)%"}
+
+
+@pytest.mark.parametrize(
+    ("path", "forwarded"),
+    [
+        ("/inferline.v1.Inference/Predict", True),
+        ("/inference.GRPCInferenceService/ModelInfer", True),
+        ("/grpc.health.v1.Health/Check", True),
+        ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", True),
+        ("/inferline.v1.Degradation/RecordScores", False),
+        ("/inferline.v1.Features/GetFeatures", False),
+        ("/inferline.v1.Inference/Predict/extra", False),
+        ("/inferline.v1.InferenceX/Predict", False),
+    ],
+)
+def test_only_the_public_services_are_routed(path: str, forwarded: bool) -> None:
+    [regex] = {r["match"]["safe_regex"]["regex"] for r in _routes(render_envoy(_config(shed=SHED)))}
+    assert (re.fullmatch(regex, path) is not None) is forwarded
 
 
 def test_no_shed_classes_means_no_shed_filters() -> None:
@@ -143,7 +165,7 @@ def test_each_class_gets_a_header_route_and_the_default_route_is_last() -> None:
     assert [r["name"] for r in routes] == ["class_batch", "class_standard", "class_critical", "default"]
     for route, cls in zip(routes, ["batch", "standard", "critical"], strict=False):
         assert route["match"]["headers"] == [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]
-    assert routes[-1]["match"] == {"prefix": "/"}
+    assert list(routes[-1]["match"]) == ["safe_regex"]  # the public services' paths, whatever the headers
 
 
 def test_each_class_route_keeps_only_its_own_shed_filter() -> None:

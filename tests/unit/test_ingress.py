@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inferline.core.headers import INGRESS_TIMEOUT
-from inferline.router.ingress import IngressWait, parse_grpc_timeout
+from inferline.router.ingress import MAX_WAIT_S, IngressWait, parse_grpc_timeout
 
 
 class Clock:
@@ -67,3 +67,11 @@ def test_bad_settings_are_refused() -> None:
         IngressWait(alpha=0.0)
     with pytest.raises(ValueError):
         IngressWait(half_life_s=0.0)
+
+
+def test_a_reading_never_exceeds_the_calls_own_deadline_nor_the_cap() -> None:
+    ingress = IngressWait()
+    # A timeout far beyond any real one, with little left at the handler: capped, not 99999999 s.
+    assert ingress.measure([(INGRESS_TIMEOUT, "99999999S")], time_remaining_s=0.05) == MAX_WAIT_S
+    # A forged 200 ms with nothing left: at most the 200 ms the call claims to have had.
+    assert IngressWait().measure([(INGRESS_TIMEOUT, "200m")], time_remaining_s=0.0) == pytest.approx(0.2)

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import get_default_algorithms
 
 from inferline.core.config import ConfigError, JwtConfig, JwtKeyConfig, TenantConfig
-from inferline.core.errors import Unauthenticated
+from inferline.core.errors import Unauthenticated, echo
 
 Metadata = Sequence[tuple[str, str | bytes]] | None
 
@@ -46,10 +46,17 @@ def bearer_token(metadata: Metadata) -> str:
             break
     if header is None:
         raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
-    return token
+    # Whitespace around the value and between scheme and token is what HTTP clients commonly
+    # send (``-H "authorization: Bearer KEY"`` keeps the space after the colon): accept it.
+    # A token never holds whitespace, so anything more is malformed.
+    parts = header.split()
+    if not parts:
+        raise Unauthenticated("authorization metadata must be 'Bearer <token>', got an empty value")
+    if parts[0].lower() != "bearer":
+        raise Unauthenticated("authorization metadata must be 'Bearer <token>' (the Bearer scheme)")
+    if len(parts) != 2:
+        raise Unauthenticated("authorization metadata must be 'Bearer <token>' (one token, no spaces in it)")
+    return parts[1]
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -174,6 +181,7 @@ class JwtVerifier:
         """
         environ = os.environ if environ is None else environ
         self._config = config
+        self._required = ["exp", "iat"] if config.max_lifetime_s is not None else ["exp"]
         self._tenants = frozenset(tenants)
         self._keys_by_alg: dict[str, list[_VerificationKey]] = {}
         self._key_by_kid: dict[str, _VerificationKey] = {}
@@ -204,13 +212,13 @@ class JwtVerifier:
             raise Unauthenticated(f"malformed JWT: {err}") from err
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in self._keys_by_alg:
-            raise Unauthenticated(f"JWT algorithm {alg!r} is not allowed")
+            raise Unauthenticated(f"JWT algorithm {echo(alg)} is not allowed")
         if kid is not None:  # PyJWT has checked that a kid is a string
             key = self._key_by_kid.get(kid)
             if key is None:
-                raise Unauthenticated(f"JWT names unknown key id {kid!r}")
+                raise Unauthenticated(f"JWT names unknown key id {echo(kid)}")
             if key.algorithm != alg:
-                raise Unauthenticated(f"JWT algorithm {alg!r} does not match key {kid!r} ({key.algorithm})")
+                raise Unauthenticated(f"JWT algorithm {echo(alg)} does not match key {kid!r} ({key.algorithm})")
             candidates = [key]
         else:
             candidates = self._keys_by_alg[alg]
@@ -223,28 +231,35 @@ class JwtVerifier:
                     issuer=self._config.issuer,
                     audience=self._config.audience,
                     leeway=self._config.leeway_s,
-                    options={"require": ["exp"]},
+                    options={"require": self._required},
                 )
             except jwt.InvalidSignatureError:
                 continue  # maybe signed with the next key of this algorithm (e.g. during rotation)
             except jwt.PyJWTError as err:
                 raise _claims_error(err) from err
+            self._check_lifetime(claims)
             return self._tenant_of(claims)
         raise Unauthenticated("JWT signature invalid")
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """Refuse a token living longer than ``jwt.max_lifetime_s`` (PyJWT has checked exp and iat are numbers)."""
+        limit = self._config.max_lifetime_s
+        if limit is not None and float(claims["exp"]) - float(claims["iat"]) > limit:
+            raise Unauthenticated(f"JWT lifetime (exp - iat) exceeds the {limit:g} s allowed")
 
     def _tenant_of(self, claims: Mapping[str, Any]) -> str:
         claim = self._config.tenant_claim
         named = claims.get(claim)
         if named is not None:
             if not isinstance(named, str) or named not in self._tenants:
-                raise Unauthenticated(f"JWT names unknown tenant {named!r}")
+                raise Unauthenticated(f"JWT names unknown tenant {echo(named)}")
             return named
         subject = claims.get("sub")
         if subject is None:
             raise Unauthenticated(f"JWT has neither a {claim!r} nor a 'sub' claim")
         tenant = self._tenant_by_subject.get(subject) if isinstance(subject, str) else None
         if tenant is None:
-            raise Unauthenticated(f"JWT subject {subject!r} belongs to no tenant")
+            raise Unauthenticated(f"JWT subject {echo(subject)} belongs to no tenant")
         return tenant
 
 

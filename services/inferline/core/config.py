@@ -11,16 +11,57 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 _CLASS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsServerConfig(_Model):
+    """TLS on a port this deployment serves (PEM files; relative paths are from the config file).
+
+    The files are read when the server starts: a missing or unreadable file, or a key that
+    does not match its certificate, stops start-up with an error naming the key.
+    """
+
+    cert_file: pathlib.Path
+    """The server's certificate chain (its certificate first, then any intermediates)."""
+    key_file: pathlib.Path
+    """The private key of ``cert_file`` (unencrypted PEM)."""
+    client_ca_file: pathlib.Path | None = None
+    """Set: mutual TLS, every client must present a certificate signed by this CA (the
+    handshake fails otherwise). None: any client may connect; the server is still verified."""
+
+
+class TlsClientConfig(_Model):
+    """TLS on the connections this deployment opens to a server (PEM files; relative paths
+    are from the config file)."""
+
+    ca_file: pathlib.Path
+    """The CA the server's certificate must be signed by (no system roots are trusted)."""
+    cert_file: pathlib.Path | None = None
+    """The client certificate presented for mutual TLS; None: none is presented."""
+    key_file: pathlib.Path | None = Field(None, validate_default=True)
+    """The private key of ``cert_file``; set exactly when ``cert_file`` is."""
+    server_name: str | None = None
+    """The name the server's certificate must carry (a DNS name or IP address in its
+    subjectAltName); None: the host of the address connected to."""
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_with_cert(cls, key_file: pathlib.Path | None, info: ValidationInfo) -> pathlib.Path | None:
+        cert_file = info.data.get("cert_file")
+        if cert_file is not None and key_file is None:
+            raise ValueError("cert_file is set: its key_file is needed too")
+        if "cert_file" in info.data and cert_file is None and key_file is not None:
+            raise ValueError("key_file is set without cert_file (the certificate it belongs to)")
+        return key_file
 
 
 class ServerConfig(_Model):
@@ -44,6 +85,9 @@ class ServerConfig(_Model):
     drain_quiet_s: float = Field(1.0, gt=0)
     """The drain ends early once no call (health checks aside) arrived for this long: the
     load balancers have stopped sending, and stopping loses nothing."""
+    tls: TlsServerConfig | None = None
+    """TLS on the gRPC port of every inferline process (the router's public port, and an
+    internal service's own port in the suite); None: plain text."""
 
 
 class ClassBatchingConfig(_Model):
@@ -91,6 +135,30 @@ class TritonConfig(_Model):
     coalesce_max_batch_rows: int = Field(128, ge=1)
     """Most rows in one merged call: at most the models' ``max_batch_size``."""
     class_copies: ClassCopiesConfig = ClassCopiesConfig()
+    tls: TlsClientConfig | None = None
+    """TLS on the router's connections to Triton (and the bundled server's readiness probe);
+    None: plain text."""
+    server_tls: TlsServerConfig | None = None
+    """The bundled server serves gRPC over TLS (``--grpc-use-ssl``; mutual TLS,
+    ``--grpc-use-ssl-mutual``, when ``client_ca_file`` is set). Needs ``tls`` to connect
+    with. Triton's HTTP and metrics ports stay plain text, on loopback."""
+
+    @field_validator("server_tls")
+    @classmethod
+    def _server_tls_needs_client_tls(
+        cls, server_tls: TlsServerConfig | None, info: ValidationInfo
+    ) -> TlsServerConfig | None:
+        if server_tls is None or "tls" not in info.data:
+            return server_tls
+        client: TlsClientConfig | None = info.data["tls"]
+        if client is None:
+            raise ValueError("set without triton.tls, which the router and the readiness probe connect with")
+        if server_tls.client_ca_file is not None and client.cert_file is None:
+            raise ValueError(
+                "client_ca_file is set (mutual TLS), so triton.tls needs cert_file and key_file: "
+                "the client certificate the router and the readiness probe present"
+            )
+        return server_tls
 
 
 class FeatureSpec(_Model):
@@ -357,6 +425,9 @@ class JwtConfig(_Model):
     """Claim naming the tenant; when absent, ``sub`` is looked up in the tenants' ``jwt_subjects``."""
     leeway_s: float = Field(5.0, ge=0)
     """Clock skew tolerated on ``exp`` / ``nbf``."""
+    max_lifetime_s: float | None = Field(None, gt=0)
+    """Longest lifetime a token may have (``exp - iat``); tokens must then carry ``iat``. A
+    stolen token with ``exp`` decades away is refused. None: any lifetime."""
     keys: list[JwtKeyConfig] = Field(min_length=1)
 
 
@@ -477,6 +548,13 @@ class GatewayConfig(_Model):
     admin_port: int = Field(9901, ge=0, le=65535)
     routers: list[str] = ["127.0.0.1:50051"]
     """host:port of each router replica; Envoy balances requests (not connections) over them."""
+    tls: TlsServerConfig | None = None
+    """TLS on Envoy's listener (ALPN h2 and http/1.1; mutual TLS when ``client_ca_file`` is
+    set); None: plain text. The paths are Envoy's, read by Envoy when it starts."""
+    upstream_tls: TlsClientConfig | None = None
+    """TLS from Envoy to the routers, health checks included; the routers' ``server.tls``
+    must match (set ``cert_file`` when it requires client certificates). ``server_name``
+    None: the certificate must name one of the ``routers`` hosts."""
     shed: dict[str, ClassShedConfig] = {}
     """Traffic classes Envoy may shed on its own (C++, before any Python runs), by the
     ``x-inferline-traffic-class`` request header; a class not listed is always forwarded.
@@ -488,6 +566,12 @@ class GatewayConfig(_Model):
     signal: ShedSignalConfig = ShedSignalConfig()
     in_flight: InFlightConfig = InFlightConfig()
     max_request_bytes: int = Field(1 << 20, gt=0)
+    secret_env: str = Field("INFERLINE_GATEWAY_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name of the environment variable holding the per-deployment gateway secret (at least
+    16 characters), set alike for Envoy and the routers. Envoy adds it to every call it
+    forwards (``x-inferline-gateway-secret``, a caller's copy dropped first); a router acts
+    on the gateway's headers (the ingress wait it sheds on) only when it matches. Unset on a
+    router: no call is taken for a gateway call, and the gateway headers are ignored."""
 
 
 class ServiceAddresses(_Model):
@@ -496,6 +580,16 @@ class ServiceAddresses(_Model):
     features: str | None = None
     postprocess: str | None = None
     degradation: str | None = None
+    tls: TlsClientConfig | None = None
+    """TLS on the router's connections to the remote services (their ``server.tls``); None:
+    plain text."""
+    secret_env: str = Field("INFERLINE_SERVICE_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name of the environment variable holding the secret (at least 32 characters) that signs
+    the service tokens between a router and the internal services (``core.service_auth``). An
+    internal service (``inferline serve features|postprocess|degradation``) refuses to start
+    without it, and answers only calls carrying a valid token of an allowed role."""
+    token_lifetime_s: float = Field(300.0, gt=0, le=3600)
+    """Lifetime of a service token; a router signs a new one when half of it is gone."""
 
 
 class TracingConfig(_Model):
@@ -607,15 +701,31 @@ def apply_env_overrides(raw: dict[str, Any], environ: dict[str, str] | os._Envir
     return raw
 
 
+_Tls = TypeVar("_Tls", TlsServerConfig, TlsClientConfig)
+
+
 def _resolve_paths(config: InferlineConfig, base: pathlib.Path) -> InferlineConfig:
     def resolve(p: pathlib.Path) -> pathlib.Path:
         return p if p.is_absolute() else (base / p).resolve()
+
+    def resolve_tls(tls: _Tls | None) -> _Tls | None:
+        if tls is None:
+            return None
+        paths = {name: resolve(value) for name, value in tls if isinstance(value, pathlib.Path)}
+        return tls.model_copy(update=paths)
 
     triton = config.triton.model_copy(
         update={
             "model_repository": resolve(config.triton.model_repository),
             "server_env": resolve(config.triton.server_env),
+            "tls": resolve_tls(config.triton.tls),
+            "server_tls": resolve_tls(config.triton.server_tls),
         }
+    )
+    server = config.server.model_copy(update={"tls": resolve_tls(config.server.tls)})
+    services = config.services.model_copy(update={"tls": resolve_tls(config.services.tls)})
+    gateway = config.gateway.model_copy(
+        update={"tls": resolve_tls(config.gateway.tls), "upstream_tls": resolve_tls(config.gateway.upstream_tls)}
     )
     store = config.feature_store.model_copy(update={"feast_repo": resolve(config.feature_store.feast_repo)})
     jwt = config.jwt
@@ -625,7 +735,8 @@ def _resolve_paths(config: InferlineConfig, base: pathlib.Path) -> InferlineConf
             for k in jwt.keys
         ]
         jwt = jwt.model_copy(update={"keys": keys})
-    return config.model_copy(update={"triton": triton, "feature_store": store, "jwt": jwt})
+    update = {"triton": triton, "feature_store": store, "jwt": jwt}
+    return config.model_copy(update={**update, "server": server, "services": services, "gateway": gateway})
 
 
 def format_validation_error(err: ValidationError) -> str:

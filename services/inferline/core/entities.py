@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from inferline.core.config import RouteConfig
-from inferline.core.errors import InvalidInput
+from inferline.core.errors import InvalidInput, echo
 from inferline.v1 import inference_pb2 as pb
 
 EntityId = int | str
@@ -30,7 +30,7 @@ def parse_entity_ids(route: RouteConfig, entities: Sequence[pb.EntityKey]) -> li
     ids: list[EntityId] = []
     for i, key in enumerate(entities):
         if key.name != join_key:
-            raise InvalidInput(f"entities[{i}].name", f"expected join key {join_key!r}, got {key.name!r}")
+            raise InvalidInput(f"entities[{i}].name", f"expected join key {join_key!r}, got {echo(key.name)}")
         which = key.WhichOneof("value")
         if which != want:
             got = "no value" if which is None else which

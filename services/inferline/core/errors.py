@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
@@ -22,6 +23,31 @@ from grpc_status import rpc_status
 logger = logging.getLogger(__name__)
 
 DOMAIN = "inferline.v1"
+MAX_MESSAGE_CHARS = 1000
+"""Longest message a caller gets. Messages echo what the caller sent (a route, a model, a
+field): echoed unbounded, a 10 KB route name makes 20 KB of trailers, past the 16 KB metadata
+limit of gRPC clients, and the caller gets "Stream removed" instead of NOT_FOUND."""
+MAX_ECHO_CHARS = 64
+"""Longest piece of caller input echoed in a message or an ErrorInfo metadata value."""
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix|dns):[^\s,;'\"]*[^\s,;'\":]|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?"
+)
+
+
+def echo(value: object) -> str:
+    """``repr`` of caller input for a message, cut to ``MAX_ECHO_CHARS`` (the cut is marked)."""
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else text[: MAX_ECHO_CHARS - 4] + "...'"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def redact_addresses(text: str) -> str:
+    """``text`` with network addresses (``ipv4:127.0.0.1:8001``, ``10.0.0.7:8001``, ``unix:/…``) replaced:
+    a dependency's message may name where it runs, which must never reach a caller."""
+    return _ADDRESS.sub("<address>", text)
 
 
 class InferlineError(Exception):
@@ -31,9 +57,10 @@ class InferlineError(Exception):
     reason: ClassVar[str] = "INTERNAL"
 
     def __init__(self, message: str, **metadata: str) -> None:
+        message = _clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
-        self.metadata = metadata
+        self.metadata = {key: _clip(value, MAX_ECHO_CHARS) for key, value in metadata.items()}
 
     def details(self) -> list[Any]:
         """Extra google.rpc detail messages after the ErrorInfo."""
@@ -45,6 +72,7 @@ class InvalidInput(InferlineError):
     reason = "INVALID_INPUT"
 
     def __init__(self, field: str, message: str) -> None:
+        field = _clip(field, MAX_ECHO_CHARS)
         super().__init__(f"{field}: {message}", field=field)
         self.field = field
 
@@ -68,7 +96,7 @@ class RouteNotFound(InferlineError):
     reason = "ROUTE_NOT_FOUND"
 
     def __init__(self, route: str) -> None:
-        super().__init__(f"unknown route {route!r}", route=route)
+        super().__init__(f"unknown route {echo(route)}", route=route)
 
 
 class ModelNotFound(InferlineError):
@@ -78,7 +106,7 @@ class ModelNotFound(InferlineError):
     reason = "MODEL_NOT_FOUND"
 
     def __init__(self, model: str, message: str | None = None) -> None:
-        super().__init__(message or f"unknown model {model!r}", model=model)
+        super().__init__(message or f"unknown model {echo(model)}", model=model)
 
 
 class Shed(InferlineError):

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from inferline.core import tls
 from inferline.core.config import ServerConfig
+from inferline.core.decoding import SafeDecoding
 
 logger = logging.getLogger(__name__)
 
@@ -91,26 +93,65 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(service_names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Serve server reflection, v1 and v1alpha, listing ``service_names`` and the reflection services.
+
+    grpcio-reflection ships only v1alpha; v1 (what ``buf curl --reflect-protocol grpc-v1``
+    and newer grpcurl ask for first) has the same messages on the wire under another
+    package, so the same servicer answers both.
+    """
+    names = (*service_names, REFLECTION_V1, reflection.SERVICE_NAME)
+    servicer = reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    v1_handlers = grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1})
+    server.add_generic_rpc_handlers((v1_handlers,))
+
+
 async def start_server(
-    services: Sequence[ServiceRegistration], config: ServerConfig, port: int | None = None
+    services: Sequence[ServiceRegistration],
+    config: ServerConfig,
+    port: int | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
 ) -> RunningServer:
-    """Start a server hosting ``services`` on ``config.host:port`` (port 0 picks a free one)."""
+    """Start a server hosting ``services`` on ``config.host:port`` (port 0 picks a free one).
+
+    ``interceptors`` run after the server's own (call activity, safe decoding), e.g. the
+    internal services' service-token check.
+    """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", 64 << 20),
         ("grpc.so_reuseport", 0),
+        # grpc-core holds calls that grpc.aio has not asked for yet (it asks for one per method at a
+        # time) and, past 1000 of them (3000 hard), cancels new arrivals at random: CANCELLED, no
+        # details, before any handler runs (2,000 one-call connections lost 7-128 calls). grpc.aio
+        # takes them as fast as it can and refuses those over max_concurrent_rpcs with
+        # RESOURCE_EXHAUSTED, so core must not drop a burst first: let it hold 16x that limit.
+        ("grpc.server.max_pending_requests", max(3000, 16 * config.max_concurrent_rpcs)),
+        ("grpc.server.max_pending_requests_hard_limit", max(3000, 16 * config.max_concurrent_rpcs)),
     ]
     activity = CallActivity()
     server = grpc.aio.server(
-        options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs, interceptors=[activity]
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        interceptors=[activity, SafeDecoding(), *interceptors],
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(s.full_name for s in services)
     for service in services:
         service.add(server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{config.host}:{config.port if port is None else port}")
+    _add_reflection((*names, health.SERVICE_NAME), server)
+    # Over TLS when server.tls is set (mutual TLS with its client_ca_file); plain text otherwise.
+    bound = tls.add_port(server, f"{config.host}:{config.port if port is None else port}", config.tls)
     if bound == 0:
         raise OSError(f"cannot bind {config.host}:{config.port if port is None else port}")
     await server.start()

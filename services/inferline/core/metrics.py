@@ -67,6 +67,13 @@ class ServingMetrics:
             "before their handler, whichever is longer",
             registry=registry,
         )
+        self.untrusted_headers = Counter(
+            "inferline_untrusted_headers_total",
+            "Gateway-only headers (x-inferline-ingress-timeout, x-inferline-gateway-secret) on calls that did "
+            "not carry the gateway's secret: ignored",
+            ["header"],
+            registry=registry,
+        )
         self.model_calls = Counter(
             "inferline_model_calls_total",
             "Answers produced by a model (PRIMARY or LIGHT), by route: how a model's cost is split between routes",

@@ -146,18 +146,20 @@ def tritonclient_kwargs(tls: TlsClientConfig | None, prefix: str = "triton.tls")
     return {} if tls is None else {"creds": channel_credentials(tls, prefix)}
 
 
-def check_files(config: InferlineConfig, *, router: bool, triton_client: bool, bundled_triton: bool) -> None:
+def check_files(
+    config: InferlineConfig, *, router: bool, triton_client: bool, bundled_triton: bool, grpc_server: bool = True
+) -> None:
     """Read and check every TLS file this process will use, before anything starts.
 
     ``router``: the process calls remote services (``services.tls``); ``triton_client``: it
     calls Triton (``triton.tls``); ``bundled_triton``: it starts the bundled server
-    (``triton.server_tls``). ``server.tls`` is always checked; the gateway's files are
-    Envoy's and are not.
+    (``triton.server_tls``); ``grpc_server``: it serves inferline gRPC (``server.tls``; all
+    but ``inferline triton``). The gateway's files are Envoy's and are not checked.
 
     Raises:
         ConfigError: naming the key of the first bad file.
     """
-    if config.server.tls is not None:
+    if grpc_server and config.server.tls is not None:
         server_credentials(config.server.tls, "server.tls")
     remote = any((config.services.features, config.services.postprocess, config.services.degradation))
     if router and remote and config.services.tls is not None:

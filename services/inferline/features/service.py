@@ -20,7 +20,7 @@ import numpy.typing as npt
 from inferline.core.config import FeatureStoreConfig, RouteConfig
 from inferline.core.deadline import Clock, Deadline
 from inferline.core.entities import check_entity_ids
-from inferline.core.errors import InvalidInput, RouteNotFound
+from inferline.core.errors import InvalidInput, RouteNotFound, echo
 from inferline.features.hot_cache import HotCache, Row
 from inferline.features.store import OnlineStore
 from inferline.features.vector import EntityId, FeatureVector
@@ -179,9 +179,9 @@ class _RoutePlan:
             if column is None:
                 why = "is fetched from the feature store" if name in self.index else "is not a feature of this route"
                 allowed = list(self.request_cols)
-                raise InvalidInput("request_features", f"{name!r} {why}; request-time features: {allowed}")
+                raise InvalidInput("request_features", f"{echo(name)} {why}; request-time features: {allowed}")
             if not isinstance(value, int | float) or not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-                raise InvalidInput("request_features", f"{name!r} must be a finite float32, got {value!r}")
+                raise InvalidInput("request_features", f"{echo(name)} must be a finite float32, got {value!r}")
             values[column] = value
             flags[column] = False
         return values, flags

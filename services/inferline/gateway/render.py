@@ -34,11 +34,15 @@ Layout of the rendered config::
                                                              (success_rate: only shed.<class> on)
                       header x-inferline-traffic-class == <other class> → router at priority HIGH
                                                              (in_flight off; success_rate: every shed.* off)
-                      prefix "/" (no or unknown class header) → router at priority DEFAULT
+                      no or unknown class header → router at priority DEFAULT
                                                              (success_rate: every shed.* off)
-                      (all: x-inferline-ingress-timeout = the caller's grpc-timeout)
+                      (all: only the public services' paths (PUBLIC_SERVICES), anything else
+                       is UNIMPLEMENTED; x-inferline-ingress-timeout = the caller's grpc-timeout,
+                       x-inferline-gateway-secret = $gateway.secret_env, callers' copies dropped)
     cluster inferline_router: HTTP/2, round robin per request, gRPC health checks, circuit
                       breakers: DEFAULT max_requests = in_flight.max_per_router × replicas, HIGH unbounded
+    TLS (``gateway.tls``): listener over TLS, ALPN h2 and http/1.1, mutual with a client CA;
+        (``gateway.upstream_tls``): to the routers and their health checks (``gateway.tls`` module)
 
 A third shed, under both signals: the in-flight limit (``gateway.in_flight``). Envoy keeps the
 shed classes' requests outstanding at the routers under an adaptive concurrency limit (and an
@@ -55,7 +59,8 @@ import ipaddress
 from typing import Any
 
 from inferline.core import headers
-from inferline.core.config import ClassShedConfig, InferlineConfig, InFlightConfig, ShedSignalConfig
+from inferline.core.config import ClassShedConfig, InferlineConfig, InFlightConfig, ShedSignalConfig, TlsClientConfig
+from inferline.gateway.tls import downstream_transport_socket, upstream_transport_socket
 
 TRAFFIC_CLASS_HEADER = headers.TRAFFIC_CLASS
 ROUTER_CLUSTER = "inferline_router"
@@ -132,10 +137,22 @@ def render_envoy(
     return {
         # Admin only on loopback: it can change log levels, drain listeners and quit the server.
         "admin": {"address": _socket_address("127.0.0.1", gateway.admin_port if admin_port is None else admin_port)},
+        # RE2 refuses regexes over 100 program units by default; the public-path regex is ~130.
+        # The admin layer keeps /runtime_modify working (Envoy's default runtime, had none been given).
+        "layered_runtime": {
+            "layers": [
+                {"name": "static", "static_layer": {"re2.max_program_size.error_level": 1000}},
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
         "static_resources": {
             "listeners": [_listener(config, listen_port)],
             "clusters": [
-                _router_cluster(gateway.routers if routers is None else routers, gateway.in_flight.max_per_router)
+                _router_cluster(
+                    gateway.routers if routers is None else routers,
+                    gateway.in_flight.max_per_router,
+                    gateway.upstream_tls,
+                )
             ],
         },
     }
@@ -173,7 +190,10 @@ def _listener(config: InferlineConfig, port: int) -> dict[str, Any]:
         "name": "inferline_ingress",
         "address": _socket_address("0.0.0.0", port),
         "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+            {
+                "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+                **downstream_transport_socket(gateway.tls),  # TLS on the listener (gateway.tls)
+            }
         ],
     }
 
@@ -420,11 +440,15 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
     unlimited = [*filters, *([IN_FLIGHT_FILTER] if _adaptive_in_flight(config) else [])]
     routes = [_class_route(cls, "DEFAULT", filters, keep=SHED_FILTER_PREFIX + cls) for cls in shed]
     routes += [_class_route(cls, "HIGH", unlimited, keep=None) for cls in protected]
-    default = {"name": "default", "match": {"prefix": "/"}, "route": _route_action("DEFAULT")}
+    default = {"name": "default", "match": _public_match(), "route": _route_action("DEFAULT")}
     routes.append({**default, **_filters_off(filters, keep=None)})
-    # The caller's grpc-timeout, for the router to measure its transport wait (router.ingress);
-    # a caller's own copy is dropped first, an absent grpc-timeout adds nothing.
+    # The caller's grpc-timeout, for the router to measure its transport wait (router.ingress),
+    # and the deployment's secret, without which a router ignores that header
+    # (router.gateway_trust). Envoy reads the secret from its own environment when it starts,
+    # so it is never written into the rendered file. A caller's own copies are dropped
+    # first; an absent grpc-timeout adds nothing.
     ingress_timeout = {"key": headers.INGRESS_TIMEOUT, "value": "%REQ(grpc-timeout)%"}
+    secret = {"key": headers.GATEWAY_SECRET, "value": f"%ENVIRONMENT({config.gateway.secret_env})%"}
     return {
         "name": "inferline",
         "virtual_hosts": [
@@ -432,18 +456,39 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
                 "name": "inferline",
                 "domains": ["*"],
                 "routes": routes,
-                "request_headers_to_remove": [headers.INGRESS_TIMEOUT],
-                "request_headers_to_add": [{"header": ingress_timeout, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "request_headers_to_remove": list(headers.GATEWAY_HEADERS),
+                "request_headers_to_add": [
+                    {"header": header, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                    for header in (ingress_timeout, secret)
+                ],
             }
         ],
     }
+
+
+PUBLIC_SERVICES = (
+    "inferline.v1.Inference",
+    "inference.GRPCInferenceService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
+"""The only services the gateway forwards; any other path (the internal Features,
+Postprocess and Degradation services among them) matches no route, and Envoy answers
+gRPC UNIMPLEMENTED without reaching a router."""
+
+
+def _public_match() -> dict[str, Any]:
+    """Route match of the public services' methods: ``/<service>/<method>``, nothing else."""
+    services = "|".join(name.replace(".", "\\.") for name in PUBLIC_SERVICES)
+    return {"safe_regex": {"regex": f"^/({services})/[A-Za-z0-9_]+$"}}
 
 
 def _class_route(cls: str, priority: str, filters_off: list[str], *, keep: str | None) -> dict[str, Any]:
     """The route of calls whose class header names ``cls``: at ``priority``, ``filters_off`` off but ``keep``."""
     return {
         "name": f"class_{cls}",
-        "match": {"prefix": "/", "headers": [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]},
+        "match": {**_public_match(), "headers": [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]},
         "route": _route_action(priority),
         **_filters_off(filters_off, keep=keep),
     }
@@ -492,7 +537,9 @@ _UNSEEN_RETRY: dict[str, Any] = {
 """Retries of calls no router saw (see ``_route_action``): each on a replica not yet tried."""
 
 
-def _router_cluster(routers: list[str], max_per_router: int | None) -> dict[str, Any]:
+def _router_cluster(
+    routers: list[str], max_per_router: int | None, upstream_tls: TlsClientConfig | None = None
+) -> dict[str, Any]:
     """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC.
 
     The DEFAULT-priority circuit breaker (the shed classes, and calls without the class
@@ -501,7 +548,7 @@ def _router_cluster(routers: list[str], max_per_router: int | None) -> dict[str,
     """
     endpoints = [_endpoint(address) for address in routers]
     bound = _CIRCUIT_LIMIT if max_per_router is None else max_per_router * len(routers)
-    static = all(_is_ip(e["endpoint"]["address"]["socket_address"]["address"]) for e in endpoints)
+    static = all(_is_ip(_host(e)) for e in endpoints)
     return {
         "name": ROUTER_CLUSTER,
         # STATIC for IP literals; STRICT_DNS resolves names and follows DNS changes (k8s services).
@@ -518,6 +565,8 @@ def _router_cluster(routers: list[str], max_per_router: int | None) -> dict[str,
         "load_assignment": {"cluster_name": ROUTER_CLUSTER, "endpoints": [{"lb_endpoints": endpoints}]},
         "health_checks": [_health_check()],
         "circuit_breakers": {"thresholds": [_circuit("DEFAULT", bound), _circuit("HIGH", _CIRCUIT_LIMIT)]},
+        # TLS to the routers, health checks included (gateway.upstream_tls).
+        **upstream_transport_socket(upstream_tls, [_host(e) for e in endpoints]),
     }
 
 
@@ -554,6 +603,11 @@ def _endpoint(address: str) -> dict[str, Any]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"router address must be host:port, got {address!r}")
     return {"endpoint": {"address": _socket_address(host.strip("[]"), int(port))}}
+
+
+def _host(endpoint: dict[str, Any]) -> str:
+    host: str = endpoint["endpoint"]["address"]["socket_address"]["address"]
+    return host
 
 
 def _is_ip(host: str) -> bool:

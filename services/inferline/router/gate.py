@@ -19,9 +19,10 @@ import grpc
 
 from inferline.core.auth import Authenticator
 from inferline.core.config import CanaryConfig, InferlineConfig, TrafficClassConfig
-from inferline.core.errors import InvalidInput, PermissionDenied, QuotaExceeded
+from inferline.core.errors import InvalidInput, PermissionDenied, QuotaExceeded, echo
 from inferline.core.headers import OVERLOADED, TRAFFIC_CLASS
 from inferline.router.admission import AdmissionController, Permit
+from inferline.router.gateway_trust import GatewayTrust
 from inferline.router.ingress import IngressWait
 from inferline.router.quota import RateLimiter
 
@@ -60,8 +61,10 @@ class RequestGate:
         rate_limiter: RateLimiter,
         admission: Mapping[str, AdmissionController],
         ingress: IngressWait | None = None,
+        trust: GatewayTrust | None = None,
     ) -> None:
         self._auth = authenticator
+        self._trust = trust if trust is not None else GatewayTrust(None)
         self._quota = rate_limiter
         self._admission = admission
         self.ingress = ingress if ingress is not None else IngressWait()
@@ -97,7 +100,7 @@ class RequestGate:
         """
         traffic_class = requested or rules.default_class
         if traffic_class not in self._classes:
-            raise InvalidInput("traffic_class", f"unknown traffic class {traffic_class!r}")
+            raise InvalidInput("traffic_class", f"unknown traffic class {echo(traffic_class)}")
         if traffic_class not in rules.classes:
             raise PermissionDenied(f"tenant {tenant!r} may not use traffic class {traffic_class!r}")
         return traffic_class
@@ -121,16 +124,23 @@ class RequestGate:
         if in_request and hinted != in_request:
             raise InvalidInput(
                 field,
-                f"{in_request!r} differs from the {TRAFFIC_CLASS} header {hinted!r}: send one class, or both alike",
+                f"{echo(in_request)} differs from the {TRAFFIC_CLASS} header {echo(hinted)}: "
+                "send one class, or both alike",
             )
         return in_request or hinted
 
-    def waited(self, context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-        """How long the request waited before its handler; None when it did not come through the gateway.
+    def waited(self, metadata: Metadata, time_remaining_s: float | None) -> float | None:
+        """How long an authenticated request waited before its handler; None when the gateway did not send it.
 
-        Call first in the handler: the wait is read off the deadline's remaining time.
+        Call only after authentication: an unauthenticated caller's headers must never move
+        the queue-wait signal every tenant is admitted by. ``time_remaining_s`` is the
+        handler's ``context.time_remaining()`` read first thing in the handler (the wait is
+        read off it). The gateway's header counts only with the gateway's secret
+        (``GatewayTrust``); anyone else's is ignored and counted.
         """
-        return self.ingress.measure(context.invocation_metadata(), context.time_remaining())  # type: ignore[arg-type]
+        if not self._trust.from_gateway(metadata):
+            return None
+        return self.ingress.measure(metadata, time_remaining_s)
 
     def signal_overload(self, context: grpc.aio.ServicerContext[Any, Any], admission_key: str) -> None:
         """Tell the gateway which classes ``admission_key``'s admission refuses now (``x-inferline-overloaded``).

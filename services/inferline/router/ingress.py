@@ -11,7 +11,9 @@ never sees it), so at the handler::
     waited = ingress timeout - context.time_remaining()
 
 with no clock shared between hosts. Requests that did not come through the gateway carry no
-such header and give no reading.
+such header and give no reading, and the header counts only on calls that authenticated and
+carry the gateway's secret (``router.gateway_trust``): anyone else's copy is ignored. A
+reading is clamped to [0, the call's own deadline] and to ``MAX_WAIT_S``.
 
 The other direction: every answer to an authenticated gateway request carries ``x-inferline-overloaded``,
 the sheddable classes the route's admission would refuse right now ("" when none). The
@@ -29,6 +31,11 @@ from collections.abc import Callable, Sequence
 from inferline.core.headers import INGRESS_TIMEOUT
 
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+MAX_WAIT_S = 1.0
+"""Largest wait one reading may report. Admission compares the average with queue-wait
+targets of tens of ms, so a longer reading says nothing more, and the cap keeps one odd
+reading (a gateway bug, a clock jump) from holding the average up for more than a few
+half-lives."""
 
 
 def parse_grpc_timeout(value: str | bytes) -> float | None:
@@ -90,7 +97,8 @@ class IngressWait:
                 timeout_s = parse_grpc_timeout(value)
                 if timeout_s is None:
                     return None
-                waited_s = max(0.0, timeout_s - time_remaining_s)
+                # A wait never exceeds the deadline the call arrived with, nor MAX_WAIT_S.
+                waited_s = min(max(0.0, timeout_s - time_remaining_s), timeout_s, MAX_WAIT_S)
                 self.observe(waited_s)
                 return waited_s
         return None

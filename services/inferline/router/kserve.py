@@ -107,9 +107,10 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         model: str = request.model_name
         route = f"kserve:{model}" if model in self._models else "unknown"
         traffic_class = ""
-        waited = self._gate.waited(context)
+        remaining_s = context.time_remaining()  # first: a gateway call's wait is read off it
         try:
             tenant, rules = self._authorize(model, context)
+            waited = self._gate.waited(context.invocation_metadata(), remaining_s)  # type: ignore[arg-type]
             if waited is not None:
                 self._gate.signal_overload(context, f"model:{model}")
             traffic_class = self._gate.traffic_class(tenant, rules, self._requested_class(request, context))

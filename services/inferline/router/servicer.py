@@ -64,9 +64,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictResponse:
         started_at = time.perf_counter()
-        waited = self._gate.waited(context)
+        remaining_s = context.time_remaining()  # first: a gateway call's wait is read off it
         try:
             tenant, rules, traffic_class, plan = self._authorize(request, context)
+            waited = self._gate.waited(context.invocation_metadata(), remaining_s)  # type: ignore[arg-type]
             if waited is not None:
                 self._gate.signal_overload(context, plan.name)
             entry = await self._gate.admit(tenant, plan.name, traffic_class, waited)

@@ -24,9 +24,17 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from inferline.core.config import TlsClientConfig
 from inferline.core.deadline import Deadline
-from inferline.core.errors import DependencyUnavailable, InvalidInput, ModelNotFound, ModelOutputInvalid
+from inferline.core.errors import (
+    DependencyUnavailable,
+    InvalidInput,
+    ModelNotFound,
+    ModelOutputInvalid,
+    redact_addresses,
+)
 from inferline.core.served_by import Reason
+from inferline.core.tls import aio_channel
 from inferline.router.inflight import InFlightLimit
 
 logger = logging.getLogger(__name__)
@@ -108,7 +116,8 @@ class ModelExecutor(Protocol):
 def _classify(model: str, exc: grpc.aio.AioRpcError) -> ModelCallFailed:
     """Map Triton's status onto why the call failed (its messages are stable across 2.x)."""
     code, details = exc.code(), exc.details() or ""
-    message = f"model {model} failed: {code.name}: {details}"
+    # Say what happened, not where: a connection failure names the model server's address.
+    message = f"model {model} failed: {code.name}: {redact_addresses(details)}"
     if "timeout expired" in details.lower():
         return ModelBudgetExceeded(message)
     if "exceeds maximum queue size" in details.lower():
@@ -139,11 +148,13 @@ class TritonExecutor:
         max_in_flight: Mapping[str, int] | None = None,
         default_max_in_flight: int = 64,
         shares_bound_with: Mapping[str, str] | None = None,
+        tls: TlsClientConfig | None = None,
     ) -> None:
         """``shares_bound_with`` maps a model to the model whose in-flight bound it shares: a
         traffic class's copy runs on the same instances as its base model, so calls to the
-        copies and the base count against one bound, or Triton's queue could grow past it."""
-        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        copies and the base count against one bound, or Triton's queue could grow past it.
+        ``tls`` (``triton.tls``): the channel runs over TLS; None: plain text."""
+        self._channel = aio_channel(url, tls, "triton.tls", CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._limits: dict[str, InFlightLimit] = {m: InFlightLimit(n) for m, n in (max_in_flight or {}).items()}
         self._default_limit = default_max_in_flight
@@ -224,7 +235,7 @@ class TritonExecutor:
             response: service_pb2.ModelInferResponse = await self._send(model, forwarded, budget_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidInput("inputs", exc.details() or "rejected by the model server") from exc
+                raise InvalidInput("inputs", redact_addresses(exc.details() or "rejected by the model server")) from exc
             raise _missing_version(model, request.model_version, exc) or _classify(model, exc) from exc
         return response
 
@@ -376,7 +387,7 @@ class TritonExecutor:
             )
         except grpc.aio.AioRpcError as exc:
             raise ModelUnavailable(
-                f"model server statistics unavailable: {exc.code().name}: {exc.details() or ''}"
+                f"model server statistics unavailable: {exc.code().name}: {redact_addresses(exc.details() or '')}"
             ) from exc
         return response
 
@@ -386,7 +397,7 @@ class TritonExecutor:
             return await method(request, timeout=CONTROL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             err = _missing_version(model, version, exc) or ModelUnavailable(
-                f"model server did not answer for {model}: {exc.code().name}: {exc.details() or ''}"
+                f"model server did not answer for {model}: {exc.code().name}: {redact_addresses(exc.details() or '')}"
             )
             raise err from exc
 
