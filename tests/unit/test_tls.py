@@ -136,6 +136,21 @@ def test_unreadable_files_are_named_by_their_key(tls_certs: TlsCerts, tmp_path: 
         tls.channel_credentials(cert_as_key, "triton.tls")
 
 
+def test_start_checks_the_files_of_the_hops_the_process_uses(tls_certs: TlsCerts, tmp_path: pathlib.Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    raw = _raw()
+    client = {"ca_file": str(tls_certs.ca), "cert_file": str(tls_certs.client_cert), "key_file": missing}
+    raw["services"] = {"features": "127.0.0.1:1", "tls": client}
+    raw["triton"]["tls"] = {**client, "key_file": str(tls_certs.client_key)}
+    raw["triton"]["server_tls"] = {"cert_file": str(tls_certs.server_cert), "key_file": str(tls_certs.client_key)}
+    config = _parse(raw)
+    tls.check_files(config, router=False, triton_client=True, bundled_triton=False)  # services.tls: not used
+    with pytest.raises(ConfigError, match=r"^services\.tls\.key_file: cannot read"):
+        tls.check_files(config, router=True, triton_client=True, bundled_triton=False)
+    with pytest.raises(ConfigError, match=r"^triton\.server_tls\.key_file: .* is not the key of"):
+        tls.check_files(config, router=False, triton_client=False, bundled_triton=True, grpc_server=False)
+
+
 def test_inferline_up_stops_before_starting_anything_on_a_bad_tls_file(tmp_path: pathlib.Path) -> None:
     raw = _raw()
     raw["server"]["tls"] = {"cert_file": "nowhere/server.pem", "key_file": "nowhere/server-key.pem"}
