@@ -219,6 +219,7 @@ async def start_servers(stack: Stack, s: Settings, log_dir: pathlib.Path) -> str
             [
                 str(exe),
                 "up",
+                "--no-gateway",
                 "--config",
                 str(s.config),
                 "--port",

@@ -724,7 +724,17 @@ async def run_configuration(
     server = ServerProcess(
         f"router-admission-{name}",
         f"127.0.0.1:{port}",
-        [str(exe), "up", "--config", str(s.config), "--port", str(port), "--metrics-port", str(metrics_port)],
+        [
+            str(exe),
+            "up",
+            "--no-gateway",
+            "--config",
+            str(s.config),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
         log_dir / f"router-admission-{name}.log",
         env=CONFIGS[name],
         cwd=ROOT,

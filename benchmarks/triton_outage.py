@@ -886,7 +886,17 @@ def main(argv: list[str] | None = None) -> int:
     router = ServerProcess(
         "router",
         f"127.0.0.1:{port}",
-        [str(exe), "up", "--config", str(s.config), "--port", str(port), "--metrics-port", str(metrics_port)],
+        [
+            str(exe),
+            "up",
+            "--no-gateway",
+            "--config",
+            str(s.config),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
         log_dir / "router.log",
         env={"INFERLINE_TRITON__GRPC_PORT": str(grpc_port)},
         cwd=ROOT,

@@ -59,25 +59,40 @@ def _check_tls(
 
 
 def _run(coro: Any) -> Any:
+    """Run ``coro``; a ``ConfigError`` found while starting (a missing secret, say) is one line and exit 2."""
     import uvloop
 
-    return uvloop.run(coro)
+    try:
+        return uvloop.run(coro)
+    except ConfigError as err:
+        typer.echo(f"cannot start: {err}", err=True)
+        raise typer.Exit(2) from err
 
 
 @cli.command()
 def up(
     config: ConfigOption = DEFAULT_CONFIG,
-    port: Annotated[int | None, typer.Option(help="router gRPC port")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="public gRPC port (the gateway's, or the router's with --no-gateway)")
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
     triton_url: Annotated[str | None, typer.Option(help="use this running Triton (host:port)")] = None,
+    gateway: Annotated[
+        bool | None,
+        typer.Option(
+            "--gateway/--no-gateway",
+            help="Envoy in front on the public port (default: gateway.embedded); --no-gateway if you bring your own",
+        ),
+    ] = None,
 ) -> None:
-    """Run the embedded stack: bundled Triton and every service in one process."""
+    """Run the embedded stack: the Envoy gateway, bundled Triton and every service in one process."""
     from inferline.runtime import serve_process
 
     cfg = _load(config, port=port, metrics_port=metrics_port)
     url = triton_url or cfg.triton.url
     _check_tls(cfg, router=True, triton_client=True, bundled_triton=url is None)
-    raise typer.Exit(_run(serve_process(cfg, set(SERVICES), url, start_triton=True)))
+    in_front = cfg.gateway.embedded if gateway is None else gateway
+    raise typer.Exit(_run(serve_process(cfg, set(SERVICES), url, start_triton=True, gateway=in_front)))
 
 
 @cli.command()

@@ -13,6 +13,8 @@ from prometheus_client import start_http_server
 from inferline.app import App, Role, build_app
 from inferline.core.config import InferlineConfig
 from inferline.core.grpc_server import start_server
+from inferline.core.ports import free_port
+from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret
 from inferline.triton.launcher import TritonLauncher
 from inferline.triton.supervisor import TritonSupervisor
 
@@ -65,10 +67,20 @@ def _supervised_app(
     return app, supervisor
 
 
-async def serve_process(config: InferlineConfig, roles: set[Role], triton_url: str | None, start_triton: bool) -> int:
-    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+async def serve_process(
+    config: InferlineConfig, roles: set[Role], triton_url: str | None, start_triton: bool, gateway: bool = False
+) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code.
+
+    ``gateway``: Envoy takes the public port (``server.host:server.port``) in front of the
+    router, which then listens on a loopback port of its own (``gateway.embedded``).
+    """
     launcher: TritonLauncher | None = None
     supervisor: TritonSupervisor | None = None
+    front: EmbeddedGateway | None = None
+    gateway = gateway and "router" in roles
+    if gateway:
+        ensure_gateway_secret(config)  # before the router reads it
     try:
         if "router" in roles and triton_url is None and start_triton:
             launcher = TritonLauncher(config.triton)
@@ -86,16 +98,31 @@ async def serve_process(config: InferlineConfig, roles: set[Role], triton_url: s
         gc.freeze()
         if supervisor is not None:
             await supervisor.start()
-        running = await start_server(app.registrations, config.server, interceptors=app.interceptors)
+        # Behind the embedded gateway, the router is reached over loopback only.
+        server_config = config.server.model_copy(update={"host": "127.0.0.1", "port": 0}) if gateway else config.server
+        running = await start_server(app.registrations, server_config, interceptors=app.interceptors)
         if config.server.metrics_port:
             start_http_server(config.server.metrics_port, addr=config.server.host, registry=app.registry)
-        logger.info("serving %s on port %d (triton %s)", ",".join(sorted(roles)), running.port, triton_url)
+        public_port = running.port
+        if gateway:
+            public_port = config.server.port or free_port()
+            front = EmbeddedGateway(config, config.server.host, public_port, [f"127.0.0.1:{running.port}"])
+            await front.start()
+        logger.info(
+            "serving %s on port %d%s (triton %s)",
+            ",".join(sorted(roles)),
+            public_port,
+            f" through the gateway (router 127.0.0.1:{running.port})" if gateway else "",
+            triton_url,
+        )
         received = await _wait_for_signal()
         logger.info("%s received: draining", received)
         await running.drain_and_stop(config.server.drain_s, config.server.grace_s, config.server.drain_quiet_s)
         await app.close()
         return 0
     finally:
+        if front is not None:
+            await front.stop()
         # The supervisor first: otherwise it would take the requested stop for a crash.
         if supervisor is not None:
             await supervisor.stop()

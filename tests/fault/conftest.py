@@ -154,7 +154,7 @@ class Routers:
         env: Mapping[str, str] | None = None,
     ) -> ServerProcess:
         """``inferline up`` on ``config``: against ``triton`` (started if stopped), else embedded."""
-        args = ["up", "--config", str(config)]
+        args = ["up", "--no-gateway", "--config", str(config)]  # the router's own behaviour, reached directly
         if triton is not None:
             triton.start()  # no-op while it runs
             args += ["--triton-url", triton.grpc_url]

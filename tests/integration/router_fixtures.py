@@ -80,9 +80,11 @@ def start_router(
     log_dir: pathlib.Path,
     env: Mapping[str, str] | None = None,
 ) -> ServerProcess:
-    """``inferline up`` with ``router_config`` (and ``env``) against the session's real Triton."""
+    """``inferline up --no-gateway`` with ``router_config`` (and ``env``) against the session's real Triton:
+    the router on the port, as tests of its own behaviour need (the gateway's tests put one in front)."""
     url = triton_server.grpc_url  # type: ignore[attr-defined]
-    return start_inferline(["up", "--config", str(router_config), "--triton-url", url], log_dir / "router.log", env)
+    args = ["up", "--no-gateway", "--config", str(router_config), "--triton-url", url]  # the router itself
+    return start_inferline(args, log_dir / "router.log", env)
 
 
 @pytest.fixture(scope="session")

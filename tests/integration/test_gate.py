@@ -125,7 +125,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 def _start(config: pathlib.Path, triton_url: str, log: pathlib.Path) -> ServerProcess:
-    server = start_inferline(["up", "--config", str(config), "--triton-url", triton_url], log, env={SECRET_ENV: SECRET})
+    server = start_inferline(
+        ["up", "--no-gateway", "--config", str(config), "--triton-url", triton_url], log, env={SECRET_ENV: SECRET}
+    )
     with grpc.insecure_channel(server.address) as channel:  # load features and model before timing anything
         pb_grpc.InferenceStub(channel).Predict(_request(), timeout=30, metadata=DEMO_AUTH)
     return server

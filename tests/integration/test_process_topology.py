@@ -52,13 +52,22 @@ def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp
         log = server.log_tail(20_000)
         assert "tritonserver ready" in log
         triton_pid = int(log.split("started tritonserver pid ")[1].split(",")[0])
+        # The default front door: Envoy on the public port, the router behind it on loopback.
+        assert "through the gateway" in log
+        envoy_pid = int(log.split("started envoy pid ")[1].split(" ")[0])
+        with grpc.insecure_channel(server.address) as channel:
+            # Only the public services pass the gateway: the internal ones are UNIMPLEMENTED.
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/inferline.v1.Degradation/RecordScores")(b"", timeout=5, metadata=AUTH)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         code = server.stop()
     assert code == 0, server.log_tail()
-    deadline = time.monotonic() + 15
-    while _pid_alive(triton_pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _pid_alive(triton_pid), "the bundled Triton outlived `inferline up`"
+    for pid, name in ((triton_pid, "the bundled Triton"), (envoy_pid, "the gateway")):
+        deadline = time.monotonic() + 15
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _pid_alive(pid), f"{name} outlived `inferline up`"
 
 
 def test_suite_topology_reaches_services_over_grpc(

@@ -36,7 +36,9 @@ def test_router_exports_a_span_tree_per_request_under_the_callers_trace(
 ) -> None:
     config = write_test_config(tmp_path / "inferline.yaml")
     url = triton_server.grpc_url  # type: ignore[attr-defined]
-    server = start_inferline(["up", "--config", str(config), "--triton-url", url], tmp_path / "router.log", env=ENV)
+    server = start_inferline(
+        ["up", "--no-gateway", "--config", str(config), "--triton-url", url], tmp_path / "router.log", env=ENV
+    )
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.InferenceStub(channel)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -24,7 +26,7 @@ from inferline.v1 import degradation_pb2_grpc as dpb_grpc
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.gateway_fixtures import Gateway, start_gateway
-from tests.integration.router_fixtures import DEMO_KEY, ServerProcess, start_inferline
+from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_inferline
 
 pytestmark = pytest.mark.requires_triton
 
@@ -206,3 +208,14 @@ def test_an_internal_service_answers_a_routers_service_token(degradation_service
     signer = ServiceTokenSigner(os.environ["INFERLINE_SERVICE_SECRET"], ROUTER, lifetime_s=60)
     with grpc.insecure_channel(degradation_service.address) as channel:
         assert _record(channel, [("authorization", f"Bearer {signer.token()}")]) == dpb.RecordScoresResponse()
+
+
+def test_an_internal_service_without_the_service_secret_does_not_start(router_config: pathlib.Path) -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "INFERLINE_SERVICE_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "serve", "postprocess", "--config", str(router_config)],
+        capture_output=True, text=True, env=environ, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "services.secret_env: environment variable INFERLINE_SERVICE_SECRET is not set" in result.stderr
+    assert "Traceback" not in result.stderr

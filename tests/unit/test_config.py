@@ -3,7 +3,7 @@ import pathlib
 import pytest
 import yaml
 
-from inferline.core.config import ConfigError, load_config, parse_config
+from inferline.core.config import ConfigError, InFlightConfig, load_config, parse_config
 
 DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
 
@@ -101,7 +101,10 @@ def test_gateway_sheds_on_the_router_signal_unless_told_otherwise() -> None:
 def test_gateway_in_flight_limit_is_adaptive_unless_told_otherwise() -> None:
     raw = yaml.safe_load(DEFAULT.read_text())
     in_flight = parse_config(raw, DEFAULT.parent).gateway.in_flight
-    assert in_flight.adaptive and in_flight.max_per_router is None
+    # The default deployment: a latency target (a sampled minRTT pins the limit to min_concurrency
+    # while it samples, shedding at light load) and a fixed cap for bursts the target is too slow for.
+    assert in_flight.adaptive and in_flight.min_rtt_ms is not None and in_flight.max_per_router is not None
+    assert InFlightConfig().max_per_router is None and InFlightConfig().min_rtt_ms is None  # the model's own: off
     for key, bad in (("max_per_router", 0), ("latency_percentile", 101), ("buffer", -0.1), ("min_concurrency", 0)):
         raw["gateway"]["in_flight"] = {key: bad}
         with pytest.raises(ConfigError, match=rf"gateway\.in_flight\.{key}"):

@@ -544,6 +544,10 @@ class InFlightConfig(_Model):
 class GatewayConfig(_Model):
     """The Envoy ingress in front of the router replicas (``inferline gateway render``)."""
 
+    embedded: bool = True
+    """``inferline up`` starts Envoy on the public port (``server.host:server.port``) in front
+    of the router, which listens on a loopback port; ``up --no-gateway`` overrides it."""
+
     port: int = Field(8080, ge=0, le=65535)
     admin_port: int = Field(9901, ge=0, le=65535)
     routers: list[str] = ["127.0.0.1:50051"]

@@ -25,7 +25,7 @@ One of two signals drives the shedding (``gateway.shed_by``):
 
 Layout of the rendered config::
 
-    listener 0.0.0.0:port ── http_connection_manager (codec AUTO: gRPC over HTTP/2)
+    listener host:port ── http_connection_manager (codec AUTO: gRPC over HTTP/2)
         http_filters: shed_by signal:       inferline.signal (Lua), inferline.signal_shed (fault)
                       shed_by success_rate: inferline.shed.<class> (admission_control), one per class
                       inferline.in_flight (adaptive_concurrency; gateway.in_flight.adaptive)
@@ -119,6 +119,7 @@ def render_envoy(
     *,
     port: int | None = None,
     admin_port: int | None = None,
+    host: str = "0.0.0.0",
     routers: list[str] | None = None,
 ) -> dict[str, Any]:
     """The Envoy v3 bootstrap for ``config.gateway`` as a dict (YAML-ready).
@@ -128,6 +129,7 @@ def render_envoy(
         port: listener port instead of ``gateway.port``.
         admin_port: admin port (bound to 127.0.0.1 only) instead of ``gateway.admin_port``.
         routers: ``host:port`` of each router replica instead of ``gateway.routers``.
+        host: the interface the listener binds (``inferline up``: ``server.host``).
 
     Raises:
         ValueError: a router address is not ``host:port`` (shed classes are checked by the config).
@@ -146,7 +148,7 @@ def render_envoy(
             ]
         },
         "static_resources": {
-            "listeners": [_listener(config, listen_port)],
+            "listeners": [_listener(config, host, listen_port)],
             "clusters": [
                 _router_cluster(
                     gateway.routers if routers is None else routers,
@@ -162,7 +164,7 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _listener(config: InferlineConfig, port: int) -> dict[str, Any]:
+def _listener(config: InferlineConfig, host: str, port: int) -> dict[str, Any]:
     """One listener, one HCM: gRPC callers speak HTTP/2, REST tooling HTTP/1.1 (codec AUTO)."""
     gateway = config.gateway
     hcm = {
@@ -188,7 +190,7 @@ def _listener(config: InferlineConfig, port: int) -> dict[str, Any]:
     }
     return {
         "name": "inferline_ingress",
-        "address": _socket_address("0.0.0.0", port),
+        "address": _socket_address(host, port),
         "filter_chains": [
             {
                 "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
