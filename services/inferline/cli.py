@@ -84,6 +84,9 @@ def up(
             help="Envoy in front on the public port (default: gateway.embedded); --no-gateway if you bring your own",
         ),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="router processes behind the gateway (one per core uses every core)")
+    ] = 1,
 ) -> None:
     """Run the embedded stack: the Envoy gateway, bundled Triton and every service in one process."""
     from inferline.runtime import serve_process
@@ -92,7 +95,13 @@ def up(
     url = triton_url or cfg.triton.url
     _check_tls(cfg, router=True, triton_client=True, bundled_triton=url is None)
     in_front = cfg.gateway.embedded if gateway is None else gateway
-    raise typer.Exit(_run(serve_process(cfg, set(SERVICES), url, start_triton=True, gateway=in_front)))
+    if workers > 1 and not in_front:
+        typer.echo("--workers needs the gateway in front to balance calls over them (drop --no-gateway)", err=True)
+        raise typer.Exit(2)
+    process = serve_process(
+        cfg, set(SERVICES), url, start_triton=True, gateway=in_front, workers=workers, config_path=config.resolve()
+    )
+    raise typer.Exit(_run(process))
 
 
 @cli.command()

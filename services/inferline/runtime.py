@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import pathlib
 import signal
 
 from prometheus_client import start_http_server
@@ -17,6 +18,7 @@ from inferline.core.ports import free_port
 from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret
 from inferline.triton.launcher import TritonLauncher
 from inferline.triton.supervisor import TritonSupervisor
+from inferline.workers import RouterWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +70,27 @@ def _supervised_app(
 
 
 async def serve_process(
-    config: InferlineConfig, roles: set[Role], triton_url: str | None, start_triton: bool, gateway: bool = False
+    config: InferlineConfig,
+    roles: set[Role],
+    triton_url: str | None,
+    start_triton: bool,
+    gateway: bool = False,
+    workers: int = 1,
+    config_path: pathlib.Path | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code.
 
     ``gateway``: Envoy takes the public port (``server.host:server.port``) in front of the
     router, which then listens on a loopback port of its own (``gateway.embedded``).
+    ``workers``: router processes in all, this one included (more need the gateway, and
+    ``config_path`` for the others to load).
     """
     launcher: TritonLauncher | None = None
     supervisor: TritonSupervisor | None = None
     front: EmbeddedGateway | None = None
+    others: RouterWorkers | None = None
+    if workers > 1 and (not gateway or config_path is None):
+        raise ValueError("several router workers need the embedded gateway and the config file's path")
     gateway = gateway and "router" in roles
     if gateway:
         ensure_gateway_secret(config)  # before the router reads it
@@ -104,15 +117,22 @@ async def serve_process(
         if config.server.metrics_port:
             start_http_server(config.server.metrics_port, addr=config.server.host, registry=app.registry)
         public_port = running.port
+        routers = [f"127.0.0.1:{running.port}"]
+        if workers > 1:
+            assert config_path is not None and triton_url is not None
+            tls = config.server.tls is not None
+            others = RouterWorkers(config_path, workers - 1, triton_url, config.server.metrics_port, not tls)
+            await others.start()
+            routers += others.addresses
         if gateway:
             public_port = config.server.port or free_port()
-            front = EmbeddedGateway(config, config.server.host, public_port, [f"127.0.0.1:{running.port}"])
+            front = EmbeddedGateway(config, config.server.host, public_port, routers)
             await front.start()
         logger.info(
             "serving %s on port %d%s (triton %s)",
             ",".join(sorted(roles)),
             public_port,
-            f" through the gateway (router 127.0.0.1:{running.port})" if gateway else "",
+            f" through the gateway (routers {', '.join(routers)})" if gateway else "",
             triton_url,
         )
         received = await _wait_for_signal()
@@ -123,6 +143,8 @@ async def serve_process(
     finally:
         if front is not None:
             await front.stop()
+        if others is not None:
+            await others.stop()
         # The supervisor first: otherwise it would take the requested stop for a crash.
         if supervisor is not None:
             await supervisor.stop()

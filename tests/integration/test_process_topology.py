@@ -14,6 +14,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from inferline.core.ports import free_port
+from inferline.stats import scrape
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import DEMO_KEY, ROOT, start_inferline
@@ -141,3 +142,34 @@ def test_triton_command_serves_until_sigterm(tmp_path: pathlib.Path, router_conf
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)
     assert code == 0, (tmp_path / "triton.log").read_text()[-3000:]
+
+
+def test_up_with_workers_balances_calls_over_every_router_process(
+    triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    url = triton_server.grpc_url  # type: ignore[attr-defined]
+    args = ["up", "--workers", "2", "--config", str(router_config), "--triton-url", url]
+    server = start_inferline(args, tmp_path / "up.log", timeout_s=180)
+    try:
+        calls = 40
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            served = [stub.Predict(REQUEST, timeout=5, metadata=AUTH).served_by for _ in range(calls)]
+        assert served == [pb.SERVED_BY_PRIMARY] * calls
+        log = server.log_tail(50_000)
+        worker_metrics = int(log.split("started router worker pid ")[1].split("(metrics port ")[1].split(")")[0])
+        own = _answered(server.metrics_port)
+        other = _answered(worker_metrics)
+        # The gateway balances calls, not connections, round robin: both processes answered,
+        # and between them every call.
+        assert own > 0 and other > 0 and own + other == calls, (own, other)
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
+
+
+def _answered(metrics_port: int) -> float:
+    samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    return sum(
+        v for (name, labels), v in samples.items() if name == "inferline_requests_total" and ("code", "OK") in labels
+    )

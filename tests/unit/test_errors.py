@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython.cygrpc import ExecuteBatchError  # what gRPC raises when a gone caller is sent a status
 
 from inferline.core.errors import InvalidInput, QuotaExceeded, Shed, rpc_method
 
@@ -23,8 +25,24 @@ class FakeContext:
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._trailing
 
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
     async def abort(self, code: grpc.StatusCode, details: str, trailing: Any) -> None:
         raise Aborted(code, details, trailing)
+
+
+class GoneCallerContext(FakeContext):
+    """A call whose client went away: sending anything fails inside gRPC, as it does for real."""
+
+    def cancelled(self) -> bool:
+        return True
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing: Any) -> None:
+        raise ExecuteBatchError("Failed 'execute_batch': (<grpc.StatusCode...>)")
 
 
 class Servicer:
@@ -88,3 +106,13 @@ async def test_unexpected_errors_are_internal_with_a_request_id_only() -> None:
     aborted = await call(RuntimeError("secret internals"))
     assert aborted.code is grpc.StatusCode.INTERNAL
     assert "secret" not in aborted.details and "request_id=" in aborted.details
+
+
+@pytest.mark.parametrize("error", [Shed("overloaded", 0.05), RuntimeError("stream gone")])
+async def test_a_caller_that_went_away_is_a_debug_line_not_a_traceback(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="inferline.core.errors"), pytest.raises(grpc.aio.AbortError):
+        await Servicer(error).Call(None, GoneCallerContext())
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert not any(r.exc_info for r in caplog.records)

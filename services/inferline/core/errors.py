@@ -219,7 +219,12 @@ Handler = Callable[[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any]], Aw
 
 
 def rpc_method(func: Handler[_Servicer, _Request, _Response]) -> Handler[_Servicer, _Request, _Response]:
-    """Map exceptions raised by a servicer method onto gRPC statuses (the one place)."""
+    """Map exceptions raised by a servicer method onto gRPC statuses (the one place).
+
+    A caller that went away (its deadline passed, it cancelled) cannot be told anything:
+    sending the status then fails inside gRPC (``ExecuteBatchError``). That is the caller's
+    business, not a fault of ours, so it is one DEBUG line, never a traceback per call.
+    """
 
     @functools.wraps(func)
     async def wrapper(self: _Servicer, request: _Request, context: grpc.aio.ServicerContext[Any, Any]) -> _Response:
@@ -234,14 +239,40 @@ def rpc_method(func: Handler[_Servicer, _Request, _Response]) -> Handler[_Servic
             if isinstance(err, Shed):
                 # gRPC's own retry policy honours this pushback (gRFC A6); clients read it too.
                 trailing = (*trailing, ("grpc-retry-pushback-ms", str(max(1, int(err.retry_after_s * 1000)))))
-            await context.abort(status.code, status.details, trailing)
-        except Exception:
+            await _abort(context, status.code, status.details, trailing)
+        except Exception as exc:
+            if _caller_gone(context):
+                logger.debug("%s: the caller went away (%s)", func.__qualname__, type(exc).__name__)
+                raise grpc.aio.AbortError() from None
             request_id = uuid.uuid4().hex[:12]
             logger.exception("unhandled error in %s (request_id=%s)", func.__qualname__, request_id)
             status = rpc_status.to_status(
                 status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (request_id={request_id})")
             )
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await _abort(context, status.code, status.details, status.trailing_metadata)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
+
+
+def _caller_gone(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    return bool(context.cancelled() or context.done())
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str, trailing: Any
+) -> None:
+    """``context.abort``; when the status cannot be sent because the caller went away, a DEBUG line.
+
+    ``AbortError`` (raised either way) tells gRPC the handler is done and that it has
+    nothing to log.
+    """
+    try:
+        await context.abort(code, details, trailing)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # grpc's ExecuteBatchError: the stream is gone
+        if not _caller_gone(context):
+            raise
+        logger.debug("could not send %s to a caller that went away (%s)", code.name, type(exc).__name__)
+        raise grpc.aio.AbortError() from None
