@@ -6,17 +6,23 @@ through the public port; an internal service answers only routers' service token
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import jwt
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+from tritonclient.utils import InferenceServerException
 
 from inferline.core import headers
 from inferline.core.service_auth import AUDIENCE, ISSUER, ROUTER, ServiceTokenSigner
@@ -219,3 +225,82 @@ def test_an_internal_service_without_the_service_secret_does_not_start(router_co
     assert result.returncode == 2
     assert "services.secret_env: environment variable INFERLINE_SERVICE_SECRET is not set" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class TcpRelay:
+    """A TCP relay to ``target`` on a free loopback port, in a thread: ``cut()`` closes it and every
+    connection through it, as a network partition from the model server would."""
+
+    def __init__(self, target: str) -> None:
+        self._target = target.rsplit(":", 1)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._server.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # cut
+            upstream = socket.create_connection((self._target[0], int(self._target[1])))
+            with self._lock:
+                self._sockets += [client, upstream]
+                if self._cut:
+                    break
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+        self._close_all()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+        # shutdown wakes the thread blocked in accept(); close alone would leave it listening.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        self._close_all()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._sockets.clear()
+
+
+def test_a_model_server_outage_never_names_its_address(
+    triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """ModelInfer while Triton is cut off: the caller learns what happened, not where Triton runs."""
+    relay = TcpRelay(triton_server.grpc_url)  # type: ignore[attr-defined]
+    router = start_inferline(
+        ["up", "--no-gateway", "--config", str(router_config), "--triton-url", relay.address], tmp_path / "router.log"
+    )
+    client = triton_grpc.InferenceServerClient(router.address)
+    try:
+        rows = np.array([[0.5, 0.8, 500, 3]], np.float32)
+        tensor = triton_grpc.InferInput("features", list(rows.shape), "FP32")
+        tensor.set_data_from_numpy(rows)
+        auth = {"authorization": AUTH[1]}
+        assert client.infer("driver_ranker", [tensor], headers=auth, client_timeout=5).as_numpy("score") is not None
+        relay.cut()
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("driver_ranker", [tensor], headers=auth, client_timeout=5)
+    finally:
+        client.close()
+        assert router.stop() == 0, router.log_tail()
+    message = str(info.value.message())
+    assert str(info.value.status()) == "StatusCode.UNAVAILABLE", message
+    port = relay.address.rsplit(":", 1)[1]
+    assert port not in message and "127.0.0.1" not in message and "ipv4:" not in message, message
