@@ -16,7 +16,8 @@ request drawn from 1001..2000, a 100 ms gRPC deadline on every request.
    — ``on``, ``off`` (``INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED=false``),
    ``gateway`` (on, behind Envoy shedding on the router's overload signal) and
    ``gateway-sr`` (the same, Envoy shedding on success rates) and ``gateway-off`` (Envoy as a
-   plain proxy, admission off: the gateway path without admission control) — fixed runs at
+   plain proxy, admission off: the gateway path without admission control), and ``default``
+   (``inferline up`` as installed, with the gateway it starts itself) — fixed runs at
    ``--multipliers`` × the knee (default 1, 2, 3), ``--duration`` seconds each after a
    warm-up; the same seeds, so all configurations see the same arrivals and mix. The knee
    is that of the path measured: sweep with ``gateway`` first to find the gateway path's.
@@ -107,14 +108,18 @@ CONFIGS = {
     "gateway": {ADMISSION_ENV: "true"},
     "gateway-sr": {ADMISSION_ENV: "true"},
     "gateway-off": {ADMISSION_ENV: "false"},
+    "default": {ADMISSION_ENV: "true"},
 }
-"""``gateway``: admission on, and the load goes through Envoy (``inferline gateway render``),
-which sheds ``GATEWAY_SHED`` classes on the router's overload signal before the router's
+"""``default``: ``inferline up`` as installed, its own embedded gateway in front (the config's
+``gateway`` section, unchanged); ``gateway``: admission on, and the load goes through Envoy
+(``inferline gateway render``), which sheds ``GATEWAY_SHED`` classes on the router's overload signal before the router's
 Python code sees them; ``gateway-sr``: the same, Envoy shedding on the classes' success rate;
 ``gateway-off``: the same Envoy as a plain proxy (nothing shed) and admission off — the
 gateway path without admission control."""
 GATEWAY_SHED_BY = {"gateway": "signal", "gateway-sr": "success_rate", "gateway-off": "signal"}
 PLAIN_PROXY = frozenset({"gateway-off"})
+EMBEDDED = frozenset({"default"})
+"""Configurations whose ``inferline up`` starts its own gateway on the port measured."""
 """Gateway configurations whose Envoy sheds nothing."""
 GATEWAY_SHED: dict[str, dict[str, float]] = {"batch": {}, "standard": {}}
 """Classes Envoy sheds, with the config's defaults (``ClassShedConfig``)."""
@@ -187,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--admission",
         default="on,off",
-        help="configurations to run, in order: on, off, gateway, gateway-sr, gateway-off",
+        help="configurations to run, in order: on, off, gateway, gateway-sr, gateway-off, default",
     )
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--start-rate", type=float, default=200.0, help="first rate of the knee sweep")
@@ -727,7 +732,7 @@ async def run_configuration(
         [
             str(exe),
             "up",
-            "--no-gateway",
+            *([] if name in EMBEDDED else ["--no-gateway"]),
             "--config",
             str(s.config),
             "--port",
