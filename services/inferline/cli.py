@@ -251,6 +251,7 @@ def predict(
     from pydantic import ValidationError
 
     from inferline.core.config import TlsClientConfig, format_validation_error
+    from inferline.core.headers import TRAFFIC_CLASS
     from inferline.core.tls import channel
     from inferline.v1 import inference_pb2 as pb
     from inferline.v1 import inference_pb2_grpc as pb_grpc
@@ -281,9 +282,10 @@ def predict(
         raise typer.Exit(2) from err
     with opened:
         try:
-            response = pb_grpc.InferenceStub(opened).Predict(
-                request, timeout=deadline_ms / 1000, metadata=(("authorization", f"Bearer {key}"),)
-            )
+            # The gateway sheds and limits by the class header: send it with the class.
+            class_header = ((TRAFFIC_CLASS, traffic_class),) if traffic_class else ()
+            metadata: tuple[tuple[str, str | bytes], ...] = (("authorization", f"Bearer {key}"), *class_header)
+            response = pb_grpc.InferenceStub(opened).Predict(request, timeout=deadline_ms / 1000, metadata=metadata)
         except grpc.RpcError as err:
             typer.echo(json.dumps({"code": err.code().name, "message": err.details()}), err=True)
             raise typer.Exit(1) from err
