@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from inferline.bench.harness import ServerProcess, fmt, health_serving, json_safe, versions, wait_until
+from inferline.bench.harness import ServerProcess, fmt, health_serving, inferline_up, json_safe, versions, wait_until
 from inferline.bench.loadgen import (
     LoadResult,
     SequentialResult,
@@ -212,23 +212,10 @@ async def start_servers(stack: Stack, s: Settings, log_dir: pathlib.Path) -> str
         console.print(f"passthrough ready at {server.url}")
     if "router" in s.targets:
         port = free_port()
-        exe = pathlib.Path(sys.executable).parent / "inferline"
         server = ServerProcess(
             "router",
             f"127.0.0.1:{port}",
-            [
-                str(exe),
-                "up",
-                "--no-gateway",
-                "--config",
-                str(s.config),
-                "--port",
-                str(port),
-                "--metrics-port",
-                "0",
-                "--triton-url",
-                triton_url,
-            ],
+            inferline_up(s.config, port, 0, "--triton-url", triton_url),
             log_dir / "router.log",
             cwd=ROOT,
         )

@@ -81,7 +81,16 @@ from rich.console import Console
 from rich.table import Table
 
 from inferline.bench.analysis import SERVED_BY, generator_summary, iter_requests, send_rate
-from inferline.bench.harness import ServerProcess, fmt, health_serving, json_safe, parse_cpus, versions, wait_until
+from inferline.bench.harness import (
+    ServerProcess,
+    fmt,
+    health_serving,
+    inferline_up,
+    json_safe,
+    parse_cpus,
+    versions,
+    wait_until,
+)
 from inferline.bench.loadgen import OK, LoadResult, merge_load_results, percentile, rate_ladder, step_verdict
 from inferline.bench.mix import DEFAULT_MIX
 from inferline.bench.multiproc import MAX_START_LAG_S, START_DELAY_S, Generators, GenResult
@@ -725,21 +734,10 @@ async def run_configuration(
 ) -> float | None:
     """Start a fresh router for configuration ``name``; sweep (if no knee yet) and run the multipliers."""
     port, metrics_port = free_port(), free_port()
-    exe = pathlib.Path(sys.executable).parent / "inferline"
     server = ServerProcess(
         f"router-admission-{name}",
         f"127.0.0.1:{port}",
-        [
-            str(exe),
-            "up",
-            *([] if name in EMBEDDED else ["--no-gateway"]),
-            "--config",
-            str(s.config),
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-        ],
+        inferline_up(s.config, port, metrics_port, gateway=name in EMBEDDED),
         log_dir / f"router-admission-{name}.log",
         env=CONFIGS[name],
         cwd=ROOT,

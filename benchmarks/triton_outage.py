@@ -70,6 +70,7 @@ from inferline.bench.harness import (
     ServerProcess,
     fmt,
     health_serving,
+    inferline_up,
     json_safe,
     recording_predict_target,
     versions,
@@ -882,21 +883,10 @@ def main(argv: list[str] | None = None) -> int:
     s.results_dir.mkdir(parents=True, exist_ok=True)
     log_dir = s.results_dir / f"triton_outage-{stamp}-logs"
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
-    exe = pathlib.Path(sys.executable).parent / "inferline"
     router = ServerProcess(
         "router",
         f"127.0.0.1:{port}",
-        [
-            str(exe),
-            "up",
-            "--no-gateway",
-            "--config",
-            str(s.config),
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-        ],
+        inferline_up(s.config, port, metrics_port),
         log_dir / "router.log",
         env={"INFERLINE_TRITON__GRPC_PORT": str(grpc_port)},
         cwd=ROOT,

@@ -13,13 +13,13 @@ import random
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from inferline.core.config import load_config
+from inferline.core.config import TlsClientConfig, load_config
 from inferline.core.health_wait import wait_until_serving
 from inferline.core.ports import free_ports
 from inferline.gateway import render_envoy
@@ -43,9 +43,19 @@ class Gateway:
 
 @contextlib.contextmanager
 def start_gateway(
-    gateway_config: dict[str, Any], router_config: pathlib.Path, router: str | list[str], tmp_path: pathlib.Path
+    gateway_config: dict[str, Any],
+    router_config: pathlib.Path,
+    router: str | list[str],
+    tmp_path: pathlib.Path,
+    *,
+    ready_tls: TlsClientConfig | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Gateway]:
-    """A real Envoy on free ports, rendered from ``router_config`` with ``gateway_config``, before ``router``(s)."""
+    """A real Envoy on free ports, rendered from ``router_config`` with ``gateway_config``, before ``router``(s).
+
+    ``ready_tls``: the listener serves TLS; the readiness check connects with it. ``env``:
+    variables added to Envoy's environment.
+    """
     raw = yaml.safe_load(router_config.read_text())
     raw["gateway"] = gateway_config
     config_path = tmp_path / "inferline.yaml"
@@ -59,11 +69,12 @@ def start_gateway(
     command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
     command += ["--disable-hot-restart", "--concurrency", "2", "-l", "warning"]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        environ = {**os.environ, **(env or {})}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environ)
     try:
         gateway = Gateway(f"127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path)
         try:
-            wait_until_serving(gateway.address, 30, is_alive=lambda: process.poll() is None)
+            wait_until_serving(gateway.address, 30, is_alive=lambda: process.poll() is None, tls=ready_tls)
         except TimeoutError:
             raise AssertionError(f"envoy did not forward health checks:\n{log_path.read_text()[-4000:]}") from None
         yield gateway

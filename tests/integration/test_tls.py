@@ -11,11 +11,7 @@ Envoy with a TLS listener and mutual TLS to the router (``gateway.tls`` /
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
-import random
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -31,13 +27,13 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.bench import harness
 from inferline.core import tls
-from inferline.core.config import TlsClientConfig, TlsServerConfig, TritonConfig, load_config
+from inferline.core.config import TlsClientConfig, TlsServerConfig, TritonConfig
 from inferline.core.health_wait import wait_until_serving
 from inferline.core.ports import free_ports
-from inferline.gateway import render_envoy
 from inferline.triton.launcher import TritonLauncher
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
+from tests.integration.gateway_fixtures import Gateway, start_gateway
 from tests.integration.router_fixtures import DEMO_KEY, ROOT, write_test_config
 from tests.tls_certs import TlsCerts, tls_certs
 
@@ -215,17 +211,12 @@ def test_the_bundled_triton_serves_only_mutual_tls(tls_stack: TlsStack) -> None:
 # --- Envoy: a TLS listener, mutual TLS to the router ---------------------------------------------
 
 
-@dataclass
-class Gateway:
-    address: str
-    log_path: pathlib.Path
-
-
 @contextlib.contextmanager
 def _envoy(stack: TlsStack, tmp_path: pathlib.Path) -> Iterator[Gateway]:
+    """Envoy with a TLS listener and mutual TLS to the router; SERVING through it means its TLS
+    listener took the check and its health checks of the router over mutual TLS found it healthy."""
     certs = stack.certs
-    raw = yaml.safe_load(stack.config_path.read_text())
-    raw["gateway"] = {
+    gateway = {
         "tls": {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)},
         "upstream_tls": {
             "ca_file": str(certs.ca),
@@ -233,37 +224,9 @@ def _envoy(stack: TlsStack, tmp_path: pathlib.Path) -> Iterator[Gateway]:
             "key_file": str(certs.client_key),
         },
     }
-    config_path = tmp_path / "inferline.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
-    port, admin_port = free_ports(2)
-    rendered = render_envoy(load_config(config_path), port=port, admin_port=admin_port, routers=[stack.router.url])
-    envoy_yaml = tmp_path / "envoy.yaml"
-    envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))
-    log_path = tmp_path / "envoy.log"
-    command = [str(ENVOY), "-c", str(envoy_yaml), "--base-id", str(random.randint(1, 1 << 30))]
-    command += ["--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **SECRETS}
-        )
-    try:
-        gateway = Gateway(f"127.0.0.1:{port}", log_path)
-        # SERVING through Envoy: its TLS listener took the check, and its health checks of the
-        # router over mutual TLS found it healthy.
-        try:
-            wait_until_serving(
-                gateway.address, 30, is_alive=lambda: process.poll() is None, tls=_client(certs, cert="")
-            )
-        except TimeoutError:
-            raise AssertionError(f"envoy did not answer over TLS:\n{log_path.read_text()[-4000:]}") from None
-        yield gateway
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    ready = _client(certs, cert="")
+    with start_gateway(gateway, stack.config_path, stack.router.url, tmp_path, ready_tls=ready, env=SECRETS) as gw:
+        yield gw
 
 
 def test_predict_through_envoy_over_tls_to_a_mutual_tls_router(tls_stack: TlsStack, tmp_path: pathlib.Path) -> None:

@@ -17,6 +17,7 @@ import pathlib
 import platform
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,6 +47,25 @@ def parse_cpus(text: str) -> frozenset[int]:
     if not cpus or not cpus <= usable:
         raise ValueError(f"CPU list {text!r}: this machine lets us use CPUs {sorted(usable)}")
     return frozenset(cpus)
+
+
+def inferline_up(config: pathlib.Path, port: int, metrics_port: int, *extra: str, gateway: bool = False) -> list[str]:
+    """The command of an ``inferline up`` on ``port`` with ``config``: the router on the port itself
+    (``--no-gateway``, what a benchmark of the router measures), or the embedded gateway there."""
+    exe = pathlib.Path(sys.executable).parent / "inferline"
+    front = [] if gateway else ["--no-gateway"]
+    return [
+        str(exe),
+        "up",
+        *front,
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        *extra,
+    ]
 
 
 @dataclass

@@ -55,12 +55,11 @@ while the shed probability or the success-rate window is still catching up.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from inferline.core import headers
 from inferline.core.config import ClassShedConfig, InferlineConfig, InFlightConfig, ShedSignalConfig, TlsClientConfig
-from inferline.gateway.tls import downstream_transport_socket, upstream_transport_socket
+from inferline.gateway.tls import downstream_transport_socket, is_ip, upstream_transport_socket
 
 TRAFFIC_CLASS_HEADER = headers.TRAFFIC_CLASS
 ROUTER_CLUSTER = "inferline_router"
@@ -550,7 +549,7 @@ def _router_cluster(
     """
     endpoints = [_endpoint(address) for address in routers]
     bound = _CIRCUIT_LIMIT if max_per_router is None else max_per_router * len(routers)
-    static = all(_is_ip(_host(e)) for e in endpoints)
+    static = all(is_ip(_host(e)) for e in endpoints)
     return {
         "name": ROUTER_CLUSTER,
         # STATIC for IP literals; STRICT_DNS resolves names and follows DNS changes (k8s services).
@@ -610,14 +609,6 @@ def _endpoint(address: str) -> dict[str, Any]:
 def _host(endpoint: dict[str, Any]) -> str:
     host: str = endpoint["endpoint"]["address"]["socket_address"]["address"]
     return host
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _duration(seconds: float) -> str:

@@ -69,18 +69,19 @@ def upstream_transport_socket(tls: TlsClientConfig | None, router_hosts: list[st
     if tls.cert_file is not None and tls.key_file is not None:
         common["tls_certificates"] = [_certificate(tls.cert_file, tls.key_file)]
     context: dict[str, Any] = {"@type": _UPSTREAM, "common_tls_context": common}
-    sni = [name for name in names if not _is_ip(name)]
+    sni = [name for name in names if not is_ip(name)]
     if len(names) == 1 and sni:  # SNI carries a DNS name only, and one for all replicas
         context["sni"] = sni[0]
     return {"transport_socket": {"name": _TLS_SOCKET, "typed_config": context}}
 
 
 def _san_matcher(name: str) -> dict[str, Any]:
-    san_type = "IP_ADDRESS" if _is_ip(name) else "DNS"
+    san_type = "IP_ADDRESS" if is_ip(name) else "DNS"
     return {"san_type": san_type, "matcher": {"exact": name}}
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP literal (not a DNS name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
