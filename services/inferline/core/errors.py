@@ -8,6 +8,7 @@ with only a request id for the caller; the traceback goes to the log.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -243,7 +244,7 @@ def rpc_method(func: Handler[_Servicer, _Request, _Response]) -> Handler[_Servic
         except Exception as exc:
             if _caller_gone(context):
                 logger.debug("%s: the caller went away (%s)", func.__qualname__, type(exc).__name__)
-                raise grpc.aio.AbortError() from None
+                raise asyncio.CancelledError() from None
             request_id = uuid.uuid4().hex[:12]
             logger.exception("unhandled error in %s (request_id=%s)", func.__qualname__, request_id)
             status = rpc_status.to_status(
@@ -264,8 +265,9 @@ async def _abort(
 ) -> None:
     """``context.abort``; when the status cannot be sent because the caller went away, a DEBUG line.
 
-    ``AbortError`` (raised either way) tells gRPC the handler is done and that it has
-    nothing to log.
+    The call is then ended as cancelled (``CancelledError``, which gRPC logs at DEBUG): a
+    new ``AbortError`` would not do, as gRPC checks that it is the one ``context.abort``
+    raised and logs an ERROR with a traceback otherwise.
     """
     try:
         await context.abort(code, details, trailing)
@@ -275,4 +277,4 @@ async def _abort(
         if not _caller_gone(context):
             raise
         logger.debug("could not send %s to a caller that went away (%s)", code.name, type(exc).__name__)
-        raise grpc.aio.AbortError() from None
+        raise asyncio.CancelledError() from None

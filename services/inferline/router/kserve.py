@@ -30,6 +30,7 @@ from inferline.core.errors import (
     ModelNotFound,
     PermissionDenied,
     Shed,
+    echo,
     rpc_method,
 )
 from inferline.core.metrics import ServingMetrics
@@ -85,6 +86,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     @rpc_method
     async def ModelReady(self, request: Any, context: Context) -> Any:
         self._authorize(request.name, context)
+        check_version("version", request.version)
         try:
             ready = await self._executor.model_ready(request.name, request.version)
         except ModelUnavailable:
@@ -94,11 +96,13 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     @rpc_method
     async def ModelMetadata(self, request: Any, context: Context) -> Any:
         self._authorize(request.name, context)
+        check_version("version", request.version)
         return await self._executor.model_metadata(request.name, request.version)
 
     @rpc_method
     async def ModelConfig(self, request: Any, context: Context) -> Any:
         self._authorize(request.name, context)
+        check_version("version", request.version)
         return await self._executor.model_config(request.name, request.version)
 
     @rpc_method
@@ -114,7 +118,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             if waited is not None:
                 self._gate.signal_overload(context, f"model:{model}")
             traffic_class = self._gate.traffic_class(tenant, rules, self._requested_class(request, context))
-            _check_tensors(request)
+            check_request(request)
             entry = await self._gate.admit(tenant, f"model:{model}", traffic_class, waited)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
@@ -195,12 +199,47 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     LogSettings = _not_served
 
 
-def _check_tensors(request: Any) -> None:
-    """Refuse shared-memory tensors: regions live on the model server's host, and a caller
-    must not read or write regions registered there by others."""
+MAX_NAME_CHARS = 256
+"""Longest tensor name, parameter key or request id passed on to Triton."""
+MAX_PARAMETER_CHARS = 1024
+"""Longest string parameter passed on to Triton."""
+_VERSION_DIGITS = 19
+"""A model version is an int64 (Triton's), at most 19 decimal digits."""
+
+
+def check_request(request: Any) -> None:
+    """Refuse what Triton must not see, before it costs a call.
+
+    Shared-memory tensors: regions live on the model server's host, and a caller must not
+    read or write regions registered there by others. Oversized strings: Triton echoes
+    names, ids and versions in its errors, and an error whose trailers pass gRPC's 16 KiB
+    metadata limit arrives as "Stream removed", which reads as an outage, not the caller's
+    mistake.
+    """
+    check_version("model_version", request.model_version)
+    if len(request.id) > MAX_NAME_CHARS:
+        raise InvalidInput("id", f"longer than {MAX_NAME_CHARS} characters")
+    _check_parameters("parameters", request.parameters)
     for kind, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
-        for tensor in tensors:
+        for i, tensor in enumerate(tensors):
+            if len(tensor.name) > MAX_NAME_CHARS:
+                raise InvalidInput(f"{kind}[{i}].name", f"longer than {MAX_NAME_CHARS} characters")
             if "shared_memory_region" in tensor.parameters:
                 raise InvalidInput(
                     f"{kind}[{tensor.name}]", "shared memory is not served by the router: send the tensor contents"
                 )
+            _check_parameters(f"{kind}[{i}].parameters", tensor.parameters)
+
+
+def check_version(field: str, version: str) -> None:
+    """A model version is empty (the model's policy picks) or an int64 in decimal."""
+    if version and not (version.isdigit() and len(version) <= _VERSION_DIGITS):
+        raise InvalidInput(field, f"must be empty or a version number, got {echo(version)}")
+
+
+def _check_parameters(field: str, parameters: Any) -> None:
+    for key, value in parameters.items():
+        if len(key) > MAX_NAME_CHARS:
+            raise InvalidInput(field, f"a key is longer than {MAX_NAME_CHARS} characters")
+        if value.WhichOneof("parameter_choice") == "string_param" and len(value.string_param) > MAX_PARAMETER_CHARS:
+            raise InvalidInput(f"{field}[{echo(key)}]", f"longer than {MAX_PARAMETER_CHARS} characters")
