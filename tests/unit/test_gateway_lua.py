@@ -1,7 +1,8 @@
 """The gateway's Lua shedding script, run in LuaJIT (Envoy's Lua engine) with stand-ins for Envoy's handles.
 
 The stand-ins are the few handle methods the script calls (``headers()``, ``trailers()``,
-``get``, ``replace``, ``remove``); the script itself is exactly what ``render_envoy`` puts in the config.
+``get``, ``replace``, ``remove``, ``streamInfo():dynamicMetadata()``); the script itself is exactly
+what ``render_envoy`` puts in the config.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from inferline.gateway import render_envoy
 from inferline.gateway.render import SIGNAL_FILTER, SIGNAL_SHED_HEADER
 from tests.unit.test_gateway_render import DEFAULT
 
+PREDICT = "/inferline.v1.Inference/Predict"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
 # Envoy's handles, reduced to what the script uses; ``draw`` stands in for math.random.
 HANDLES = """
 local function header_map(t)
@@ -27,15 +31,29 @@ local function header_map(t)
     remove = function(self, key) t[key] = nil end,
   }
 end
-function request(t)
-  local map = header_map(t)
-  return {headers = function(self) return map end}
+-- One stream's dynamic metadata: what the request phase sets, the response phase reads.
+function metadata(store)
+  local dynamic = {
+    set = function(self, filter, key, value)
+      store[filter] = store[filter] or {}
+      store[filter][key] = value
+    end,
+    get = function(self, filter) return store[filter] end,
+  }
+  return {dynamicMetadata = function(self) return dynamic end}
 end
-function response(h, trailers)
+function request(t, store)
+  local map = header_map(t)
+  local info = metadata(store)
+  return {headers = function(self) return map end, streamInfo = function(self) return info end}
+end
+function response(h, trailers, store)
   local map = header_map(h)
+  local info = metadata(store)
   return {
     headers = function(self) return map end,
     trailers = function(self) if trailers == nil then return nil end return header_map(trailers) end,
+    streamInfo = function(self) return info end,
   }
 end
 draw = 0.5
@@ -66,30 +84,35 @@ class Script:
         self.lua.execute(lua["typed_config"]["default_source_code"]["inline_string"])
         self.g = self.lua.globals()
 
-    def answer(self, overloaded: str | None, *, in_trailers: bool = True) -> None:
-        """One answer through ``envoy_on_response``: the signal in its trailers (or headers), or none."""
+    def answer(self, overloaded: str | None, *, in_trailers: bool = True, path: str = PREDICT) -> None:
+        """One answer to a call of ``path`` through ``envoy_on_response``: the signal in its trailers
+        (or headers), or none. The stream's metadata is what ``envoy_on_request`` left for it."""
+        store = self.lua.table_from({})
+        self.g.envoy_on_request(self.g.request(self.lua.table_from({":path": path}), store))
         signal = {} if overloaded is None else {headers.OVERLOADED: overloaded}
         head = self.lua.table_from({":status": "200", **({} if in_trailers else signal)})
         trailers = self.lua.table_from({"grpc-status": "0", **(signal if in_trailers else {})})
-        self.g.envoy_on_response(self.g.response(head, trailers))
+        self.g.envoy_on_response(self.g.response(head, trailers, store))
 
-    def shed(self, traffic_class: str | None, draw: float = 0.5, **sent: str) -> bool:
-        """Whether ``envoy_on_request`` marks a request of ``traffic_class``, with headers ``sent``, for the fault."""
+    def shed(self, traffic_class: str | None, draw: float = 0.5, path: str = PREDICT, **sent: str) -> bool:
+        """Whether ``envoy_on_request`` marks a request of ``traffic_class`` to ``path``, with headers
+        ``sent``, for the fault."""
         self.g.draw = draw
-        request = {":path": "/inferline.v1.Inference/Predict", **sent}
+        request = {":path": path, **sent}
         if traffic_class is not None:
             request[headers.TRAFFIC_CLASS] = traffic_class
         table = self.lua.table_from(request)
-        self.g.envoy_on_request(self.g.request(table))
+        self.g.envoy_on_request(self.g.request(table, self.lua.table_from({})))
         marked = table[SIGNAL_SHED_HEADER]
         if marked is not None:
             assert marked == traffic_class
             assert table["x-envoy-downstream-service-cluster"] == traffic_class  # the fault filter counts per class
         return marked is not None
 
-    def p(self, traffic_class: str) -> float:
-        """The class's shed probability, read off the script's own table."""
-        return float(self.g.shed_probabilities()[traffic_class])
+    def p(self, traffic_class: str, path: str = PREDICT) -> float:
+        """The class's shed probability for calls of ``path``, read off the script's own table."""
+        by_class = self.g.shed_probabilities()[path]
+        return 0.0 if by_class is None else float(by_class[traffic_class])
 
 
 def test_nothing_is_shed_until_a_router_says_so() -> None:
@@ -149,7 +172,9 @@ def test_answers_without_the_signal_move_nothing() -> None:
     script = Script(signal={"step_up": 0.25})
     script.answer("batch")
     script.answer(None)  # another upstream, or the gateway's own reply
-    script.g.envoy_on_response(script.g.response(script.lua.table_from({":status": "200"}), None))
+    store = script.lua.table_from({})
+    script.g.envoy_on_request(script.g.request(script.lua.table_from({":path": PREDICT}), store))
+    script.g.envoy_on_response(script.g.response(script.lua.table_from({":status": "200"}), None, store))
     assert script.p("batch") == pytest.approx(0.25, abs=1e-6)
 
 
@@ -159,3 +184,15 @@ def test_a_callers_own_shed_mark_is_dropped() -> None:
     script = Script()
     for traffic_class in ("batch", "critical", None):
         assert not script.shed(traffic_class, draw=0.0, **{SIGNAL_SHED_HEADER: "batch"})
+
+
+def test_each_method_has_its_own_shed_probabilities() -> None:
+    # An overloaded KServe front door (its models' admission) sheds its own lower classes, not Predict's.
+    script = Script(signal={"step_up": 0.5, "step_down": 0.01})
+    script.answer("batch", path=MODEL_INFER)
+    assert script.p("batch", path=MODEL_INFER) == pytest.approx(0.5, abs=1e-6)
+    assert script.p("batch", path=PREDICT) == 0.0
+    assert script.shed("batch", draw=0.1, path=MODEL_INFER)
+    assert not script.shed("batch", draw=0.0, path=PREDICT)
+    script.answer("", path=PREDICT)  # Predict's answers move only Predict's probabilities
+    assert script.p("batch", path=MODEL_INFER) == pytest.approx(0.5, abs=1e-6)

@@ -121,7 +121,7 @@ def test_signal_lua_knows_the_shed_classes_and_the_steps() -> None:
     config = _config(shed={"batch": {}}, signal={"step_up": 0.1, "step_down": 0.01, "max_probability": 0.9})
     filters = {f["name"]: f["typed_config"] for f in _hcm(render_envoy(config))["http_filters"]}
     script = filters[SIGNAL_FILTER]["default_source_code"]["inline_string"]
-    assert 'local shed_p = {["batch"] = 0.0}' in script  # only the listed classes are ever shed
+    assert 'local CLASSES = {["batch"] = true}' in script  # only the listed classes are ever shed
     assert "local STEP_UP, STEP_DOWN, MAX_P = 0.1, 0.01, 0.9" in script
     for name in (headers.TRAFFIC_CLASS, headers.OVERLOADED, SIGNAL_SHED_HEADER):
         assert f'"{name}"' in script

@@ -219,26 +219,38 @@ def _signal_filters(config: InferlineConfig) -> list[dict[str, Any]]:
 
 
 def _signal_lua(classes: list[str], signal: ShedSignalConfig) -> str:
-    """The Lua script: one shed probability per class, per worker thread (Lua state is per worker).
+    """The Lua script: one shed probability per (method, class), per worker thread (Lua state is per worker).
 
     Each answer with ``x-inferline-overloaded`` (a trailer of unary gRPC answers, a header of
-    trailers-only ones such as sheds) moves every class's probability: up ``step_up`` if the
-    list names the class, else down ``step_down``. Answers without it (other servers, the
-    gateway's own replies) move nothing. Class names are plain (config-checked), so they are
+    trailers-only ones such as sheds) moves the probability of every class of the method it
+    answers (``:path``, kept for the answer in the stream's dynamic metadata): up ``step_up``
+    if the list names the class, else down ``step_down``. So an overloaded KServe front door
+    (whose signal comes from its models' admission) sheds its own lower classes, not
+    ``Predict``'s, and the other way round. Answers without it (other servers, the gateway's
+    own replies) move nothing; only the routers' answers to the public methods carry it, so
+    the table holds a handful of paths. Class names are plain (config-checked), so they are
     safe in Lua strings and in the comma-separated list.
     """
-    table = ", ".join(f'["{cls}"] = 0.0' for cls in classes)
+    table = ", ".join(f'["{cls}"] = true' for cls in classes)
     return f"""-- inferline gateway: shed on the routers' overload signal (rendered by `inferline gateway render`)
 local CLASS_HEADER = "{headers.TRAFFIC_CLASS}"
 local OVERLOADED = "{headers.OVERLOADED}"
 local SHED_HEADER = "{SIGNAL_SHED_HEADER}"
 local DOWNSTREAM_CLUSTER = "{_DOWNSTREAM_CLUSTER}"
+local METADATA = "{SIGNAL_FILTER}"
 local STEP_UP, STEP_DOWN, MAX_P = {signal.step_up!r}, {signal.step_down!r}, {signal.max_probability!r}
-local shed_p = {{{table}}}
+local CLASSES = {{{table}}}
+local shed_p = {{}} -- path -> class -> probability
 
-local function follow(list)
+local function follow(path, list)
+  local by_class = shed_p[path]
+  if by_class == nil then
+    by_class = {{}}
+    for cls, _ in pairs(CLASSES) do by_class[cls] = 0.0 end
+    shed_p[path] = by_class
+  end
   local padded = "," .. list .. ","
-  for cls, p in pairs(shed_p) do
+  for cls, p in pairs(by_class) do
     if string.find(padded, "," .. cls .. ",", 1, true) then
       p = p + STEP_UP
       if p > MAX_P then p = MAX_P end
@@ -246,16 +258,20 @@ local function follow(list)
       p = p - STEP_DOWN
       if p < 0 then p = 0 end
     end
-    shed_p[cls] = p
+    by_class[cls] = p
   end
 end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
   headers:remove(SHED_HEADER) -- only this script marks a request for the fault filter
+  local path = headers:get(":path")
+  if path == nil then return end
+  handle:streamInfo():dynamicMetadata():set(METADATA, "path", path)
   local cls = headers:get(CLASS_HEADER)
-  if cls == nil then return end
-  local p = shed_p[cls]
+  local by_class = shed_p[path]
+  if cls == nil or by_class == nil then return end
+  local p = by_class[cls]
   if p ~= nil and p > 0 and math.random() < p then
     headers:replace(SHED_HEADER, cls)
     headers:replace(DOWNSTREAM_CLUSTER, cls)
@@ -270,7 +286,9 @@ function envoy_on_response(handle)
     list = trailers:get(OVERLOADED)
     if list == nil then return end
   end
-  follow(list)
+  local meta = handle:streamInfo():dynamicMetadata():get(METADATA)
+  if meta == nil or meta["path"] == nil then return end
+  follow(meta["path"], list)
 end
 """
 
