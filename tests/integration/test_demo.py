@@ -1,0 +1,29 @@
+"""``make demo`` end to end, on smaller numbers: the embedded stack with its gateway starts, answers and stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.router_fixtures import ROOT
+
+pytestmark = pytest.mark.requires_triton
+
+
+def test_the_demo_serves_sheds_the_lower_classes_never_critical_and_stops_cleanly() -> None:
+    command = [sys.executable, "-m", "inferline.demo.run", "--requests", "60", "--burst", "90"]
+    # A wide terminal: one table row per line.
+    environ = {**os.environ, "COLUMNS": "240"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environ, timeout=400, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "stopped (exit code 0)" in out, out[-4000:]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"│ (critical|standard|batch) +│[^\n]*", out)}
+    assert set(rows) == {"critical", "standard", "batch"}, out[-4000:]
+    # Critical is never shed, by the gateway or the router: its sheds column reads "0 (0)".
+    cells = [cell.strip() for cell in rows["critical"].split("│")]
+    assert cells[3] == "0 (0)", rows["critical"]
