@@ -96,7 +96,10 @@ async def serve_process(
         ensure_gateway_secret(config)  # before the router reads it
     try:
         if "router" in roles and triton_url is None and start_triton:
-            launcher = TritonLauncher(config.triton)
+            # Only the models routes name are loaded (with their per-class copies): a broken
+            # directory the routes do not use costs nothing, one they use degrades its routes.
+            route_models = [v.model for r in config.routes.values() for v in r.all_variants]
+            launcher = TritonLauncher(config.triton, models=route_models)
             await asyncio.to_thread(launcher.start)
             app, supervisor = _supervised_app(config, roles, launcher)
             triton_url = launcher.grpc_url

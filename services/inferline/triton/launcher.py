@@ -6,14 +6,20 @@ runs from ``TritonConfig.server_env`` (nvidia-pytriton, numpy < 2, onnxruntime),
 services from theirs, and they only talk KServe v2 gRPC — as in production, where Triton
 is its own container.
 
-Why explicit model control: the launcher names every model it loads
-(``--load-model``), so readiness means "these models are READY", models whose name ends
-in ``_gpu`` are loaded only where a GPU exists, and the router can later reload a model
-with a config override without restarting the server.
+Why explicit model control, with each model loaded through the repository API once the
+server is up (not ``--load-model``, with which one model that fails to load stops the
+whole server): a model that fails is reported in one line (model, reason) and the others
+serve; only the models asked for are loaded (the routes' models and their per-class
+copies under ``inferline up``; every model directory under ``inferline triton``); models
+whose name ends in ``_gpu`` are loaded only where a GPU exists; and the router can later
+reload a model without restarting the server.
 
-When ``class_copies`` are configured, the server runs on a derived repository: a temporary
-directory linking every entry of ``model_repository`` plus the generated per-class copies
-(see ``inferline.triton.class_copies``), which are loaded too; ``stop`` removes it.
+The server runs on a derived repository when it must: a temporary directory linking
+every entry of ``model_repository``, with onnxruntime models adapted to the python ONNX
+runner (``inferline.triton.model_repository``; the owner's directory is never edited) and
+the generated per-class copies (``inferline.triton.class_copies``); ``stop`` removes it.
+A model directory the bundled server cannot serve (no config, a missing version, a
+TensorRT or PyTorch model, ...) is reported in one line and not loaded.
 
 With ``triton.server_tls`` the server serves gRPC over TLS only (``--grpc-use-ssl``, and
 ``--grpc-use-ssl-mutual`` with a client CA), and the readiness probe connects as the router
@@ -36,6 +42,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Literal
@@ -46,8 +54,9 @@ from tritonclient.utils import InferenceServerException
 from inferline.core.config import TlsServerConfig, TritonConfig
 from inferline.core.ports import free_ports
 from inferline.core.tls import channel_options, tritonclient_kwargs
-from inferline.triton.class_copies import derive_repository
+from inferline.triton.class_copies import ClassModelMap, write_class_copies
 from inferline.triton.executor import CHANNEL_OPTIONS
+from inferline.triton.model_repository import ModelDirectory, ModelDirectoryError, ModelKind, adapt_onnx, inspect_model
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,8 @@ _EXIT_TIMEOUT_S = 5
 _POLL_INTERVAL_S = 0.2
 _PROBE_TIMEOUT_S = 2.0
 _LOG_TAIL_BYTES = 4000
+_LOAD_THREADS = 8
+_REASON_CHARS = 400
 
 
 class TritonStartError(RuntimeError):
@@ -123,11 +134,26 @@ def discover_models(repository: pathlib.Path, load_gpu_variants: bool | Literal[
     "auto" and a GPU is present.
     """
     names = sorted(d.name for d in repository.iterdir() if (d / "config.pbtxt").is_file())
+    return without_gpu_variants(names, load_gpu_variants)
+
+
+def without_gpu_variants(names: Sequence[str], load_gpu_variants: bool | Literal["auto"] = "auto") -> list[str]:
+    """``names`` less those ending in ``_gpu``, unless ``load_gpu_variants`` (or "auto" and a GPU is present)."""
     gpu_names = [n for n in names if n.endswith("_gpu")]
     if not gpu_names:
-        return names
+        return list(names)
     load_gpu = gpu_available() if load_gpu_variants == "auto" else bool(load_gpu_variants)
-    return names if load_gpu else [n for n in names if n not in gpu_names]
+    return list(names) if load_gpu else [n for n in names if n not in gpu_names]
+
+
+def one_line(message: str, limit: int = _REASON_CHARS) -> str:
+    """Triton's (often multi-line, traceback-bearing) error as one line: its first line and,
+    for a Python traceback, the exception at its end."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(no reason given)"
+    text = lines[0] if len(lines) == 1 or "Traceback" not in message else f"{lines[0]} ... {lines[-1]}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _copy_if_changed(src: pathlib.Path, dst: pathlib.Path) -> None:
@@ -198,18 +224,27 @@ class TritonLauncher:
 
     Ports configured as 0 are picked on the first ``start`` and kept for later restarts,
     so the URLs stay valid for clients across a restart. Usable as a context manager.
+
+    ``models``: the models to load (their per-class copies are added); None loads every
+    model directory of the repository. A model that cannot be loaded is left out of
+    ``models`` and named in ``failed`` with its one-line reason; the others serve.
     """
 
-    def __init__(self, config: TritonConfig, log_path: pathlib.Path | None = None) -> None:
+    def __init__(
+        self, config: TritonConfig, log_path: pathlib.Path | None = None, models: Sequence[str] | None = None
+    ) -> None:
         self._config = config
+        self._wanted = tuple(dict.fromkeys(models)) if models is not None else None
         self._log_path = log_path
         self._owns_log = False
         """The log is a temporary file of ours: removed on stop unless the server ever failed."""
-        self._failed = False
+        self._failed_run = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._last_returncode: int | None = None
         self._ports: dict[str, int] = {}
         self._models: tuple[str, ...] = ()
+        self._to_load: tuple[str, ...] = ()
+        self._failed: dict[str, str] = {}
         self._repository: pathlib.Path | None = None
         self._workdir: pathlib.Path | None = None  # holds a derived repository; removed on stop
         self._lock = threading.RLock()
@@ -249,8 +284,13 @@ class TritonLauncher:
 
     @property
     def models(self) -> tuple[str, ...]:
-        """Models loaded by the last ``start``."""
+        """Models loaded and ready after the last ``start``."""
         return self._models
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Models of the last ``start`` that could not be loaded → why (one line)."""
+        return dict(self._failed)
 
     @property
     def repository(self) -> pathlib.Path | None:
@@ -282,9 +322,11 @@ class TritonLauncher:
             try:
                 command = self._command(install, _prepare_backends(install))
                 self._spawn(command, _server_environ(install))
-                self._wait_ready(time.monotonic() + self._config.startup_timeout_s)
+                deadline = time.monotonic() + self._config.startup_timeout_s
+                self._wait_ready(deadline)
+                self._load_models(deadline)
             except BaseException:
-                self._failed = True
+                self._failed_run = True
                 self.stop()
                 raise
             logger.info("tritonserver ready (pid %s, grpc %s, models %s)", self.pid, self.grpc_url, self._models)
@@ -300,14 +342,14 @@ class TritonLauncher:
                 if proc.poll() is None:
                     self._terminate(proc, timeout_s)
                 else:
-                    self._failed = True  # it died on its own: keep its log
+                    self._failed_run = True  # it died on its own: keep its log
             finally:
                 _kill_group(proc.pid)
                 proc.wait()
                 self._proc = None
                 self._last_returncode = proc.returncode
                 self._remove_workdir()
-                if self._owns_log and not self._failed and self._log_path is not None:
+                if self._owns_log and not self._failed_run and self._log_path is not None:
                     self._log_path.unlink(missing_ok=True)
 
     def restart(self) -> None:
@@ -336,27 +378,102 @@ class TritonLauncher:
     def _command(self, install: _ServerInstall, backends: pathlib.Path) -> list[str]:
         self._choose_ports()
         repository = self._config.model_repository.resolve()
-        models = discover_models(repository, self._config.load_gpu_variants)
-        if not models:
-            logger.warning("no models (directories with config.pbtxt) in %s", repository)
-        if self._config.class_copies.models:
+        self._failed = {}
+        if self._wanted is None:
+            wanted = discover_models(repository, self._config.load_gpu_variants)
+        else:
+            wanted = without_gpu_variants(self._wanted, self._config.load_gpu_variants)
+        if not wanted:
+            logger.warning("no models to load (directories with config.pbtxt) in %s", repository)
+        inspected = {}
+        for name in wanted:
+            try:
+                inspected[name] = inspect_model(repository / name)
+            except ModelDirectoryError as err:
+                self._fail(name, str(err))
+            except FileNotFoundError:
+                self._fail(name, f"{repository / name}: no such model directory in the model repository")
+        models = list(inspected)
+        onnx = [m for m in inspected.values() if m.kind is ModelKind.ONNX]
+        if onnx or self._config.class_copies.models:
             self._workdir = pathlib.Path(tempfile.mkdtemp(prefix="inferline-triton-repo-"))
-            repository, copies = derive_repository(repository, self._workdir, self._config.class_copies, models)
+            repository, copies = self._derive(repository, self._workdir / "models", onnx, models)
             models += [c for c in copies if c not in models]  # copies already in the repository are regenerated
         self._repository = repository
-        self._models = tuple(models)
+        self._to_load = tuple(models)
+        self._models = ()
         return [
             str(install.binary),
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
             "--model-control-mode=explicit",
-            *(f"--load-model={name}" for name in self._models),
             *(f"--{kind}-address={HOST}" for kind in ("grpc", "http", "metrics")),
             *(f"--{kind}-port={self._ports[kind]}" for kind in ("grpc", "http", "metrics")),
             f"--exit-timeout-secs={_EXIT_TIMEOUT_S}",
             "--log-verbose=0",
             *_ssl_flags(self._config.server_tls),
         ]
+
+    def _fail(self, model: str, reason: str) -> None:
+        self._failed[model] = reason
+        logger.error("model %s not loaded: %s", model, reason)
+
+    def _derive(
+        self, original: pathlib.Path, repository: pathlib.Path, onnx: Sequence[ModelDirectory], models: Sequence[str]
+    ) -> tuple[pathlib.Path, list[str]]:
+        """The repository the bundled server runs on: links to ``original``'s entries, onnxruntime
+        models adapted to the python runner, and the per-class copies of ``models``."""
+        repository.mkdir(parents=True)
+        copies_config = self._config.class_copies
+        wanted = copies_config.model_copy(update={"models": [m for m in copies_config.models if m in models]})
+        copies = set(ClassModelMap(wanted).copies)
+        adapted = {m.name: m for m in onnx}
+        for entry in sorted(original.iterdir()):
+            if entry.name in adapted:
+                adapt_onnx(adapted[entry.name], repository / entry.name)
+            elif entry.name not in copies:
+                (repository / entry.name).symlink_to(entry)
+        try:
+            return repository, write_class_copies(repository, repository, wanted)
+        except ValueError as err:
+            raise TritonStartError(str(err)) from err
+
+    def _load_models(self, deadline: float) -> None:
+        """Load every model through the repository API, in parallel; record and log each failure
+        in one line. Triton answers a load when the model is ready (warm-up included) or failed."""
+        if not self._to_load:
+            return
+        client = self._client()
+        try:
+            with ThreadPoolExecutor(min(_LOAD_THREADS, len(self._to_load)), "triton-load") as pool:
+                outcomes = list(pool.map(lambda name: self._load(client, name, deadline), self._to_load))
+        finally:
+            client.close()
+        for name, reason in zip(self._to_load, outcomes, strict=True):
+            if reason is not None:
+                self._fail(name, reason)
+        self._models = tuple(name for name, reason in zip(self._to_load, outcomes, strict=True) if reason is None)
+
+    def _load(self, client: grpcclient.InferenceServerClient, name: str, deadline: float) -> str | None:
+        """Load ``name``; None when it is ready, else why not (one line)."""
+        timeout_s = max(1.0, deadline - time.monotonic())
+        try:
+            client.load_model(name, client_timeout=timeout_s)
+        except InferenceServerException as err:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with code {self._proc.returncode} while loading {name}", self._tail()
+                ) from err
+            return one_line(err.message() or str(err))
+        return None
+
+    def _client(self) -> grpcclient.InferenceServerClient:
+        # The executor's short reconnect backoff: with gRPC's default (1 s growing x1.6) a
+        # restarted Triton was seen ready ~3 s late, and callers degraded for nothing.
+        # Over TLS with triton.tls when the server serves it (triton.server_tls).
+        tls = self._config.tls if self._config.server_tls is not None else None
+        options = [*CHANNEL_OPTIONS, *channel_options(tls)]
+        return grpcclient.InferenceServerClient(self.grpc_url, channel_args=options, **tritonclient_kwargs(tls))
 
     def _spawn(self, command: list[str], environ: dict[str, str]) -> None:
         if self._log_path is None:
@@ -380,12 +497,7 @@ class TritonLauncher:
         logger.info("started tritonserver pid %s, log %s", self._proc.pid, self._log_path)
 
     def _wait_ready(self, deadline: float) -> None:
-        # The executor's short reconnect backoff: with gRPC's default (1 s growing x1.6) a
-        # restarted Triton was seen ready ~3 s late, and callers degraded for nothing.
-        # Over TLS with triton.tls when the server serves it (triton.server_tls).
-        tls = self._config.tls if self._config.server_tls is not None else None
-        options = [*CHANNEL_OPTIONS, *channel_options(tls)]
-        client = grpcclient.InferenceServerClient(self.grpc_url, channel_args=options, **tritonclient_kwargs(tls))
+        client = self._client()
         try:
             while not self._probe(client):
                 assert self._proc is not None
@@ -401,9 +513,7 @@ class TritonLauncher:
 
     def _probe(self, client: grpcclient.InferenceServerClient) -> bool:
         try:
-            if not client.is_server_ready(client_timeout=_PROBE_TIMEOUT_S):
-                return False
-            return all(client.is_model_ready(name, client_timeout=_PROBE_TIMEOUT_S) for name in self._models)
+            return bool(client.is_server_ready(client_timeout=_PROBE_TIMEOUT_S))
         except InferenceServerException:
             return False
 

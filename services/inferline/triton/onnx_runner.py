@@ -1,0 +1,1 @@
+../../../triton_models/onnx_runner.py
