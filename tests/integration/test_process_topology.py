@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
 
+from inferline.core.health_wait import wait_until_serving
 from inferline.core.ports import free_port
 from inferline.stats import scrape
 from inferline.v1 import inference_pb2 as pb
@@ -61,6 +63,13 @@ def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp
             with pytest.raises(grpc.RpcError) as info:
                 channel.unary_unary("/inferline.v1.Degradation/RecordScores")(b"", timeout=5, metadata=AUTH)
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # A gateway that dies is started again on the same port.
+        os.kill(envoy_pid, signal.SIGKILL)
+        wait_until_serving(server.address, 60)
+        assert _predict(server.address).served_by == pb.SERVED_BY_PRIMARY
+        pids = re.findall(r"started envoy pid (\d+)", server.log_tail(50_000))
+        assert len(pids) == 2 and int(pids[-1]) != envoy_pid, pids
+        envoy_pid = int(pids[-1])
     finally:
         code = server.stop()
     assert code == 0, server.log_tail()
