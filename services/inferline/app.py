@@ -44,6 +44,7 @@ from inferline.features.store import FeastOnlineStore
 from inferline.postprocess.client import GrpcPostprocessClient, LocalPostprocessClient, PostprocessClient
 from inferline.postprocess.service import PostprocessService
 from inferline.postprocess.servicer import PostprocessServicer
+from inferline.route_check import CheckReport
 from inferline.router.admission import AdmissionController
 from inferline.router.breaker import BreakerRegistry, BreakerState
 from inferline.router.gate import RequestGate
@@ -54,6 +55,7 @@ from inferline.router.loop_lag import LoopLagMonitor
 from inferline.router.plan import build_route_plans
 from inferline.router.quota import build_rate_limiter
 from inferline.router.recovery import RecoveryTracker
+from inferline.router.route_health import RouteHealth
 from inferline.router.selection import StatsRegistry
 from inferline.router.service import RouterService
 from inferline.router.servicer import InferenceServicer
@@ -85,6 +87,8 @@ class App:
     """The Triton executor under the coalescer, when the process talks to Triton (KServe front door)."""
     interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = field(default_factory=list)
     """Server interceptors of the process's port (an internal service's service-token check)."""
+    route_health: RouteHealth | None = None
+    """Set when the process hosts the router: each route's ``grpc.health.v1`` status (``inferline.route.<name>``)."""
 
     async def start(self) -> None:
         """Warm-ups that must finish before the process reports SERVING."""
@@ -124,17 +128,23 @@ def _register(app: App, name: str, add: Callable[[grpc.aio.Server], None]) -> No
     app.registrations.append(ServiceRegistration(name, add))
 
 
-def _executor(config: InferlineConfig, triton_url: str, app: App) -> CoalescingExecutor:
+def _executor(
+    config: InferlineConfig, triton_url: str, app: App, route_check: CheckReport | None = None
+) -> CoalescingExecutor:
     limits = {v.model: r.max_in_flight for r in config.routes.values() for v in r.full_variants}
     bases = ClassModelMap(config.triton.class_copies).bases
     triton = TritonExecutor(triton_url, max_in_flight=limits, shares_bound_with=bases, tls=config.triton.tls)
     app.triton = triton
     executor = CoalescingExecutor(triton, config.triton.coalesce_max_concurrent, config.triton.coalesce_max_batch_rows)
     app.closers.append(executor.close)
-    models = {
-        v.model: (len(v.features), v.input_name, v.output_name) for r in config.routes.values() for v in r.all_variants
-    }
-    app.starters.append(lambda: triton.warm_up(models))
+    blocked = route_check.blocked_models() if route_check is not None else {}
+    shapes = [
+        (v.model, len(v.features), v.input_name, v.output_name)
+        for name, r in config.routes.items()
+        for v in r.all_variants
+        if v.model not in blocked.get(name, ())  # a variant that failed the check is never called
+    ]
+    app.starters.append(lambda: triton.warm_up(shapes))
     return executor
 
 
@@ -144,14 +154,19 @@ def build_app(
     triton_url: str | None = None,
     model_available: Callable[[], bool] = lambda: True,
     triton_metrics_url: str | None = None,
+    route_check: CheckReport | None = None,
 ) -> App:
     """Build the services for ``roles``; the router needs ``triton_url``.
 
     ``model_available`` tells the router at once when the model server is known to be
     down (the embedded supervisor saw Triton die), so it degrades without waiting.
+    ``route_check``: the start-up check; routes it found in error are NOT_SERVING and
+    never call the mismatched models (they answer from their degradation path).
     """
     app = App()
-    executor = _executor(config, triton_url, app) if triton_url and roles & {"router", "degradation"} else None
+    executor = (
+        _executor(config, triton_url, app, route_check) if triton_url and roles & {"router", "degradation"} else None
+    )
     features = _features(config, app) if "features" in roles else None
     post = PostprocessService(config.routes) if "postprocess" in roles else None
     degradation: DegradationService | None = None
@@ -186,7 +201,9 @@ def build_app(
     if "router" in roles:
         if executor is None:
             raise ValueError("the router needs a Triton URL")
-        _build_router(config, app, executor, features, post, degradation, model_available, triton_metrics_url)
+        _build_router(
+            config, app, executor, features, post, degradation, model_available, triton_metrics_url, route_check
+        )
     return app
 
 
@@ -201,6 +218,10 @@ def _model_readiness(config: InferlineConfig, app: App) -> Callable[[str], bool]
     app.starters.append(readiness.start)  # after the Triton warm-up, which was added first
     app.closers.append(readiness.stop)
     return readiness.is_ready
+
+
+def _unblocked(available: Callable[[str], bool], blocked: frozenset[str], model: str) -> bool:
+    return model not in blocked and available(model)
 
 
 def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> RequestGate:
@@ -251,6 +272,7 @@ def _build_router(
     degradation: DegradationService | None,
     model_available: Callable[[], bool],
     triton_metrics_url: str | None,
+    route_check: CheckReport | None = None,
 ) -> None:
     services = config.services
     credentials: ServiceCredentials | None = None
@@ -291,6 +313,10 @@ def _build_router(
         """Route selection may pick ``model``: Triton up, the model loaded, its circuit not open."""
         return model_available() and is_ready(model) and breakers.get(model).state is not BreakerState.OPEN
 
+    # An open circuit is a passing fault, not a reason to take the route out of a balancer.
+    disabled = route_check.routes_with_errors() if route_check is not None else {}
+    app.route_health = RouteHealth(config.routes, lambda model: model_available() and is_ready(model), disabled)
+
     class_map = ClassModelMap(config.triton.class_copies)
 
     def model_for_class(model: str, traffic_class: str) -> str:
@@ -298,7 +324,13 @@ def _build_router(
         copy = class_map.resolve(model, traffic_class)
         return copy if copy == model or is_ready(copy) else model
 
-    plans = build_route_plans(config, variant_available, StatsRegistry())
+    stats = StatsRegistry()
+    plans = dict(build_route_plans(config, variant_available, stats))
+    for route, models in (route_check.blocked_models() if route_check is not None else {}).items():
+        # A route whose variant does not match its model never calls that model.
+        alone = config.model_copy(update={"routes": {route: config.routes[route]}})
+        blocked = functools.partial(_unblocked, variant_available, models)
+        plans.update(build_route_plans(alone, blocked, stats))
     gate = _gate(config, app, metrics)
     router = RouterService(
         feature_client, executor, post_client, degradation_client, plans,

@@ -1,4 +1,5 @@
-"""The ``inferline`` command line: up, serve, triton (and triton class-copies), gateway render, predict, bench."""
+"""The ``inferline`` command line: up, serve, triton (and triton class-copies), models check, gateway render, predict,
+bench."""
 
 from __future__ import annotations
 
@@ -182,6 +183,58 @@ def class_copies(
         raise typer.Exit(1) from err
     for name in names:
         typer.echo(str(target / name))
+
+
+models_cli = typer.Typer(no_args_is_help=True, help="For model owners: check routes against their models.")
+cli.add_typer(models_cli, name="models")
+
+
+@models_cli.command("check")
+def models_check(
+    config: ConfigOption = DEFAULT_CONFIG,
+    triton_url: Annotated[str | None, typer.Option(help="check against this running Triton (host:port)")] = None,
+) -> None:
+    """Check every route against Triton's models and the Feast registry, as start-up does.
+
+    Input and output names, datatypes, input width against the route's features, max batch
+    size, Feast references. Without a Triton URL (--triton-url or triton.url) the bundled
+    server is started on triton.model_repository with the routes' models. One line per
+    problem, naming the route, the variant and the field; exit 1 if there is any.
+    """
+    cfg = _load(config)
+    url = triton_url or cfg.triton.url
+    _check_tls(cfg, router=False, triton_client=True, bundled_triton=url is None, grpc_server=False)
+    raise typer.Exit(_run(_models_check(cfg, url)))
+
+
+async def _models_check(config: InferlineConfig, url: str | None) -> int:
+    import asyncio
+
+    from inferline.route_check import route_models, run_check
+    from inferline.triton.launcher import TritonLauncher, TritonStartError
+
+    launcher = None
+    problems: list[str] = []
+    try:
+        if url is None:
+            launcher = TritonLauncher(config.triton, models=route_models(config))
+            try:
+                await asyncio.to_thread(launcher.start)
+            except TritonStartError as err:
+                typer.echo(f"the bundled Triton did not start: {str(err).splitlines()[0]}", err=True)
+                return 1
+            url = launcher.grpc_url
+            problems += [f"model {name}: {reason}" for name, reason in launcher.failed.items()]
+        report = await run_check(config, url, feast_registry_path=config.feature_store.feast_repo)
+    finally:
+        if launcher is not None:
+            await asyncio.to_thread(launcher.stop)
+    problems += [finding.line() for finding in report.findings]
+    for line in problems:
+        typer.echo(line)
+    summary = f"{len(config.routes)} routes, {report.variants} variants, {report.feature_refs} feature references"
+    typer.echo(f"{summary}: {len(problems) or 'no'} problem{'' if len(problems) == 1 else 's'}", err=True)
+    return 1 if problems else 0
 
 
 gateway_cli = typer.Typer(no_args_is_help=True, help="The Envoy ingress in front of the routers.")

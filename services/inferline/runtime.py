@@ -12,10 +12,11 @@ import signal
 from prometheus_client import start_http_server
 
 from inferline.app import App, Role, build_app
-from inferline.core.config import InferlineConfig
+from inferline.core.config import ConfigError, InferlineConfig
 from inferline.core.grpc_server import start_server
 from inferline.core.ports import free_port
 from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret
+from inferline.route_check import CheckReport, route_models, run_check
 from inferline.triton.launcher import TritonLauncher
 from inferline.triton.supervisor import TritonSupervisor
 from inferline.workers import RouterWorkers
@@ -40,8 +41,35 @@ _background: set[asyncio.Task[None]] = set()
 """Fire-and-forget tasks, referenced until done (the loop keeps only weak references)."""
 
 
+async def check_before_traffic(config: InferlineConfig, triton_url: str, roles: set[Role]) -> CheckReport:
+    """The routes checked against Triton's models and the Feast registry (``inferline.route_check``).
+
+    Raises:
+        ConfigError: a route does not match its model or features and ``validation.on_mismatch``
+            is ``refuse``: one line per mismatch, naming the route, the variant and the field.
+    """
+    local_features = "features" in roles or config.services.features is None
+    registry = config.feature_store.feast_repo if local_features else None
+    report = await run_check(config, triton_url, feast_registry_path=registry)
+    if report.errors and config.validation.on_mismatch == "refuse":
+        lines = "\n".join(f"  {finding.line()}" for finding in report.errors)
+        raise ConfigError(
+            f"{len(report.errors)} mismatch(es) between routes and their models or features "
+            f"(validation.on_mismatch: not_serving starts with these routes NOT_SERVING instead):\n{lines}"
+        )
+    for finding in report.errors:
+        logger.error("%s (route NOT_SERVING)", finding.line())
+    logger.info(
+        "routes checked: %d variants, %d feature references, %d mismatches",
+        report.variants,
+        report.feature_refs,
+        len(report.errors),
+    )
+    return report
+
+
 def _supervised_app(
-    config: InferlineConfig, roles: set[Role], launcher: TritonLauncher
+    config: InferlineConfig, roles: set[Role], launcher: TritonLauncher, route_check: CheckReport
 ) -> tuple[App, TritonSupervisor]:
     """The app with the router told at once when the bundled Triton is down, and when it is back."""
     primaries = [v.model for r in config.routes.values() for v in r.full_variants]
@@ -65,6 +93,7 @@ def _supervised_app(
         launcher.grpc_url,
         model_available=lambda: supervisor.available,
         triton_metrics_url=launcher.metrics_url,
+        route_check=route_check,
     )
     return app, supervisor
 
@@ -98,13 +127,16 @@ async def serve_process(
         if "router" in roles and triton_url is None and start_triton:
             # Only the models routes name are loaded (with their per-class copies): a broken
             # directory the routes do not use costs nothing, one they use degrades its routes.
-            route_models = [v.model for r in config.routes.values() for v in r.all_variants]
-            launcher = TritonLauncher(config.triton, models=route_models)
+            launcher = TritonLauncher(config.triton, models=route_models(config))
             await asyncio.to_thread(launcher.start)
-            app, supervisor = _supervised_app(config, roles, launcher)
+            report = await check_before_traffic(config, launcher.grpc_url, roles)
+            app, supervisor = _supervised_app(config, roles, launcher, report)
             triton_url = launcher.grpc_url
         else:
-            app = build_app(config, roles, triton_url)
+            checked = None
+            if "router" in roles and triton_url:
+                checked = await check_before_traffic(config, triton_url, roles)
+            app = build_app(config, roles, triton_url, route_check=checked)
         await app.start()
         # Feast, pandas and pyarrow leave millions of long-lived objects behind at start-up;
         # a full collection walking them stalls the event loop for 100+ ms (seen here as
@@ -117,6 +149,8 @@ async def serve_process(
         # Behind the embedded gateway, the router is reached over loopback only.
         server_config = config.server.model_copy(update={"host": "127.0.0.1", "port": 0}) if gateway else config.server
         running = await start_server(app.registrations, server_config, interceptors=app.interceptors)
+        if app.route_health is not None:
+            await app.route_health.start(running.health)
         if config.server.metrics_port:
             start_http_server(config.server.metrics_port, addr=config.server.host, registry=app.registry)
         public_port = running.port
@@ -140,6 +174,8 @@ async def serve_process(
         )
         received = await _wait_for_signal()
         logger.info("%s received: draining", received)
+        if app.route_health is not None:
+            await app.route_health.stop(running.health)
         await running.drain_and_stop(config.server.drain_s, config.server.grace_s, config.server.drain_quiet_s)
         await app.close()
         return 0

@@ -10,6 +10,11 @@ from __future__ import annotations
 import pathlib
 import shutil
 
+GOOD = ("ranker_onnx", "ranker_backend", "light_onnx", "owners_python")
+"""The models of ``owner_repository`` that serve."""
+BROKEN = ("trt_model", "no_config", "bad_config", "no_version", "raises_on_load")
+"""The models of ``owner_repository`` that cannot: each is one line, and takes nothing else down."""
+NOT_ASKED = "not_asked"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRIMARY_ONNX = ROOT / "triton_models" / "driver_ranker" / "1" / "model.onnx"
 LIGHT_ONNX = ROOT / "triton_models" / "driver_ranker_light" / "1" / "model.onnx"
@@ -46,3 +51,42 @@ def onnx_model(
     shutil.copy2(onnx, directory / "1" / "model.onnx")
     (directory / "config.pbtxt").write_text(onnx_config(name, width, header=header))
     return directory
+
+
+RAISING_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("weights are corrupt")
+"""
+
+
+def owner_repository(root: pathlib.Path) -> pathlib.Path:
+    """``root/models``: the ``GOOD`` models, the ``BROKEN`` ones and ``NOT_ASKED`` (a good one no one loads)."""
+    repository = root / "models"
+    repository.mkdir()
+    onnx_model(repository, "ranker_onnx")
+    onnx_model(repository, "ranker_backend", header='backend: "onnxruntime"')
+    onnx_model(repository, "light_onnx", LIGHT_ONNX, width=2)
+    onnx_model(repository, NOT_ASKED)
+    python = shutil.copytree(ROOT / "triton_models" / "driver_ranker_light", repository / "owners_python")
+    config = (python / "config.pbtxt").read_text().replace('name: "driver_ranker_light"', 'name: "owners_python"')
+    (python / "config.pbtxt").write_text(config)
+    trt = onnx_model(repository, "trt_model")
+    (trt / "config.pbtxt").write_text(onnx_config("trt_model", 4, header='platform: "tensorrt_plan"'))
+    (repository / "no_config" / "1").mkdir(parents=True)
+    shutil.copy2(LIGHT_ONNX, repository / "no_config" / "1" / "model.onnx")
+    bad = onnx_model(repository, "bad_config")
+    (bad / "config.pbtxt").write_text('name: "bad_config"\nplatform: "onnxruntime_onnx"\nmax_batch_size: [oops\n')
+    (repository / "no_version").mkdir()
+    (repository / "no_version" / "config.pbtxt").write_text(onnx_config("no_version", 4))
+    raising = repository / "raises_on_load"
+    (raising / "1").mkdir(parents=True)
+    (raising / "1" / "model.py").write_text(RAISING_MODEL)
+    (raising / "config.pbtxt").write_text(
+        'name: "raises_on_load"\nbackend: "python"\nmax_batch_size: 8\n'
+        'input [ { name: "features", data_type: TYPE_FP32, dims: [ 4 ] } ]\n'
+        'output [ { name: "score", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
+    )
+    return repository

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import pathlib
-import shutil
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,52 +21,13 @@ import tritonclient.grpc as grpcclient
 
 from inferline.core.config import ClassBatchingConfig, ClassCopiesConfig, TritonConfig
 from inferline.triton.launcher import TritonLauncher
-from tests.integration.owner_models import LIGHT_ONNX, ROOT, onnx_config, onnx_model
+from tests.integration.owner_models import BROKEN, GOOD, NOT_ASKED, owner_repository
 
 pytestmark = pytest.mark.requires_triton
 
-GOOD = ("ranker_onnx", "ranker_backend", "light_onnx", "owners_python")
-BROKEN = ("trt_model", "no_config", "bad_config", "no_version", "raises_on_load")
-NOT_ASKED = "not_asked"
 COPIES = ClassCopiesConfig(
     models=["ranker_onnx"], classes={"batch": ClassBatchingConfig(max_queue_delay_us=2000, preferred_batch_sizes=[8])}
 )
-RAISING_MODEL = """
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def initialize(self, args):
-        raise RuntimeError("weights are corrupt")
-"""
-
-
-def owner_repository(root: pathlib.Path) -> pathlib.Path:
-    repository = root / "models"
-    repository.mkdir()
-    onnx_model(repository, "ranker_onnx")
-    onnx_model(repository, "ranker_backend", header='backend: "onnxruntime"')
-    onnx_model(repository, "light_onnx", LIGHT_ONNX, width=2)
-    onnx_model(repository, NOT_ASKED)
-    python = shutil.copytree(ROOT / "triton_models" / "driver_ranker_light", repository / "owners_python")
-    config = (python / "config.pbtxt").read_text().replace('name: "driver_ranker_light"', 'name: "owners_python"')
-    (python / "config.pbtxt").write_text(config)
-    trt = onnx_model(repository, "trt_model")
-    (trt / "config.pbtxt").write_text(onnx_config("trt_model", 4, header='platform: "tensorrt_plan"'))
-    (repository / "no_config" / "1").mkdir(parents=True)
-    shutil.copy2(LIGHT_ONNX, repository / "no_config" / "1" / "model.onnx")
-    bad = onnx_model(repository, "bad_config")
-    (bad / "config.pbtxt").write_text('name: "bad_config"\nplatform: "onnxruntime_onnx"\nmax_batch_size: [oops\n')
-    (repository / "no_version").mkdir()
-    (repository / "no_version" / "config.pbtxt").write_text(onnx_config("no_version", 4))
-    raising = repository / "raises_on_load"
-    (raising / "1").mkdir(parents=True)
-    (raising / "1" / "model.py").write_text(RAISING_MODEL)
-    (raising / "config.pbtxt").write_text(
-        'name: "raises_on_load"\nbackend: "python"\nmax_batch_size: 8\n'
-        'input [ { name: "features", data_type: TYPE_FP32, dims: [ 4 ] } ]\n'
-        'output [ { name: "score", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
-    )
-    return repository
 
 
 def digest(repository: pathlib.Path) -> dict[str, str]:

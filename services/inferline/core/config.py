@@ -613,6 +613,16 @@ class DeviceClassConfig(_Model):
     """What an hour of this device costs (any currency; used for cost per 1K requests)."""
 
 
+class ValidationConfig(_Model):
+    """The check of every route against Triton's models and the Feast registry at start-up
+    (and ``inferline models check``): names, datatypes, widths, max batch size, feature views."""
+
+    on_mismatch: Literal["refuse", "not_serving"] = "refuse"
+    """``refuse``: a mismatch stops start-up (exit 2), one line per mismatch naming the route,
+    variant and field; ``not_serving``: start anyway, the mismatched routes degraded and their
+    health (``inferline.route.<name>``) NOT_SERVING."""
+
+
 class InferlineConfig(_Model):
     server: ServerConfig = ServerConfig()
     triton: TritonConfig = TritonConfig()
@@ -625,6 +635,7 @@ class InferlineConfig(_Model):
     rate_limit: RateLimitConfig = RateLimitConfig()
     tracing: TracingConfig = TracingConfig()
     gateway: GatewayConfig = GatewayConfig()
+    validation: ValidationConfig = ValidationConfig()
     device_classes: dict[str, DeviceClassConfig] = {
         "cpu": DeviceClassConfig(cost_per_hour=0.20),
         "gpu": DeviceClassConfig(cost_per_hour=3.00),

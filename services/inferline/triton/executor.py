@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -325,18 +325,25 @@ class TritonExecutor:
     def in_flight(self, model: str) -> int:
         return self._limit(model).in_flight
 
-    async def warm_up(self, models: dict[str, tuple[int, str, str]], timeout_s: float = 30.0) -> None:
-        """Connect and run each model once, so the first real request pays no connection set-up.
+    async def warm_up(self, shapes: Iterable[tuple[str, int, str, str]], timeout_s: float = 30.0) -> None:
+        """Connect and run each shape once, so the first real request pays no connection set-up.
 
-        ``models`` maps a model name to (feature count, input name, output name). Failures
-        are logged, not raised: a model that is down now is the degradation path's business.
+        ``shapes``: (model, feature count, input name, output name), one per distinct way a
+        route calls a model, so every route's shape is warmed, not one per model. A model
+        Triton has not loaded is skipped (readiness reports it); other failures are logged,
+        not raised: a model that is down now is the degradation path's business.
         """
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
         except TimeoutError:
             logger.warning("Triton not reachable for warm-up within %.0f s", timeout_s)
             return
-        for model, (width, input_name, output_name) in models.items():
+        ready: dict[str, bool] = {}
+        for model, width, input_name, output_name in dict.fromkeys(shapes):
+            if model not in ready:
+                ready[model] = await self.is_model_ready(model)
+            if not ready[model]:
+                continue
             try:
                 zeros = np.zeros((1, width), np.float32)
                 await self.infer(
@@ -374,6 +381,24 @@ class TritonExecutor:
         """Triton's configuration of the model; raises as ``model_metadata``."""
         request = service_pb2.ModelConfigRequest(name=name, version=version)
         return await self._control(name, self._stub.ModelConfig, request, version)
+
+    async def repository_index(self) -> dict[str, tuple[str, str]]:
+        """Every model of Triton's repository, loaded or not → (state, reason), e.g. ("READY", "").
+
+        Raises:
+            ModelUnavailable: Triton failed or did not answer.
+        """
+        try:
+            response = await self._stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=CONTROL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise ModelUnavailable(
+                f"model repository index unavailable: {exc.code().name}: {redact_addresses(exc.details() or '')}"
+            ) from exc
+        index: dict[str, tuple[str, str]] = {}
+        for model in response.models:
+            if index.get(model.name, ("",))[0] != "READY":  # one entry per version: a ready one wins
+                index[model.name] = (model.state, model.reason)
+        return index
 
     async def model_statistics(self) -> service_pb2.ModelStatisticsResponse:
         """Triton's statistics of every model (counts, queue and compute durations, batch sizes).
