@@ -229,11 +229,15 @@ async def _models_check(config: InferlineConfig, url: str | None) -> int:
     finally:
         if launcher is not None:
             await asyncio.to_thread(launcher.stop)
-    problems += [finding.line() for finding in report.findings]
+    problems += [finding.line() for finding in report.findings if finding.severity != "warning"]
     for line in problems:
         typer.echo(line)
+    warnings = [finding.line() for finding in report.findings if finding.severity == "warning"]
+    for line in warnings:
+        typer.echo(f"warning: {line}")
     summary = f"{len(config.routes)} routes, {report.variants} variants, {report.feature_refs} feature references"
-    typer.echo(f"{summary}: {len(problems) or 'no'} problem{'' if len(problems) == 1 else 's'}", err=True)
+    count = f"{len(problems) or 'no'} problem{'' if len(problems) == 1 else 's'}"
+    typer.echo(f"{summary}: {count}{f', {len(warnings)} warnings' if warnings else ''}", err=True)
     return 1 if problems else 0
 
 

@@ -7,11 +7,13 @@ datatypes (the router sends FP32 rows and reads one FP32 score per row), the inp
 against the variant's feature list, ``max_batch_size`` against what the router sends in
 one call — and every Feast reference (``view:feature``) with the feature registry.
 
-Each problem is a ``Finding``: one line naming the route, the variant and the field. A
-model that exists but is not loaded (it failed to load) is a finding that does not block:
-its routes degrade and report NOT_SERVING until it loads (fault isolation), whereas a
-mismatch is a configuration error: ``inferline up`` refuses to start (exit 2), or with
-``validation.on_mismatch: not_serving`` starts with the route NOT_SERVING, degraded.
+Each problem is a ``Finding``: one line naming the route, the variant and the field, of
+one of three severities. An ``error`` is a configuration error: ``inferline up`` refuses
+to start (exit 2), or with ``validation.on_mismatch: not_serving`` starts with the route
+NOT_SERVING, degraded. A model that exists but is not loaded (it failed to load, or
+Triton is down) is ``unavailable``: its routes degrade and report NOT_SERVING until it
+loads (fault isolation). A ``warning`` works for most calls (a route whose
+``max_entities`` exceeds its model's ``max_batch_size`` fails only the largest requests).
 ``inferline models check`` runs the same check and prints every finding.
 """
 
@@ -21,13 +23,14 @@ import asyncio
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from inferline.core.config import InferlineConfig, RouteConfig, VariantConfig
 from inferline.core.errors import InferlineError
 
 logger = logging.getLogger(__name__)
 
+Severity = Literal["error", "unavailable", "warning"]
 ROUTER_DATATYPE = "FP32"
 """The router sends its feature rows as FP32 and reads the scores as FP32."""
 
@@ -41,9 +44,13 @@ class Finding:
     """The variant (``primary``, ``alternates[0]``, ``light``) or the feature (``features[2]``)."""
     field: str
     message: str
-    blocking: bool = True
-    """A configuration error; False for a model that exists but is not loaded now."""
+    severity: Severity = "error"
     model: str = ""
+
+    @property
+    def blocking(self) -> bool:
+        """A configuration error: start-up refuses it (or starts with the route NOT_SERVING)."""
+        return self.severity == "error"
 
     def line(self) -> str:
         return f"routes.{self.route}.{self.where}.{self.field}: {self.message}"
@@ -109,8 +116,8 @@ class _VariantCheck:
         self.coalesce_rows = coalesce_rows
         self.findings: list[Finding] = []
 
-    def add(self, field_name: str, message: str) -> None:
-        self.findings.append(Finding(self.name, self.where, field_name, message, model=self.variant.model))
+    def add(self, field_name: str, message: str, severity: Severity = "error") -> None:
+        self.findings.append(Finding(self.name, self.where, field_name, message, severity, self.variant.model))
 
     def run(self, metadata: Any, config: Any) -> list[Finding]:
         model = self.variant.model
@@ -168,10 +175,11 @@ class _VariantCheck:
         if self.route.max_entities > max_batch_size:
             self.add(
                 "max_batch_size",
-                f"model {model!r} takes at most {max_batch_size} rows a call; the route sends up to "
-                f"{self.route.max_entities} (its max_entities)",
+                f"model {model!r} takes at most {max_batch_size} rows a call; the route accepts up to "
+                f"{self.route.max_entities} entities (its max_entities): larger requests degrade",
+                "warning",
             )
-        elif self.coalesce_rows > max_batch_size:
+        if self.coalesce_rows > max_batch_size:
             self.add(
                 "max_batch_size",
                 f"model {model!r} takes at most {max_batch_size} rows a call; the router merges up to "
@@ -186,7 +194,7 @@ async def check_models(config: InferlineConfig, source: ModelInfoSource, report:
     except InferlineError as err:  # down now: its routes degrade until it is back (not a config error)
         for name in config.routes:
             message = f"not checked, Triton did not answer: {err}"
-            report.findings.append(Finding(name, "primary", "model", message, blocking=False))
+            report.findings.append(Finding(name, "primary", "model", message, "unavailable"))
         return
     cache: dict[tuple[str, str], tuple[Any, Any] | Finding] = {}
     for name, route in config.routes.items():
@@ -218,17 +226,19 @@ async def _model_info(
         elif index[model][0] != "READY":
             state, reason = index[model]
             why = f"{state or 'not loaded'}{': ' + reason if reason else ''}"
-            cache[key] = Finding(name, where, "model", f"model {model!r} is not loaded ({why})", blocking=False)
+            cache[key] = Finding(name, where, "model", f"model {model!r} is not loaded ({why})", "unavailable")
         else:
             try:
                 metadata = await source.model_metadata(model, variant.version)
                 cache[key] = (metadata, await source.model_config(model, variant.version))
             except InferlineError as err:
-                blocking = bool(variant.version)  # a version that is not there is the route's error
-                cache[key] = Finding(name, where, "version" if blocking else "model", str(err), blocking=blocking)
+                if variant.version:  # a version that is not there is the route's error
+                    cache[key] = Finding(name, where, "version", str(err))
+                else:
+                    cache[key] = Finding(name, where, "model", str(err), "unavailable")
     info = cache[key]
     if isinstance(info, Finding):  # the same finding, for this route and variant
-        return Finding(name, where, info.field, info.message, info.blocking, variant.model)
+        return Finding(name, where, info.field, info.message, info.severity, variant.model)
     return info
 
 

@@ -57,8 +57,11 @@ async def check_before_traffic(config: InferlineConfig, triton_url: str, roles: 
             f"{len(report.errors)} mismatch(es) between routes and their models or features "
             f"(validation.on_mismatch: not_serving starts with these routes NOT_SERVING instead):\n{lines}"
         )
-    for finding in report.errors:
-        logger.error("%s (route NOT_SERVING)", finding.line())
+    for finding in report.findings:
+        if finding.blocking:
+            logger.error("%s (route NOT_SERVING)", finding.line())
+        elif finding.severity == "warning":
+            logger.warning("%s", finding.line())
     logger.info(
         "routes checked: %d variants, %d feature references, %d mismatches",
         report.variants,

@@ -135,11 +135,13 @@ def test_failures_are_logged_in_one_line_each(
     triton_config: TritonConfig, repository: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = triton_config.model_copy(update={"model_repository": repository})
-    models = ["light_onnx", "trt_model"]
+    models = ["light_onnx", "trt_model", "ghost"]
     with (
         caplog.at_level(logging.ERROR, logger="inferline.triton.launcher"),
         TritonLauncher(config, log_path=tmp_path / "t.log", models=models) as launcher,
     ):
         assert launcher.models == ("light_onnx",)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and lines[0].startswith("model trt_model not loaded: ") and "\n" not in lines[0]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert lines[0].startswith("model trt_model not loaded: ")
+    assert lines[1] == f"model ghost not loaded: no model directory 'ghost' in the model repository {repository}"

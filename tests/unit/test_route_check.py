@@ -105,7 +105,7 @@ async def test_the_demo_config_matches_its_models() -> None:
             {"model": "small"},
             {"small": ([tensor("features", [-1, 4])], [tensor("score", [-1, 1])], 32)},
             "routes.driver_ranking.primary.max_batch_size: model 'small' takes at most 32 rows a call; "
-            "the route sends up to 100 (its max_entities)",
+            "the router merges up to 128 (triton.coalesce_max_batch_rows)",
         ),
         ({"version": "7"}, {}, "routes.driver_ranking.primary.version: model 'driver_ranker' has no version '7'"),
     ],
@@ -114,6 +114,19 @@ async def test_a_mismatch_is_one_line_naming_route_variant_and_field(
     primary: dict[str, Any], models: dict[str, Any], expected: str
 ) -> None:
     assert await lines(config(**primary), **models) == [expected]
+
+
+async def test_more_entities_than_the_max_batch_size_is_a_warning() -> None:
+    raw = yaml.safe_load((ROOT / "deploy/local/inferline.yaml").read_text())
+    raw["triton"]["coalesce_max_batch_rows"] = 32
+    small = ([tensor("features", [-1, 4])], [tensor("score", [-1, 1])], 32)
+    report = await check_routes(
+        parse_config(raw, ROOT / "deploy/local"),
+        TritonModels({"driver_ranker": small, "driver_ranker_light": LIGHT}, {}),
+        REGISTRY,
+    )
+    assert report.errors == []
+    assert [(f.severity, f.field) for f in report.findings] == [("warning", "max_batch_size")]
 
 
 async def test_a_model_that_failed_to_load_degrades_its_route_without_refusing() -> None:

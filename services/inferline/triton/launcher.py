@@ -387,12 +387,13 @@ class TritonLauncher:
             logger.warning("no models to load (directories with config.pbtxt) in %s", repository)
         inspected = {}
         for name in wanted:
+            if not (repository / name).is_dir():
+                self._fail(name, f"no model directory {name!r} in the model repository {repository}")
+                continue
             try:
                 inspected[name] = inspect_model(repository / name)
             except ModelDirectoryError as err:
                 self._fail(name, str(err))
-            except FileNotFoundError:
-                self._fail(name, f"{repository / name}: no such model directory in the model repository")
         models = list(inspected)
         onnx = [m for m in inspected.values() if m.kind is ModelKind.ONNX]
         if onnx or self._config.class_copies.models:
