@@ -9,7 +9,7 @@ FEAST_STAMP := $(FEAST_REPO)/data/.materialized
 
 .PHONY: setup demo test lint proto models clean
 
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server libb64
 
 # The Redis tests start their own redis-server on a free port; install Debian's package
 # where the binary is missing (CI runs as root).
@@ -18,6 +18,14 @@ redis-server:
 	@command -v redis-server >/dev/null || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 		else echo "redis-server is missing: install it (apt-get install redis-server)"; exit 1; fi; }
+
+# perf_analyzer (from the tritonclient wheel) links libb64.so.0d, which no wheel ships: install
+# Debian's package where it is missing (its libcudart.so.12 comes from PyPI, in pyproject.toml).
+.PHONY: libb64
+libb64:
+	@/sbin/ldconfig -p | grep -q 'libb64\.so\.0d' || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
+		else echo "libb64 is missing (perf_analyzer needs it): apt-get install libb64-0d"; exit 1; fi; }
 
 $(VENV)/.stamp: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON)"; exit 1; }

@@ -241,6 +241,27 @@ async def _models_check(config: InferlineConfig, url: str | None) -> int:
     return 1 if problems else 0
 
 
+@cli.command(
+    "perf-analyzer",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def perf_analyzer(ctx: typer.Context) -> None:
+    """Run NVIDIA's perf_analyzer with every argument as given (it needs libraries make setup installs).
+
+    E.g. through the front door: inferline perf-analyzer -m driver_ranker -u 127.0.0.1:50051 -i grpc
+    -H "authorization:Bearer KEY" (no space after the colon: perf_analyzer would send it);
+    or against Triton itself with -u TRITON_HOST:PORT.
+    """
+    from inferline.triton.perf_analyzer import perf_analyzer_command
+
+    try:
+        command, env = perf_analyzer_command(ctx.args)
+    except FileNotFoundError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    os.execve(command[0], command, env)
+
+
 gateway_cli = typer.Typer(no_args_is_help=True, help="The Envoy ingress in front of the routers.")
 cli.add_typer(gateway_cli, name="gateway")
 
