@@ -20,6 +20,7 @@ loads (fault isolation). A ``warning`` works for most calls (a route whose
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -221,8 +222,8 @@ async def _model_info(
     if key not in cache:
         model = variant.model
         if model not in index:
-            known = ", ".join(sorted(index)) or "none"
-            cache[key] = Finding(name, where, "model", f"no model {model!r} in Triton's repository (has: {known})")
+            message = f"no model {model!r} in Triton's repository ({_known(model, index)})"
+            cache[key] = Finding(name, where, "model", message)
         elif index[model][0] != "READY":
             state, reason = index[model]
             why = f"{state or 'not loaded'}{': ' + reason if reason else ''}"
@@ -242,6 +243,15 @@ async def _model_info(
     return info
 
 
+def _known(name: str, names: Collection[str], what: str = "has") -> str:
+    """A typo's likely meaning, else the names there are (the first ten)."""
+    close = difflib.get_close_matches(name, list(names), n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    listed = sorted(names)
+    return f"{what}: {', '.join(listed[:10]) or 'none'}{', ...' if len(listed) > 10 else ''}"
+
+
 def check_feature_refs(config: InferlineConfig, registry: Mapping[str, Collection[str]], report: CheckReport) -> None:
     """Check every Feast reference (``view:feature``) of every route against ``registry`` (view → features)."""
     for name, route in config.routes.items():
@@ -254,8 +264,7 @@ def check_feature_refs(config: InferlineConfig, registry: Mapping[str, Collectio
             if not sep or not view or not column:
                 message = f"{feature.source!r} is not a Feast reference 'view:feature'"
             elif view not in registry:
-                known = ", ".join(sorted(registry)) or "none"
-                message = f"unknown feature view {view!r} in the Feast registry (views: {known})"
+                message = f"unknown feature view {view!r} in the Feast registry ({_known(view, registry, 'views')})"
             elif column not in registry[view]:
                 message = f"feature view {view!r} has no feature {column!r} (features: {', '.join(registry[view])})"
             else:

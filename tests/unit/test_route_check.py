@@ -107,6 +107,12 @@ async def test_the_demo_config_matches_its_models() -> None:
             "routes.driver_ranking.primary.max_batch_size: model 'small' takes at most 32 rows a call; "
             "the router merges up to 128 (triton.coalesce_max_batch_rows)",
         ),
+        (
+            {"model": "driver_rankr"},
+            {},
+            "routes.driver_ranking.primary.model: no model 'driver_rankr' in Triton's repository "
+            "(did you mean 'driver_ranker'?)",
+        ),
         ({"version": "7"}, {}, "routes.driver_ranking.primary.version: model 'driver_ranker' has no version '7'"),
     ],
 )
@@ -149,7 +155,7 @@ def test_feast_references_are_checked_against_the_registry() -> None:
     check_feature_refs(parse_config(raw, ROOT / "deploy/local"), REGISTRY, report)
     assert [f.line() for f in report.findings] == [
         "routes.driver_ranking.features[0].source: unknown feature view 'driver_stats' in the Feast registry "
-        "(views: driver_hourly_stats)",
+        "(did you mean 'driver_hourly_stats'?)",
         "routes.driver_ranking.features[1].source: feature view 'driver_hourly_stats' has no feature 'accept_rate' "
         "(features: conv_rate, acc_rate, avg_daily_trips)",
         "routes.driver_ranking.features[2].source: 'avg_daily_trips' is not a Feast reference 'view:feature'",
