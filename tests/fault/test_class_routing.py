@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.fault.conftest import BASE_ROUTE, EASY_BUDGETS
 from tests.fault.load import PredictClient
 from tests.integration.router_fixtures import ServerProcess
 
@@ -32,7 +33,10 @@ CLASS_COPIES = {
 
 @pytest.fixture(scope="module")
 def embedded(routers: Routers) -> Iterator[ServerProcess]:
-    config = routers.write_config("class-copies", triton={"class_copies": CLASS_COPIES})
+    # Which copy serves a class is the point, not how fast: budgets no busy machine misses.
+    config = routers.write_config(
+        "class-copies", routes={BASE_ROUTE: {"budgets": EASY_BUDGETS}}, triton={"class_copies": CLASS_COPIES}
+    )
     server = routers.start("class-copies", config)
     try:
         yield server

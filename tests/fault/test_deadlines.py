@@ -29,7 +29,7 @@ import grpc
 import pytest
 
 from inferline.triton.launcher import TritonLauncher
-from tests.fault.conftest import FAULTY_MODEL, SLOW_DELAY_MS, SLOW_MODEL
+from tests.fault.conftest import EASY_BUDGETS, FAULTY_MODEL, SLOW_DELAY_MS, SLOW_MODEL
 from tests.fault.load import (
     DEGRADED,
     PredictClient,
@@ -50,8 +50,6 @@ FAULTY_ROUTE = "driver_ranking_faulty"
 RESERVE_MS = 200.0
 REFUSED_DEADLINE_S = RESERVE_MS / 2 / 1000
 """Under the reserve, so the router refuses the call at arrival; the refusal still has 100 ms to come back in."""
-EASY_BUDGETS = {"features_ms": 1000, "model_ms": 1000}
-"""Budgets no loaded machine misses, for layers whose timing a test does not look at."""
 ROUTES: dict[str, dict[str, Any]] = {
     SLOW_ROUTE: {
         "primary": {"model": SLOW_MODEL},

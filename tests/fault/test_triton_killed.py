@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.core.config import TritonConfig
 from inferline.core.ports import free_port
+from tests.fault.conftest import EASY_BUDGETS
 from tests.fault.load import (
     DEGRADED,
     SteadyLoad,
@@ -48,7 +49,7 @@ pytestmark = pytest.mark.requires_triton
 
 MODEL = "driver_ranker"
 ROUTE = "driver_ranking"
-EASY_FEATURES = {"features_ms": 1000}
+EASY_FEATURES = {"features_ms": EASY_BUDGETS["features_ms"]}
 """The features layer is not what this test breaks: a budget no busy machine misses (the default
 20 ms is, now and then, and the router then answers FEATURES_DEGRADED, not MODEL_UNAVAILABLE)."""
 MODELS = ("driver_ranker", "driver_ranker_light")
