@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from inferline.core.background import BackgroundTask, every
+from tests.waiting import eventually
 
 
 async def test_every_runs_the_step_and_survives_a_failing_one() -> None:
@@ -18,10 +17,7 @@ async def test_every_runs_the_step_and_survives_a_failing_one() -> None:
     task = BackgroundTask("t", every(0.001, step, "test step"))
     task.start()
     task.start()  # a second start does nothing
-    for _ in range(200):
-        if len(calls) >= 4:
-            break
-        await asyncio.sleep(0.002)
+    await eventually(lambda: len(calls) >= 4, "four rounds")
     assert task.running
     await task.stop()
     await task.stop()  # idempotent

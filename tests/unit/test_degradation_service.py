@@ -26,6 +26,7 @@ from inferline.degradation import (
 from inferline.degradation import service as service_module
 from inferline.features.vector import FeatureVector
 from inferline.triton.executor import InferResult
+from tests.waiting import eventually
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ROUTE_NAME = "drivers"
@@ -303,7 +304,7 @@ async def test_slow_cache_lookup_is_bounded_by_cache_timeout(cache: DictCache, c
     loop = asyncio.get_running_loop()
     started = loop.time()
     answer = await degrade(service, clock, [1], None)
-    assert loop.time() - started < 0.5
+    assert loop.time() - started < cache.read_delay_s  # it did not wait for the 5 s read, whatever the machine
     assert answer.served_by is ServedBy.BASELINE
     assert service.counters.cache_read_errors == 1
 
@@ -352,8 +353,7 @@ async def test_record_with_failing_cache_never_raises(
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
     cache.error = ConnectionError("redis down")
     service.record("t1", ROUTE_NAME, [1], [0.5])
-    await asyncio.sleep(0.01)
-    assert service.pending_writes == 0
+    await eventually(lambda: service.pending_writes == 0, "the background write")  # ran, and failed
     assert service.counters.cache_write_errors == 1
     assert unhandled == []
 

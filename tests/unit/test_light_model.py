@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import time
 
 import numpy as np
 import numpy.typing as npt
@@ -53,10 +54,18 @@ async def test_onnx_scores_equal_onnxruntime_and_lie_in_unit_interval(model: Onn
     assert model.model_name == "driver_ranker_light"
 
 
-async def test_onnx_latency_estimate_is_measured(model: OnnxLightModel) -> None:
-    assert 0 < model.predicted_latency_s() < 0.05  # seeded by a warm-up run
+async def test_onnx_latency_estimate_is_measured() -> None:
+    # Bounded by this run's own timings, not by a figure a busy machine may exceed: the seed is
+    # one of the warm-up runs made while building, and a call folds in a time within its own.
+    started = time.perf_counter()
+    model = OnnxLightModel(MODEL_PATH, VARIANT)
+    built_s = time.perf_counter() - started
+    seeded = model.predicted_latency_s()
+    assert 0 < seeded < built_s
+    started = time.perf_counter()
     await model.score(np.zeros((10, 2), np.float32), deadline=Deadline.after(1.0))
-    assert 0 < model.predicted_latency_s() < 0.05
+    scored_s = time.perf_counter() - started
+    assert 0 < model.predicted_latency_s() <= max(seeded, scored_s)
 
 
 async def test_onnx_refuses_an_expired_deadline(model: OnnxLightModel) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+import time
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -57,45 +59,84 @@ def test_percentile_nearest_rank() -> None:
     assert math.isnan(percentile([], 50))
 
 
-async def _fixed_1ms_at_200_per_s() -> tuple[LoadResult, list[int]]:
-    """200 req/s for 1 s against a 1 ms target.
+MAX_START_LAG_S = 0.005
+"""``run_open_loop``'s default: a p99 start lag above it is reported as falling behind."""
+TIMER_RESOLUTION_MS = 1.0
+"""The event loop's timers (uvloop's in particular) have ms resolution: a timer fires up to this late on its own."""
 
-    The test machine is shared (2 cores): another process can preempt this one for a few
-    ms, which delays the one or two arrivals due then and pushes p99 start lag over 5 ms
-    with only ~200 samples. That is the machine, not the generator, so up to three
-    attempts are made and the first that kept its schedule is returned.
+
+@dataclass
+class PacedRun:
+    result: LoadResult
+    calls: list[int]
+    loop_lateness_ms: list[float]
+    """How late a 1 ms timer of the same event loop fired, rearmed throughout the run."""
+
+    @property
+    def loop_p99_ms(self) -> float:
+        return percentile(sorted(self.loop_lateness_ms), 99)
+
+
+async def _fixed_1ms_at_200_per_s() -> PacedRun:
+    """200 req/s for 1 s against a 1 ms target, with a probe of the event loop's own punctuality.
+
+    The test machine is shared (2 cores) and may be busy: another process can preempt this
+    one for a few ms, and then the event loop fires its timers late, the generator's (which
+    launch the requests) and the target's (its 1 ms sleep) alike. That is the machine, not
+    the generator, so its punctuality is judged against the loop's own, measured meanwhile
+    in the same loop: a 1 ms timer, rearmed, noting how late it fires. The deadline is long:
+    keeping the rate is what is tested here, not answering within 100 ms on a busy machine.
     """
-    for attempt in range(3):
-        calls: list[int] = []
+    calls: list[int] = []
+    lateness: list[float] = []
 
-        async def target(i: int, calls: list[int] = calls) -> None:
-            calls.append(i)
+    async def target(i: int) -> None:
+        calls.append(i)
+        await asyncio.sleep(0.001)
+
+    async def probe() -> None:
+        while True:
+            before = time.perf_counter()
             await asyncio.sleep(0.001)
+            lateness.append((time.perf_counter() - before - 0.001) * 1000)
 
-        result = await run_open_loop(target, rate=200, duration_s=1.0, deadline_s=0.1, seed=1 + attempt)
-        if not result.fell_behind:
-            break
-    return result, calls
+    probing = asyncio.create_task(probe())
+    try:
+        result = await run_open_loop(target, rate=200, duration_s=1.0, deadline_s=1.0, seed=1)
+    finally:
+        probing.cancel()
+        await asyncio.gather(probing, return_exceptions=True)
+    return PacedRun(result, calls, lateness)
+
+
+def _assert_kept_its_schedule(run: PacedRun) -> None:
+    """Every arrival sent, at the offered rate, as punctually as the event loop allowed, and said so honestly."""
+    result = run.result
+    assert result.ok == result.ok_within_deadline == result.sent == len(run.calls) > 0
+    assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.10)
+    # The median request starts no later than the loop's own timers fire at worst (p99), give
+    # or take their resolution: the generator adds no lag of its own (a generator that slept
+    # past its schedule would start most requests late, on an idle machine too).
+    assert result.start_lag_p50_ms <= run.loop_p99_ms + TIMER_RESOLUTION_MS, (result, run.loop_p99_ms)
+    # fell_behind says exactly whether the p99 start lag passed its threshold.
+    lags = sorted(r.start_lag_s for r in result.records)
+    assert result.fell_behind == (percentile(lags, 99) > MAX_START_LAG_S)
 
 
 async def test_keeps_rate_with_a_fast_target() -> None:
-    result, calls = await _fixed_1ms_at_200_per_s()
-    assert result.sent == len(calls) > 0
+    run = await _fixed_1ms_at_200_per_s()
+    result = run.result
+    _assert_kept_its_schedule(run)
     assert result.errors == {}
-    assert result.ok == result.ok_within_deadline == result.sent
-    assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.10)
     assert result.offered_rate == pytest.approx(200, rel=0.25)
     assert result.goodput == pytest.approx(result.offered_rate, rel=0.01)
-    assert not result.fell_behind
-    assert 1.0 <= result.latency.p50_ms < 20.0
+    # Latency is the target's 1 ms sleep, plus however late the loop fired that timer.
+    assert 1.0 <= result.latency.p50_ms <= 1.0 + run.loop_p99_ms + TIMER_RESOLUTION_MS, (result, run.loop_p99_ms)
     assert len(result.records) == result.sent
 
 
 def test_keeps_rate_under_uvloop() -> None:
-    result, _ = uvloop.run(_fixed_1ms_at_200_per_s())
-    assert result.ok == result.sent > 0
-    assert result.achieved_rate == pytest.approx(result.offered_rate, rel=0.10)
-    assert not result.fell_behind
+    _assert_kept_its_schedule(uvloop.run(_fixed_1ms_at_200_per_s()))
 
 
 async def test_open_loop_does_not_wait_for_slow_answers() -> None:
@@ -180,8 +221,6 @@ async def test_unfinished_calls_are_cancelled_after_the_drain_timeout() -> None:
 
 
 async def test_blocked_loop_is_reported_as_falling_behind() -> None:
-    import time
-
     async def hog(i: int) -> None:
         time.sleep(0.02)  # noqa: ASYNC251 -- blocks the event loop: later arrivals start late
 

@@ -16,6 +16,7 @@ from inferline.core.config import InferlineConfig
 from inferline.core.metrics import ServingMetrics
 from inferline.triton.executor import ModelUnavailable
 from inferline.triton.statistics import TritonStatisticsCollector, parse_gpu_utilization
+from tests.waiting import eventually
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAYERS_MS = {"total": 5.0}
@@ -299,9 +300,6 @@ async def test_start_takes_a_snapshot_and_refreshes_in_the_background() -> None:
     parts.source.answers = [_response(_ranker(1, 0)), *[_response(_ranker(2, 0))] * 50]
     await parts.collector.start()
     assert parts.value("inferline_triton_inferences_total", model="driver_ranker") == 1
-    for _ in range(100):
-        if parts.value("inferline_triton_inferences_total", model="driver_ranker") == 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: parts.value("inferline_triton_inferences_total", model="driver_ranker") == 2, "a refresh")
     await parts.collector.stop()
     assert parts.value("inferline_triton_inferences_total", model="driver_ranker") == 2
