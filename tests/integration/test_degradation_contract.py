@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -33,6 +34,7 @@ from inferline.degradation import (
 from inferline.degradation.servicer import DegradationServicer
 from inferline.features.vector import FeatureVector
 from inferline.v1 import degradation_pb2_grpc
+from tests.waiting import WITHIN_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ROUTE = "driver_ranking"
@@ -92,13 +94,12 @@ async def degrade(
 
 
 async def eventually_cached(client: DegradationClient, ids: Sequence[EntityId], tenant: str = TENANT) -> DegradedAnswer:
-    """``record`` is fire and forget: poll until the write has landed (2 s at most)."""
-    for _ in range(200):
-        answer = await degrade(client, ids, tenant=tenant)
-        if answer.served_by is ServedBy.CACHE:
-            return answer
+    """``record`` is fire and forget: poll until the write has landed (``WITHIN_S`` at most: a hang, not slowness)."""
+    deadline = time.monotonic() + WITHIN_S
+    while (answer := await degrade(client, ids, tenant=tenant)).served_by is not ServedBy.CACHE:
+        assert time.monotonic() < deadline, f"recorded scores never served from cache; last answer {answer}"
         await asyncio.sleep(0.01)
-    raise AssertionError(f"recorded scores never served from cache; last answer {answer}")
+    return answer
 
 
 def assert_status(err: InferlineError, code: grpc.StatusCode) -> None:

@@ -33,7 +33,13 @@ from grpc_status import rpc_status
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.redis_fixtures import RedisServer
-from tests.integration.router_fixtures import DEMO_KEY, ServerProcess, start_inferline, write_test_config
+from tests.integration.router_fixtures import (
+    DEMO_KEY,
+    FUNCTIONAL_BUDGETS,
+    ServerProcess,
+    start_inferline,
+    write_test_config,
+)
 
 pytestmark = pytest.mark.requires_triton
 
@@ -44,7 +50,9 @@ OTHER_ROUTE = "driver_ranking_copy"
 KEY_A = "gate-test-key-quota-a"
 KEY_B = "gate-test-key-quota-b"
 KEY_SHARED = "gate-test-key-shared"
-RATE = 2.0
+RATE = 1.0
+"""One request a second: a refusal is expected while the calls before it took less than a
+second together, which holds for a few sequential calls on any machine that is up."""
 BURST = 3
 FULL_BUCKET_S = BURST / RATE
 """Time in which an empty bucket of ``quota_a`` / ``quota_b`` fills up again."""
@@ -83,7 +91,7 @@ def _tenant(key: str | None, routes: list[str], quota: tuple[float, int] | None 
 
 def _write_config(path: pathlib.Path, public_key: pathlib.Path, **top: Any) -> pathlib.Path:
     """The test config plus this module's tenants, a second route, a ``jwt:`` section and ``top`` sections."""
-    raw = yaml.safe_load(write_test_config(path).read_text())
+    raw = yaml.safe_load(write_test_config(path, budgets=FUNCTIONAL_BUDGETS).read_text())
     raw["routes"][OTHER_ROUTE] = raw["routes"][ROUTE]
     raw["tenants"]["demo"]["routes"] = [ROUTE, OTHER_ROUTE]  # the copy route works: a refusal is the gate's
     raw["tenants"]["quota_a"] = _tenant(KEY_A, [ROUTE], (RATE, BURST))

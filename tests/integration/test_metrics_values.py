@@ -25,8 +25,12 @@ AUTH = (("authorization", f"Bearer {DEMO_KEY}"),)
 ROUTE = "driver_ranking"
 N = 40
 ENTITIES = 3
-REFRESH_WAIT_S = 12.0
-"""The collector snapshots Triton every 5 s."""
+REFRESH_WAIT_S = 60.0
+"""The collector snapshots Triton every 5 s; polled until it has, for as long as a busy machine could take."""
+TINY_DEADLINE_S = 0.008
+MAX_TINY_CALLS = 10 * N
+"""Calls with the tiny deadline until ``N`` were answered: on a busy machine many expire on the
+way (the round trip alone can take 8 ms), and each answer, not each call, is what is checked."""
 
 Sample = tuple[str, dict[str, str], float]
 
@@ -108,15 +112,19 @@ def test_answers_past_a_tiny_deadline_are_counted_by_who_served_them(
     On a loaded machine a request can also spend more than 3 ms in transport and arrive
     with less than the 5 ms fallback reserve: the router then refuses it at once with
     DEADLINE_EXCEEDED, which is the documented behaviour, so those are counted apart
-    (and must stay a minority) rather than failing the test.
+    rather than failing the test; or it expires on the way, at the client. Calls are sent
+    until ``N`` were answered (at most ``MAX_TINY_CALLS``), and each answer must be counted
+    by who served it, and why.
     """
     stub.Predict(_request(0), timeout=5, metadata=AUTH)  # warm: the score cache now holds these entities
     before = scrape(router_server)
     served: collections.Counter[tuple[str, str]] = collections.Counter()
     refused_on_arrival = expired_at_client = 0
-    for i in range(N):
+    for i in range(MAX_TINY_CALLS):
+        if served.total() == N:
+            break
         try:
-            response = stub.Predict(_request(i), timeout=0.008, metadata=AUTH)
+            response = stub.Predict(_request(i), timeout=TINY_DEADLINE_S, metadata=AUTH)
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
             if "needed even for a degraded answer" in (error.details() or ""):
@@ -126,8 +134,8 @@ def test_answers_past_a_tiny_deadline_are_counted_by_who_served_them(
             continue
         served[pb.ServedBy.Name(response.served_by), pb.DegradationReason.Name(response.degradation_reason)] += 1
     after = scrape(router_server)
-    answered = sum(served.values())
-    assert answered >= N // 2, (served, refused_on_arrival, expired_at_client)
+    answered = served.total()
+    assert answered == N, (served, refused_on_arrival, expired_at_client)
 
     def delta(**labels: str) -> float:
         labels = {"route": ROUTE, "traffic_class": "standard", "code": "OK", **labels}

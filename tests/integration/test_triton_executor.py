@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
@@ -11,6 +9,7 @@ from inferline.core.deadline import Deadline
 from inferline.core.served_by import Reason
 from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
 from inferline.triton.launcher import TritonLauncher
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.requires_triton
 
@@ -51,11 +50,8 @@ async def test_in_flight_bound_refuses_at_once_and_counts_abandoned_calls(triton
                 await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(2), priority=1)
             assert info.value.degradation_reason is Reason.OVERLOAD
         # The abandoned calls finish on Triton (not cancelled) and free their slots.
-        for _ in range(100):
-            if executor.in_flight("driver_ranker") == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert executor.in_flight("driver_ranker") == 0 and executor.abandoned_calls == 0
+        await eventually(lambda: executor.in_flight("driver_ranker") == 0, "the abandoned calls to finish")
+        assert executor.abandoned_calls == 0
         result = await executor.infer("driver_ranker", ROWS, deadline=Deadline.after(2), priority=1)
         assert result.scores.shape == (2,)
     finally:
