@@ -24,7 +24,13 @@ from inferline.workers import RouterWorkers
 logger = logging.getLogger(__name__)
 
 
-async def _wait_for_signal() -> str:
+def _stop_signal() -> asyncio.Future[str]:
+    """A future set to the name of the first SIGINT/SIGTERM, handlers installed now.
+
+    Installed before anything starts: a SIGTERM during start-up (a supervisor, an impatient
+    caller) then ends in the same orderly stop, Triton and Envoy included, instead of
+    killing this process and leaving them behind.
+    """
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[str] = loop.create_future()
 
@@ -34,7 +40,7 @@ async def _wait_for_signal() -> str:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, received, sig)
-    return await stop
+    return stop
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -126,6 +132,7 @@ async def serve_process(
     gateway = gateway and "router" in roles
     if gateway:
         ensure_gateway_secret(config)  # before the router reads it
+    stop = _stop_signal()
     try:
         if "router" in roles and triton_url is None and start_triton:
             # Only the models routes name are loaded (with their per-class copies): a broken
@@ -175,7 +182,7 @@ async def serve_process(
             f" through the gateway (routers {', '.join(routers)})" if gateway else "",
             triton_url,
         )
-        received = await _wait_for_signal()
+        received = await stop
         logger.info("%s received: draining", received)
         if app.route_health is not None:
             await app.route_health.stop(running.health)

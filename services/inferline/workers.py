@@ -22,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from inferline.core.health_wait import wait_until_serving
+from inferline.core.health_wait import wait_until_serving_async
 from inferline.core.ports import free_ports
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,7 @@ class RouterWorkers:
     async def _ready(self, worker: _Worker) -> None:
         process = worker.process
         assert process is not None
-        await asyncio.to_thread(
-            wait_until_serving, worker.address, READY_TIMEOUT_S, is_alive=lambda: process.poll() is None
-        )
+        await wait_until_serving_async(worker.address, READY_TIMEOUT_S, is_alive=lambda: process.poll() is None)
 
     async def _supervise(self, worker: _Worker) -> None:
         while not self._stopping:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferline.core.config import TlsClientConfig
-from inferline.core.tls import channel
+from inferline.core.tls import aio_channel, channel
 
 
 def wait_until_serving(
@@ -35,4 +37,31 @@ def wait_until_serving(
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")
+
+
+async def wait_until_serving_async(
+    address: str, timeout_s: float, is_alive: Callable[[], bool] | None = None, tls: TlsClientConfig | None = None
+) -> None:
+    """``wait_until_serving`` for a process that runs grpc.aio itself (the embedded gateway, workers).
+
+    A blocking gRPC channel polled from a thread of a grpc.aio process was seen to hang
+    there while other clients were answered; grpc.aio's own channel does not.
+
+    Raises:
+        TimeoutError: not SERVING within ``timeout_s``, or the process died.
+    """
+    deadline = time.monotonic() + timeout_s
+    async with aio_channel(address, tls, "tls") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if is_alive is not None and not is_alive():
+                raise TimeoutError(f"process serving {address} exited before it was ready")
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
     raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")

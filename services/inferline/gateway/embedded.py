@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import yaml
 
 from inferline.core.config import InferlineConfig
-from inferline.core.health_wait import wait_until_serving
+from inferline.core.health_wait import wait_until_serving_async
 from inferline.gateway.render import render_envoy
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ class EmbeddedGateway:
     async def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
         if self._tls:  # a TLS listener: health through it needs client credentials we may not hold
             return
-        await asyncio.to_thread(
-            wait_until_serving, self.address, READY_TIMEOUT_S, is_alive=lambda: process.poll() is None
-        )
+        await wait_until_serving_async(self.address, READY_TIMEOUT_S, is_alive=lambda: process.poll() is None)
 
     async def _supervise(self) -> None:
         """Start Envoy again whenever it exits while the process is serving."""
