@@ -9,7 +9,7 @@ FEAST_STAMP := $(FEAST_REPO)/data/.materialized
 
 .PHONY: setup demo test lint proto models clean
 
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server libb64
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server libb64 codegen-plugins
 
 # The Redis tests start their own redis-server on a free port; install Debian's package
 # where the binary is missing (CI runs as root).
@@ -26,6 +26,18 @@ libb64:
 	@/sbin/ldconfig -p | grep -q 'libb64\.so\.0d' || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
 		else echo "libb64 is missing (perf_analyzer needs it): apt-get install libb64-0d"; exit 1; fi; }
+
+# The API tests generate Go and Java stubs with `buf generate` (buf.gen.yaml): the code
+# generator plugins come from Debian (protoc-gen-go, protoc-gen-go-grpc, grpc-java's
+# plugin, and protoc for the built-in Java generator); no registry serves them as wheels.
+CODEGEN_PLUGINS := protoc-gen-go protoc-gen-go-grpc grpc_java_plugin protoc
+.PHONY: codegen-plugins
+codegen-plugins:
+	@for p in $(CODEGEN_PLUGINS); do command -v $$p >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+			apt-get install -y -qq protoc-gen-go protoc-gen-go-grpc protobuf-compiler-grpc-java-plugin protobuf-compiler; \
+		else echo "code generator plugins missing: apt-get install protoc-gen-go protoc-gen-go-grpc protobuf-compiler-grpc-java-plugin protobuf-compiler"; exit 1; fi; }
 
 $(VENV)/.stamp: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON)"; exit 1; }
@@ -53,6 +65,17 @@ lint: $(VENV)/.stamp
 	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
+	$(VENV)/bin/buf breaking --against protos/breaking-baseline.json
+
+# `buf breaking` compares the protos with protos/breaking-baseline.json, the image of the
+# API as last published, and not with the main branch: sessions commit straight to main
+# and CI runs in a clone of it, where "against main" compares the tree with itself. A
+# deliberate breaking change (a new major version) refreshes the baseline in the same commit.
+.PHONY: api-baseline
+api-baseline: $(VENV)/.stamp
+	$(VENV)/bin/buf build --exclude-source-info -o protos/breaking-baseline.json
+	$(PY) -c "import json, pathlib; p = pathlib.Path('protos/breaking-baseline.json'); \
+		p.write_text(json.dumps(json.loads(p.read_text()), indent=1, sort_keys=True) + '\n')"
 
 test: setup lint
 	$(PY) -m pytest -q

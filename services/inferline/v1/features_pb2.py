@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from inferline.v1 import inference_pb2 as inferline_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binferline/v1/features.proto\x12\x0cinferline.v1\x1a\x1cinferline/v1/inference.proto\"\xe9\x01\n\x12GetFeaturesRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12)\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x17.inferline.v1.EntityKey\x12O\n\x10request_features\x18\x03 \x03(\x0b\x32\x35.inferline.v1.GetFeaturesRequest.RequestFeaturesEntry\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x1a\x36\n\x14RequestFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\x13GetFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x11\n\tdefaulted\x18\x04 \x03(\x08\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x32^\n\x08\x46\x65\x61tures\x12R\n\x0bGetFeatures\x12 .inferline.v1.GetFeaturesRequest\x1a!.inferline.v1.GetFeaturesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binferline/v1/features.proto\x12\x0cinferline.v1\x1a\x1cinferline/v1/inference.proto\"\xe9\x01\n\x12GetFeaturesRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12)\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x17.inferline.v1.EntityKey\x12O\n\x10request_features\x18\x03 \x03(\x0b\x32\x35.inferline.v1.GetFeaturesRequest.RequestFeaturesEntry\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x1a\x36\n\x14RequestFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\x13GetFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x11\n\tdefaulted\x18\x04 \x03(\x08\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x32^\n\x08\x46\x65\x61tures\x12R\n\x0bGetFeatures\x12 .inferline.v1.GetFeaturesRequest\x1a!.inferline.v1.GetFeaturesResponseB\x96\x01\n\x0fio.inferline.v1B\rFeaturesProtoP\x01Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\xa2\x02\x03IXX\xaa\x02\x0cInferline.V1\xca\x02\x0cInferline\\V1\xea\x02\rInferline::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferline.v1.features_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017io.inferline.v1B\rFeaturesProtoP\001Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\242\002\003IXX\252\002\014Inferline.V1\312\002\014Inferline\\V1\352\002\rInferline::V1'
   _globals['_GETFEATURESREQUEST_REQUESTFEATURESENTRY']._loaded_options = None
   _globals['_GETFEATURESREQUEST_REQUESTFEATURESENTRY']._serialized_options = b'8\001'
   _globals['_GETFEATURESREQUEST']._serialized_start=76

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1einferline/v1/postprocess.proto\x12\x0cinferline.v1\"T\n\x0eProcessRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x14\n\x0cnum_entities\x18\x02 \x01(\r\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\"R\n\x0bRankedScore\x12\x14\n\x0c\x65ntity_index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64\x65\x63ision\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"<\n\x0fProcessResponse\x12)\n\x06ranked\x18\x01 \x03(\x0b\x32\x19.inferline.v1.RankedScore2U\n\x0bPostprocess\x12\x46\n\x07Process\x12\x1c.inferline.v1.ProcessRequest\x1a\x1d.inferline.v1.ProcessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1einferline/v1/postprocess.proto\x12\x0cinferline.v1\"T\n\x0eProcessRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x14\n\x0cnum_entities\x18\x02 \x01(\r\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\"R\n\x0bRankedScore\x12\x14\n\x0c\x65ntity_index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64\x65\x63ision\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"<\n\x0fProcessResponse\x12)\n\x06ranked\x18\x01 \x03(\x0b\x32\x19.inferline.v1.RankedScore2U\n\x0bPostprocess\x12\x46\n\x07Process\x12\x1c.inferline.v1.ProcessRequest\x1a\x1d.inferline.v1.ProcessResponseB\x99\x01\n\x0fio.inferline.v1B\x10PostprocessProtoP\x01Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\xa2\x02\x03IXX\xaa\x02\x0cInferline.V1\xca\x02\x0cInferline\\V1\xea\x02\rInferline::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferline.v1.postprocess_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017io.inferline.v1B\020PostprocessProtoP\001Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\242\002\003IXX\252\002\014Inferline.V1\312\002\014Inferline\\V1\352\002\rInferline::V1'
   _globals['_PROCESSREQUEST']._serialized_start=48
   _globals['_PROCESSREQUEST']._serialized_end=132
   _globals['_RANKEDSCORE']._serialized_start=134
