@@ -60,9 +60,10 @@ demo: setup
 	$(PY) -m inferline.demo.run --config deploy/local/inferline.yaml
 
 lint: $(VENV)/.stamp
-	$(VENV)/bin/ruff check services tests benchmarks scripts triton_models
-	$(VENV)/bin/ruff format --check services tests benchmarks scripts triton_models
+	$(VENV)/bin/ruff check services tests benchmarks scripts triton_models clients
+	$(VENV)/bin/ruff format --check services tests benchmarks scripts triton_models clients
 	$(VENV)/bin/mypy
+	cd clients/python && ../../$(VENV)/bin/mypy  # the slim client, with its own config
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
 	$(VENV)/bin/buf breaking --against protos/breaking-baseline.json

@@ -1,0 +1,1 @@
+../../../../../services/inferline/v1/__init__.py

@@ -1,0 +1,1 @@
+../../../../../services/inferline/v1/errors_pb2.py

@@ -1,0 +1,1 @@
+../../../../../services/inferline/v1/inference_pb2_grpc.pyi
