@@ -9,7 +9,7 @@ FEAST_STAMP := $(FEAST_REPO)/data/.materialized
 
 .PHONY: setup demo test lint proto models clean
 
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server libb64 codegen-plugins
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server libb64 promtool codegen-plugins
 
 # The Redis tests start their own redis-server on a free port; install Debian's package
 # where the binary is missing (CI runs as root).
@@ -26,6 +26,15 @@ libb64:
 	@/sbin/ldconfig -p | grep -q 'libb64\.so\.0d' || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
 		else echo "libb64 is missing (perf_analyzer needs it): apt-get install libb64-0d"; exit 1; fi; }
+
+# The alert rules are evaluated by Prometheus' own promtool (tests/unit/test_alert_rules.py):
+# Debian's prometheus package ships it (and the server). Its service is not started.
+.PHONY: promtool
+promtool:
+	@command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+			apt-get install -y -qq --no-install-recommends prometheus; \
+		else echo "promtool is missing: install it (apt-get install prometheus)"; exit 1; fi; }
 
 # The API tests generate Go and Java stubs with `buf generate` (buf.gen.yaml): the code
 # generator plugins come from Debian (protoc-gen-go, protoc-gen-go-grpc, grpc-java's

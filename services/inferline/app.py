@@ -23,7 +23,7 @@ from inferline.core.auth import Authenticator
 from inferline.core.config import InferlineConfig, TlsClientConfig
 from inferline.core.grpc_server import ServiceRegistration
 from inferline.core.headers import GATEWAY_HEADERS
-from inferline.core.metrics import ServingMetrics
+from inferline.core.metrics import ServingMetrics, front_door_route
 from inferline.core.service_auth import (
     ROUTER,
     ServiceAuthInterceptor,
@@ -53,7 +53,7 @@ from inferline.router.ingress import IngressWait
 from inferline.router.kserve import KServeFrontDoor
 from inferline.router.loop_lag import LoopLagMonitor
 from inferline.router.plan import build_route_plans
-from inferline.router.quota import build_rate_limiter
+from inferline.router.quota import CountingRateLimiter, build_rate_limiter
 from inferline.router.recovery import RecoveryTracker
 from inferline.router.route_health import RouteHealth
 from inferline.router.selection import StatsRegistry
@@ -241,12 +241,12 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
 
     metrics.queue_wait.set_function(queue_wait_s)
     admission = {}
-    # One controller per route (Predict) and one per model (KServe front door, key "model:<name>",
-    # configured by the first route using the model).
+    # One controller per route (Predict) and one per model (KServe front door, key "kserve:<name>",
+    # the route label of its calls; configured by the first route using the model).
     keys = [
         (key, route)
         for name, route in config.routes.items()
-        for key in (name, *(f"model:{v.model}" for v in route.all_variants))
+        for key in (name, *(front_door_route(v.model) for v in route.all_variants))
     ]
     for name, route in keys:
         if name in admission:
@@ -255,7 +255,8 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
         metrics.admission_limit.labels(name).set_function(functools.partial(getattr, controller, "limit"))
         metrics.admission_in_flight.labels(name).set_function(functools.partial(getattr, controller, "in_flight"))
         admission[name] = controller
-    rate_limiter = build_rate_limiter(config)
+    refused = {tenant: metrics.quota_exceeded.labels(tenant) for tenant in config.tenants}
+    rate_limiter = CountingRateLimiter(build_rate_limiter(config), lambda tenant: refused[tenant].inc())
     app.closers.append(rate_limiter.close)
     untrusted = {header: metrics.untrusted_headers.labels(header) for header in GATEWAY_HEADERS}
     trust = GatewayTrust.from_environment(config.gateway.secret_env, on_untrusted=lambda h: untrusted[h].inc())
@@ -300,6 +301,7 @@ def _build_router(
         degradation_client = LocalDegradationClient(degradation)
     app.closers.append(degradation_client.close)
     metrics = ServingMetrics(app.registry)
+    metrics.declare_config(config, front_door=app.triton is not None)  # zeros, not "no data", from the start
 
     def on_breaker(model: str, old: BreakerState, new: BreakerState) -> None:
         metrics.breaker_open.labels(model).set(0 if new is BreakerState.CLOSED else 1)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
+from tests.dashboard_queries import dashboard_and_alert_selectors, unmatched
 from tests.integration.router_fixtures import DEMO_KEY, ServerProcess
 
 pytestmark = pytest.mark.requires_triton
@@ -46,6 +47,10 @@ def scrape(server: ServerProcess) -> list[Sample]:
 def total(samples: list[Sample], name: str, **labels: str) -> float:
     """Sum of the samples named ``name`` whose labels include ``labels``."""
     return sum(v for n, ls, v in samples if n == name and labels.items() <= ls.items())
+
+
+UNDEFINED_UNTIL_ANSWERS = ("inferline_cost_per_1k_requests", "inferline_device_utilization")
+"""Cost per 1K answers is undefined before the first answer; GPU utilization exists only where Triton has GPUs."""
 
 
 def _request(i: int) -> pb.PredictRequest:
@@ -149,3 +154,18 @@ def test_answers_past_a_tiny_deadline_are_counted_by_who_served_them(
             served_by=served_by.removeprefix("SERVED_BY_"), reason=reason.removeprefix("DEGRADATION_REASON_")
         )
         assert n <= counted <= n + expired_at_client
+
+
+def test_every_series_the_dashboard_and_alerts_read_is_exported_with_one_route_scheme(
+    router_server: ServerProcess,
+) -> None:
+    """Every selector of deploy/grafana matches a series of the real router (its first scrape may be this one),
+    and admission gauges name KServe front-door routes as request counters do (``kserve:<model>``)."""
+    samples = [(name, labels) for name, labels, _ in scrape(router_server)]
+    selected = dashboard_and_alert_selectors(keep=lambda name: name not in UNDEFINED_UNTIL_ANSWERS)
+    missing = {where: unmatched(found, samples) for where, found in selected.items()}
+    assert not {where: m for where, m in missing.items() if m}
+    gauge_routes = {labels["route"] for name, labels in samples if name == "inferline_admission_limit"}
+    request_routes = {labels["route"] for name, labels in samples if name == "inferline_requests_total"}
+    assert "kserve:driver_ranker" in gauge_routes & request_routes
+    assert not any(route.startswith("model:") for route in gauge_routes | request_routes)

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import pathlib
 import re
-from collections.abc import Iterator
-from typing import Any
 
 import promql_parser
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
-from inferline.core.metrics import ServingMetrics
+from inferline.core.config import load_config
+from inferline.core.metrics import LATENCY_BUCKETS_S, ServingMetrics
+from tests.dashboard_queries import ROOT, alerts, as_promql, dashboard, exprs, panels
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-GRAFANA = ROOT / "deploy" / "grafana"
-DASHBOARD = GRAFANA / "inferline-dashboard.json"
-ALERTS = GRAFANA / "alerts.yaml"
+CONFIG = ROOT / "deploy" / "local" / "inferline.yaml"
 STATISTICS = ROOT / "services" / "inferline" / "triton" / "statistics.py"
 
 # Sample names of the collectors that inferline.triton.statistics adds (Triton statistics, cost, devices);
@@ -71,44 +65,6 @@ def _triton_sample_names() -> set[str]:
     return {name + suffix for name in declared for suffix in _ANY_SUFFIX}
 
 
-def _dashboard() -> dict[str, Any]:
-    with DASHBOARD.open() as f:
-        dashboard: dict[str, Any] = json.load(f)
-    return dashboard
-
-
-def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every panel that queries data, including those nested in collapsed rows."""
-    for panel in panels:
-        if panel["type"] == "row":
-            yield from _panels(panel.get("panels", []))
-        else:
-            yield panel
-
-
-def _rules() -> list[dict[str, Any]]:
-    with ALERTS.open() as f:
-        document = yaml.safe_load(f)
-    return [rule for group in document["groups"] for rule in group["rules"]]
-
-
-def _exprs() -> dict[str, str]:
-    """Every PromQL expression (dashboard targets, template variable queries, alert rules) by where it is."""
-    dashboard = _dashboard()
-    exprs = {
-        f"panel {panel['title']!r} {target['refId']}": target["expr"]
-        for panel in _panels(dashboard["panels"])
-        for target in panel["targets"]
-    }
-    exprs.update(
-        (f"variable {var['name']}", var["definition"])
-        for var in dashboard["templating"]["list"]
-        if var["type"] == "query"
-    )
-    exprs.update((f"alert {rule['alert']}", rule["expr"]) for rule in _rules())
-    return exprs
-
-
 def _unclosed(expr: str) -> list[str]:
     """Brackets left open or closed without an opener, outside string literals; empty when balanced."""
     stack: list[str] = []
@@ -142,7 +98,7 @@ def _call_arguments(expr: str, function: str) -> list[str]:
 
 
 def test_dashboard_has_the_datasource_and_filter_variables() -> None:
-    variables = {var["name"]: var for var in _dashboard()["templating"]["list"]}
+    variables = {var["name"]: var for var in dashboard()["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     for name in ("route", "traffic_class"):
@@ -152,9 +108,9 @@ def test_dashboard_has_the_datasource_and_filter_variables() -> None:
 
 
 def test_every_panel_queries_the_templated_datasource() -> None:
-    panels = list(_panels(_dashboard()["panels"]))
-    assert panels
-    for panel in panels:
+    found = list(panels(dashboard()["panels"]))
+    assert found
+    for panel in found:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
@@ -163,10 +119,10 @@ def test_every_panel_queries_the_templated_datasource() -> None:
 
 
 def test_panels_have_unique_ids_and_do_not_overlap() -> None:
-    panels = list(_panels(_dashboard()["panels"]))
-    assert len({panel["id"] for panel in panels}) == len(panels)
+    found = list(panels(dashboard()["panels"]))
+    assert len({panel["id"] for panel in found}) == len(found)
     cells: dict[tuple[int, int], str] = {}
-    for panel in panels:
+    for panel in found:
         pos = panel["gridPos"]
         assert pos["x"] + pos["w"] <= 24, panel["title"]
         for x in range(pos["x"], pos["x"] + pos["w"]):
@@ -176,15 +132,14 @@ def test_panels_have_unique_ids_and_do_not_overlap() -> None:
 
 
 def test_dashboard_uses_only_defined_variables() -> None:
-    dashboard = _dashboard()
-    defined = {var["name"] for var in dashboard["templating"]["list"]}
-    for where, expr in _exprs().items():
+    defined = {var["name"] for var in dashboard()["templating"]["list"]}
+    for where, expr in exprs().items():
         for name in _VARIABLE.findall(expr):
             assert name.startswith("__") or name in defined, f"${name} undefined in {where}"
 
 
 def test_alert_rules_are_complete() -> None:
-    rules = _rules()
+    rules = alerts()
     assert len({rule["alert"] for rule in rules}) == len(rules)
     for rule in rules:
         assert rule["expr"].strip(), rule["alert"]
@@ -194,26 +149,39 @@ def test_alert_rules_are_complete() -> None:
         assert rule["annotations"]["description"].strip(), rule["alert"]
 
 
-def test_latency_alert_states_its_threshold() -> None:
-    (rule,) = [rule for rule in _rules() if rule["alert"] == "InferlineP99LatencyOverBudget"]
-    threshold = re.search(r">\s*([0-9.]+)\s*$", rule["expr"].strip())
-    assert threshold is not None
-    assert f"{threshold.group(1)} s" in rule["annotations"]["summary"]
+def test_every_traffic_class_has_burn_alerts_against_its_own_deadline() -> None:
+    """Each class pages (or tickets) on its own budget; its summary states its deadline, a latency bucket bound."""
+    by_name = {rule["alert"]: rule for rule in alerts()}
+    for name, cls in load_config(CONFIG).traffic_classes.items():
+        deadline_s = cls.default_deadline_ms / 1000
+        assert deadline_s in LATENCY_BUCKETS_S, name
+        for suffix in ("ErrorBudgetBurn", "ErrorBudgetBurnSlow"):
+            rule = by_name[f"Inferline{name.title()}{suffix}"]
+            assert rule["labels"]["traffic_class"] == name
+            assert f'traffic_class="{name}"' in rule["expr"]
+            assert f"deadline {deadline_s:g} s" in rule["annotations"]["summary"]
+
+
+def test_quota_refusals_never_page() -> None:
+    """An over-quota tenant is the tenant's signal: only an info alert reads the quota counter."""
+    for rule in alerts():
+        if "inferline_quota_exceeded_total" in rule["expr"] or "QUOTA_EXCEEDED" in rule["expr"]:
+            assert rule["labels"]["severity"] == "info" or 'reason!="QUOTA_EXCEEDED"' in rule["expr"], rule["alert"]
 
 
 def test_every_referenced_metric_is_exported() -> None:
     exported = _serving_sample_names() | _triton_sample_names()
-    referenced = {name for expr in _exprs().values() for name in _METRIC.findall(expr)}
+    referenced = {name for expr in exprs().values() for name in _METRIC.findall(expr)}
     assert referenced
     assert not referenced - exported, f"not exported by inferline: {sorted(referenced - exported)}"
 
 
-@pytest.mark.parametrize("expr", list(_exprs().values()), ids=list(_exprs()))
+@pytest.mark.parametrize("expr", list(exprs().values()), ids=list(exprs()))
 def test_promql_brackets_are_balanced(expr: str) -> None:
     assert not _unclosed(expr), expr
 
 
-_QUANTILE_EXPRS = {where: expr for where, expr in _exprs().items() if "histogram_quantile" in expr}
+_QUANTILE_EXPRS = {where: expr for where, expr in exprs().items() if "histogram_quantile" in expr}
 
 
 @pytest.mark.parametrize("expr", list(_QUANTILE_EXPRS.values()), ids=list(_QUANTILE_EXPRS))
@@ -226,29 +194,12 @@ def test_histogram_quantile_aggregates_bucket_rates_by_le(expr: str) -> None:
         assert re.search(r"\bby\s*\(\s*le\b", argument), expr
 
 
-_GRAFANA_VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
-
-
-def _as_promql(expr: str) -> str:
-    """Grafana's variables replaced by values PromQL accepts ($__rate_interval → 5m, $x → .*, budget → 0.1)."""
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name in ("__rate_interval", "__interval", "__range"):
-            return "5m"
-        if "budget" in name:
-            return "0.1"
-        return ".*"
-
-    return _GRAFANA_VARIABLE.sub(value, expr)
-
-
-@pytest.mark.parametrize("where", [w for w in _exprs() if not w.startswith("variable ")])
+@pytest.mark.parametrize("where", [w for w in exprs() if not w.startswith("variable ")])
 def test_every_expression_is_valid_promql(where: str) -> None:
     """Parsed by promql-parser (the Rust port of Prometheus' own parser), Grafana variables substituted.
 
     Template variables' ``label_values(...)`` queries are Grafana's, not PromQL: left out."""
     try:
-        promql_parser.parse(_as_promql(_exprs()[where]))
+        promql_parser.parse(as_promql(exprs()[where]))
     except ValueError as err:
         pytest.fail(f"{where}: {err}")

@@ -40,6 +40,11 @@ class FastHistogram(Collector):
         self._series: dict[tuple[str, ...], _Series] = {}
         registry.register(self)
 
+    def declare(self, labels: tuple[str, ...]) -> None:
+        """Create the series of ``labels`` with no observations (zeros), if it is not there yet."""
+        if labels not in self._series:
+            self._series[labels] = _Series(len(self._bounds))
+
     def observe(self, labels: tuple[str, ...], value: float) -> None:
         series = self._series.get(labels)
         if series is None:

@@ -1,25 +1,44 @@
 """Prometheus metrics of the serving path, defined on an injected registry.
 
 Names start with ``inferline_``; labels are bounded (route, traffic_class, served_by,
-reason, code, layer) so cardinality cannot grow with traffic. Label children are bound
-once per label set and reused: ``labels()`` costs a lock and a dict lookup per call.
+reason, code, layer, model, tenant: each a value the configuration names) so cardinality
+cannot grow with traffic. Label children are bound once per label set and reused:
+``labels()`` costs a lock and a dict lookup per call.
+
+``declare`` creates, at zero, every series the dashboard and the alert rules
+(``deploy/grafana``) read, for the configured routes, classes, models and tenants: a
+healthy router that has seen no failure shows zeros, not "no data". One label scheme names
+what a request was for: a Predict route by its name, a KServe front-door call by
+``front_door_route(model)`` (``kserve:<model>``), on request counters and admission gauges alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from inferline.core.config import InferlineConfig
 from inferline.core.errors import InferlineError, Shed
 from inferline.core.fast_histogram import FastHistogram
 
 # 0.5 ms .. 10 s, fine enough around typical online deadlines for p95/p99.
 LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05,
-    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+    0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
+"""Every traffic class's default deadline is a bound (0.1, 0.25, 2 s), so the alert rules count
+answers later than their class's deadline exactly (``le`` = the deadline)."""
 LAYERS = ("routing", "features", "model", "post", "total")
+FRONT_DOOR_PREFIX = "kserve:"
+FALLBACKS = ("LIGHT", "CACHE", "BASELINE")
+SHED_REASONS = ("SHED", "QUOTA_EXCEEDED")
+
+
+def front_door_route(model: str) -> str:
+    """The ``route`` label (and admission key) of KServe front-door calls of ``model``."""
+    return FRONT_DOOR_PREFIX + model
 
 
 class ServingMetrics:
@@ -27,7 +46,8 @@ class ServingMetrics:
         self.registry = registry
         self.requests = Counter(
             "inferline_requests_total",
-            "Predict requests by outcome",
+            "Requests by outcome; reason: why an OK answer was degraded, or for RESOURCE_EXHAUSTED whether "
+            "admission shed it (SHED) or its tenant was over quota (QUOTA_EXCEEDED)",
             ["route", "traffic_class", "served_by", "reason", "code"],
             registry=registry,
         )
@@ -74,6 +94,12 @@ class ServingMetrics:
             ["header"],
             registry=registry,
         )
+        self.quota_exceeded = Counter(
+            "inferline_quota_exceeded_total",
+            "Requests refused because their tenant was over its quota (tenants.*.quota): the tenant's signal",
+            ["tenant"],
+            registry=registry,
+        )
         self.model_calls = Counter(
             "inferline_model_calls_total",
             "Answers produced by a model (PRIMARY or LIGHT), by route: how a model's cost is split between routes",
@@ -91,6 +117,52 @@ class ServingMetrics:
         if child is None:
             child = self._children[key] = make()
         return child
+
+    def declare(
+        self,
+        routes: Mapping[str, Iterable[str]],
+        traffic_classes: Iterable[str],
+        *,
+        layers: Iterable[str] = LAYERS,
+        degradable: bool = True,
+        tenants: Iterable[str] = (),
+    ) -> None:
+        """Create the series of ``routes`` (route → the models it calls) and tenants at zero.
+
+        Per route and class: OK answers by PRIMARY (and, when ``degradable``, by each fallback
+        for DEADLINE), RESOURCE_EXHAUSTED by SHED and QUOTA_EXCEEDED, DEADLINE_EXCEEDED, the
+        latency of ``layers``; per route and model: model calls; per model: circuit state
+        (closed) and recovery time; per tenant: quota refusals.
+        """
+        classes = tuple(traffic_classes)
+        answers = [("PRIMARY", "", "OK")]
+        if degradable:
+            answers += [(fallback, "DEADLINE", "OK") for fallback in FALLBACKS]
+        answers += [("", reason, "RESOURCE_EXHAUSTED") for reason in SHED_REASONS]
+        answers.append(("", "", "DEADLINE_EXCEEDED"))
+        for route, models in routes.items():
+            for cls in classes:
+                for served_by, reason, code in answers:
+                    self.requests.labels(route, cls, served_by, reason, code)
+                for reason in SHED_REASONS:
+                    self.shed.labels(route, cls, reason)
+                for layer in layers:
+                    self.layer_latency.declare((route, cls, layer))
+            for model in models:
+                self.model_calls.labels(route, model)
+                self.breaker_open.labels(model)
+                self.recovery.labels(model)
+        for tenant in tenants:
+            self.quota_exceeded.labels(tenant)
+
+    def declare_config(self, config: InferlineConfig, *, front_door: bool) -> None:
+        """``declare`` what ``config`` names: its routes, and with ``front_door`` each model's KServe route."""
+        routes = {name: [v.model for v in route.all_variants] for name, route in config.routes.items()}
+        self.declare(routes, config.traffic_classes, tenants=config.tenants)
+        if front_door:
+            models = sorted({model for models in routes.values() for model in models})
+            front = {front_door_route(model): [model] for model in models}
+            self.declare(front, config.traffic_classes, layers=("total",), degradable=False)
 
     def observe_success(
         self, route: str, traffic_class: str, served_by: str, reason: str, layer_ms: dict[str, float]
@@ -113,11 +185,14 @@ class ServingMetrics:
         self._child(("call", route, model), lambda: self.model_calls.labels(route, model)).inc()
         self.model_rows[key] = self.model_rows.get(key, 0) + rows
 
-    def observe_error(self, route: str, traffic_class: str, code: str) -> None:
-        self.requests.labels(route, traffic_class, "", "", code).inc()
+    def observe_error(self, route: str, traffic_class: str, code: str, reason: str = "") -> None:
+        self.requests.labels(route, traffic_class, "", reason, code).inc()
 
     def observe_failure(self, route: str, traffic_class: str, err: InferlineError) -> None:
-        """A request that ended in ``err``: counted by its status code, and as shed when it was."""
+        """A request that ended in ``err``: counted by its status code, and as shed (SHED or
+        QUOTA_EXCEEDED, also its ``reason``) when it was: an over-quota tenant is not an overloaded router."""
         if isinstance(err, Shed):
             self.shed.labels(route, traffic_class, err.reason).inc()
-        self.observe_error(route, traffic_class, err.code.name)
+            self.observe_error(route, traffic_class, err.code.name, err.reason)
+        else:
+            self.observe_error(route, traffic_class, err.code.name)

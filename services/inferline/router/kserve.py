@@ -33,7 +33,7 @@ from inferline.core.errors import (
     echo,
     rpc_method,
 )
-from inferline.core.metrics import ServingMetrics
+from inferline.core.metrics import ServingMetrics, front_door_route
 from inferline.router.admission import Verdict
 from inferline.router.gate import Entry, RequestGate, TenantRules
 from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
@@ -109,17 +109,17 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     async def ModelInfer(self, request: Any, context: Context) -> Any:
         started = time.perf_counter()
         model: str = request.model_name
-        route = f"kserve:{model}" if model in self._models else "unknown"
+        route = front_door_route(model) if model in self._models else "unknown"
         traffic_class = ""
         remaining_s = context.time_remaining()  # first: a gateway call's wait is read off it
         try:
             tenant, rules = self._authorize(model, context)
             waited = self._gate.waited(context.invocation_metadata(), remaining_s)  # type: ignore[arg-type]
             if waited is not None:
-                self._gate.signal_overload(context, f"model:{model}")
+                self._gate.signal_overload(context, route)
             traffic_class = self._gate.traffic_class(tenant, rules, self._requested_class(request, context))
             check_request(request)
-            entry = await self._gate.admit(tenant, f"model:{model}", traffic_class, waited)
+            entry = await self._gate.admit(tenant, route, traffic_class, waited)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
             self._metrics.observe_failure(route, traffic_class if traffic_class in self._classes else "unknown", err)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -275,3 +275,23 @@ def build_rate_limiter(config: InferlineConfig) -> RateLimiter:
     if config.rate_limit.backend == "redis":
         return RedisRateLimiter(config.tenants, config.rate_limit)
     return LocalRateLimiter(config.tenants)
+
+
+class CountingRateLimiter:
+    """Wraps a ``RateLimiter`` and calls ``on_refused(tenant)`` for each request it refuses.
+
+    Quota refusals are the tenant's signal (a per-tenant metric), apart from overload shedding.
+    """
+
+    def __init__(self, inner: RateLimiter, on_refused: Callable[[str], None]) -> None:
+        self._inner = inner
+        self._on_refused = on_refused
+
+    async def check(self, tenant: str) -> QuotaDecision:
+        decision = await self._inner.check(tenant)
+        if not decision.allowed:
+            self._on_refused(tenant)
+        return decision
+
+    async def close(self) -> None:
+        await self._inner.close()
