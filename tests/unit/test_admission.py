@@ -23,8 +23,9 @@ CLASSES = {
 class FixedLimit:
     """A limit that never moves, so the controller's own rules are tested alone."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, saturated: bool = True) -> None:
         self.limit = limit
+        self.saturated = saturated
         self.long_rtt_s = 0.0
         self.samples: list[tuple[float, int, bool]] = []
 
@@ -32,8 +33,10 @@ class FixedLimit:
         self.samples.append((rtt_s, in_flight, dropped))
 
 
-def controller(limit: int = 10, queue_wait_s: float = 0.0, **config: object) -> tuple[AdmissionController, FixedLimit]:
-    fixed = FixedLimit(limit)
+def controller(
+    limit: int = 10, queue_wait_s: float = 0.0, saturated: bool = True, **config: object
+) -> tuple[AdmissionController, FixedLimit]:
+    fixed = FixedLimit(limit, saturated)
     wait = [queue_wait_s]
     ctl = AdmissionController("r", AdmissionConfig(**config), CLASSES, lambda: wait[0], limit=fixed)  # type: ignore[arg-type]
     return ctl, fixed
@@ -116,6 +119,27 @@ def test_overloaded_names_the_classes_admit_would_refuse_lowest_first() -> None:
     assert ctl.overloaded() == "batch,standard"  # and at standard's 80 %
     fill(ctl, "critical", 2)
     assert ctl.overloaded() == "batch,standard"  # critical is never named: it is degraded, not shed
+
+
+def test_shares_signal_overload_only_while_the_path_is_saturated() -> None:
+    # A burst over batch's share while latency stays flat: the limit has not grown to the
+    # load yet, nobody waits. The gateway must not be told to shed, and a gateway request
+    # whose queue the gateway bounds is admitted; a direct call is still held to its share.
+    ctl, fixed = controller(limit=10, saturated=False)
+    fill(ctl, "critical", 8)
+    assert ctl.overloaded() == ""
+    assert ctl.admit("batch", queue_wait=False).verdict is Verdict.ADMIT
+    with pytest.raises(Shed):
+        ctl.admit("batch")
+    fixed.saturated = True  # the limit saw queuing: now the shares count for the gateway too
+    assert ctl.overloaded() == "batch,standard"
+    with pytest.raises(Shed):
+        ctl.admit("batch", queue_wait=False)
+
+
+def test_queue_wait_signals_overload_whether_or_not_the_limit_saw_queuing() -> None:
+    ctl, _ = controller(limit=100, queue_wait_s=0.020, saturated=False)
+    assert ctl.overloaded() == "batch"
 
 
 def test_overloaded_follows_the_queue_wait_signal() -> None:
@@ -214,6 +238,31 @@ def test_gradient_shrinks_on_drops_even_when_latency_looks_fine() -> None:
     before = limit.limit
     feed(limit, 0.001, n=100, dropped=True)
     assert limit.limit < before
+
+
+def test_gradient_is_saturated_only_after_a_window_of_queuing_or_drops() -> None:
+    limit = gradient(50)
+    feed(limit, 0.005, n=200)
+    assert not limit.saturated  # busy, latency flat
+    feed(limit, 0.020, n=10)  # one window at 4x the long-term latency (tolerance 1.5)
+    assert limit.saturated
+    feed(limit, 0.005, n=200)
+    assert not limit.saturated
+    feed(limit, 0.001, n=10, dropped=True)
+    assert limit.saturated
+
+
+def test_aimd_is_saturated_for_a_while_after_a_slow_or_dropped_request() -> None:
+    now = [0.0]
+    limit = AimdLimit(20, 5, 200, latency_threshold_s=0.05, saturation_memory_s=0.1, clock=lambda: now[0])
+    limit.on_sample(0.01, 20, False)
+    assert not limit.saturated
+    limit.on_sample(0.09, 20, False)
+    assert limit.saturated
+    now[0] += 0.2
+    assert not limit.saturated
+    limit.on_sample(0.01, 20, True)
+    assert limit.saturated
 
 
 def test_gradient_windows_span_time_not_only_samples() -> None:

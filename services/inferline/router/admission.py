@@ -14,6 +14,15 @@ Otherwise a sheddable class is rejected (``Shed``: RESOURCE_EXHAUSTED with a ret
 hint), and a class that may not be shed gets a degraded answer (cache, light model,
 baseline; reason OVERLOAD) when the route allows it, else it is rejected too.
 
+Through the gateway the shares count only while the path is *saturated* (the limit saw
+queuing or drops in its last window, ``ConcurrencyLimit.saturated``): the gateway bounds the
+shed classes' in-flight requests itself, so in flight over a share while latency stays flat
+is a busy route whose limit has not yet grown to the load, not overload. Counting it made
+the gateway shed on every passing burst — half the load of a router that could serve it.
+That holds for the overload signal (``overloaded``) and for gateway requests of the classes
+the gateway limits (``admit(..., queue_wait=False)``); direct calls, whose queue nobody else
+bounds, are still refused at their share.
+
 The decision is a few comparisons and counter updates — a shed request costs no feature
 fetch, no model call, no allocation beyond the error — and nothing waits here: the
 router's queue is the event loop, bounded by ``server.max_concurrent_rpcs``.
@@ -103,7 +112,8 @@ class AdmissionController:
         ``waited_s``: how long this request waited before its handler ran (0 when unknown).
         ``queue_wait``: False when something upstream already bounds this request's queue
         (the gateway's in-flight limit): only the class's share of the limit can shed it
-        then. A shed for queue wait comes after the wait, so it is never a fast one.
+        then, and only while the path is saturated. A shed for queue wait comes after the
+        wait, so it is never a fast one.
 
         Returns:
             A ``Permit`` whose ``verdict`` says whether to run the main path or degrade.
@@ -117,7 +127,7 @@ class AdmissionController:
         cls = self._classes[traffic_class]
         limit = self._limiter.limit
         queue_wait_s = max(self._queue_wait_s(), waited_s) if queue_wait else 0.0
-        if not self._over(cls, limit, queue_wait_s):
+        if not self._over(cls, limit, queue_wait_s, sustained=not queue_wait):
             self._in_flight += 1
             return Permit(self, Verdict.ADMIT, self._in_flight)
         if not cls.sheddable and self._config.degrade_over_limit:
@@ -133,18 +143,23 @@ class AdmissionController:
     def overloaded(self) -> str:
         """The sheddable classes a request would be refused in right now, lowest first, comma-separated.
 
-        The same test as ``admit`` (without this request's own wait), so the gateway sheds
-        exactly the classes the router would. "" when none, or when admission is off.
+        The queue-wait targets as in ``admit`` (without this request's own wait), and a
+        class's share of the limit only while the path is saturated: the gateway acts on
+        every answer's signal, so a burst that passes over a share while latency stays flat
+        must not make it shed. "" when none, or when admission is off.
         """
         if not self._config.enabled:
             return ""
         limit, queue_wait_s = self._limiter.limit, self._queue_wait_s()
-        return ",".join(name for name, c in self._sheddable if self._over(c, limit, queue_wait_s))
+        return ",".join(name for name, c in self._sheddable if self._over(c, limit, queue_wait_s, sustained=True))
 
-    def _over(self, cls: TrafficClassConfig, limit: int, queue_wait_s: float) -> bool:
-        """Whether the route is over ``cls``'s share of the limit or its queue-wait target."""
+    def _over(self, cls: TrafficClassConfig, limit: int, queue_wait_s: float, *, sustained: bool) -> bool:
+        """Whether the route is over ``cls``'s queue-wait target, or over its share of the limit
+        (with ``sustained``: only while the limit says the path is saturated)."""
+        if queue_wait_s * 1000 >= cls.queue_wait_target_ms:
+            return True
         over_share = self._in_flight >= max(1, int(limit * cls.limit_share))
-        return over_share or queue_wait_s * 1000 >= cls.queue_wait_target_ms
+        return over_share and (not sustained or self._limiter.saturated)
 
     def _retry_after_s(self, queue_wait_s: float) -> float:
         """How long a shed caller should wait: about one latency of the path, or the queue wait if longer."""

@@ -33,6 +33,16 @@ class ConcurrencyLimit(Protocol):
     @property
     def limit(self) -> int: ...
 
+    @property
+    def saturated(self) -> bool:
+        """Whether the path showed queuing lately (latency well above its unloaded level, or drops).
+
+        In flight over a class's share of the limit is overload only when this holds too:
+        while latency stays flat, more in flight costs nobody anything — the limit has
+        just not grown to the load yet (it grows a few permits per window). The gateway is
+        told to shed, and a request whose queue the gateway bounds is shed, only then.
+        """
+
     def on_sample(self, rtt_s: float, in_flight: int, dropped: bool) -> None:
         """One finished request: its latency, the in-flight count when it started, and
         whether it was dropped (timed out, or degraded for lack of capacity)."""
@@ -105,10 +115,16 @@ class GradientLimit:
         self._long_rtt = 0.0
         self._window = _Window(window_samples, window_s, clock)
         self._max_in_flight = 0
+        self._saturated = False
 
     @property
     def limit(self) -> int:
         return int(self._estimate)
+
+    @property
+    def saturated(self) -> bool:
+        """The last window had drops, or its average latency passed ``tolerance`` × the long-term one."""
+        return self._saturated
 
     @property
     def long_rtt_s(self) -> float:
@@ -121,6 +137,7 @@ class GradientLimit:
             return
         max_in_flight, self._max_in_flight = self._max_in_flight, 0
         drop_share = self._window.drop_share
+        self._saturated = drop_share > 0
         if drop_share > 0:
             # Timeouts or refused model calls say the path is saturated, even when the short
             # latency of refused calls hides it: back off at once in proportion (not smoothed,
@@ -135,6 +152,7 @@ class GradientLimit:
             # Latency fell far below the long-term view (load went away): let the long
             # average catch up quickly instead of holding the limit high on stale data.
             self._long_rtt *= 0.95
+        self._saturated = short_rtt > self._tolerance * self._long_rtt
         if max_in_flight < self._estimate / 2:
             return
         gradient = max(0.5, min(1.0, self._tolerance * self._long_rtt / short_rtt))
@@ -152,19 +170,35 @@ class AimdLimit:
     """
 
     def __init__(
-        self, initial: int, min_limit: int, max_limit: int, latency_threshold_s: float, backoff: float = 0.9
+        self,
+        initial: int,
+        min_limit: int,
+        max_limit: int,
+        latency_threshold_s: float,
+        backoff: float = 0.9,
+        saturation_memory_s: float = 0.1,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._limit = initial
         self._min, self._max = min_limit, max_limit
         self._threshold = latency_threshold_s
         self._backoff = backoff
+        self._memory_s = saturation_memory_s
+        self._clock = clock
+        self._backed_off_at = -math.inf
 
     @property
     def limit(self) -> int:
         return self._limit
 
+    @property
+    def saturated(self) -> bool:
+        """A request was dropped or slower than the threshold within the last ``saturation_memory_s``."""
+        return self._clock() - self._backed_off_at < self._memory_s
+
     def on_sample(self, rtt_s: float, in_flight: int, dropped: bool) -> None:
         if dropped or rtt_s > self._threshold:
+            self._backed_off_at = self._clock()
             self._limit = max(self._min, min(self._limit - 1, int(self._limit * self._backoff)))
         elif in_flight * 2 >= self._limit:
             self._limit = min(self._max, self._limit + 1)
