@@ -431,27 +431,21 @@ def bench(
 def stats(
     url: Annotated[str, typer.Option(help="the router's metrics endpoint")] = "http://127.0.0.1:9464/metrics",
     interval_s: Annotated[float, typer.Option("--interval", help="seconds between refreshes")] = 2.0,
-    once: Annotated[bool, typer.Option(help="print totals since the router started, and exit")] = False,
+    window_s: Annotated[float, typer.Option("--window", help="seconds every rate is computed over")] = 60.0,
+    once: Annotated[bool, typer.Option(help="measure one window, print it, and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per refresh, for scripts")] = False,
 ) -> None:
-    """Live per-route table: latency per layer, served_by shares, fallback / rejected / timeout rates, cost."""
-    import time
+    """Per route over a sliding window: latency per layer, served_by shares, fallback / shed / quota / timeout
+    rates, cost per 1K; per Triton model: batch efficiency, queue and compute per request. Fits the terminal."""
     import urllib.error
 
-    from rich.console import Console
-    from rich.live import Live
+    from inferline.stats import run
 
-    from inferline.stats import StatsView
-
-    view = StatsView(url)
-    console = Console()
+    if window_s <= 0 or interval_s <= 0:
+        typer.echo("--window and --interval must be positive", err=True)
+        raise typer.Exit(2)
     try:
-        if once:
-            console.print(view.refresh())
-            return
-        with Live(view.refresh(), console=console, refresh_per_second=4) as live:
-            while True:
-                time.sleep(interval_s)
-                live.update(view.refresh())
+        run(url, interval_s=interval_s, window_s=window_s, once=once, json_lines=as_json)
     except (urllib.error.URLError, OSError) as err:
         typer.echo(f"cannot read {url}: {err}", err=True)
         raise typer.Exit(1) from err

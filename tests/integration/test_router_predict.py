@@ -207,26 +207,43 @@ def test_cli_predict_prints_json_and_fails_on_error(router_server: ServerProcess
     assert json.loads(bad.stderr.strip().splitlines()[-1])["code"] == "NOT_FOUND"
 
 
-def test_cli_stats_shows_the_routes_traffic(router_server: ServerProcess, stub: pb_grpc.InferenceStub) -> None:
+def test_cli_stats_shows_the_traffic_of_its_window(router_server: ServerProcess, stub: pb_grpc.InferenceStub) -> None:
+    """``stats --once`` measures one window from its first scrape (said on stderr): requests sent from then on,
+    until it exits, are counted; those before are not; ``--json`` gives the same figures to scripts."""
+    import json
     import subprocess
     import sys
 
-    for i in range(5):
-        stub.Predict(
-            pb.PredictRequest(route="driver_ranking", entities=[pb.EntityKey(name="driver_id", int64_value=1001 + i)]),
-            timeout=2.0,
-            metadata=AUTH,
-        )
     url = f"http://127.0.0.1:{router_server.metrics_port}/metrics"
-    shown = subprocess.run(
-        [sys.executable, "-m", "inferline.cli", "stats", "--once", "--url", url, "--interval", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "200"},
+
+    def measure(*options: str) -> tuple[str, int]:
+        """(stdout, Predicts answered) of a ``stats --once`` run with Predicts sent all through its window."""
+        command = [sys.executable, "-m", "inferline.cli", "stats", "--once", "--url", url, "--window", "3", *options]
+        env = {**os.environ, "COLUMNS": "200"}
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+            assert process.stderr is not None and process.stdout is not None
+            assert "measuring for 3 s" in process.stderr.readline()  # its first scrape is taken
+            sent = 0
+            while process.poll() is None:
+                request = pb.PredictRequest(
+                    route="driver_ranking", entities=[pb.EntityKey(name="driver_id", int64_value=1001 + sent % 5)]
+                )
+                stub.Predict(request, timeout=2.0, metadata=AUTH)
+                sent += 1
+            assert process.returncode == 0, process.stderr.read()
+            return process.stdout.read(), sent
+
+    stub.Predict(  # before any window: never counted
+        pb.PredictRequest(route="driver_ranking", entities=[pb.EntityKey(name="driver_id", int64_value=1001)]),
+        timeout=2.0,
+        metadata=AUTH,
     )
-    assert shown.returncode == 0, shown.stderr
-    assert "driver_ranking" in shown.stdout and "PRIMARY" in shown.stdout and "total" in shown.stdout
+    shown, _ = measure()
+    assert "driver_ranking" in shown and "PRIMARY" in shown and "total" in shown
+    document, sent = measure("--json")
+    figures = json.loads(document)["routes"]["driver_ranking"]
+    assert 1 <= figures["requests"] <= sent
+    assert figures["served_by"]["PRIMARY"] > 0
     unreachable = subprocess.run(
         [sys.executable, "-m", "inferline.cli", "stats", "--once", "--url", "http://127.0.0.1:9/metrics"],
         capture_output=True,
