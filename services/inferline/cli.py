@@ -1,5 +1,5 @@
 """The ``inferline`` command line: up, serve, triton (and triton class-copies), models check, gateway render, predict,
-bench."""
+bench, batch run."""
 
 from __future__ import annotations
 
@@ -425,6 +425,57 @@ def bench(
             typer.echo(f"{entry['name']}: knee {knee_text(entry)} ({entry['knee']['stopped_reason']})")
     json_path, html_path = write_report(result, out)
     typer.echo(f"results: {json_path}\nreport:  {html_path}")
+
+
+batch_cli = typer.Typer(no_args_is_help=True, help="Batch inference: score a file of entities through a route.")
+cli.add_typer(batch_cli, name="batch")
+
+
+@batch_cli.command("run")
+def batch_run(
+    route: Annotated[str, typer.Option(help="route whose features, models and post-processing score the rows")],
+    input_path: Annotated[Path, typer.Option("--input", help="Parquet (.parquet, .pq) or CSV (.csv) file")],
+    output_dir: Annotated[Path, typer.Option("--output", help="directory of part files, errors and job state")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    shard: Annotated[str, typer.Option(help="I/N: this process does chunks with number % N == I")] = "0/1",
+    resume: Annotated[bool, typer.Option(help="continue the job whose state is in --output")] = False,
+    triton_url: Annotated[str | None, typer.Option(help="Triton host:port (default triton.url, else bundled)")] = None,
+    traffic_class: Annotated[str, typer.Option("--class", help="traffic class of the Triton calls")] = "batch",
+    features: Annotated[str, typer.Option(help="auto | online | offline (point in time)")] = "auto",
+    timestamp_column: Annotated[str | None, typer.Option(help="event time column (default event_timestamp)")] = None,
+    chunk_rows: Annotated[int, typer.Option(help="rows per chunk and part file")] = 8192,
+    request_rows: Annotated[int, typer.Option(help="rows per Triton request (0: max_batch_size)")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Triton requests in flight")] = 4,
+    max_rows_per_s: Annotated[float | None, typer.Option(help="cap on the scoring rate")] = None,
+    publish_cache: Annotated[bool, typer.Option(help="write the scores to the Redis score cache")] = False,
+    tenant: Annotated[str | None, typer.Option(help="tenant whose cache gets the scores")] = None,
+) -> None:
+    """Score every row of --input through --route into --output, exactly once; resumable and shardable.
+
+    Exit 0: done (summary JSON on stdout). 2: bad options, input or output directory, found
+    before any work. 1: stopped part-way (--resume continues). 130: cancelled (SIGINT/SIGTERM).
+    """
+    from inferline.batch import BatchCancelled, BatchInputError, BatchJobFailed, BatchJobSpec, Shard, run_until_signal
+
+    cfg = _load(config)
+    try:
+        spec = BatchJobSpec.build(
+            route=route, input_path=input_path, output_dir=output_dir, shard=Shard.parse(shard), resume=resume,
+            traffic_class=traffic_class, features_from=features, timestamp_column=timestamp_column,
+            chunk_rows=chunk_rows, request_rows=request_rows, concurrency=concurrency,
+            max_rows_per_s=max_rows_per_s, publish_cache=publish_cache, tenant=tenant,
+        )  # fmt: skip
+        summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url))
+    except BatchInputError as err:
+        typer.echo(f"batch: {err}", err=True)
+        raise typer.Exit(2) from err
+    except BatchJobFailed as err:
+        typer.echo(f"batch: {err}\ncommitted chunks are kept: rerun with --resume to continue", err=True)
+        raise typer.Exit(1) from err
+    except BatchCancelled as err:
+        typer.echo(f"batch: {err}", err=True)
+        raise typer.Exit(130) from err
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @cli.command()

@@ -283,6 +283,40 @@ class RedisScoreCache:
             return
         self._recovered()
 
+    async def put_computed(
+        self,
+        tenant: str,
+        route: str,
+        ids: Sequence[EntityId],
+        scores: Sequence[float],
+        *,
+        computed_at: float,
+        ttl_s: float,
+    ) -> bool:
+        """Store scores computed elsewhere (a batch job) with their computation time, not now.
+
+        ``computed_at``: wall-clock epoch seconds the scores were computed at, so readers age
+        them from then (and never serve them past their route's ``max_staleness_s``);
+        ``ttl_s``: how long the entries live. Unlike ``put_many`` the caller learns whether
+        the write landed (True), to count or retry it; it still never raises.
+        """
+        if not ids:
+            return True
+        written = f"{computed_at:.3f}"
+        ttl_ms = max(1, int(ttl_s * 1000))
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                pipe = self._redis().pipeline(transaction=False)
+                for key, score in zip(self._keys(tenant, route, ids), scores, strict=True):
+                    pipe.set(key, f"{float(score)!r},{written}", px=ttl_ms)
+                await pipe.execute()
+        except Exception as err:
+            self.write_errors += 1
+            self._outage(err)
+            return False
+        self._recovered()
+        return True
+
     def _outage(self, err: Exception) -> None:
         self._failures_in_row += 1
         if self._failures_in_row == OUTAGE_AFTER_FAILURES:

@@ -1,0 +1,109 @@
+"""A chunk's feature matrix: Feast's offline store as of each row's time, or the online store in bulk.
+
+Point-in-time (``get_historical_features``) when the job has event times: each row gets
+the values its entity had at that time (within the view's TTL), as a model trained on
+history would have seen them. Otherwise the latest values, from the online store, many
+entities per read. Request-time features come from the input's columns. A value that is
+missing either way takes the feature's default and is flagged, as on the online path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from inferline.batch.rows import ParsedChunk
+from inferline.core.config import RouteConfig
+from inferline.features.store import FeastOnlineStore
+
+ONLINE_READ_ENTITIES = 1000
+"""Entities per online read (the online path's own bound on one store read)."""
+_ROW_ID = "__inferline_row"
+
+
+class BatchFeatures:
+    """Fetches a route's features for parsed chunks; ``offline`` picks the point-in-time path."""
+
+    def __init__(self, route: RouteConfig, feast_repo: pathlib.Path, *, offline: bool) -> None:
+        import feast  # deferred: seconds to import
+
+        self._route = route
+        self._offline = offline
+        self._names = [f.name for f in route.features]
+        self._defaults = np.array([f.default for f in route.features], dtype=np.float32)
+        self._refs = list(dict.fromkeys(f.source for f in route.features if f.source is not None))
+        self._store_features = [(i, f.source) for i, f in enumerate(route.features) if f.source is not None]
+        self._request = [(i, f.name) for i, f in enumerate(route.features) if f.source is None]
+        self._feast_repo = feast_repo
+        self._historical: Any = feast.FeatureStore(repo_path=str(feast_repo)) if offline else None
+        self._online = FeastOnlineStore(feast_repo) if not offline and self._refs else None
+
+    @property
+    def names(self) -> list[str]:
+        return self._names
+
+    @property
+    def offline(self) -> bool:
+        return self._offline
+
+    async def matrix(self, chunk: ParsedChunk) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """``values`` float32 [rows, features] (route order) and ``defaulted`` bool of the same shape."""
+        n = len(chunk.ids)
+        values = np.full((n, len(self._names)), np.nan, dtype=np.float32)
+        if n and self._refs:
+            fetched = await (self._historical_columns(chunk) if self._offline else self._online_columns(chunk.ids))
+            for i, ref in self._store_features:
+                values[:, i] = fetched[ref]
+        for i, name in self._request:
+            given = chunk.request_features.get(name)
+            if given is not None:
+                values[:, i] = given
+        defaulted = np.isnan(values)
+        values = np.where(defaulted, self._defaults[np.newaxis, :], values).astype(np.float32)
+        return values, defaulted
+
+    async def _online_columns(self, ids: Sequence[int | str]) -> dict[str, npt.NDArray[np.float32]]:
+        """Latest values, each distinct entity read once, ``ONLINE_READ_ENTITIES`` per read."""
+        assert self._online is not None
+        unique = list(dict.fromkeys(ids))
+        columns: dict[str, list[float | None]] = {ref: [] for ref in self._refs}
+        for start in range(0, len(unique), ONLINE_READ_ENTITIES):
+            part = unique[start : start + ONLINE_READ_ENTITIES]
+            read = await self._online.read(self._refs, self._route.entity.join_key, part)
+            for ref in self._refs:
+                columns[ref].extend(read[ref])
+        position = {entity: i for i, entity in enumerate(unique)}
+        index = np.fromiter((position[e] for e in ids), dtype=np.int64, count=len(ids))
+        return {ref: np.array(col, dtype=np.float32)[index] for ref, col in columns.items()}
+
+    async def _historical_columns(self, chunk: ParsedChunk) -> dict[str, npt.NDArray[np.float32]]:
+        # Feast's file offline store answers one row per distinct (entity, time), so ask for
+        # each distinct pair once and join the answer back onto the chunk's rows.
+        assert chunk.timestamps is not None
+        join_key = self._route.entity.join_key
+        # Microseconds: Feast converts times to Python datetimes, which hold no nanoseconds.
+        rows = pd.DataFrame({join_key: chunk.ids, "event_timestamp": chunk.timestamps.floor("us")})
+        rows[_ROW_ID] = np.arange(len(rows))
+        pairs = rows[[join_key, "event_timestamp"]].drop_duplicates(ignore_index=True)
+        answer = await asyncio.to_thread(self._historical_frame, pairs)
+        answer["event_timestamp"] = pd.to_datetime(answer["event_timestamp"], utc=True).dt.as_unit("ns")
+        answer = answer.drop_duplicates([join_key, "event_timestamp"])
+        merged = rows.merge(answer, on=[join_key, "event_timestamp"], how="left").sort_values(_ROW_ID)
+        return {
+            ref: merged[ref.replace(":", "__", 1)].to_numpy(dtype=np.float32, na_value=np.nan) for ref in self._refs
+        }
+
+    def _historical_frame(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        job = self._historical.get_historical_features(entity_df=pairs, features=self._refs, full_feature_names=True)
+        frame: pd.DataFrame = job.to_df()
+        return frame
+
+    async def close(self) -> None:
+        if self._online is not None:
+            await self._online.close()

@@ -1,0 +1,260 @@
+"""``run_job``: one shard of a batch job, from the input's chunks to committed part files.
+
+Pipeline: a reader (a thread, one chunk at a time) feeds a bounded queue; ``workers``
+tasks each take a chunk, parse it, fetch its features, score it on Triton and commit it.
+Memory is bounded by (queue + workers) chunks, whatever the input's size. Chunks commit
+independently and in any order (``output.py``): a crash, a cancel or a failure loses only
+uncommitted chunks, which ``--resume`` redoes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from inferline.batch.errors import BatchJobFailed
+from inferline.batch.features import BatchFeatures
+from inferline.batch.output import ChunkRecord, OutputDir, part_name
+from inferline.batch.plan import JobPlan, choose_target
+from inferline.batch.progress import JobProgress
+from inferline.batch.publish import CachePublisher
+from inferline.batch.rows import ParsedChunk, RowError, parse_chunk
+from inferline.batch.scoring import BatchScorer, RateLimit, Scored
+from inferline.batch.source import Chunk
+from inferline.batch.stats import BatchEfficiency
+from inferline.core.config import InferlineConfig
+from inferline.core.entities import EntityId
+from inferline.triton.executor import TritonExecutor
+
+logger = logging.getLogger(__name__)
+
+WORKERS = 2
+"""Chunks in progress at once: one's features are fetched while another's rows are scored."""
+INVALID_SCORE = "model output invalid (not finite or outside [score_min, score_max])"
+
+
+class BatchJob:
+    """One shard of a batch job against a running Triton (see the module docstring)."""
+
+    def __init__(self, config: InferlineConfig, plan: JobPlan, triton_url: str, *, interactive: bool | None = None):
+        self._config = config
+        self._plan = plan
+        self._url = triton_url
+        self._interactive = interactive
+        spec = plan.spec
+        self._out = OutputDir(spec.output_dir, spec.shard.label, spec.shard.count > 1)
+
+    async def run(self) -> dict[str, Any]:
+        """Run the shard to completion and return its summary (also written to the job's state).
+
+        Raises:
+            BatchInputError: the output directory cannot be used (before any work).
+            BatchJobFailed: stopped part-way; ``--resume`` continues.
+            asyncio.CancelledError: cancelled (SIGINT/SIGTERM); committed chunks stay.
+        """
+        spec, plan = self._plan.spec, self._plan
+        done = self._out.open(plan.identity(), resume=spec.resume)
+        executor = TritonExecutor(self._url, default_max_in_flight=spec.concurrency, tls=self._config.triton.tls)
+        features: BatchFeatures | None = None
+        publisher: CachePublisher | None = None
+        try:
+            target = await choose_target(self._config, plan, executor)
+            efficiency = BatchEfficiency(executor, target.model)
+            await efficiency.start()
+            features = await asyncio.to_thread(
+                BatchFeatures, plan.route, self._config.feature_store.feast_repo, offline=plan.offline
+            )
+            if spec.publish_cache:
+                assert spec.tenant is not None
+                publisher = CachePublisher(self._config.score_cache, plan.route.degradation, spec.tenant, spec.route)
+            scorer = BatchScorer(
+                executor,
+                target,
+                plan.route.postprocess,
+                concurrency=spec.concurrency,
+                timeout_s=spec.request_timeout_s,
+                attempts=spec.attempts,
+                rate=RateLimit(spec.max_rows_per_s),
+            )
+            logger.info(
+                "batch %s: route %s, model %s (priority %d, %d rows per request), %s features, %d chunks already done",
+                spec.shard.label, spec.route, target.model, target.priority, target.request_rows,
+                "offline point-in-time" if plan.offline else "online", len(done),
+            )  # fmt: skip
+            already = sum(r.input_rows for r in done.values())
+            total = self._shard_rows(plan.input.num_rows)
+            with JobProgress(total, already, interactive=self._interactive) as progress:
+                records = await self._pipeline(done, features, scorer, publisher, progress)
+            summary = await self._summary(records, progress, scorer, efficiency, publisher)
+            await asyncio.to_thread(self._out.finish, records, summary)
+            return summary
+        finally:
+            if features is not None:
+                await features.close()
+            if publisher is not None:
+                await publisher.close()
+            await executor.close()
+            self._out.close()
+
+    def _shard_rows(self, num_rows: int | None) -> int | None:
+        if num_rows is None:
+            return None
+        spec = self._plan.spec
+        chunks = -(-num_rows // spec.chunk_rows)
+        owned = [c for c in range(chunks) if spec.shard.owns(c)]
+        return sum(min(spec.chunk_rows, num_rows - c * spec.chunk_rows) for c in owned)
+
+    async def _pipeline(
+        self,
+        done: dict[int, ChunkRecord],
+        features: BatchFeatures,
+        scorer: BatchScorer,
+        publisher: CachePublisher | None,
+        progress: JobProgress,
+    ) -> dict[int, ChunkRecord]:
+        records = dict(done)
+        queue: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=WORKERS)
+
+        async def read() -> None:
+            chunks = self._plan.input.chunks(self._plan.spec.chunk_rows)
+            while (chunk := await asyncio.to_thread(_next_owned, chunks, self._plan, done)) is not None:
+                await queue.put(chunk)
+            for _ in range(WORKERS):
+                await queue.put(None)
+
+        async def work() -> None:
+            while (chunk := await queue.get()) is not None:
+                record = await self._chunk(chunk, features, scorer, publisher)
+                records[record.chunk] = record
+                progress.advance(record.rows, record.errors)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(read(), name="batch-read")
+                for i in range(WORKERS):
+                    group.create_task(work(), name=f"batch-work-{i}")
+        except* Exception as failed:
+            first = failed.exceptions[0]
+            if isinstance(first, BatchJobFailed):
+                raise first from None
+            # The input breaking mid-way, a full disk, a model answering garbage: stop, resumable.
+            raise BatchJobFailed(f"stopped part-way: {type(first).__name__}: {first}") from first
+        return records
+
+    async def _chunk(
+        self, chunk: Chunk, features: BatchFeatures, scorer: BatchScorer, publisher: CachePublisher | None
+    ) -> ChunkRecord:
+        plan = self._plan
+        parsed = parse_chunk(chunk, plan.input.columns, plan.route)
+        values, defaulted = await features.matrix(parsed)
+        columns = [features.names.index(name) for name in scorer.target.features]
+        scored = await scorer.score(values[:, columns])
+        computed_ms = time.time_ns() // 1_000_000  # whole ms: the part column and the cache entries agree exactly
+        table, errors = self._part(parsed, scored, defaulted[:, columns], scorer, computed_ms)
+        if publisher is not None:
+            # Before the commit: a crash in between republishes on resume (idempotent), never skips.
+            ok = scored.valid
+            ids: list[EntityId] = [e for e, good in zip(parsed.ids, ok.tolist(), strict=True) if good]
+            await publisher.publish(ids, scored.scores[ok].tolist(), computed_ms / 1000)
+        record = ChunkRecord(
+            chunk=chunk.index,
+            first_row=chunk.first_row,
+            input_rows=parsed.input_rows,
+            rows=table.num_rows,
+            errors=len(errors),
+            part=part_name(chunk.index),
+            part_bytes=0,
+        )
+        return await asyncio.to_thread(self._out.commit, record, table, errors)
+
+    def _part(
+        self,
+        parsed: ParsedChunk,
+        scored: Scored,
+        defaulted: np.ndarray,
+        scorer: BatchScorer,
+        computed_ms: int,
+    ) -> tuple[pa.Table, list[RowError]]:
+        """The part table of the valid scores, and the chunk's row errors plus the invalid scores."""
+        plan, target = self._plan, scorer.target
+        ok = scored.valid
+        errors = list(parsed.errors)
+        if not ok.all():
+            errors += [RowError(int(r), "score", INVALID_SCORE) for r in parsed.rows[~ok]]
+            errors.sort(key=lambda e: e.row)
+        post = plan.route.postprocess
+        scores = scored.scores[ok]
+        names = np.array(target.features, dtype=object)
+        entity_type = pa.int64() if plan.route.entity.type == "int64" else pa.string()
+        columns: dict[str, pa.Array] = {
+            "input_row": pa.array(parsed.rows[ok], pa.int64()),
+            plan.input.columns.entity: pa.array([e for e, g in zip(parsed.ids, ok.tolist(), strict=True) if g],
+                                                entity_type),
+        }  # fmt: skip
+        if parsed.timestamps is not None:
+            columns[plan.input.columns.timestamp or "event_timestamp"] = pa.array(
+                parsed.timestamps[ok], pa.timestamp("ns", tz="UTC")
+            )
+        n = int(ok.sum())
+        columns |= {
+            "score": pa.array(scores, pa.float32()),
+            "decision": pa.array(np.where(scores >= post.threshold, post.decision_above, post.decision_below)),
+            "model": pa.array([target.variant] * n, pa.string()),
+            "model_version": pa.array([scored.model_version] * n, pa.string()),
+            "computed_at": pa.array([computed_ms] * n, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+            "defaulted_features": pa.array([",".join(names[row]) for row in defaulted[ok]], pa.string()),
+        }
+        return pa.table(columns), errors
+
+    async def _summary(
+        self,
+        records: dict[int, ChunkRecord],
+        progress: JobProgress,
+        scorer: BatchScorer,
+        efficiency: BatchEfficiency,
+        publisher: CachePublisher | None,
+    ) -> dict[str, Any]:
+        spec, target = self._plan.spec, scorer.target
+        elapsed_s = progress.elapsed_s
+        this_run = progress.rows + progress.errors
+        cost_per_hour = self._config.device_classes[target.device].cost_per_hour
+        rows_per_execution = await efficiency.rows_per_execution()
+        return {
+            "status": "complete",
+            "route": spec.route,
+            "shard": f"{spec.shard.index}/{spec.shard.count}",
+            "model": target.model,
+            "chunks": len(records),
+            "input_rows": sum(r.input_rows for r in records.values()),
+            "rows": sum(r.rows for r in records.values()),
+            "errors": sum(r.errors for r in records.values()),
+            "this_run": {
+                "rows": progress.rows,
+                "errors": progress.errors,
+                "elapsed_s": round(elapsed_s, 3),
+                "rows_per_s": round(this_run / elapsed_s, 1) if elapsed_s > 0 else None,
+                "requests": scorer.requests,
+                "retries": scorer.retries,
+                "rows_per_execution": rows_per_execution,
+                "batch_efficiency": None
+                if rows_per_execution is None
+                else round(rows_per_execution / target.request_rows, 3),
+                "cost_per_1k_rows": round(cost_per_hour * elapsed_s / 3600 / this_run * 1000, 6) if this_run else None,
+            },
+            "published": None if publisher is None else {"rows": publisher.published, "stale": publisher.stale},
+            "errors_file": str(self._out.errors_path),
+        }
+
+
+def _next_owned(chunks: Iterator[Chunk], plan: JobPlan, done: dict[int, ChunkRecord]) -> Chunk | None:
+    """The next chunk this shard still has to do (blocking read; run in a thread)."""
+    for chunk in chunks:
+        if plan.spec.shard.owns(chunk.index) and chunk.index not in done:
+            return chunk
+    return None

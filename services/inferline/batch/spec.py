@@ -1,0 +1,113 @@
+"""``BatchJobSpec``: the options of one ``inferline batch run``, validated before any work.
+
+A pydantic model like the YAML config (frozen, unknown keys forbidden), so a bad option
+is reported with its name, and the spec can be written to the job's state and compared
+on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from inferline.batch.errors import BatchInputError
+from inferline.core.config import format_validation_error
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+class Shard(BaseModel):
+    """Shard ``index`` of ``count``: the chunks whose number ``% count == index``.
+
+    By chunk, not by row: chunks are fixed ranges of input rows, so every shard agrees on
+    them without reading the others' data, and each chunk's part file has one owner.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(0, ge=0)
+    count: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> Shard:
+        if self.index >= self.count:
+            raise ValueError(f"shard index {self.index} must be below the shard count {self.count}")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` → Shard(I, N) (a Kubernetes Indexed Job passes ``$JOB_COMPLETION_INDEX/N``).
+
+        Raises:
+            BatchInputError: not of the form I/N with 0 <= I < N.
+        """
+        match = _SHARD.match(text)
+        if match is None:
+            raise BatchInputError(f"--shard {text!r}: expected I/N, e.g. 0/4")
+        try:
+            return cls(index=int(match[1]), count=int(match[2]))
+        except ValidationError as err:
+            raise BatchInputError(f"--shard {text!r}:\n{format_validation_error(err)}") from err
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.count == self.index
+
+    @property
+    def label(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+
+class BatchJobSpec(BaseModel):
+    """Everything that defines one batch job (one shard of it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    route: str
+    """The route whose features, variants and post-processing score the rows."""
+    input_path: pathlib.Path
+    """Parquet (``.parquet``, ``.pq``) or CSV (``.csv``) file of entity rows."""
+    output_dir: pathlib.Path
+    """Where part files, the errors file and the job's state go."""
+    shard: Shard = Shard()
+    resume: bool = False
+    """Continue a job whose state is in ``output_dir``; without it such a directory is refused."""
+    traffic_class: str = "batch"
+    """Traffic class of the Triton calls: its priority and its model copy (the wide batching window)."""
+    timestamp_column: str | None = None
+    """Column of event times for point-in-time features; None: ``event_timestamp`` if the input has it."""
+    features_from: Literal["auto", "online", "offline"] = "auto"
+    """``offline``: Feast's offline store as of each row's timestamp; ``online``: the latest values;
+    ``auto``: offline when the input has a timestamp column."""
+    chunk_rows: int = Field(8192, ge=1, le=1_000_000)
+    """Rows per chunk (one part file each): the unit of memory, commit and resume."""
+    request_rows: int = Field(0, ge=0)
+    """Rows per Triton request; 0: the model's ``max_batch_size``."""
+    concurrency: int = Field(4, ge=1, le=256)
+    """Triton requests of this job in flight at once."""
+    request_timeout_s: float = Field(30.0, gt=0)
+    """Triton's queue timeout and the wait for one request; a late request is retried."""
+    attempts: int = Field(6, ge=1)
+    """Tries of one Triton request (exponential backoff between) before the job stops, resumable."""
+    max_rows_per_s: float | None = Field(None, gt=0)
+    """Upper bound of the job's scoring rate (a shared Triton's fair share); None: as fast as allowed."""
+    publish_cache: bool = False
+    """Write every score to the route's score cache (Redis) with its computation time."""
+    tenant: str | None = None
+    """Tenant whose cache namespace gets the scores (``publish_cache``); it must be allowed the route."""
+
+    @model_validator(mode="after")
+    def _publish_needs_tenant(self) -> BatchJobSpec:
+        if self.publish_cache and self.tenant is None:
+            raise ValueError("publish_cache needs a tenant (--tenant): cache entries are per tenant")
+        return self
+
+    @classmethod
+    def build(cls, **options: object) -> BatchJobSpec:
+        """Validate ``options``; a bad one raises ``BatchInputError`` naming it."""
+        try:
+            return cls.model_validate(options)
+        except ValidationError as err:
+            raise BatchInputError(f"invalid batch options:\n{format_validation_error(err)}") from err
