@@ -10,7 +10,10 @@ from collections import Counter
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
 from inferline.core import headers
 from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER
@@ -184,6 +187,36 @@ def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(
     with grpc.insecure_channel(overloaded_router.address) as channel:  # a direct call has no gateway to bound it
         direct = _outcomes(pb_grpc.InferenceStub(channel), "batch", 3)
     assert all(k.startswith("RESOURCE_EXHAUSTED: route 'driver_ranking' is overloaded") for k in direct), direct
+
+
+def _infer(client: triton_grpc.InferenceServerClient, model: str, width: int, traffic_class: str) -> str:
+    """One KServe ModelInfer call of ``model`` (``width`` features) in ``traffic_class``: "OK" or "CODE: message"."""
+    tensor = triton_grpc.InferInput("features", [1, width], "FP32")
+    tensor.set_data_from_numpy(np.full((1, width), 0.5, np.float32))
+    metadata = {AUTH[0]: AUTH[1], TRAFFIC_CLASS_HEADER: traffic_class}
+    try:
+        client.infer(model, [tensor], headers=metadata, client_timeout=5)
+    except InferenceServerException as err:
+        return f"{str(err.status()).removeprefix('StatusCode.')}: {err.message()}"
+    return "OK"
+
+
+def test_gateway_sheds_the_kserve_model_the_router_names_and_not_another_model(signal_gateway: Gateway) -> None:
+    # The routers admit KServe calls per model, and the gateway keys its shedding by the model
+    # it reads off the request body: one model's signal must not shed another model's calls.
+    client = triton_grpc.InferenceServerClient(signal_gateway.address)
+    try:
+        for _ in range(30):  # each answer names batch for driver_ranker's admission: its probability climbs
+            assert _infer(client, "driver_ranker", 4, "critical") == "OK"
+        ranker = Counter(_infer(client, "driver_ranker", 4, "batch") for _ in range(50))
+        # The same channel, so the same Envoy worker (the shed state is per worker): the light
+        # model has had no answer yet, so its probability is exactly 0 and nothing is shed.
+        light = _infer(client, "driver_ranker_light", 2, "batch")
+    finally:
+        client.close()
+    assert ranker[f"RESOURCE_EXHAUSTED: {SIGNAL_SHED_MESSAGE}"] >= 40, ranker
+    assert set(ranker) <= {f"RESOURCE_EXHAUSTED: {SIGNAL_SHED_MESSAGE}", "OK"}, ranker
+    assert light == "OK"
 
 
 # --- the in-flight bound --------------------------------------------------------------------

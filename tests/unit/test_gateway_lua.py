@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from lupa import luajit21
+from tritonclient.grpc import service_pb2
 
 from inferline.core import headers
 from inferline.core.config import parse_config
@@ -42,10 +43,41 @@ function metadata(store)
   }
   return {dynamicMetadata = function(self) return dynamic end}
 end
-function request(t, store)
-  local map = header_map(t)
+-- A request body as Envoy's buffer: length() and getBytes(index, length), which fails past the end.
+local function buffer(bytes)
+  return {
+    length = function(self) return #bytes end,
+    getBytes = function(self, index, length)
+      assert(index + length <= #bytes, "getBytes past the end of the buffer")
+      return string.sub(bytes, index + 1, index + length)
+    end,
+  }
+end
+-- As in Envoy, body() suspends the script until the body is in, and header objects taken
+-- before it are out of scope after it: using one fails.
+function request(t, store, body)
   local info = metadata(store)
-  return {headers = function(self) return map end, streamInfo = function(self) return info end}
+  local taken = {}
+  return {
+    headers = function(self)
+      local map = header_map(t)
+      local scoped = {in_scope = true}
+      for name, method in pairs(map) do
+        scoped[name] = function(me, ...)
+          assert(scoped.in_scope, "object used outside of proper scope")
+          return method(map, ...)
+        end
+      end
+      table.insert(taken, scoped)
+      return scoped
+    end,
+    streamInfo = function(self) return info end,
+    body = function(self)
+      for _, scoped in ipairs(taken) do scoped.in_scope = false end
+      if body == nil then return nil end
+      return buffer(body)
+    end,
+  }
 end
 function response(h, trailers, store)
   local map = header_map(h)
@@ -84,25 +116,29 @@ class Script:
         self.lua.execute(lua["typed_config"]["default_source_code"]["inline_string"])
         self.g = self.lua.globals()
 
-    def answer(self, overloaded: str | None, *, in_trailers: bool = True, path: str = PREDICT) -> None:
-        """One answer to a call of ``path`` through ``envoy_on_response``: the signal in its trailers
-        (or headers), or none. The stream's metadata is what ``envoy_on_request`` left for it."""
+    def answer(
+        self, overloaded: str | None, *, in_trailers: bool = True, path: str = PREDICT, body: bytes | None = None
+    ) -> None:
+        """One answer to a call of ``path`` (with ``body``) through ``envoy_on_response``: the signal in
+        its trailers (or headers), or none. The stream's metadata is what ``envoy_on_request`` left for it."""
         store = self.lua.table_from({})
-        self.g.envoy_on_request(self.g.request(self.lua.table_from({":path": path}), store))
+        self.g.envoy_on_request(self.g.request(self.lua.table_from({":path": path}), store, body))
         signal = {} if overloaded is None else {headers.OVERLOADED: overloaded}
         head = self.lua.table_from({":status": "200", **({} if in_trailers else signal)})
         trailers = self.lua.table_from({"grpc-status": "0", **(signal if in_trailers else {})})
         self.g.envoy_on_response(self.g.response(head, trailers, store))
 
-    def shed(self, traffic_class: str | None, draw: float = 0.5, path: str = PREDICT, **sent: str) -> bool:
+    def shed(
+        self, traffic_class: str | None, draw: float = 0.5, path: str = PREDICT, body: bytes | None = None, **sent: str
+    ) -> bool:
         """Whether ``envoy_on_request`` marks a request of ``traffic_class`` to ``path``, with headers
-        ``sent``, for the fault."""
+        ``sent`` and ``body``, for the fault."""
         self.g.draw = draw
         request = {":path": path, **sent}
         if traffic_class is not None:
             request[headers.TRAFFIC_CLASS] = traffic_class
         table = self.lua.table_from(request)
-        self.g.envoy_on_request(self.g.request(table, self.lua.table_from({})))
+        self.g.envoy_on_request(self.g.request(table, self.lua.table_from({}), body))
         marked = table[SIGNAL_SHED_HEADER]
         if marked is not None:
             assert marked == traffic_class
@@ -110,7 +146,8 @@ class Script:
         return marked is not None
 
     def p(self, traffic_class: str, path: str = PREDICT) -> float:
-        """The class's shed probability for calls of ``path``, read off the script's own table."""
+        """The class's shed probability for calls keyed ``path`` (``path#model`` for a KServe model),
+        read off the script's own table."""
         by_class = self.g.shed_probabilities()[path]
         return 0.0 if by_class is None else float(by_class[traffic_class])
 
@@ -196,3 +233,36 @@ def test_each_method_has_its_own_shed_probabilities() -> None:
     assert not script.shed("batch", draw=0.0, path=PREDICT)
     script.answer("", path=PREDICT)  # Predict's answers move only Predict's probabilities
     assert script.p("batch", path=MODEL_INFER) == pytest.approx(0.5, abs=1e-6)
+
+
+def infer_body(model: str, *, compressed: bool = False) -> bytes:
+    """A ModelInfer call's body as a Triton client sends it: the gRPC frame header, then the message."""
+    message = service_pb2.ModelInferRequest(
+        model_name=model, id="7", inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="x", shape=[1, 4])]
+    ).SerializeToString()
+    return bytes([1 if compressed else 0]) + len(message).to_bytes(4, "big") + message
+
+
+def test_each_kserve_model_has_its_own_shed_probabilities() -> None:
+    # The routers admit KServe calls per model: one model's overload must not shed another's calls.
+    script = Script(signal={"step_up": 0.5, "step_down": 0.01})
+    script.answer("batch", path=MODEL_INFER, body=infer_body("driver_ranker"))
+    assert script.p("batch", path=f"{MODEL_INFER}#driver_ranker") == pytest.approx(0.5, abs=1e-6)
+    assert script.shed("batch", draw=0.1, path=MODEL_INFER, body=infer_body("driver_ranker"))
+    assert not script.shed("batch", draw=0.0, path=MODEL_INFER, body=infer_body("driver_ranker_light"))
+    assert not script.shed("batch", draw=0.0, path=PREDICT)
+    script.answer("", path=MODEL_INFER, body=infer_body("driver_ranker_light"))  # moves only its own model's
+    assert script.p("batch", path=f"{MODEL_INFER}#driver_ranker") == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, b"", infer_body("driver_ranker", compressed=True), infer_body("m" * 200), b"\x00\x00\x00\x00\x02\x0a"],
+    ids=["no_body", "empty", "compressed", "long_name", "truncated"],
+)
+def test_a_kserve_body_without_a_readable_model_falls_back_to_the_methods_key(body: bytes | None) -> None:
+    script = Script(signal={"step_up": 0.5, "step_down": 0.01})
+    script.answer("batch", path=MODEL_INFER, body=body)
+    assert script.p("batch", path=MODEL_INFER) == pytest.approx(0.5, abs=1e-6)
+    assert script.shed("batch", draw=0.1, path=MODEL_INFER, body=body)
+    assert not script.shed("batch", draw=0.0, path=MODEL_INFER, body=infer_body("driver_ranker"))

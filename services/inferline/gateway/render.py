@@ -226,10 +226,19 @@ def _signal_lua(classes: list[str], signal: ShedSignalConfig) -> str:
     answers (``:path``, kept for the answer in the stream's dynamic metadata): up ``step_up``
     if the list names the class, else down ``step_down``. So an overloaded KServe front door
     (whose signal comes from its models' admission) sheds its own lower classes, not
-    ``Predict``'s, and the other way round. Answers without it (other servers, the gateway's
-    own replies) move nothing; only the routers' answers to the public methods carry it, so
-    the table holds a handful of paths. Class names are plain (config-checked), so they are
-    safe in Lua strings and in the comma-separated list.
+    ``Predict``'s, and the other way round.
+
+    KServe ``ModelInfer`` calls are keyed by model too, as the routers admit them: every
+    model shares one path, and one overloaded model must not make the gateway shed another
+    model's calls. The model is read off the request body — ``model_name`` is field 1 of
+    ``ModelInferRequest``, the first bytes on the wire after the 5-byte gRPC frame header —
+    so unmodified Triton clients need send nothing more. A body that does not start that way
+    (compressed, or a name over 127 bytes) falls back to the method's key.
+
+    Answers without the signal (other servers, the gateway's own replies) move nothing; only
+    the routers' answers carry it, and only to authenticated calls of known models, so the
+    table holds a handful of keys whatever names callers send. Class names are plain
+    (config-checked), so they are safe in Lua strings and in the comma-separated list.
     """
     table = ", ".join(f'["{cls}"] = true' for cls in classes)
     return f"""-- inferline gateway: shed on the routers' overload signal (rendered by `inferline gateway render`)
@@ -240,7 +249,22 @@ local DOWNSTREAM_CLUSTER = "{_DOWNSTREAM_CLUSTER}"
 local METADATA = "{SIGNAL_FILTER}"
 local STEP_UP, STEP_DOWN, MAX_P = {signal.step_up!r}, {signal.step_down!r}, {signal.max_probability!r}
 local CLASSES = {{{table}}}
-local shed_p = {{}} -- path -> class -> probability
+local MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+local shed_p = {{}} -- key (path, or path#model) -> class -> probability
+
+-- ModelInferRequest's model_name: field 1 (tag 0x0A), a one-byte length, after the gRPC frame
+-- header (flag 0: uncompressed, 4-byte length). nil when the body does not start that way.
+local function model_of(handle)
+  local body = handle:body()
+  if body == nil then return nil end
+  local size = body:length()
+  if size < 8 then return nil end
+  local head = body:getBytes(0, math.min(size, 7 + 127))
+  if string.byte(head, 1) ~= 0 or string.byte(head, 6) ~= 10 then return nil end
+  local length = string.byte(head, 7)
+  if length >= 128 or 7 + length > #head then return nil end
+  return string.sub(head, 8, 7 + length)
+end
 
 local function follow(path, list)
   local by_class = shed_p[path]
@@ -263,13 +287,20 @@ local function follow(path, list)
 end
 
 function envoy_on_request(handle)
+  local path = handle:headers():get(":path")
+  local key = path
+  if path == MODEL_INFER then
+    -- body() suspends the script until the body is in: header objects taken before it are
+    -- out of scope after it, so the headers are taken (again) below.
+    local model = model_of(handle)
+    if model ~= nil then key = path .. "#" .. model end
+  end
   local headers = handle:headers()
   headers:remove(SHED_HEADER) -- only this script marks a request for the fault filter
-  local path = headers:get(":path")
   if path == nil then return end
-  handle:streamInfo():dynamicMetadata():set(METADATA, "path", path)
+  handle:streamInfo():dynamicMetadata():set(METADATA, "path", key)
   local cls = headers:get(CLASS_HEADER)
-  local by_class = shed_p[path]
+  local by_class = shed_p[key]
   if cls == nil or by_class == nil then return end
   local p = by_class[cls]
   if p ~= nil and p > 0 and math.random() < p then
