@@ -112,12 +112,23 @@ def serve(
     port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
     triton_url: Annotated[str | None, typer.Option(help="Triton gRPC host:port (router)")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="router processes (one per core uses every core); more than one puts the embedded gateway "
+            "on the port to balance calls over them",
+        ),
+    ] = 1,
 ) -> None:
     """Run one service in its own process (the suite topology)."""
     from inferline.runtime import serve_process
 
     if service not in SERVICES:
         typer.echo(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}", err=True)
+        raise typer.Exit(2)
+    if workers > 1 and service != "router":
+        typer.echo(f"--workers is for the router; {service} runs as one process", err=True)
         raise typer.Exit(2)
     cfg = _load(config, port=port, metrics_port=metrics_port)
     url = triton_url or cfg.triton.url
@@ -126,7 +137,12 @@ def serve(
         raise typer.Exit(2)
     uses_triton = service in ("router", "degradation") and url is not None
     _check_tls(cfg, router=service == "router", triton_client=uses_triton, bundled_triton=False)
-    raise typer.Exit(_run(serve_process(cfg, {service}, url, start_triton=False)))
+    # One router process per core behind Envoy: a gRPC load balancer in front of one port
+    # would balance connections, and a gateway holds few, long-lived ones; Envoy balances calls.
+    process = serve_process(
+        cfg, {service}, url, start_triton=False, gateway=workers > 1, workers=workers, config_path=config.resolve()
+    )
+    raise typer.Exit(_run(process))
 
 
 triton_cli = typer.Typer()
@@ -387,6 +403,12 @@ def bench(
     route: Annotated[str, typer.Option(help="Predict route")] = "driver_ranking",
     model: Annotated[str, typer.Option(help="KServe v2 model")] = "driver_ranker",
     seed: Annotated[int, typer.Option(help="seed of arrivals and classes")] = 1,
+    entities: Annotated[str, typer.Option(help="Predict entity ids: zipf | uniform over --entity-ids")] = "zipf",
+    zipf_s: Annotated[float, typer.Option(help="Zipf exponent of --entities zipf")] = 1.1,
+    entity_ids: Annotated[str, typer.Option(help="LOW-HIGH: Predict entity ids (default: the demo's drivers)")] = "",
+    metrics: Annotated[
+        str, typer.Option(help="the router's metrics HOST:PORT: hot-cache hit rate and Feast reads/s per run")
+    ] = "",
     out: Annotated[Path | None, typer.Option(help="writes OUT.json and OUT.html")] = None,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
@@ -398,13 +420,19 @@ def bench(
     from inferline.bench.recording import make_targets
     from inferline.bench.report import knee_text, write_report
     from inferline.bench.runner import BenchSettings, run_bench, step_line
+    from inferline.bench.targets import DEMO_ENTITY_IDS
 
     priorities = dict(DEFAULT_PRIORITIES)
     if config.is_file():  # Triton priority of each class, as the router would send it
         priorities = {name: c.priority for name, c in _load(config).traffic_classes.items()}
     keys = tuple(tenant_key or (os.environ.get("INFERLINE_API_KEY") or DEMO_API_KEY,))
     try:
-        specs = make_targets(target, route=route, model=model, api_keys=keys, priorities=priorities)
+        low, _, high = entity_ids.partition("-")
+        ids = (int(low), int(high)) if entity_ids else DEMO_ENTITY_IDS
+        specs = make_targets(
+            target, route=route, model=model, api_keys=keys, priorities=priorities,
+            entity_ids=ids, entities=entities, zipf_s=zipf_s, metrics=metrics,
+        )  # fmt: skip
         settings = BenchSettings(
             targets=specs, mix=TrafficMix.parse(mix), mode=mode, rate=rate, start_rate=start, factor=factor,
             max_rate=max_rate, duration_s=duration, warmup_s=warmup, deadline_s=deadline_ms / 1000.0,
@@ -447,6 +475,11 @@ def batch_run(
     request_rows: Annotated[int, typer.Option(help="rows per Triton request (0: max_batch_size)")] = 0,
     concurrency: Annotated[int, typer.Option(help="Triton requests in flight")] = 4,
     max_rows_per_s: Annotated[float | None, typer.Option(help="cap on the scoring rate")] = None,
+    yield_queue_ms: Annotated[
+        float | None,
+        typer.Option(help="online queue wait to yield above (0: never; default 2 when the class has a model copy)"),
+    ] = None,
+    yield_interval_s: Annotated[float, typer.Option(help="how often the online queue wait is sampled")] = 0.5,
     publish_cache: Annotated[bool, typer.Option(help="write the scores to the Redis score cache")] = False,
     tenant: Annotated[str | None, typer.Option(help="tenant whose cache gets the scores")] = None,
 ) -> None:
@@ -463,7 +496,8 @@ def batch_run(
             route=route, input_path=input_path, output_dir=output_dir, shard=Shard.parse(shard), resume=resume,
             traffic_class=traffic_class, features_from=features, timestamp_column=timestamp_column,
             chunk_rows=chunk_rows, request_rows=request_rows, concurrency=concurrency,
-            max_rows_per_s=max_rows_per_s, publish_cache=publish_cache, tenant=tenant,
+            max_rows_per_s=max_rows_per_s, yield_queue_ms=yield_queue_ms, yield_interval_s=yield_interval_s,
+            publish_cache=publish_cache, tenant=tenant,
         )  # fmt: skip
         summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url))
     except BatchInputError as err:

@@ -206,3 +206,22 @@ def test_cli_refuses_bad_input_before_any_work(tmp_path: pathlib.Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "entity column 'driver_id' is double, needs an integer type" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+async def test_the_job_gives_way_when_the_online_queue_wait_rises(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher
+) -> None:
+    """Without a copy for the batch class the job's own requests share the online model's queue:
+    with a target of 1 ns any queueing reads as online pressure, so the controller must hold the
+    job back (down to pauses) on Triton's real statistics, and the job must still finish."""
+    config = batch_config(tmp_path)
+    pq.write_table(pa.table({"driver_id": pa.array(range(1001, 1201), pa.int64())}), tmp_path / "in.parquet")
+    options = {"yield_queue_ms": 1e-6, "yield_interval_s": 0.02, "request_rows": 8, "concurrency": 4}
+
+    summary = await run_batch(
+        config, spec(tmp_path / "in.parquet", tmp_path / "out", **options), triton_server.grpc_url
+    )
+
+    assert (summary["rows"], summary["errors"]) == (200, 0)
+    assert summary["yield"]["intervals"] > 0
+    assert summary["yield"]["throttled_share"] > 0

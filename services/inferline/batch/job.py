@@ -25,11 +25,14 @@ from inferline.batch.plan import JobPlan, choose_target
 from inferline.batch.progress import JobProgress
 from inferline.batch.publish import CachePublisher
 from inferline.batch.rows import ParsedChunk, RowError, parse_chunk
-from inferline.batch.scoring import BatchScorer, RateLimit, Scored
+from inferline.batch.scoring import BatchScorer, ModelTarget, RateLimit, Scored
 from inferline.batch.source import Chunk
+from inferline.batch.spec import DEFAULT_YIELD_QUEUE_MS
 from inferline.batch.stats import BatchEfficiency
+from inferline.batch.throttle import AdjustableGate, OnlineYield, TritonQueueWait, YieldPolicy
 from inferline.core.config import InferlineConfig
 from inferline.core.entities import EntityId
+from inferline.triton.class_copies import ClassModelMap
 from inferline.triton.executor import TritonExecutor
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ class BatchJob:
             if spec.publish_cache:
                 assert spec.tenant is not None
                 publisher = CachePublisher(self._config.score_cache, plan.route.degradation, spec.tenant, spec.route)
+            gate = AdjustableGate(spec.concurrency)
             scorer = BatchScorer(
                 executor,
                 target,
@@ -81,7 +85,9 @@ class BatchJob:
                 timeout_s=spec.request_timeout_s,
                 attempts=spec.attempts,
                 rate=RateLimit(spec.max_rows_per_s),
+                gate=gate,
             )
+            controller = self._online_yield(executor, gate, target)
             logger.info(
                 "batch %s: route %s, model %s (priority %d, %d rows per request), %s features, %d chunks already done",
                 spec.shard.label, spec.route, target.model, target.priority, target.request_rows,
@@ -89,9 +95,16 @@ class BatchJob:
             )  # fmt: skip
             already = sum(r.input_rows for r in done.values())
             total = self._shard_rows(plan.input.num_rows)
-            with JobProgress(total, already, interactive=self._interactive) as progress:
-                records = await self._pipeline(done, features, scorer, publisher, progress)
+            yielding = None if controller is None else asyncio.create_task(controller.run(), name="batch-yield")
+            try:
+                with JobProgress(total, already, interactive=self._interactive) as progress:
+                    records = await self._pipeline(done, features, scorer, publisher, progress)
+            finally:
+                if yielding is not None:
+                    yielding.cancel()
+                    await asyncio.gather(yielding, return_exceptions=True)
             summary = await self._summary(records, progress, scorer, efficiency, publisher)
+            summary["yield"] = None if controller is None else controller.summary()
             await asyncio.to_thread(self._out.finish, records, summary)
             return summary
         finally:
@@ -101,6 +114,33 @@ class BatchJob:
                 await publisher.close()
             await executor.close()
             self._out.close()
+
+    def _online_yield(self, executor: TritonExecutor, gate: AdjustableGate, target: ModelTarget) -> OnlineYield | None:
+        """The controller that gives Triton back to online traffic, or None (see ``yield_queue_ms``)."""
+        spec = self._plan.spec
+        copies = ClassModelMap(self._config.triton.class_copies)
+        online = {
+            copies.resolve(variant.model, cls)
+            for variant in self._plan.route.full_variants
+            for cls in self._config.traffic_classes
+            if cls != spec.traffic_class
+        }
+        target_ms = spec.yield_queue_ms
+        if target_ms is None:
+            if target.model in online:
+                logger.info(
+                    "batch: not yielding to online traffic: model %s has no copy for class %s "
+                    "(triton.class_copies), so its queue statistics mix the job's requests with the "
+                    "online ones; --yield-queue-ms yields anyway",
+                    target.model,
+                    spec.traffic_class,
+                )
+                return None
+            target_ms = DEFAULT_YIELD_QUEUE_MS
+        if target_ms <= 0:
+            return None
+        policy = YieldPolicy(spec.concurrency, target_ms / 1000)
+        return OnlineYield(TritonQueueWait(executor, online), policy, gate, spec.yield_interval_s)
 
     def _shard_rows(self, num_rows: int | None) -> int | None:
         if num_rows is None:

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from inferline.batch.errors import BatchJobFailed
+from inferline.batch.throttle import AdjustableGate
 from inferline.core.config import PostprocessConfig
 from inferline.core.deadline import Deadline
 from inferline.triton.executor import ModelCallFailed, ModelExecutor
@@ -82,12 +83,14 @@ class BatchScorer:
         timeout_s: float,
         attempts: int,
         rate: RateLimit | None = None,
-        gate: asyncio.Semaphore | None = None,
+        gate: AdjustableGate | None = None,
     ) -> None:
+        """``gate``: bounds this job's requests in flight (default: ``concurrency``, fixed); the
+        online-yield controller lowers and raises its limit."""
         self._executor = executor
         self._target = target
         self._post = post
-        self._slots = gate or asyncio.Semaphore(concurrency)
+        self._slots = gate or AdjustableGate(concurrency)
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._rate = rate or RateLimit(None)

@@ -60,6 +60,10 @@ class Shard(BaseModel):
         return f"shard-{self.index}-of-{self.count}"
 
 
+DEFAULT_YIELD_QUEUE_MS = 2.0
+"""Online queue wait the job yields above, by default: a few times Triton's batching window."""
+
+
 class BatchJobSpec(BaseModel):
     """Everything that defines one batch job (one shard of it)."""
 
@@ -93,6 +97,13 @@ class BatchJobSpec(BaseModel):
     """Tries of one Triton request (exponential backoff between) before the job stops, resumable."""
     max_rows_per_s: float | None = Field(None, gt=0)
     """Upper bound of the job's scoring rate (a shared Triton's fair share); None: as fast as allowed."""
+    yield_queue_ms: float | None = Field(None, ge=0)
+    """Online queue wait (Triton's mean queue time of the online classes' requests) above which
+    the job gives capacity back; 0: never yield. None: ``DEFAULT_YIELD_QUEUE_MS`` when the job's
+    class has its own model copy, else no yielding (the job's own requests would share the
+    online model's queue and its statistics: the signal could not tell them apart)."""
+    yield_interval_s: float = Field(0.5, gt=0)
+    """How often the online queue wait is sampled and the job's concurrency adjusted."""
     publish_cache: bool = False
     """Write every score to the route's score cache (Redis) with its computation time."""
     tenant: str | None = None

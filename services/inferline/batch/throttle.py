@@ -1,0 +1,151 @@
+"""Yielding to online traffic: the job's Triton concurrency follows the online queue wait.
+
+``YieldPolicy`` is AIMD on the number of the job's requests allowed in flight, fed with
+the online path's queue wait each ``interval_s``:
+
+* wait above ``target_s`` → ``limit = floor(limit × backoff)``, down to 0 (the job pauses);
+* wait at or below it, or no online request in the interval → ``limit + 1``, up to ``max_limit``.
+
+Multiplicative decrease gives the capacity back within a few intervals when an online
+burst arrives; additive increase takes it again slowly, so the job probes rather than
+flooding the queue it just left. The signal is Triton's own: the mean queue time of the
+requests the online classes sent to the route's models during the interval
+(``TritonQueueWait``). With a class copy for the job's class (``triton.class_copies``)
+the online models' queues hold only online requests; without one the job's own requests
+share the model and count too, and the job holds itself back a little more than needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Collection
+from types import TracebackType
+
+from inferline.core.errors import DependencyUnavailable
+from inferline.triton.executor import TritonExecutor
+from inferline.triton.statistics import ModelTotals, model_totals
+
+logger = logging.getLogger(__name__)
+
+
+class AdjustableGate:
+    """A semaphore whose limit may change while permits are held (a lower limit takes effect
+    as permits come back; 0 admits nothing)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:  # made inside the running loop, not in __init__
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    async def set_limit(self, limit: int) -> None:
+        changed = self._condition()
+        async with changed:
+            self._limit = limit
+            changed.notify_all()
+
+    async def __aenter__(self) -> None:
+        changed = self._condition()
+        async with changed:
+            await changed.wait_for(lambda: self._held < self._limit)
+            self._held += 1
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        changed = self._condition()
+        async with changed:
+            self._held -= 1
+            changed.notify_all()
+
+
+class YieldPolicy:
+    """AIMD of the job's concurrency on the online queue wait (see the module docstring)."""
+
+    def __init__(self, max_limit: int, target_s: float, backoff: float = 0.5) -> None:
+        if not 0 < backoff < 1:
+            raise ValueError("backoff must be in (0, 1)")
+        self.max_limit = max_limit
+        self.target_s = target_s
+        self.backoff = backoff
+        self.limit = max_limit
+
+    def update(self, wait_s: float | None) -> int:
+        """The new limit after an interval whose online queue wait was ``wait_s`` (None: no online request)."""
+        if wait_s is not None and wait_s > self.target_s:
+            self.limit = math.floor(self.limit * self.backoff)
+        else:
+            self.limit = min(self.max_limit, self.limit + 1)
+        return self.limit
+
+
+class TritonQueueWait:
+    """Mean queue time of the requests Triton ran for ``models`` since the previous sample."""
+
+    def __init__(self, executor: TritonExecutor, models: Collection[str]) -> None:
+        self._executor = executor
+        self._models = set(models)
+        self._last: ModelTotals | None = None
+
+    async def sample(self) -> float | None:
+        """Seconds, or None when no request of ``models`` ran (or Triton did not answer)."""
+        try:
+            totals = model_totals(await self._executor.model_statistics())
+        except DependencyUnavailable:
+            return None
+        now = sum((t for name, t in totals.items() if name in self._models), ModelTotals())
+        last, self._last = self._last, now
+        if last is None or now.requests <= last.requests:
+            return None
+        return (now.queue_ns - last.queue_ns) / (now.requests - last.requests) / 1e9
+
+
+class OnlineYield:
+    """Runs ``YieldPolicy`` on ``TritonQueueWait`` every ``interval_s`` and applies it to ``gate``."""
+
+    def __init__(self, signal: TritonQueueWait, policy: YieldPolicy, gate: AdjustableGate, interval_s: float) -> None:
+        self._signal = signal
+        self._policy = policy
+        self._gate = gate
+        self._interval_s = interval_s
+        self.intervals = 0
+        self.throttled_intervals = 0
+        """Intervals the job ran below its full concurrency."""
+        self.paused_intervals = 0
+        self.last_wait_s: float | None = None
+
+    async def run(self) -> None:
+        """Until cancelled (the job's end)."""
+        await self._signal.sample()  # the baseline
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.last_wait_s = await self._signal.sample()
+            limit = self._policy.update(self.last_wait_s)
+            await self._gate.set_limit(limit)
+            self.intervals += 1
+            self.throttled_intervals += limit < self._policy.max_limit
+            self.paused_intervals += limit == 0
+            if limit < self._policy.max_limit:
+                logger.debug("online queue wait %s s: batch concurrency %d", self.last_wait_s, limit)
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {
+            "interval_s": self._interval_s,
+            "intervals": self.intervals,
+            "throttled_share": round(self.throttled_intervals / self.intervals, 3) if self.intervals else 0.0,
+            "paused_share": round(self.paused_intervals / self.intervals, 3) if self.intervals else 0.0,
+        }
