@@ -112,23 +112,12 @@ def serve(
     port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
     triton_url: Annotated[str | None, typer.Option(help="Triton gRPC host:port (router)")] = None,
-    workers: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="router processes (one per core uses every core); more than one puts the embedded gateway "
-            "on the port to balance calls over them",
-        ),
-    ] = 1,
 ) -> None:
     """Run one service in its own process (the suite topology)."""
     from inferline.runtime import serve_process
 
     if service not in SERVICES:
         typer.echo(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}", err=True)
-        raise typer.Exit(2)
-    if workers > 1 and service != "router":
-        typer.echo(f"--workers is for the router; {service} runs as one process", err=True)
         raise typer.Exit(2)
     cfg = _load(config, port=port, metrics_port=metrics_port)
     url = triton_url or cfg.triton.url
@@ -137,12 +126,7 @@ def serve(
         raise typer.Exit(2)
     uses_triton = service in ("router", "degradation") and url is not None
     _check_tls(cfg, router=service == "router", triton_client=uses_triton, bundled_triton=False)
-    # One router process per core behind Envoy: a gRPC load balancer in front of one port
-    # would balance connections, and a gateway holds few, long-lived ones; Envoy balances calls.
-    process = serve_process(
-        cfg, {service}, url, start_triton=False, gateway=workers > 1, workers=workers, config_path=config.resolve()
-    )
-    raise typer.Exit(_run(process))
+    raise typer.Exit(_run(serve_process(cfg, {service}, url, start_triton=False)))
 
 
 triton_cli = typer.Typer()
@@ -403,12 +387,6 @@ def bench(
     route: Annotated[str, typer.Option(help="Predict route")] = "driver_ranking",
     model: Annotated[str, typer.Option(help="KServe v2 model")] = "driver_ranker",
     seed: Annotated[int, typer.Option(help="seed of arrivals and classes")] = 1,
-    entities: Annotated[str, typer.Option(help="Predict entity ids: zipf | uniform over --entity-ids")] = "zipf",
-    zipf_s: Annotated[float, typer.Option(help="Zipf exponent of --entities zipf")] = 1.1,
-    entity_ids: Annotated[str, typer.Option(help="LOW-HIGH: Predict entity ids (default: the demo's drivers)")] = "",
-    metrics: Annotated[
-        str, typer.Option(help="the router's metrics HOST:PORT: hot-cache hit rate and Feast reads/s per run")
-    ] = "",
     out: Annotated[Path | None, typer.Option(help="writes OUT.json and OUT.html")] = None,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
@@ -420,19 +398,13 @@ def bench(
     from inferline.bench.recording import make_targets
     from inferline.bench.report import knee_text, write_report
     from inferline.bench.runner import BenchSettings, run_bench, step_line
-    from inferline.bench.targets import DEMO_ENTITY_IDS
 
     priorities = dict(DEFAULT_PRIORITIES)
     if config.is_file():  # Triton priority of each class, as the router would send it
         priorities = {name: c.priority for name, c in _load(config).traffic_classes.items()}
     keys = tuple(tenant_key or (os.environ.get("INFERLINE_API_KEY") or DEMO_API_KEY,))
     try:
-        low, _, high = entity_ids.partition("-")
-        ids = (int(low), int(high)) if entity_ids else DEMO_ENTITY_IDS
-        specs = make_targets(
-            target, route=route, model=model, api_keys=keys, priorities=priorities,
-            entity_ids=ids, entities=entities, zipf_s=zipf_s, metrics=metrics,
-        )  # fmt: skip
+        specs = make_targets(target, route=route, model=model, api_keys=keys, priorities=priorities)
         settings = BenchSettings(
             targets=specs, mix=TrafficMix.parse(mix), mode=mode, rate=rate, start_rate=start, factor=factor,
             max_rate=max_rate, duration_s=duration, warmup_s=warmup, deadline_s=deadline_ms / 1000.0,
