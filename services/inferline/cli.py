@@ -112,12 +112,23 @@ def serve(
     port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
     triton_url: Annotated[str | None, typer.Option(help="Triton gRPC host:port (router)")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="router processes (one per core uses every core); more than one puts the embedded gateway "
+            "on the port to balance calls over them",
+        ),
+    ] = 1,
 ) -> None:
     """Run one service in its own process (the suite topology)."""
     from inferline.runtime import serve_process
 
     if service not in SERVICES:
         typer.echo(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}", err=True)
+        raise typer.Exit(2)
+    if workers > 1 and service != "router":
+        typer.echo(f"--workers is for the router; {service} runs as one process", err=True)
         raise typer.Exit(2)
     cfg = _load(config, port=port, metrics_port=metrics_port)
     url = triton_url or cfg.triton.url
@@ -126,7 +137,12 @@ def serve(
         raise typer.Exit(2)
     uses_triton = service in ("router", "degradation") and url is not None
     _check_tls(cfg, router=service == "router", triton_client=uses_triton, bundled_triton=False)
-    raise typer.Exit(_run(serve_process(cfg, {service}, url, start_triton=False)))
+    # One router process per core behind Envoy: a gRPC load balancer in front of one port
+    # would balance connections, and a gateway holds few, long-lived ones; Envoy balances calls.
+    process = serve_process(
+        cfg, {service}, url, start_triton=False, gateway=workers > 1, workers=workers, config_path=config.resolve()
+    )
+    raise typer.Exit(_run(process))
 
 
 triton_cli = typer.Typer()

@@ -177,6 +177,42 @@ def test_up_with_workers_balances_calls_over_every_router_process(
     assert code == 0, server.log_tail()
 
 
+def test_serve_router_with_workers_balances_calls_behind_its_own_gateway(
+    triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # The suite topology's router on every core: `serve router --workers 2` puts Envoy on the
+    # port and a second router process beside this one.
+    url = triton_server.grpc_url  # type: ignore[attr-defined]
+    args = ["serve", "router", "--workers", "2", "--config", str(router_config), "--triton-url", url]
+    server = start_inferline(args, tmp_path / "serve.log", timeout_s=180)
+    try:
+        calls = 40
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            served = [stub.Predict(REQUEST, timeout=5, metadata=AUTH).served_by for _ in range(calls)]
+        assert served == [pb.SERVED_BY_PRIMARY] * calls
+        log = server.log_tail(50_000)
+        assert "through the gateway" in log
+        worker_metrics = int(log.split("started router worker pid ")[1].split("(metrics port ")[1].split(")")[0])
+        own, other = _answered(server.metrics_port), _answered(worker_metrics)
+        assert own > 0 and other > 0 and own + other == calls, (own, other)
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
+
+
+@pytest.mark.parametrize("service", ["features", "postprocess", "degradation"])
+def test_workers_are_refused_for_a_service_other_than_the_router(service: str, router_config: pathlib.Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "serve", service, "--workers", "2", "--config", str(router_config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"--workers is for the router; {service} runs as one process" in result.stderr
+
+
 def _answered(metrics_port: int) -> float:
     samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
     return sum(
