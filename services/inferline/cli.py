@@ -470,6 +470,7 @@ def batch_run(
     yield_interval_s: Annotated[float, typer.Option(help="how often the online queue wait is sampled")] = 0.5,
     publish_cache: Annotated[bool, typer.Option(help="write the scores to the Redis score cache")] = False,
     tenant: Annotated[str | None, typer.Option(help="tenant whose cache gets the scores")] = None,
+    metrics_port: Annotated[int, typer.Option(help="serve Prometheus metrics on this port while running (0: off)")] = 0,
 ) -> None:
     """Score every row of --input through --route into --output, exactly once; resumable and shardable.
 
@@ -487,7 +488,7 @@ def batch_run(
             max_rows_per_s=max_rows_per_s, yield_queue_ms=yield_queue_ms, yield_interval_s=yield_interval_s,
             publish_cache=publish_cache, tenant=tenant,
         )  # fmt: skip
-        summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url))
+        summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url, metrics_port=metrics_port))
     except BatchInputError as err:
         typer.echo(f"batch: {err}", err=True)
         raise typer.Exit(2) from err

@@ -20,6 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client import CollectorRegistry
 
 from inferline.batch import BatchInputError, BatchJobSpec, run_batch
 from inferline.core.config import InferlineConfig, load_config
@@ -165,9 +166,18 @@ async def test_bad_csv_rows_go_to_the_errors_file(tmp_path: pathlib.Path, triton
     lines[1 + 650] = "1650,three,bad number"
     (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
 
-    summary = await run_batch(config, spec(tmp_path / "in.csv", tmp_path / "out"), triton_server.grpc_url)
+    registry = CollectorRegistry()
+    summary = await run_batch(
+        config, spec(tmp_path / "in.csv", tmp_path / "out"), triton_server.grpc_url, registry=registry
+    )
 
     assert (summary["input_rows"], summary["rows"], summary["errors"]) == (700, 697, 3)
+    rows = {
+        o: registry.get_sample_value("inferline_batch_rows_total", {"route": ROUTE, "outcome": o})
+        for o in ("scored", "error")
+    }
+    assert rows == {"scored": 697, "error": 3}
+    assert registry.get_sample_value("inferline_batch_chunks_total", {"route": ROUTE}) == 3
     assert (tmp_path / "out/_errors.csv").read_text().splitlines() == [
         "row,column,reason",
         "5,driver_id,unparseable entity key (needs an int64)",

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from inferline.batch.errors import BatchJobFailed
 from inferline.batch.features import BatchFeatures
+from inferline.batch.metrics import BatchMetrics
 from inferline.batch.output import ChunkRecord, OutputDir, part_name
 from inferline.batch.plan import JobPlan, choose_target
 from inferline.batch.progress import JobProgress
@@ -45,8 +46,17 @@ INVALID_SCORE = "model output invalid (not finite or outside [score_min, score_m
 class BatchJob:
     """One shard of a batch job against a running Triton (see the module docstring)."""
 
-    def __init__(self, config: InferlineConfig, plan: JobPlan, triton_url: str, *, interactive: bool | None = None):
+    def __init__(
+        self,
+        config: InferlineConfig,
+        plan: JobPlan,
+        triton_url: str,
+        *,
+        interactive: bool | None = None,
+        metrics: BatchMetrics | None = None,
+    ):
         self._config = config
+        self._metrics = metrics
         self._plan = plan
         self._url = triton_url
         self._interactive = interactive
@@ -88,6 +98,9 @@ class BatchJob:
                 gate=gate,
             )
             controller = self._online_yield(executor, gate, target)
+            if self._metrics is not None:
+                scorer.on_retry = self._metrics.retries.inc
+                self._metrics.concurrency_limit.set(spec.concurrency)
             logger.info(
                 "batch %s: route %s, model %s (priority %d, %d rows per request), %s features, %d chunks already done",
                 spec.shard.label, spec.route, target.model, target.priority, target.request_rows,
@@ -140,7 +153,7 @@ class BatchJob:
         if target_ms <= 0:
             return None
         policy = YieldPolicy(spec.concurrency, target_ms / 1000)
-        return OnlineYield(TritonQueueWait(executor, online), policy, gate, spec.yield_interval_s)
+        return OnlineYield(TritonQueueWait(executor, online), policy, gate, spec.yield_interval_s, self._metrics)
 
     def _shard_rows(self, num_rows: int | None) -> int | None:
         if num_rows is None:
@@ -173,6 +186,8 @@ class BatchJob:
                 record = await self._chunk(chunk, features, scorer, publisher)
                 records[record.chunk] = record
                 progress.advance(record.rows, record.errors)
+                if self._metrics is not None:
+                    self._metrics.committed(record.rows, record.errors)
 
         try:
             async with asyncio.TaskGroup() as group:

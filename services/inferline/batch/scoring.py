@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,8 @@ class BatchScorer:
         self._rate = rate or RateLimit(None)
         self.requests = 0
         self.retries = 0
+        self.on_retry: Callable[[], None] = lambda: None
+        """Called before each retry (the job's retry counter)."""
 
     @property
     def target(self) -> ModelTarget:
@@ -145,4 +148,5 @@ class BatchScorer:
 
     def _count_retry(self, state: object) -> None:
         self.retries += 1
+        self.on_retry()
         logger.debug("retrying a request to %s", self._target.model)

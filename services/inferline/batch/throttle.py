@@ -23,6 +23,7 @@ import math
 from collections.abc import Collection
 from types import TracebackType
 
+from inferline.batch.metrics import BatchMetrics
 from inferline.core.errors import DependencyUnavailable
 from inferline.triton.executor import TritonExecutor
 from inferline.triton.statistics import ModelTotals, model_totals
@@ -117,7 +118,15 @@ class TritonQueueWait:
 class OnlineYield:
     """Runs ``YieldPolicy`` on ``TritonQueueWait`` every ``interval_s`` and applies it to ``gate``."""
 
-    def __init__(self, signal: TritonQueueWait, policy: YieldPolicy, gate: AdjustableGate, interval_s: float) -> None:
+    def __init__(
+        self,
+        signal: TritonQueueWait,
+        policy: YieldPolicy,
+        gate: AdjustableGate,
+        interval_s: float,
+        metrics: BatchMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics
         self._signal = signal
         self._policy = policy
         self._gate = gate
@@ -136,6 +145,9 @@ class OnlineYield:
             self.last_wait_s = await self._signal.sample()
             limit = self._policy.update(self.last_wait_s)
             await self._gate.set_limit(limit)
+            if self._metrics is not None:
+                self._metrics.concurrency_limit.set(limit)
+                self._metrics.online_queue_wait.set(self.last_wait_s or 0.0)
             self.intervals += 1
             self.throttled_intervals += limit < self._policy.max_limit
             self.paused_intervals += limit == 0
