@@ -6,13 +6,17 @@ One run, one machine, three targets in front of the same bundled Triton (model
 * ``direct``       tritonclient's raw KServe v2 stub straight to Triton;
 * ``passthrough``  benchmarks/passthrough.py, a grpc.aio servicer that only forwards
                    ModelInfer (the floor of any Python hop);
-* ``router``       ``inferline up`` (router Predict, route ``driver_ranking``, 1 entity).
+* ``router``       ``inferline up`` (router Predict, route ``driver_ranking``, 1 entity per
+                   row, drawn Zipf-distributed (``--zipf-s``, default 1.1) over the demo
+                   store's 100,000 drivers; ``--entities uniform`` for a flat draw).
 
 It measures (a) unloaded latency, sequential calls interleaved round-robin across the
 targets, and (b) each target's knee: the highest open-loop Poisson rate at which p99 of OK
 answers stays under the deadline (100 ms) and goodput (OK within the deadline) is at least
 95 % of offered. Rates climb ×1.25 from 250 req/s, each step a warm-up then a measured
-window, until the first failing step. Results go to
+window, until the first failing step. For the router it also reports the features
+service's hot-cache hit rate and Feast reads per second, from the router's own counters:
+over each step's measured window, and over the unloaded calls. Results go to
 ``benchmarks/results/online_overhead-<timestamp>.json`` (server logs beside it).
 
 Direct and passthrough calls carry Triton's queue ``timeout`` = the deadline and a gRPC
@@ -46,7 +50,19 @@ from rich.console import Console
 from rich.table import Table
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from inferline.bench.harness import ServerProcess, fmt, health_serving, inferline_up, json_safe, versions, wait_until
+from inferline.bench.harness import (
+    ServerProcess,
+    feature_text,
+    feature_window,
+    fmt,
+    health_serving,
+    inferline_up,
+    json_safe,
+    scrape_feature_counters,
+    scrape_feature_counters_after,
+    versions,
+    wait_until,
+)
 from inferline.bench.loadgen import (
     LoadResult,
     SequentialResult,
@@ -56,7 +72,16 @@ from inferline.bench.loadgen import (
     rate_ladder,
     sweep,
 )
-from inferline.bench.targets import Target, predict_target, triton_live, triton_ready, triton_target
+from inferline.bench.targets import (
+    DEFAULT_ZIPF_S,
+    ENTITY_DISTRIBUTIONS,
+    Target,
+    entity_sampler,
+    predict_target,
+    triton_live,
+    triton_ready,
+    triton_target,
+)
 from inferline.core.config import load_config
 from inferline.core.ports import free_port
 from inferline.triton.launcher import TritonLauncher
@@ -86,6 +111,8 @@ class Settings:
     ready_timeout_s: float
     quick: bool
     strict_generator: bool
+    entities: str = "zipf"
+    zipf_s: float = DEFAULT_ZIPF_S
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -109,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--rows", type=int, default=1, help="rows per direct/passthrough request (= entities per Predict)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
+        "--entities", choices=ENTITY_DISTRIBUTIONS, default="zipf", help="router entity ids over the demo store"
+    )
+    p.add_argument("--zipf-s", type=float, default=DEFAULT_ZIPF_S, help="Zipf exponent (default 1.1)")
+    p.add_argument(
         "--strict-generator",
         action="store_true",
         help="a step where the generator fell behind (p99 start lag > 5 ms) fails the sweep",
@@ -121,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if unknown or not targets:
         p.error(f"--targets: unknown {unknown}; choose from {','.join(ALL_TARGETS)}")
     targets = [t for t in ALL_TARGETS if t in targets]  # fixed order: direct first
+    if not a.zipf_s > 0:
+        p.error("--zipf-s must be positive")
 
     def pick(value: Any, full: Any, quick: Any) -> Any:
         return value if value is not None else (quick if a.quick else full)
@@ -143,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ready_timeout_s=a.ready_timeout_s,
         quick=a.quick,
         strict_generator=a.strict_generator,
+        entities=a.entities,
+        zipf_s=a.zipf_s,
     )
 
 
@@ -152,6 +187,8 @@ class Stack:
 
     launcher: TritonLauncher
     servers: dict[str, ServerProcess] = field(default_factory=dict)
+    router_metrics: str = ""
+    """The router's metrics endpoint (``HOST:PORT``): its hot-cache and Feast read counters."""
 
     def close(self) -> None:
         for server in self.servers.values():
@@ -173,15 +210,16 @@ async def triton_metadata(url: str) -> dict[str, Any]:
         return {"name": md.name, "version": md.version}
 
 
-def print_step(target: str, step: SweepStep) -> None:
+def print_step(target: str, step: SweepStep, windows: list[dict[str, Any]] | None = None) -> None:
     r: LoadResult = step.result
+    features = f" {feature_text(windows[-1])}" if windows else ""
     verdict = "[green]ok[/]" if step.passed else f"[red]FAIL[/] {step.reason}"
     behind = " [yellow](generator behind)[/]" if r.fell_behind else ""
     console.print(
         f"  {target:<11} {r.rate:>7.0f}/s offered {r.offered_rate:>7.0f} good {r.goodput:>7.0f} "
         f"p50 {fmt(r.response_time.p50_ms):>6} p99 {fmt(r.response_time.p99_ms):>6} ms "
         f"lag99 {fmt(r.start_lag_p99_ms):>5} ms gen-cpu {r.generator_cpu:4.0%} "
-        f"err {sum(r.errors.values())} {verdict}{behind}",
+        f"err {sum(r.errors.values())}{features} {verdict}{behind}",
         highlight=False,
     )
 
@@ -211,11 +249,12 @@ async def start_servers(stack: Stack, s: Settings, log_dir: pathlib.Path) -> str
         await wait_until(lambda: triton_ready(server.url), "passthrough", server, s.ready_timeout_s)
         console.print(f"passthrough ready at {server.url}")
     if "router" in s.targets:
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
+        stack.router_metrics = f"127.0.0.1:{metrics_port}"
         server = ServerProcess(
             "router",
             f"127.0.0.1:{port}",
-            inferline_up(s.config, port, 0, "--triton-url", triton_url),
+            inferline_up(s.config, port, metrics_port, "--triton-url", triton_url),
             log_dir / "router.log",
             cwd=ROOT,
         )
@@ -240,6 +279,7 @@ def build_targets(stack: Stack, s: Settings, triton_url: str) -> dict[str, Targe
                 traffic_class=s.traffic_class,
                 deadline_s=s.deadline_s,
                 entities_per_request=s.rows,
+                entity_ids_sampler=entity_sampler(s.entities, zipf_s=s.zipf_s, seed=s.seed),
             )
     return targets
 
@@ -261,9 +301,15 @@ async def run(stack: Stack, s: Settings, log_dir: pathlib.Path) -> dict[str, Any
     }
     try:
         console.rule("unloaded latency (sequential, interleaved)")
+        metrics = stack.router_metrics
+        before = await asyncio.to_thread(scrape_feature_counters, metrics) if metrics else None
         unloaded = await measure_sequential(
             {name: t.call for name, t in targets.items()}, warmup=s.unloaded_warmup, count=s.unloaded_count
         )
+        if before is not None:  # warm-up calls included
+            after = await asyncio.to_thread(scrape_feature_counters, metrics)
+            report["unloaded_features"] = feature_window(before, after)
+            console.print(f"  router: {feature_text(report['unloaded_features'])} (warm-up calls included)")
         for name, u in unloaded.items():
             console.print(
                 f"  {name:<11} p50 {fmt(u.latency.p50_ms)} ms  p99 {fmt(u.latency.p99_ms)} ms  errors {u.errors}",
@@ -273,6 +319,7 @@ async def run(stack: Stack, s: Settings, log_dir: pathlib.Path) -> dict[str, Any
 
         rates = rate_ladder(s.start_rate, max_rate=s.max_rate, factor=s.step_factor)
         sweeps: dict[str, SweepResult] = {}
+        sweeps_features: dict[str, list[dict[str, Any]]] = {}
         for name, target in targets.items():
             console.rule(f"knee sweep: {name}")
             await asyncio.sleep(2.0)  # let the previous target's overload drain everywhere
@@ -280,11 +327,26 @@ async def run(stack: Stack, s: Settings, log_dir: pathlib.Path) -> dict[str, Any
                 console.print("[yellow]triton is down; restarting it on the same ports")
                 await asyncio.to_thread(stack.launcher.restart)
             server = stack.servers.get(name)
+            # The router's hot cache over each step's measured window: scraped as it opens (the
+            # step's warm-up after the previous step's end) and as the step ends.
+            windows: list[dict[str, Any]] = []
+            opening: list[asyncio.Task[dict[str, Any]]] = []
+            if name == "router" and metrics:
+                opening.append(asyncio.create_task(scrape_feature_counters_after(metrics, s.step_warmup_s)))
 
             async def after_step(
-                result: LoadResult, name: str = name, server: ServerProcess | None = server
+                result: LoadResult,
+                name: str = name,
+                server: ServerProcess | None = server,
+                windows: list[dict[str, Any]] = windows,
+                opening: list[asyncio.Task[dict[str, Any]]] = opening,
             ) -> str | None:
+                if opening:
+                    before = await opening.pop()
+                    windows.append(feature_window(before, await asyncio.to_thread(scrape_feature_counters, metrics)))
                 await asyncio.sleep(0.5)  # let the servers settle between steps
+                if name == "router" and metrics:  # the next step starts when this returns
+                    opening.append(asyncio.create_task(scrape_feature_counters_after(metrics, s.step_warmup_s)))
                 if not (stack.launcher.is_running() and await triton_live(triton_url)):
                     code = stack.launcher.returncode
                     report["triton_deaths"].append({"target": name, "rate": result.rate, "returncode": code})
@@ -306,11 +368,17 @@ async def run(stack: Stack, s: Settings, log_dir: pathlib.Path) -> dict[str, Any
                 seed=s.seed,
                 strict_generator=s.strict_generator,
                 after_step=after_step,
-                on_step=functools.partial(print_step, name),
+                on_step=functools.partial(print_step, name, windows=windows),
             )
+            for task in opening:  # the window after the last step never opened
+                task.cancel()
+            sweeps_features[name] = windows
             if server is not None and not server.alive():
                 console.print(f"[red]{name} exited; later targets continue without it\n{server.log_tail()}")
         report["sweeps"] = {name: sw.to_dict() for name, sw in sweeps.items()}
+        for name, windows in sweeps_features.items():
+            for step, window in zip(report["sweeps"][name]["steps"], windows, strict=False):
+                step["features"] = window
         report["summary"] = summarize(unloaded, sweeps)
     finally:
         for target in targets.values():
@@ -379,6 +447,15 @@ def print_report(report: dict[str, Any]) -> None:
                 "saturated; lag counts against the target (response time from the schedule)",
                 highlight=False,
             )
+    router = sweeps.get("router", {})
+    at_knee = next((st for st in router.get("steps", []) if st["rate"] == knees.get("router")), None)
+    if router:
+        console.print(
+            f"  router, {report['settings']['entities']} entities: at the knee step "
+            f"{feature_text((at_knee or {}).get('features'))}; "
+            f"unloaded {feature_text(report.get('unloaded_features'))}",
+            highlight=False,
+        )
     r = summary.get("router_knee_over_passthrough_knee")
     if r is not None:
         console.print(f"router knee / passthrough knee = [bold]{r:.2f}[/]")

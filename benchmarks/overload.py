@@ -4,7 +4,9 @@ Issue #4's overload benchmark. It starts ``inferline up`` (embedded: router, fea
 post-processing and degradation in one process, plus its own bundled Triton) and drives
 ``Predict`` on route ``driver_ranking`` with open-loop Poisson arrivals: 30 % critical,
 35 % standard, 35 % batch (each request's class drawn with a seeded RNG), one entity per
-request drawn from 1001..2000, a 100 ms gRPC deadline on every request.
+request drawn Zipf-distributed (``--zipf-s``, default 1.1) over the demo store's 100,000
+drivers (``--entities uniform`` for a flat draw), so that the features service's hot cache
+and Feast are both on the path, a 100 ms gRPC deadline on every request.
 
 1. **Knee** (with the first configuration, admission on): the highest rate of a ladder
    (×1.25 from 200 req/s; ×1.5 with ``--quick``) at which the p99 response time of OK
@@ -45,7 +47,9 @@ CACHE or BASELINE (the degradation path working) — and per class: OK before th
 or LIGHT, shed (RESOURCE_EXHAUSTED) and how fast (from the start of the call, which
 leaves generator lag out; sheds by the gateway and by the router apart), other errors,
 response-time percentiles of OK answers; the
-router's RSS (``/proc/<pid>/status`` VmRSS) at the start and end of the measured window;
+router's RSS (``/proc/<pid>/status`` VmRSS) at the start and end of the measured window; the
+hot-cache hit rate and Feast reads per second over the measured window (the router's own
+counters, scraped as the window opens and after it closes);
 whether the bundled Triton survived (same pid, live); the admission limit and the shed
 counters the router exports. Targets checked per run: goodput ≥ 90 % of the knee, critical
 ≥ 99 % answered before the deadline and ≥ 95 % by PRIMARY or LIGHT, shed p99 < 5 ms,
@@ -84,11 +88,15 @@ from rich.table import Table
 from inferline.bench.analysis import SERVED_BY, generator_summary, iter_requests, send_rate
 from inferline.bench.harness import (
     ServerProcess,
+    feature_text,
+    feature_window,
     fmt,
     health_serving,
     inferline_up,
     json_safe,
     parse_cpus,
+    scrape_feature_counters,
+    scrape_feature_counters_after,
     versions,
     wait_until,
 )
@@ -96,7 +104,7 @@ from inferline.bench.loadgen import OK, LoadResult, merge_load_results, percenti
 from inferline.bench.mix import DEFAULT_MIX
 from inferline.bench.multiproc import MAX_START_LAG_S, START_DELAY_S, Generators, GenResult
 from inferline.bench.recording import TargetSpec
-from inferline.bench.targets import triton_live
+from inferline.bench.targets import DEFAULT_ZIPF_S, ENTITY_DISTRIBUTIONS, triton_live
 from inferline.core.config import parse_config
 from inferline.core.ports import free_port
 from inferline.gateway import render_envoy
@@ -105,11 +113,8 @@ from inferline.stats import scrape as scrape_samples
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROUTE = "driver_ranking"
 JOIN_KEY = "driver_id"
-ENTITY_IDS = (1001, 2000)
 MIX = DEFAULT_MIX
 CLASSES = MIX.classes
-POOL_SIZE = 1000
-"""Pre-built requests per class and generator (entity ids drawn uniformly), used cyclically."""
 SHED = "RESOURCE_EXHAUSTED"
 ADMISSION_ENV = "INFERLINE_ROUTES__DRIVER_RANKING__ADMISSION__ENABLED"
 CONFIGS = {
@@ -174,6 +179,9 @@ class Settings:
     seed: int
     results_dir: pathlib.Path
     ready_timeout_s: float
+    entities: str = "zipf"
+    """How each request's entity id is drawn from the demo store's drivers: ``zipf`` or ``uniform``."""
+    zipf_s: float = DEFAULT_ZIPF_S
     server_cpus: frozenset[int] | None = None
     """CPUs of the router, its Triton and Envoy (None: not pinned)."""
     generator_cpus: frozenset[int] | None = None
@@ -213,6 +221,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--step-s", type=float, default=None, help="measured seconds per sweep step (default 4; quick 2)")
     p.add_argument("--step-warmup-s", type=float, default=None, help="warm-up per sweep step (default 1; quick 0.5)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--entities", choices=ENTITY_DISTRIBUTIONS, default="zipf", help="entity ids over the demo store (default zipf)"
+    )
+    p.add_argument("--zipf-s", type=float, default=DEFAULT_ZIPF_S, help="Zipf exponent (default 1.1)")
     p.add_argument("--results-dir", type=pathlib.Path, default=ROOT / "benchmarks/results")
     p.add_argument("--ready-timeout-s", type=float, default=180.0)
     p.add_argument(
@@ -293,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error("the knee is found with admission on: list 'on' or a gateway first, or give --knee")
     if a.generators < 1:
         p.error("--generators must be at least 1")
+    if not a.zipf_s > 0:
+        p.error("--zipf-s must be positive")
 
     def pick(value: Any, full: Any, quick: Any) -> Any:
         return value if value is not None else (quick if a.quick else full)
@@ -315,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         seed=a.seed,
         results_dir=a.results_dir,
         ready_timeout_s=a.ready_timeout_s,
+        entities=a.entities,
+        zipf_s=a.zipf_s,
         server_cpus=cpus["--server-cpus"],
         generator_cpus=cpus["--generator-cpus"],
         gateway_cpus=cpus["--gateway-cpus"] or cpus["--server-cpus"],
@@ -327,11 +343,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 # --- load ---------------------------------------------------------------------------------
 
 
-def predict_target(url: str) -> TargetSpec:
-    """``Predict`` on the route with the demo key, one entity per request from ``ENTITY_IDS``."""
-    return TargetSpec(
-        "predict", url, "router", route=ROUTE, join_key=JOIN_KEY, entity_ids=ENTITY_IDS, pool_size=POOL_SIZE
-    )
+def predict_target(url: str, s: Settings) -> TargetSpec:
+    """``Predict`` on the route with the demo key, one entity per request drawn over the demo store's drivers."""
+    return TargetSpec("predict", url, "router", route=ROUTE, join_key=JOIN_KEY, entities=s.entities, zipf_s=s.zipf_s)
 
 
 # --- router and Triton --------------------------------------------------------------------
@@ -592,6 +606,7 @@ async def measured_run(
     duration_s: float,
     deadline_s: float,
     seed: int,
+    s: Settings,
 ) -> tuple[dict[str, Any], LoadResult]:
     """One open-loop run with RSS sampled every 0.25 s and metrics scraped around it."""
     pid, triton_pid = router.server.pid, router.triton_pid
@@ -612,9 +627,12 @@ async def measured_run(
     metrics_before = await asyncio.to_thread(scrape, router.metrics_port)
     t0 = time.perf_counter()
     sampler = asyncio.create_task(sample_rss())
+    metrics_url = f"127.0.0.1:{router.metrics_port}"
+    # The generators start START_DELAY_S after dispatch, then warm up: scrape as the measured window opens.
+    features_before = asyncio.create_task(scrape_feature_counters_after(metrics_url, START_DELAY_S + warmup_s))
     try:
         results = await gens.run(
-            predict_target(router.target),
+            predict_target(router.target, s),
             MIX,
             rate,
             warmup_s=warmup_s,
@@ -627,6 +645,8 @@ async def measured_run(
         await asyncio.gather(sampler, return_exceptions=True)
     sample()
     metrics_after = await asyncio.to_thread(scrape, router.metrics_port)
+    features_after = await asyncio.to_thread(scrape_feature_counters, metrics_url)
+    features = feature_window(await features_before, features_after)
     merged = merge_load_results([g.result for g in results], max_start_lag_s=MAX_START_LAG_S)
     run = analyse(merged, results, deadline_s=deadline_s)
     window_start = START_DELAY_S + warmup_s  # the generators start this long after dispatch
@@ -643,6 +663,7 @@ async def measured_run(
         "queue_wait_ms_end": metrics_after.get("queue_wait_ms"),
         "shed_counted_by_router": shed_delta(metrics_before, metrics_after),
     }
+    run["features"] = features
     run["triton"] = await router.triton_state()
     return run, merged
 
@@ -678,6 +699,7 @@ async def find_knee(router: Router, gens: Generators, s: Settings) -> dict[str, 
             duration_s=s.step_s,
             deadline_s=s.deadline_s,
             seed=s.seed * 1000 + 500 + k,
+            s=s,
         )
         reason = step_verdict(merged, p99_limit_s=s.deadline_s, goodput_min_fraction=KNEE_GOODPUT_MIN)
         by = [run["classes"][c]["served_by"] for c in CLASSES]
@@ -724,7 +746,7 @@ def print_step(run: dict[str, Any]) -> None:
         f"crit P|L {fmt(100 * (c['critical']['primary_or_light'] or 0), '.1f'):>5}% "
         f"lag99 {fmt(run['start_lag_p99_ms']):>6} ms cores router {fmt(run['cpu']['router_cores'])} "
         f"Triton {fmt(run['cpu']['triton_cores'])} gens {run['generator_cpu']:.2f} "
-        f"busy {_pct(run['cpu']['machine_busy'])}% {verdict}{behind}",
+        f"busy {_pct(run['cpu']['machine_busy'])}% {feature_text(run['features'])} {verdict}{behind}",
         highlight=False,
     )
 
@@ -738,6 +760,7 @@ def print_run(label: str, run: dict[str, Any], knee: float) -> None:
         f"({run['goodput'] / knee:.0%} of knee) crit in-time {fmt(100 * (c['critical']['ok_in_time'] or 0), '.1f')}% "
         f"shed p99 {fmt(run['shed_call_ms']['p99_ms'])} ms (gateway {fmt(run['gateway_shed_call_ms']['p99_ms'])}, "
         f"router {fmt(run['router_shed_call_ms']['p99_ms'])}) lag99 {fmt(run['start_lag_p99_ms'])} ms "
+        f"{feature_text(run['features'])} "
         + ("[green]targets met[/]" if not bad else f"[red]missed: {', '.join(bad)}[/]"),
         highlight=False,
     )
@@ -782,7 +805,13 @@ async def run_configuration(
             )
         # Warm the router (feature cache, channels, model sessions) before anything is measured.
         await gens.run(
-            predict_target(router.target), MIX, 100.0, warmup_s=0.0, duration_s=2.0, deadline_s=s.deadline_s, seed=999
+            predict_target(router.target, s),
+            MIX,
+            100.0,
+            warmup_s=0.0,
+            duration_s=2.0,
+            deadline_s=s.deadline_s,
+            seed=999,
         )
         if knee is None:
             console.rule(f"knee sweep (admission {name}, mixed traffic)")
@@ -808,6 +837,7 @@ async def run_configuration(
                 duration_s=s.duration_s,
                 deadline_s=s.deadline_s,
                 seed=s.seed * 1000 + k,  # same arrivals and mix in both configurations
+                s=s,
             )
             run["multiplier"] = m
             run["goodput_of_knee"] = round(run["goodput_primary_or_light"] / knee, 4)
@@ -933,12 +963,17 @@ def print_report(report: dict[str, Any]) -> None:
     )
     runs = [(name, r) for name, cfg in report["configurations"].items() for r in cfg["runs"]]
 
-    t = Table(title=f"overload — knee {knee:g} req/s ({src}), deadline {deadline_ms:g} ms, mix 30/35/35")
+    st = report["settings"]
+    entities = f"Zipf s={st.get('zipf_s')}" if st.get("entities", "zipf") == "zipf" else st.get("entities")
+    t = Table(
+        title=f"overload — knee {knee:g} req/s ({src}), deadline {deadline_ms:g} ms, mix 30/35/35, "
+        f"entities {entities} over the demo store's drivers"
+    )
     for col, right in (
         ("admission", False), ("×knee", True), ("offered/s", True), ("sent/s", True), ("goodput P|L / C|B /s", True),
         ("% knee", True), ("OK late", True), ("shed %", True), ("shed p50/p99 ms", True), ("other errors", True),
         ("OK p50/p99 ms", True), ("RSS MB start→end", True), ("Triton", False), ("gen lag p99 ms", True),
-        ("cores router/Triton/gens", True), ("CPU busy %", True),
+        ("cores router/Triton/gens", True), ("CPU busy %", True), ("hot cache hit %", True), ("Feast reads/s", True),
     ):  # fmt: skip
         t.add_column(col, justify="right" if right else "left")
     for name, r in runs:
@@ -962,6 +997,8 @@ def print_report(report: dict[str, Any]) -> None:
             lag,
             f"{fmt(r['cpu']['router_cores'])}/{fmt(r['cpu']['triton_cores'])}/{r['generator_cpu']:.2f}",
             _pct(r["cpu"]["machine_busy"]),
+            _pct((r.get("features") or {}).get("hot_cache_hit_rate")),
+            fmt((r.get("features") or {}).get("store_reads_per_s"), ".0f"),
         )
     console.print(t)
 

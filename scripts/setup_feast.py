@@ -1,8 +1,9 @@
 """Generate the demo Parquet data, then ``feast apply`` and materialize the online store.
 
-Idempotent: run by ``make setup``. The online store ends up holding the latest hourly
-stats of every demo driver (ids 1001..2000). Uses Feast's own CLI (``feast apply``,
-``feast materialize-incremental``), the same commands an operator runs.
+Idempotent: run by ``make setup``. The online store ends up holding the latest stats of
+every demo driver (ids 1001..101000; ``inferline.demo.driver_data`` says which also have an
+hourly history). Uses Feast's own CLI (``feast apply``, ``feast materialize-incremental``),
+the same commands an operator runs.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from inferline.degradation.factory import build_degradation_service
 from inferline.degradation.service import DegradationService
 from inferline.degradation.servicer import DegradationServicer
 from inferline.features.client import FeatureClient, GrpcFeatureClient, LocalFeatureClient
+from inferline.features.metrics import FeatureCacheCollector
 from inferline.features.service import FeaturesService
 from inferline.features.servicer import FeaturesServicer
 from inferline.features.store import FeastOnlineStore
@@ -107,6 +108,7 @@ def _features(config: InferlineConfig, app: App) -> FeaturesService:
     store = FeastOnlineStore(config.feature_store.feast_repo)
     app.closers.append(store.close)
     service = FeaturesService(config.routes, store, config.feature_store)
+    app.registry.register(FeatureCacheCollector(service))  # hot-cache hits and misses, store reads
     app.closers.append(service.close)  # closers run in reverse: the service before its store
     # Feast's first read in a process takes ~230 ms of lazy set-up: pay it before SERVING.
     app.starters.append(service.warm_up)

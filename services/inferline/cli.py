@@ -403,6 +403,12 @@ def bench(
     route: Annotated[str, typer.Option(help="Predict route")] = "driver_ranking",
     model: Annotated[str, typer.Option(help="KServe v2 model")] = "driver_ranker",
     seed: Annotated[int, typer.Option(help="seed of arrivals and classes")] = 1,
+    entities: Annotated[str, typer.Option(help="Predict entity ids: zipf | uniform over --entity-ids")] = "zipf",
+    zipf_s: Annotated[float, typer.Option(help="Zipf exponent of --entities zipf")] = 1.1,
+    entity_ids: Annotated[str, typer.Option(help="LOW-HIGH: Predict entity ids (default: the demo's drivers)")] = "",
+    metrics: Annotated[
+        str, typer.Option(help="the router's metrics HOST:PORT: hot-cache hit rate and Feast reads/s per run")
+    ] = "",
     out: Annotated[Path | None, typer.Option(help="writes OUT.json and OUT.html")] = None,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
@@ -414,13 +420,19 @@ def bench(
     from inferline.bench.recording import make_targets
     from inferline.bench.report import knee_text, write_report
     from inferline.bench.runner import BenchSettings, run_bench, step_line
+    from inferline.bench.targets import DEMO_ENTITY_IDS
 
     priorities = dict(DEFAULT_PRIORITIES)
     if config.is_file():  # Triton priority of each class, as the router would send it
         priorities = {name: c.priority for name, c in _load(config).traffic_classes.items()}
     keys = tuple(tenant_key or (os.environ.get("INFERLINE_API_KEY") or DEMO_API_KEY,))
     try:
-        specs = make_targets(target, route=route, model=model, api_keys=keys, priorities=priorities)
+        low, _, high = entity_ids.partition("-")
+        ids = (int(low), int(high)) if entity_ids else DEMO_ENTITY_IDS
+        specs = make_targets(
+            target, route=route, model=model, api_keys=keys, priorities=priorities,
+            entity_ids=ids, entities=entities, zipf_s=zipf_s, metrics=metrics,
+        )  # fmt: skip
         settings = BenchSettings(
             targets=specs, mix=TrafficMix.parse(mix), mode=mode, rate=rate, start_rate=start, factor=factor,
             max_rate=max_rate, duration_s=duration, warmup_s=warmup, deadline_s=deadline_ms / 1000.0,

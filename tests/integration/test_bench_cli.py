@@ -28,6 +28,7 @@ def bench_run(
         "--target", f"predict={router_server.address}",
         "--target", f"triton={triton_server.grpc_url}",  # type: ignore[attr-defined]
         "--mode", "fixed", "--rate", f"{RATE:g}", "--duration", "3", "--warmup", "0.5", "--out", str(out),
+        "--metrics", f"127.0.0.1:{router_server.metrics_port}",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
     print(done.stdout, done.stderr, sep="\n")  # shown with -s, and on failure
@@ -72,3 +73,24 @@ def test_achieved_rate_matches_the_offered_one_at_low_load(
     # Same schedule for both targets, one after the other.
     assert predict["steps"][0]["records"]["t_s"] == triton["steps"][0]["records"]["t_s"]
     assert predict["steps"][0]["records"]["class"] == triton["steps"][0]["records"]["class"]
+
+
+def test_predict_runs_report_the_hot_cache_hit_rate_over_zipf_entities(
+    bench_run: tuple[subprocess.CompletedProcess[str], pathlib.Path],
+) -> None:
+    done, out = bench_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.with_name("b.json").read_text())
+    predict, triton = result["targets"]
+    assert predict["entities"] == {"distribution": "zipf", "ids": [1001, 101_000], "zipf_s": 1.1}
+    window = predict["steps"][0]["features"]
+    assert window is not None and "error" not in window, window
+    # One entity per request, Zipf over 100,000 drivers: some looked up again (hits), most
+    # of the tail for the first time in this router (misses, read from Feast).
+    assert 0 < window["hits"] < window["lookups"]
+    assert window["hot_cache_hit_rate"] == round(window["hits"] / window["lookups"], 4)
+    assert window["store_reads"] >= 1 and window["store_entities"] >= 1
+    assert triton["steps"][0]["features"] is None and triton["entities"] is None
+    line = next(line for line in done.stdout.splitlines() if line.startswith("predict"))
+    assert f"hot cache {100 * window['hot_cache_hit_rate']:.1f}% hit ({window['lookups']} lookups)" in line
+    assert "hot cache hit %" in out.with_name("b.html").read_text()

@@ -79,10 +79,10 @@ def test_predict_is_served_by_the_primary_model(stub: pb_grpc.InferenceStub) -> 
 
 
 def test_missing_entity_and_request_feature_are_defaulted(stub: pb_grpc.InferenceStub) -> None:
-    response = stub.Predict(_request(1001, 99_999, request_id="abc"), timeout=5, metadata=AUTH)
+    response = stub.Predict(_request(1001, 999_999, request_id="abc"), timeout=5, metadata=AUTH)
     assert response.request_id == "abc"
     by_id = {p.entity.int64_value: p for p in response.predictions}
-    assert set(by_id[99_999].defaulted_features) == {"conv_rate", "acc_rate", "avg_daily_trips", "trip_distance_km"}
+    assert set(by_id[999_999].defaulted_features) == {"conv_rate", "acc_rate", "avg_daily_trips", "trip_distance_km"}
     assert list(by_id[1001].defaulted_features) == ["trip_distance_km"]
     assert by_id[1001].score == pytest.approx(float(_expected_scores([1001], 6.0)[0]), abs=1e-5)
 

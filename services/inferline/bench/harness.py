@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferline.bench.targets import DEMO_API_KEY, Target, prepare_predict
+from inferline.stats import scrape as scrape_samples
 
 
 def parse_cpus(text: str) -> frozenset[int]:
@@ -187,6 +188,90 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, frozenset | set):
         return sorted(json_safe(v) for v in value)
     return value
+
+
+# --- the features service's hot cache, from the router's own counters ----------------------
+
+FEATURE_COUNTERS = {
+    ("inferline_feature_cache_lookups_total", "hit"): "hits",
+    ("inferline_feature_cache_lookups_total", "miss"): "misses",
+    ("inferline_feature_store_reads_total", None): "store_reads",
+    ("inferline_feature_store_entities_total", None): "store_entities",
+}
+
+
+def metrics_url(address: str) -> str:
+    """``HOST:PORT`` or a full URL → the Prometheus endpoint ``http://HOST:PORT/metrics``."""
+    if "://" in address:
+        return address
+    return f"http://{address}/metrics"
+
+
+def scrape_feature_counters(url: str) -> dict[str, Any]:
+    """The hot-cache and store-read counters at ``url`` (summed over view sets), with ``t`` (monotonic s).
+
+    ``{"error": ...}`` instead when the endpoint did not answer or exports none of them.
+    """
+    t = time.monotonic()
+    try:
+        samples = scrape_samples(metrics_url(url))
+    except OSError as exc:
+        return {"error": repr(exc)}
+    out: dict[str, Any] = dict.fromkeys(FEATURE_COUNTERS.values(), 0.0)
+    found = False
+    for (name, labels), value in samples.items():
+        key = FEATURE_COUNTERS.get((name, dict(labels).get("result")))
+        if key is not None:
+            out[key] += value
+            found = True
+    if not found:
+        return {"error": f"no inferline_feature_* counters at {metrics_url(url)}"}
+    out["t"] = t
+    return out
+
+
+async def scrape_feature_counters_after(url: str, delay_s: float) -> dict[str, Any]:
+    """``scrape_feature_counters`` ``delay_s`` from now (the start of a run's measured window)."""
+    await asyncio.sleep(delay_s)
+    return await asyncio.to_thread(scrape_feature_counters, url)
+
+
+def feature_window(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Hot-cache hit rate and store reads between two ``scrape_feature_counters``.
+
+    ``hot_cache_hit_rate`` is hits / lookups of entities over the window (None without
+    lookups); ``store_reads_per_s`` and ``store_entities_per_s`` are the online store's
+    (Feast's) reads and the entities they asked for, per second of the window.
+    """
+    if "error" in before or "error" in after:
+        return {"error": before.get("error") or after.get("error")}
+    d = {k: after[k] - before[k] for k in FEATURE_COUNTERS.values()}
+    lookups = d["hits"] + d["misses"]
+    span = after["t"] - before["t"]
+    return {
+        "hot_cache_hit_rate": round(d["hits"] / lookups, 4) if lookups > 0 else None,
+        "lookups": int(lookups),
+        "hits": int(d["hits"]),
+        "store_reads": int(d["store_reads"]),
+        "store_entities": int(d["store_entities"]),
+        "store_reads_per_s": round(d["store_reads"] / span, 1) if span > 0 else None,
+        "store_entities_per_s": round(d["store_entities"] / span, 1) if span > 0 else None,
+        "window_s": round(span, 3),
+    }
+
+
+def feature_text(window: dict[str, Any] | None) -> str:
+    """One line: ``hot cache 93.1% hit (41230 lookups), Feast 120 reads/s (2840 entities/s)``."""
+    if not window:
+        return "hot cache: not measured"
+    if "error" in window:
+        return f"hot cache: not measured ({window['error']})"
+    rate = window["hot_cache_hit_rate"]
+    hit = "-" if rate is None else f"{100 * rate:.1f}%"
+    return (
+        f"hot cache {hit} hit ({window['lookups']} lookups), Feast {fmt(window['store_reads_per_s'], '.0f')} "
+        f"reads/s ({fmt(window['store_entities_per_s'], '.0f')} entities/s)"
+    )
 
 
 @dataclass

@@ -13,9 +13,12 @@ mix) and a tenant picked round robin from the API keys:
   ``client_grace_s`` past the deadline: a call in flight at Triton 2.51 is never cancelled
   (RECIPES.md, "Known defect"); a late answer counts as a miss in the load generator.
 
-Requests are pre-built per class (and tenant) and used cyclically, so the hot path builds
-no messages. Failures are recorded (code and details, numbers masked) and re-raised, so
-the load generator sees the same outcomes.
+Requests are pre-built before the run, so the hot path builds no messages: ``Predict`` ones
+one per request by default (each draws its own entity ids, Zipf-distributed over the demo
+store's drivers unless told otherwise, so the hot cache and the feature store both see the
+run's real id distribution), KServe ones per class and used cyclically. Failures are
+recorded (code and details, numbers masked) and re-raised, so the load generator sees the
+same outcomes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inferline.bench.loadgen import CallFn
 from inferline.bench.mix import DEFAULT_PRIORITIES
-from inferline.bench.targets import DEMO_API_KEY, build_model_infer_request, uniform_entity_ids
+from inferline.bench.targets import (
+    DEFAULT_ZIPF_S,
+    DEMO_API_KEY,
+    DEMO_ENTITY_IDS,
+    ENTITY_DISTRIBUTIONS,
+    build_model_infer_request,
+    entity_sampler,
+)
 from inferline.core.headers import TRAFFIC_CLASS
 from inferline.v1 import inference_pb2, inference_pb2_grpc
 
@@ -56,20 +66,33 @@ class TargetSpec:
     api_keys: tuple[str, ...] = (DEMO_API_KEY,)
     """Tenants' keys, used round robin (``predict`` and ``kserve``)."""
     join_key: str = "driver_id"
-    entity_ids: tuple[int, int] = (1001, 2000)
-    """Entity ids of ``predict`` requests are drawn uniformly from this closed range."""
+    entity_ids: tuple[int, int] = DEMO_ENTITY_IDS
+    """Entity ids of ``predict`` requests are drawn from this closed range (default: every demo driver)."""
+    entities: str = "zipf"
+    """How entity ids are drawn: ``zipf`` (exponent ``zipf_s``, hot ids spread over the range) or ``uniform``."""
+    zipf_s: float = DEFAULT_ZIPF_S
+    metrics: str = ""
+    """``predict``: the router's metrics endpoint (``HOST:PORT`` or URL), scraped around each run for
+    the hot-cache hit rate and store reads; empty: not measured."""
     priorities: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PRIORITIES))
     """Triton priority level of each class (``triton``; an unknown class gets 0, the model's default)."""
     client_grace_s: float = 5.0
     """``triton``: the gRPC deadline is this much past the request's deadline."""
-    pool_size: int = 1000
-    """Pre-built requests per class, used cyclically."""
+    pool_size: int = 0
+    """``predict``: pre-built requests per class, used cyclically; 0 (default): one per request, none
+    reused. KServe targets: per class, at most 64 (0: 64)."""
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
             raise ValueError(f"unknown target kind {self.kind!r}; choose one of {', '.join(TARGET_KINDS)}")
         if not self.api_keys:
             raise ValueError("give at least one API key")
+        if self.entities not in ENTITY_DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown entity distribution {self.entities!r}; choose one of {', '.join(ENTITY_DISTRIBUTIONS)}"
+            )
+        if not self.zipf_s > 0:
+            raise ValueError(f"the Zipf exponent must be > 0, got {self.zipf_s}")
         if not self.name:
             object.__setattr__(self, "name", self.kind)
 
@@ -125,23 +148,25 @@ def _detail_key(exc: Exception) -> str:
     return f"{type(exc).__name__}: {re.sub(r'[0-9.]+', '#', str(exc))[:100]}"
 
 
-def _predict_pools(spec: TargetSpec, classes: Sequence[str], seed: int) -> list[list[Any]]:
-    sample = uniform_entity_ids(*spec.entity_ids, seed=seed)
+def _predict_requests(spec: TargetSpec, class_names: Sequence[str], classes: Sequence[int], seed: int) -> list[Any]:
+    """The ``Predict`` request of every request number (shared messages when ``pool_size`` asks for reuse)."""
+    sample = entity_sampler(spec.entities, spec.entity_ids, zipf_s=spec.zipf_s, seed=seed)
     key = inference_pb2.EntityKey
-    return [
-        [
-            inference_pb2.PredictRequest(
-                route=spec.route, entities=[key(name=spec.join_key, int64_value=sample())], traffic_class=cls
-            )
-            for _ in range(spec.pool_size)
-        ]
-        for cls in classes
-    ]
+
+    def request(cls: str) -> Any:
+        return inference_pb2.PredictRequest(
+            route=spec.route, entities=[key(name=spec.join_key, int64_value=sample())], traffic_class=cls
+        )
+
+    if spec.pool_size <= 0:
+        return [request(class_names[c]) for c in classes]
+    pools = [[request(cls) for _ in range(spec.pool_size)] for cls in class_names]
+    return [pools[c][i % spec.pool_size] for i, c in enumerate(classes)]
 
 
 def _infer_pools(spec: TargetSpec, classes: Sequence[str], deadline_s: float, seed: int) -> list[list[Any]]:
     direct = spec.kind == "triton"
-    size = min(spec.pool_size, 64)  # the input values hardly matter to the model's cost
+    size = min(spec.pool_size or 64, 64)  # the input values hardly matter to the model's cost
     return [
         [
             build_model_infer_request(
@@ -175,7 +200,7 @@ def recording_call(
     tenants = [("authorization", f"Bearer {key}") for key in spec.api_keys]
     n_tenants = len(tenants)
     if spec.kind == "predict":
-        pools = _predict_pools(spec, class_names, seed)
+        requests = _predict_requests(spec, class_names, classes, seed)
         method = inference_pb2_grpc.InferenceStub(channel).Predict
         # The class travels in the body for the router and as metadata for Envoy, which
         # sheds lower classes by this header before the router sees them (gateway.shed).
@@ -184,19 +209,19 @@ def recording_call(
         ]
     else:
         pools = _infer_pools(spec, class_names, deadline_s, seed)
+        requests = [pools[c][i % len(pools[c])] for i, c in enumerate(classes)]
         method = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         if spec.kind == "kserve":
             metadata = [[(t, (TRAFFIC_CLASS, cls)) for t in tenants] for cls in class_names]
         else:
             metadata = [[()] for _ in class_names]
             n_tenants = 1
-    sizes = [len(pool) for pool in pools]
     record_served = spec.has_served_by
 
     async def call(i: int) -> None:
         c = classes[i]
         try:
-            response = await method(pools[c][i % sizes[c]], metadata=metadata[c][i % n_tenants], timeout=timeout)
+            response = await method(requests[i], metadata=metadata[c][i % n_tenants], timeout=timeout)
         except Exception as exc:
             details[i] = _detail_key(exc)
             raise

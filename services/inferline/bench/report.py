@@ -255,6 +255,15 @@ def _row(cells: list[tuple[str, bool]]) -> str:
     return "<tr>" + "".join(f'<td class="n">{c}</td>' if num else f"<td>{c}</td>" for c, num in cells) + "</tr>"
 
 
+def hot_cache_cells(target: dict[str, Any], st: dict[str, Any]) -> tuple[str, str]:
+    """(hit rate %, store reads/s) of a step's measured window, ``-`` where not measured."""
+    window = st.get("features") or {}
+    if target.get("kind") != "predict" or "error" in window or not window:
+        return "-", "-"
+    rate = window.get("hot_cache_hit_rate")
+    return fmt(None if rate is None else 100 * rate, ".1f"), fmt(window.get("store_reads_per_s"), ".0f")
+
+
 def _step_row(target: dict[str, Any], st: dict[str, Any]) -> str:
     rt = st["response_time"]
     behind = '<span class="bad">yes</span>' if st["fell_behind"] else "no"
@@ -265,6 +274,7 @@ def _step_row(target: dict[str, Any], st: dict[str, Any]) -> str:
     )
     errors = ", ".join(f"{html.escape(k)} {v}" for k, v in st["errors"].items()) or "-"
     pct = fmt(100 * st["goodput"] / st["offered_rate"], ".1f") if st["offered_rate"] else "-"
+    hit, reads = hot_cache_cells(target, st)
     return _row(
         [
             (html.escape(target["name"]), False),
@@ -276,6 +286,8 @@ def _step_row(target: dict[str, Any], st: dict[str, Any]) -> str:
             (f"{fmt(rt['p50_ms'])} / {fmt(rt['p95_ms'])} / {fmt(rt['p99_ms'])}", True),
             (errors, False),
             (html.escape(_shares(st.get("served_by"))), False),
+            (hit, True),
+            (reads, True),
             (fmt(st["start_lag_p99_ms"]), True),
             (behind, False),
             (verdict, False),
@@ -294,6 +306,8 @@ def _summary_table(result: dict[str, Any]) -> str:
         "p50 / p95 / p99 ms",
         "errors",
         "served_by",
+        "hot cache hit %",
+        "Feast reads/s",
         "gen lag p99 ms",
         "fell behind",
         "verdict",
@@ -339,6 +353,24 @@ def _class_table(result: dict[str, Any]) -> str:
     return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
 
 
+def entities_text(result: dict[str, Any]) -> str:
+    """How ``Predict`` targets drew entity ids, and where the hot-cache figures come from."""
+    parts = []
+    for t in result["targets"]:
+        e = t.get("entities")
+        if not e:
+            continue
+        low, high = e["ids"]
+        how = f"Zipf (s = {e['zipf_s']:g})" if e["distribution"] == "zipf" else "uniform"
+        source = (
+            f"hot-cache hit rate and Feast reads from the router's counters ({t['metrics']})"
+            if t.get("metrics")
+            else "hot cache not measured (no --metrics)"
+        )
+        parts.append(f"{t['name']}: one entity per request, {how} over ids {low}..{high}; {source}")
+    return "; ".join(parts)
+
+
 def render_html(result: dict[str, Any]) -> str:
     """The self-contained HTML report (plots inline as base64 PNG)."""
     s = result["settings"]
@@ -361,7 +393,8 @@ deadline {s["deadline_ms"]:g} ms; mix {mix}; {s["generators"]} generator process
 Goodput: OK answers within the deadline per second. Latencies: response time of OK answers
 (scheduled arrival to answer, so generator lag counts against the target). A run whose generator
 p99 start lag exceeded {fmt(result.get("max_start_lag_ms"), "g")} ms fell behind its schedule.
-Knee criteria: {html.escape(str(s.get("knee_criteria", "")))}.</p>
+Knee criteria: {html.escape(str(s.get("knee_criteria", "")))}.<br>
+Entities: {html.escape(entities_text(result) or "-")}; hit rate and reads per second over each measured window.</p>
 <h2>Summary</h2>{_summary_table(result)}{_knees(result)}
 <h2>Per class (knee step, or the last step)</h2>{_class_table(result)}
 {plots}

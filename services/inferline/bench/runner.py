@@ -6,6 +6,11 @@ same time). In a sweep each target climbs the rate ladder until its first failin
 its knee is the highest rate whose step passed ``loadgen.step_verdict`` (p99 response
 time of OK answers under the deadline, goodput at least ``goodput_min_fraction`` of
 offered). The result is a JSON-able dict that ``bench.report`` turns into HTML.
+
+A ``predict`` target with ``metrics`` (the router's Prometheus endpoint) also gets, per
+step, the features service's hot-cache hit rate and the online store's reads per second
+over the measured window, from the router's own counters scraped at the window's start
+and after its end.
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferline.bench.analysis import analyse_step
-from inferline.bench.harness import versions
+from inferline.bench.harness import (
+    feature_text,
+    feature_window,
+    scrape_feature_counters,
+    scrape_feature_counters_after,
+    versions,
+)
 from inferline.bench.loadgen import rate_ladder, step_verdict
 from inferline.bench.mix import TrafficMix
-from inferline.bench.multiproc import MAX_START_LAG_S, Generators
+from inferline.bench.multiproc import MAX_START_LAG_S, START_DELAY_S, Generators
 from inferline.bench.recording import TargetSpec
 
 RATE_PER_GENERATOR = 1500.0
@@ -108,6 +119,16 @@ def _target_entry(t: TargetSpec) -> dict[str, Any]:
         "model": None if t.kind == "predict" else t.model,
         "tenants": len(t.api_keys) if t.kind != "triton" else None,
         "has_served_by": t.has_served_by,
+        "entities": (
+            {
+                "distribution": t.entities,
+                "ids": list(t.entity_ids),
+                "zipf_s": t.zipf_s if t.entities == "zipf" else None,
+            }
+            if t.kind == "predict"
+            else None
+        ),
+        "metrics": t.metrics or None,
         "steps": [],
     }
 
@@ -141,6 +162,13 @@ async def run_bench(settings: BenchSettings, gens: Generators, on_step: StepCall
                 await asyncio.sleep(settings.settle_s)
             first = False
             target = settings.targets[j]
+            metrics = target.metrics if target.kind == "predict" else ""
+            # The generators start START_DELAY_S after dispatch, then warm up: scrape as the window opens.
+            window_start = (
+                asyncio.create_task(scrape_feature_counters_after(metrics, START_DELAY_S + settings.warmup_s))
+                if metrics
+                else None
+            )
             results = await gens.run(
                 target,
                 settings.mix,
@@ -157,6 +185,10 @@ async def run_bench(settings: BenchSettings, gens: Generators, on_step: StepCall
                 merged, p99_limit_s=settings.deadline_s, goodput_min_fraction=settings.goodput_min_fraction
             )
             step["passed"], step["reason"] = reason is None, reason
+            step["features"] = None
+            if window_start is not None:
+                before = await window_start
+                step["features"] = feature_window(before, await asyncio.to_thread(scrape_feature_counters, metrics))
             entries[j]["steps"].append(step)
             if on_step is not None:
                 on_step(entries[j], step)
@@ -189,8 +221,13 @@ def step_line(target: dict[str, Any], step: dict[str, Any]) -> str:
     behind = " (generator fell behind)" if step["fell_behind"] else ""
     served = step.get("served_by")
     by = " served_by " + ",".join(f"{k} {100 * (v or 0):.0f}%" for k, v in served.items()) if served else ""
+    features = ""
+    if target.get("kind") == "predict":
+        features = "; " + (
+            feature_text(step.get("features")) if target.get("metrics") else "hot cache: not measured (no --metrics)"
+        )
     return (
         f"{target['name']:<8} {step['rate']:>7g}/s offered {num(step['offered_rate'])} sent {num(step['send_rate'])} "
         f"goodput {num(step['goodput'])} p50/p99 {num(rt['p50_ms'])}/{num(rt['p99_ms'])} ms "
-        f"errors {step['errors'] or '-'}{by} lag99 {num(step['start_lag_p99_ms'])} ms {verdict}{behind}"
+        f"errors {step['errors'] or '-'}{by} lag99 {num(step['start_lag_p99_ms'])} ms {verdict}{behind}{features}"
     )

@@ -13,6 +13,7 @@ than the deadline as misses.
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inferline.bench.loadgen import CallFn
@@ -27,6 +30,12 @@ from inferline.v1 import inference_pb2, inference_pb2_grpc
 
 DEMO_API_KEY = "inferline-demo-key"
 """Development key of the ``demo`` tenant in deploy/local/inferline.yaml."""
+DEMO_ENTITY_IDS = (1001, 101_000)
+"""Closed range of the driver ids in the demo feature store (``inferline.demo.driver_data``,
+filled by ``make setup``); a test keeps the two in step."""
+ENTITY_DISTRIBUTIONS = ("zipf", "uniform")
+DEFAULT_ZIPF_S = 1.1
+"""Zipf exponent of the default entity sampler: a few hot entities, a long tail."""
 
 _CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", 16 << 20),
@@ -104,9 +113,64 @@ def triton_target(
 
 
 def uniform_entity_ids(low: int = 1001, high: int = 2000, seed: int = 0) -> Callable[[], int]:
-    """Sampler of entity ids uniform on ``[low, high]`` (the demo drivers are 1001..2000)."""
+    """Sampler of entity ids uniform on ``[low, high]``."""
     rng = random.Random(seed)
     return lambda: rng.randint(low, high)
+
+
+class ZipfEntityIds:
+    """Entity ids on ``[low, high]`` drawn Zipf-distributed: the k-th most popular id has weight ``k**-s``.
+
+    The truncated Zipf law over the pool's n ids, drawn exactly by inverting its CDF with
+    numpy's ``Generator`` (any ``s > 0``; ``Generator.zipf`` is unbounded and needs ``s > 1``).
+    Popularity ranks map to ids through a permutation seeded by ``permutation_seed``, so the
+    hot ids are spread over the pool rather than its lowest ids, and every sampler with the
+    same pool, exponent and permutation seed agrees on which ids are hot, whatever its draw
+    ``seed`` (each load generator process draws with its own).
+
+    Call it for one id, or ``draw(n)`` for an array; both are deterministic for the seeds.
+    """
+
+    def __init__(
+        self, low: int, high: int, s: float = DEFAULT_ZIPF_S, *, seed: int = 0, permutation_seed: int = 0
+    ) -> None:
+        if high < low:
+            raise ValueError(f"empty entity range [{low}, {high}]")
+        if not s > 0:
+            raise ValueError(f"the Zipf exponent must be > 0, got {s}")
+        n = high - low + 1
+        cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -s)
+        self._cdf = cdf / cdf[-1]
+        self.ids_by_rank: npt.NDArray[np.int64] = low + np.random.default_rng(permutation_seed).permutation(n)
+        """The pool's ids, most popular first."""
+        self._rng = np.random.default_rng(seed)
+        self._block: list[int] = []
+
+    def draw(self, n: int) -> npt.NDArray[np.int64]:
+        """``n`` ids."""
+        ranks = np.searchsorted(self._cdf, self._rng.random(n), side="right")
+        return self.ids_by_rank[np.minimum(ranks, len(self.ids_by_rank) - 1)]  # a u rounding to 1.0 is the last
+
+    def __call__(self) -> int:
+        if not self._block:
+            self._block = self.draw(4096).tolist()[::-1]
+        return self._block.pop()
+
+
+def entity_sampler(
+    distribution: str,
+    ids: tuple[int, int] = DEMO_ENTITY_IDS,
+    *,
+    zipf_s: float = DEFAULT_ZIPF_S,
+    seed: int = 0,
+) -> Callable[[], int]:
+    """A sampler of entity ids in the closed range ``ids``: ``zipf`` (exponent ``zipf_s``) or ``uniform``."""
+    low, high = ids
+    if distribution == "zipf":
+        return ZipfEntityIds(low, high, zipf_s, seed=seed)
+    if distribution == "uniform":
+        return uniform_entity_ids(low, high, seed)
+    raise ValueError(f"unknown entity distribution {distribution!r}; choose one of {', '.join(ENTITY_DISTRIBUTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -130,8 +194,11 @@ def prepare_predict(
     entities_per_request: int,
     pool_size: int,
 ) -> PredictCaller:
-    """A cycling pool of pre-built requests and a channel to the router (built once, not per call)."""
-    sample = entity_ids_sampler or uniform_entity_ids()
+    """A cycling pool of pre-built requests and a channel to the router (built once, not per call).
+
+    Entity ids come from ``entity_ids_sampler`` (default: Zipf over the demo store's drivers).
+    """
+    sample = entity_ids_sampler or entity_sampler("zipf")
     key = inference_pb2.EntityKey
     pool = [
         inference_pb2.PredictRequest(
@@ -156,13 +223,16 @@ def predict_target(
     deadline_s: float = 0.1,
     join_key: str = "driver_id",
     entities_per_request: int = 1,
-    pool_size: int = 1000,
+    pool_size: int = 50_000,
     name: str = "router",
 ) -> Target:
     """Call inferline's ``Predict`` with a cycling pool of pre-built requests.
 
     The gRPC deadline is ``deadline_s``: the router owns the deadline (it answers from its
-    degradation path and never cancels work in flight at Triton).
+    degradation path and never cancels work in flight at Triton). Calls take the pool's
+    requests in turn across runs (not by request number, which restarts with every run), so
+    successive sweep steps keep drawing new entities: a pool that cycled early would end up
+    all hot-cache hits, measuring the cache instead of the feature store's share of the path.
     """
     caller = prepare_predict(
         url, route, entity_ids_sampler, api_key, traffic_class,
@@ -170,9 +240,10 @@ def predict_target(
     )  # fmt: skip
     pool, predict, metadata = caller.pool, caller.predict, caller.metadata
     size = len(pool)
+    turn = itertools.count()
 
     async def call(i: int) -> None:
-        await predict(pool[i % size], metadata=metadata, timeout=deadline_s)
+        await predict(pool[next(turn) % size], metadata=metadata, timeout=deadline_s)
 
     return Target(name, call, caller.channel)
 

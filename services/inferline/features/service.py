@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +41,21 @@ RowFuture = asyncio.Future[Row | None]
 """Resolves to an entity's row, or None when the store read failed (never to an exception)."""
 
 
+class ViewSetCounts(NamedTuple):
+    """What one view set's hot cache and store reads have counted since start."""
+
+    views: str
+    """The feature views read, comma-separated."""
+    lookups: int
+    """Entities looked up in the hot cache."""
+    misses: int
+    """Lookups that missed (the entity then waited on a store read)."""
+    store_reads: int
+    """Reads of the online store (each for up to ``MAX_BATCH_ENTITIES`` entities)."""
+    store_entities: int
+    """Entities those reads asked for."""
+
+
 class _Fetcher:
     """Single-flight, coalescing reader of one view set (join key + refs) with its hot cache.
 
@@ -48,12 +64,21 @@ class _Fetcher:
     requests cost one or two reads, not N. An entity queued or in flight has one future that
     every request needing it waits on. Futures resolve to None on failure rather than to an
     exception: requests that already left on their deadline would never retrieve it.
+
+    Counts, for the metrics (``inferline.features.metrics``): entity lookups in the hot cache
+    and how many missed, store reads and the entities they asked for.
     """
 
     def __init__(
         self, store: OnlineStore, join_key: str, refs: tuple[str, ...], cache: HotCache, probe: EntityId
     ) -> None:
         self.cache = cache
+        self.views = ",".join(sorted({ref.partition(":")[0] for ref in refs}))
+        """The feature views read (the metrics' ``view`` label)."""
+        self.lookups = 0
+        self.misses = 0
+        self.store_reads = 0
+        self.store_entities = 0
         self._probe = probe
         self._store = store
         self._join_key = join_key
@@ -114,6 +139,8 @@ class _Fetcher:
 
     async def _read(self, ids: list[EntityId]) -> list[Row] | None:
         """One store read → one row per id, cached; None (logged) when the store failed."""
+        self.store_reads += 1
+        self.store_entities += len(ids)
         try:
             table = await self._store.read(self._refs, self._join_key, ids)
             matrix = np.empty((len(ids), len(self._refs)), dtype=np.float32)
@@ -282,6 +309,8 @@ class FeaturesService:
         fetcher = plan.fetcher
         if fetcher is not None:
             rows, misses = fetcher.cache.get_many(ids)
+            fetcher.lookups += len(ids)
+            fetcher.misses += misses
             if misses:
                 degraded = await fetcher.fill(ids, rows, deadline)
             stored = np.array(rows)  # a fresh [N, refs] block, safe to modify in place
@@ -297,6 +326,10 @@ class FeaturesService:
         values.flags.writeable = False
         defaulted.flags.writeable = False
         return FeatureVector(out_names, values, defaulted, degraded)
+
+    def counts(self) -> list[ViewSetCounts]:
+        """Each view set's counters since start (read by ``inferline.features.metrics`` at a scrape)."""
+        return [ViewSetCounts(f.views, f.lookups, f.misses, f.store_reads, f.store_entities) for f in self._fetchers]
 
     async def warm_up(self) -> None:
         """Read one probe entity per view set before serving; never raises (failures are logged).
