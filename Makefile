@@ -93,6 +93,12 @@ test: setup lint
 proto: $(VENV)/.stamp
 	$(PY) scripts/gen_proto.py
 
+# deploy/k8s/base/generated/prometheusrule.yaml: the PrometheusRule of deploy/grafana/alerts.yaml
+# (kustomize cannot wrap a file into a resource); tests/unit/test_k8s_manifests.py fails while it is stale.
+.PHONY: k8s-generate
+k8s-generate: $(VENV)/.stamp
+	$(PY) deploy/k8s/generate.py
+
 models: $(VENV)/.stamp
 	$(PY) triton_models/train_driver_models.py
 
