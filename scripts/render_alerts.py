@@ -298,7 +298,7 @@ def render(config_path: pathlib.Path) -> str:
     Raises:
         ValueError: a class's deadline is not a bound of the latency histogram.
     """
-    config = load_config(config_path)
+    config = load_config(config_path, environ={})  # the file alone: no INFERLINE_* overrides of this shell
     deadlines = {name: cls.default_deadline_ms / 1000 for name, cls in config.traffic_classes.items()}
     for name, deadline in deadlines.items():
         if not any(abs(deadline - bound) < 1e-9 for bound in LATENCY_BUCKETS_S):
