@@ -30,9 +30,12 @@ RUN /opt/inferline/bin/pip install --no-deps . \
     && /opt/inferline/bin/inferline --help > /dev/null
 
 FROM ${PYTHON_IMAGE}
+# Caches under /tmp: the pods run with a read-only root filesystem and /tmp as a volume.
 ENV PATH=/opt/inferline/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    XDG_CACHE_HOME=/tmp/.cache \
+    MPLCONFIGDIR=/tmp/matplotlib \
     INFERLINE_LOG_LEVEL=INFO
 # A fixed, unprivileged user: Kubernetes' runAsNonRoot checks the numeric id.
 RUN groupadd --system --gid 10001 inferline \
