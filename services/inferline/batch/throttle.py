@@ -71,7 +71,7 @@ class AdjustableGate:
         changed = self._condition()
         async with changed:
             self._held -= 1
-            changed.notify_all()
+            changed.notify(1)  # one permit freed, one waiter woken: a chunk queues dozens of requests here
 
 
 class YieldPolicy:
