@@ -2,8 +2,10 @@
 
 Starts ``inferline up`` (embedded: it starts the bundled Triton and its supervisor
 restarts Triton when it dies), drives the router's ``Predict`` (route ``driver_ranking``,
-class ``critical``, deadline 100 ms, one entity drawn from 1001..2000) with open-loop
-Poisson arrivals, and ``--kill-at-s`` into the measured window kills Triton.
+class ``critical``, deadline 100 ms, one entity drawn Zipf-distributed over the demo store's
+100,000 drivers, ``--entities``/``--zipf-s``) with open-loop Poisson arrivals, and
+``--kill-at-s`` into the measured window kills Triton. The report gives the hot-cache hit
+rate and Feast reads per second over the whole load (warm-up included).
 
 How the outage is made (a *dead* Triton, never a paused one): the tritonserver process
 (a child of the router, found through /proc by its ``--grpc-port``) is SIGKILLed together
@@ -68,16 +70,19 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from inferline.bench.harness import (
     PredictRecorder,
     ServerProcess,
+    feature_text,
+    feature_window,
     fmt,
     health_serving,
     inferline_up,
     json_safe,
     recording_predict_target,
+    scrape_feature_counters,
     versions,
     wait_until,
 )
 from inferline.bench.loadgen import OK, LoadResult, percentile, poisson_schedule, run_open_loop
-from inferline.bench.targets import uniform_entity_ids
+from inferline.bench.targets import DEFAULT_ZIPF_S, ENTITY_DISTRIBUTIONS, entity_sampler
 from inferline.core.ports import free_port
 from inferline.triton.supervisor import RESTART_BACKOFF_INITIAL_S, RESTART_BACKOFF_MAX_S
 from inferline.v1 import inference_pb2
@@ -108,6 +113,9 @@ class Settings:
     seed: int
     results_dir: pathlib.Path
     ready_timeout_s: float
+    entities: str = "zipf"
+    """How each request's entity id is drawn from the demo store's drivers: ``zipf`` or ``uniform``."""
+    zipf_s: float = DEFAULT_ZIPF_S
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -134,6 +142,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--traffic-class", default="critical")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--entities", choices=ENTITY_DISTRIBUTIONS, default="zipf", help="entity ids over the demo store (default zipf)"
+    )
+    p.add_argument("--zipf-s", type=float, default=DEFAULT_ZIPF_S, help="Zipf exponent (default 1.1)")
     p.add_argument("--results-dir", type=pathlib.Path, default=ROOT / "benchmarks/results")
     p.add_argument("--ready-timeout-s", type=float, default=180.0)
     a = p.parse_args(argv)
@@ -141,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error("--rate, --duration-s and --outage-s must be positive, --warmup-s non-negative")
     if not 0 <= a.kill_at_s < a.duration_s:
         p.error("--kill-at-s must fall inside the measured window")
+    if not a.zipf_s > 0:
+        p.error("--zipf-s must be positive")
     return Settings(
         config=a.config.resolve(),
         rate=a.rate,
@@ -154,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         seed=a.seed,
         results_dir=a.results_dir,
         ready_timeout_s=a.ready_timeout_s,
+        entities=a.entities,
+        zipf_s=a.zipf_s,
     )
 
 
@@ -564,9 +580,10 @@ async def run(r: Run) -> dict[str, Any]:
         )
 
         metrics_before = await asyncio.to_thread(scrape_metrics, r.metrics_port)
+        features_before = await asyncio.to_thread(scrape_feature_counters, f"127.0.0.1:{r.metrics_port}")
         target, rec = recording_predict_target(
             r.router.url,
-            entity_ids_sampler=uniform_entity_ids(1001, 2000, s.seed),
+            entity_ids_sampler=entity_sampler(s.entities, zipf_s=s.zipf_s, seed=s.seed),
             traffic_class=s.traffic_class,
             deadline_s=s.deadline_s,
         )
@@ -616,7 +633,9 @@ async def run(r: Run) -> dict[str, Any]:
             r.outage.error = repr(outage_task.exception())
         await asyncio.sleep(1.0)  # let the router's counters settle
         metrics_after = await asyncio.to_thread(scrape_metrics, r.metrics_port)
+        features_after = await asyncio.to_thread(scrape_feature_counters, f"127.0.0.1:{r.metrics_port}")
         report.update(analyse(r, watch, result, rec, metrics_before, metrics_after))
+        report["features_whole_run"] = feature_window(features_before, features_after)  # warm-up included
     finally:
         watch_task.cancel()
         spawn_task.cancel()
@@ -776,7 +795,8 @@ def print_report(report: dict[str, Any]) -> None:
     out, rec = report["outage"], report["recovery"]
     console.print(
         f"offered {load['offered_rate']:.1f} req/s (asked {s['rate']:g} = {s['rate'] / ROUTER_KNEE_REQ_S:.0%} of the "
-        f"assumed knee {ROUTER_KNEE_REQ_S:g}), achieved {load['achieved_rate']:.1f} OK/s, {load['sent']} requests",
+        f"assumed knee {ROUTER_KNEE_REQ_S:g}), achieved {load['achieved_rate']:.1f} OK/s, {load['sent']} requests; "
+        f"{s.get('entities', 'zipf')} entities, {feature_text(report.get('features_whole_run'))} (whole run)",
         highlight=False,
     )
     title = f"Triton outage at {s['rate']:g} req/s — deadline {deadline_ms:g} ms, class {s['traffic_class']}"

@@ -300,12 +300,13 @@ def recording_predict_target(
     deadline_s: float = 0.1,
     join_key: str = "driver_id",
     entities_per_request: int = 1,
-    pool_size: int = 1000,
+    pool_size: int = 50_000,
     name: str = "router",
 ) -> tuple[Target, PredictRecorder]:
     """``predict_target`` that also records each answer's ``served_by`` and degradation reason.
 
-    Same requests (a cycling pool of pre-built ones) and gRPC deadline (``deadline_s``);
+    Same requests (a cycling pool of pre-built ones, by request number: large enough that a
+    run's entity draws are not repeated) and gRPC deadline (``deadline_s``);
     the recording costs two dict stores per call. Failures are re-raised after recording,
     so the load generator sees the same outcomes.
     """
