@@ -542,34 +542,51 @@ def _allowed(docs: list[dict[str, Any]], source: dict[str, Any], target: dict[st
     return False
 
 
-def test_network_policies_allow_exactly_the_call_paths(renders: dict[str, list[dict[str, Any]]]) -> None:
+def _call_paths(docs: list[dict[str, Any]], tmp_path: pathlib.Path) -> set[tuple[str, str, int]]:
+    """(caller, callee, port) of every call the inferline processes make, from their configs."""
+    paths: set[tuple[str, str, int]] = {("envoy", "router", 50051)}
+    for caller in ("router", "features", "postprocess", "degradation"):
+        config = _config_of(docs, caller, tmp_path)
+        addresses = []
+        if caller == "router":
+            addresses += [getattr(config.services, s) for s in ("features", "postprocess", "degradation")]
+            addresses += [config.triton.url or ""]
+        if caller == "degradation" and any(not r.degradation.light_in_process for r in config.routes.values()):
+            addresses.append(config.triton.url or "")  # the light model runs on Triton
+        if caller in ("router", "degradation"):
+            for url in (config.rate_limit.redis_url, config.score_cache.redis_url):
+                addresses.append(url.split("//", 1)[1].split("/", 1)[0])
+        for address in addresses:
+            pod, port = _service_port(docs, address)
+            paths.add((caller, pod["metadata"]["labels"]["app.kubernetes.io/name"], port))
+    return paths
+
+
+def test_network_policies_allow_exactly_the_call_paths(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: pathlib.Path
+) -> None:
     docs = renders["prod+jobs"]
 
     def pods(name: str) -> dict[str, Any]:
         (pod,) = _pods_selected(docs, {"matchLabels": {"app.kubernetes.io/name": name}})
         return pod
 
-    allowed = [
-        ("envoy", "router", 50051),
-        ("router", "features", 50052),
-        ("router", "postprocess", 50053),
-        ("router", "degradation", 50054),
-        ("router", "triton-gpu", 8001),
-        ("router", "triton-cpu", 8001),
-        ("batch", "triton-cpu", 8001),
-        ("router", "redis", 6379),
-        ("degradation", "redis", 6379),
+    allowed = _call_paths(docs, tmp_path) | {
+        ("batch", "triton-cpu", 8001),  # components/batch-job: --triton-url
         ("stream-worker", "redis", 6379),
-    ]
+        ("features", "redis", 6379),  # Feast's Redis online store in a cluster
+    }
+    assert ("router", "triton-gpu", 8001) in allowed and ("degradation", "triton-cpu", 8001) in allowed
     denied = [
         ("envoy", "features", 50052),
         ("envoy", "triton-gpu", 8001),
         ("envoy", "redis", 6379),
         ("features", "router", 50051),
         ("batch", "router", 50051),
+        ("postprocess", "triton-cpu", 8001),
         ("router", "triton-cpu", 8000),
     ]
-    for source, target, port in allowed:
+    for source, target, port in sorted(allowed):
         assert _allowed(docs, pods(source), pods(target), port), f"{source} cannot reach {target}:{port}"
     for source, target, port in denied:
         assert not _allowed(docs, pods(source), pods(target), port), f"{source} may reach {target}:{port}"
