@@ -640,6 +640,9 @@ async def measured_run(
             deadline_s=deadline_s,
             seed=seed,
         )
+    except BaseException:
+        features_before.cancel()
+        raise
     finally:
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)

@@ -169,15 +169,20 @@ async def run_bench(settings: BenchSettings, gens: Generators, on_step: StepCall
                 if metrics
                 else None
             )
-            results = await gens.run(
-                target,
-                settings.mix,
-                rate,
-                warmup_s=settings.warmup_s,
-                duration_s=settings.duration_s,
-                deadline_s=settings.deadline_s,
-                seed=settings.seed * 1000 + k,  # the same arrivals and classes for every target
-            )
+            try:
+                results = await gens.run(
+                    target,
+                    settings.mix,
+                    rate,
+                    warmup_s=settings.warmup_s,
+                    duration_s=settings.duration_s,
+                    deadline_s=settings.deadline_s,
+                    seed=settings.seed * 1000 + k,  # the same arrivals and classes for every target
+                )
+            except BaseException:
+                if window_start is not None:
+                    window_start.cancel()
+                raise
             step, merged = analyse_step(
                 results, settings.mix.classes, deadline_s=settings.deadline_s, has_served_by=target.has_served_by
             )
