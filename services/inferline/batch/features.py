@@ -31,8 +31,6 @@ class BatchFeatures:
     """Fetches a route's features for parsed chunks; ``offline`` picks the point-in-time path."""
 
     def __init__(self, route: RouteConfig, feast_repo: pathlib.Path, *, offline: bool) -> None:
-        import feast  # deferred: seconds to import
-
         self._route = route
         self._offline = offline
         self._names = [f.name for f in route.features]
@@ -41,7 +39,12 @@ class BatchFeatures:
         self._store_features = [(i, f.source) for i, f in enumerate(route.features) if f.source is not None]
         self._request = [(i, f.name) for i, f in enumerate(route.features) if f.source is None]
         self._feast_repo = feast_repo
-        self._historical: Any = feast.FeatureStore(repo_path=str(feast_repo)) if offline else None
+        # Feast only when the route has store features: importing it takes seconds.
+        self._historical: Any = None
+        if offline and self._refs:
+            import feast
+
+            self._historical = feast.FeatureStore(repo_path=str(feast_repo))
         self._online = FeastOnlineStore(feast_repo) if not offline and self._refs else None
 
     @property
