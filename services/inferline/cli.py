@@ -174,6 +174,47 @@ def triton(
     raise typer.Exit(run_triton_forever(cfg.triton.model_copy(update=update)))
 
 
+@triton_cli.command("autoscale")
+def triton_autoscale(
+    triton_url: Annotated[str, typer.Option(help="Triton gRPC host:port (explicit model control)")],
+    model: Annotated[list[str], typer.Option(help="NAME=MIN:MAX instances, repeatable; MIN is the warm pool")],
+    interval_s: Annotated[float, typer.Option(help="seconds between samples")] = 1.0,
+    scale_up_queue_ms: Annotated[float, typer.Option(help="add instances above this mean queue time")] = 5.0,
+    scale_down_queue_ms: Annotated[float, typer.Option(help="quiet below this mean queue time")] = 1.0,
+    scale_down_after_s: Annotated[float, typer.Option(help="quiet this long before removing one")] = 60.0,
+    up_cooldown_s: Annotated[float, typer.Option(help="no new change this soon after one")] = 5.0,
+    down_cooldown_s: Annotated[float, typer.Option(help="no removal this soon after a change")] = 60.0,
+) -> None:
+    """Change models' instance counts with their queue time (Triton model control); stop on SIGINT/SIGTERM."""
+    import asyncio
+
+    from inferline.triton.autoscaler import AutoscalerConfig, parse_model_bounds, run_until_stopped
+
+    try:
+        config = AutoscalerConfig(
+            models=dict(parse_model_bounds(spec) for spec in model),
+            interval_s=interval_s,
+            scale_up_queue_ms=scale_up_queue_ms,
+            scale_down_queue_ms=scale_down_queue_ms,
+            scale_down_after_s=scale_down_after_s,
+            up_cooldown_s=up_cooldown_s,
+            down_cooldown_s=down_cooldown_s,
+        )
+    except ValueError as err:  # pydantic's ValidationError too
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from err
+    configure_logging(os.environ.get("INFERLINE_LOG_LEVEL", "INFO"))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run_until_stopped(config, triton_url, stop)
+
+    asyncio.run(main())
+
+
 @triton_cli.command("class-copies")
 def class_copies(
     repository: Annotated[Path, typer.Option(exists=True, file_okay=False, help="model repository holding the models")],
