@@ -226,7 +226,9 @@ async def test_the_job_gives_way_when_the_online_queue_wait_rises(
     job back (down to pauses) on Triton's real statistics, and the job must still finish."""
     config = batch_config(tmp_path)
     pq.write_table(pa.table({"driver_id": pa.array(range(1001, 1201), pa.int64())}), tmp_path / "in.parquet")
+    # 8-row requests at most 1,000 rows/s: the job spans many 20 ms intervals, each with requests.
     options = {"yield_queue_ms": 1e-6, "yield_interval_s": 0.02, "request_rows": 8, "concurrency": 4}
+    options["max_rows_per_s"] = 1000
 
     summary = await run_batch(
         config, spec(tmp_path / "in.parquet", tmp_path / "out", **options), triton_server.grpc_url

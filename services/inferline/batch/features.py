@@ -10,7 +10,6 @@ missing either way takes the feature's default and is flagged, as on the online 
 from __future__ import annotations
 
 import asyncio
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,9 @@ import numpy.typing as npt
 import pandas as pd
 
 from inferline.batch.rows import ParsedChunk
-from inferline.core.config import RouteConfig
+from inferline.core.config import FeatureStoreConfig, RouteConfig
+from inferline.core.entities import EntityId
+from inferline.features.hot_cache import HotCache, Row
 from inferline.features.store import FeastOnlineStore
 
 ONLINE_READ_ENTITIES = 1000
@@ -30,7 +31,8 @@ _ROW_ID = "__inferline_row"
 class BatchFeatures:
     """Fetches a route's features for parsed chunks; ``offline`` picks the point-in-time path."""
 
-    def __init__(self, route: RouteConfig, feast_repo: pathlib.Path, *, offline: bool) -> None:
+    def __init__(self, route: RouteConfig, store: FeatureStoreConfig, *, offline: bool) -> None:
+        """``store``: the Feast repository, and the hot cache's TTL and size."""
         self._route = route
         self._offline = offline
         self._names = [f.name for f in route.features]
@@ -38,14 +40,16 @@ class BatchFeatures:
         self._refs = list(dict.fromkeys(f.source for f in route.features if f.source is not None))
         self._store_features = [(i, f.source) for i, f in enumerate(route.features) if f.source is not None]
         self._request = [(i, f.name) for i, f in enumerate(route.features) if f.source is None]
-        self._feast_repo = feast_repo
         # Feast only when the route has store features: importing it takes seconds.
         self._historical: Any = None
         if offline and self._refs:
             import feast
 
-            self._historical = feast.FeatureStore(repo_path=str(feast_repo))
-        self._online = FeastOnlineStore(feast_repo) if not offline and self._refs else None
+            self._historical = feast.FeatureStore(repo_path=str(store.feast_repo))
+        self._online = FeastOnlineStore(store.feast_repo) if not offline and self._refs else None
+        # The online path's hot-entity cache and its settings: an entity met again within the
+        # TTL (a file of rows per trip, not per driver) is not read from the store again.
+        self._hot = HotCache(store.hot_cache_ttl_s, store.hot_cache_max_entities)
 
     @property
     def names(self) -> list[str]:
@@ -71,19 +75,24 @@ class BatchFeatures:
         values = np.where(defaulted, self._defaults[np.newaxis, :], values).astype(np.float32)
         return values, defaulted
 
-    async def _online_columns(self, ids: Sequence[int | str]) -> dict[str, npt.NDArray[np.float32]]:
-        """Latest values, each distinct entity read once, ``ONLINE_READ_ENTITIES`` per read."""
+    async def _online_columns(self, ids: Sequence[EntityId]) -> dict[str, npt.NDArray[np.float32]]:
+        """Latest values: each distinct entity of the chunk looked up once, in the job's hot
+        cache first, the misses read ``ONLINE_READ_ENTITIES`` per read."""
         assert self._online is not None
         unique = list(dict.fromkeys(ids))
-        columns: dict[str, list[float | None]] = {ref: [] for ref in self._refs}
-        for start in range(0, len(unique), ONLINE_READ_ENTITIES):
-            part = unique[start : start + ONLINE_READ_ENTITIES]
+        rows, _ = self._hot.get_many(unique)
+        missing = [entity for entity, row in zip(unique, rows, strict=True) if row is None]
+        fetched: dict[EntityId, Row] = {}
+        for start in range(0, len(missing), ONLINE_READ_ENTITIES):
+            part = missing[start : start + ONLINE_READ_ENTITIES]
             read = await self._online.read(self._refs, self._route.entity.join_key, part)
-            for ref in self._refs:
-                columns[ref].extend(read[ref])
+            matrix = np.array([read[ref] for ref in self._refs], dtype=np.float32).T  # None → NaN
+            self._hot.put_many(part, list(matrix))
+            fetched.update(zip(part, matrix, strict=True))
+        table = np.stack([row if row is not None else fetched[e] for e, row in zip(unique, rows, strict=True)])
         position = {entity: i for i, entity in enumerate(unique)}
         index = np.fromiter((position[e] for e in ids), dtype=np.int64, count=len(ids))
-        return {ref: np.array(col, dtype=np.float32)[index] for ref, col in columns.items()}
+        return {ref: table[index, j] for j, ref in enumerate(self._refs)}
 
     async def _historical_columns(self, chunk: ParsedChunk) -> dict[str, npt.NDArray[np.float32]]:
         # Feast's file offline store answers one row per distinct (entity, time), so ask for

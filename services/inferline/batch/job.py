@@ -81,7 +81,7 @@ class BatchJob:
             efficiency = BatchEfficiency(executor, target.model)
             await efficiency.start()
             features = await asyncio.to_thread(
-                BatchFeatures, plan.route, self._config.feature_store.feast_repo, offline=plan.offline
+                BatchFeatures, plan.route, self._config.feature_store, offline=plan.offline
             )
             if spec.publish_cache:
                 assert spec.tenant is not None
@@ -108,7 +108,10 @@ class BatchJob:
             )  # fmt: skip
             already = sum(r.input_rows for r in done.values())
             total = self._shard_rows(plan.input.num_rows)
-            yielding = None if controller is None else asyncio.create_task(controller.run(), name="batch-yield")
+            yielding = None
+            if controller is not None:
+                await controller.start()
+                yielding = asyncio.create_task(controller.run(), name="batch-yield")
             try:
                 with JobProgress(total, already, interactive=self._interactive) as progress:
                     records = await self._pipeline(done, features, scorer, publisher, progress)

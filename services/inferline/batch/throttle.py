@@ -137,9 +137,13 @@ class OnlineYield:
         self.paused_intervals = 0
         self.last_wait_s: float | None = None
 
+    async def start(self) -> None:
+        """Take the baseline sample: called before the job sends anything, so its first
+        interval counts every request from the start."""
+        await self._signal.sample()
+
     async def run(self) -> None:
-        """Until cancelled (the job's end)."""
-        await self._signal.sample()  # the baseline
+        """Until cancelled (the job's end); ``start`` first."""
         while True:
             await asyncio.sleep(self._interval_s)
             self.last_wait_s = await self._signal.sample()
