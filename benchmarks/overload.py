@@ -24,6 +24,11 @@ and Feast are both on the path, a 100 ms gRPC deadline on every request.
    warm-up; the same seeds, so all configurations see the same arrivals and mix. The knee
    is that of the path measured: sweep with ``gateway`` first to find the gateway path's.
 
+``--front-door kserve`` drives the router's KServe v2 front door instead (ModelInfer of the
+route's primary model, the class in the ``x-inferline-traffic-class`` header; a tensor answer
+has no degraded form, so every OK one counts as PRIMARY); ``--workers N`` runs the ``default``
+configuration with N router processes behind its gateway (``inferline up --workers N``).
+
 ``--server-cpus 1 --generator-cpus 0`` pins the router and its Triton (and Envoy, unless
 ``--gateway-cpus``) to CPU 1 and the load to CPU 0, as if the clients ran elsewhere; without
 it, on a small machine the generators take the server's CPU and every configuration
@@ -113,6 +118,8 @@ from inferline.stats import scrape as scrape_samples
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROUTE = "driver_ranking"
 JOIN_KEY = "driver_id"
+PRIMARY_MODEL = "driver_ranker"
+"""The route's primary model: what `--front-door kserve` calls."""
 MIX = DEFAULT_MIX
 CLASSES = MIX.classes
 SHED = "RESOURCE_EXHAUSTED"
@@ -195,6 +202,10 @@ class Settings:
     gateway_settings: dict[str, Any] = field(default_factory=dict)
     """Gateway settings for the gateways (``--gateway-in-flight``, then ``--gateway-set``), nested
     as in the config; empty: the config's."""
+    front_door: str = "predict"
+    """``predict`` (the route) or ``kserve`` (the router's KServe v2 front door, the route's primary model)."""
+    workers: int = 1
+    """Router processes of the ``default`` configuration (``inferline up --workers``)."""
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -261,7 +272,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         metavar="KEY=VALUE",
         help="set a gateway setting for the gateways, VALUE in YAML, e.g. in_flight.min_rtt_ms=5 (repeatable)",
     )
+    p.add_argument(
+        "--front-door",
+        choices=("predict", "kserve"),
+        default="predict",
+        help="drive Predict on the route, or ModelInfer of its primary model through the KServe front door "
+        "(tensor answers: every OK one counts as PRIMARY)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="router processes of the 'default' configuration")
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error("--workers must be at least 1")
     gateway_settings: dict[str, Any] = {}
     if a.gateway_in_flight is not None:
         text = a.gateway_in_flight.strip()
@@ -337,6 +358,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         gateway_nice=a.gateway_nice,
         signal_step_down=a.signal_step_down,
         gateway_settings=gateway_settings,
+        front_door=a.front_door,
+        workers=a.workers,
     )
 
 
@@ -344,7 +367,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 def predict_target(url: str, s: Settings) -> TargetSpec:
-    """``Predict`` on the route with the demo key, one entity per request drawn over the demo store's drivers."""
+    """``Predict`` on the route with the demo key, one entity per request drawn over the demo store's drivers;
+    or, with ``--front-door kserve``, ModelInfer of the route's primary model through the router."""
+    if s.front_door == "kserve":
+        return TargetSpec("kserve", url, "router", model=PRIMARY_MODEL)
     return TargetSpec("predict", url, "router", route=ROUTE, join_key=JOIN_KEY, entities=s.entities, zipf_s=s.zipf_s)
 
 
@@ -502,7 +528,9 @@ def _share(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
-def analyse(merged: LoadResult, gens: list[GenResult], *, deadline_s: float) -> dict[str, Any]:
+def analyse(
+    merged: LoadResult, gens: list[GenResult], *, deadline_s: float, tensor_answers: bool = False
+) -> dict[str, Any]:
     """Totals, per-class outcomes and generator health of one run (measured window only)."""
     n = {c: 0 for c in CLASSES}
     ok_in_time = dict(n)
@@ -524,7 +552,8 @@ def analyse(merged: LoadResult, gens: list[GenResult], *, deadline_s: float) -> 
         n[cls] += 1
         response = r.start_lag_s + r.latency_s
         if r.outcome == OK:
-            who = SERVED_BY.get(served, str(served))
+            # A KServe answer is the model's own tensor: there is no degraded one.
+            who = "PRIMARY" if tensor_answers else SERVED_BY.get(served, str(served))
             by[cls][who] += 1
             ok_resp[cls].append(response)
             if response <= deadline_s:
@@ -651,7 +680,7 @@ async def measured_run(
     features_after = await asyncio.to_thread(scrape_feature_counters, metrics_url)
     features = feature_window(await features_before, features_after)
     merged = merge_load_results([g.result for g in results], max_start_lag_s=MAX_START_LAG_S)
-    run = analyse(merged, results, deadline_s=deadline_s)
+    run = analyse(merged, results, deadline_s=deadline_s, tensor_answers=s.front_door == "kserve")
     window_start = START_DELAY_S + warmup_s  # the generators start this long after dispatch
     in_window = [v for t, v in samples if t >= window_start and v is not None]
     run["cpu"] = cpu_use([c for c in cpu if c[0] >= window_start - 0.3])
@@ -777,7 +806,13 @@ async def run_configuration(
     server = ServerProcess(
         f"router-admission-{name}",
         f"127.0.0.1:{port}",
-        inferline_up(s.config, port, metrics_port, gateway=name in EMBEDDED),
+        inferline_up(
+            s.config,
+            port,
+            metrics_port,
+            *(("--workers", str(s.workers)) if name in EMBEDDED and s.workers > 1 else ()),
+            gateway=name in EMBEDDED,
+        ),
         log_dir / f"router-admission-{name}.log",
         env=CONFIGS[name],
         cwd=ROOT,
