@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from inferline.core.ports import LOOPBACK, free_port
-from inferline.demo.driver_data import driver_ids
+from inferline.demo.driver_data import HISTORY_DRIVERS, driver_ids
 from inferline.triton.launcher import TritonLauncher
 from tests.fault.load import (
     SteadyLoad,
@@ -63,7 +63,9 @@ calls. A busy shared machine now and then misses the 20 ms features budget, and 
 then rightly degrades, so not all."""
 RECOVERED_RATIO = 0.9
 """After the recovery the PRIMARY share must be back to this much of the same run's healthy share."""
-SETUP_TIMEOUT_S = 180
+SETUP_TIMEOUT_S = 900
+"""A guard against a hung setup, not a speed claim: Feast's apply and materialisation of the
+1,000 drivers this test may read took 30-200 s, the longest with both cores loaded by stress-ng."""
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def feast_repo(feast_redis: RedisServer, tmp_path_factory: pytest.TempPathFactor
     settings["online_store"] = {"type": "redis", "connection_string": f"{feast_redis.host}:{feast_redis.port}"}
     (repo / "feature_store.yaml").write_text(yaml.safe_dump(settings))
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "setup_feast.py"), str(repo)],
+        [sys.executable, str(ROOT / "scripts" / "setup_feast.py"), str(repo), "--history-only"],
         capture_output=True,
         text=True,
         timeout=SETUP_TIMEOUT_S,
@@ -113,7 +115,7 @@ def router(routers: Routers, fault_triton: TritonLauncher, feast_repo: pathlib.P
 async def test_stalled_online_store_degrades_features_then_recovers(
     router: ServerProcess, feast_redis: RedisServer
 ) -> None:
-    ids = [int(i) for i in driver_ids()]
+    ids = [int(i) for i in driver_ids()[:HISTORY_DRIVERS]]  # the drivers its store holds (--history-only)
     random.Random(7).shuffle(ids)
     start = await asyncio.to_thread(scrape_metrics, router.metrics_port)
     load_started = time.monotonic()
