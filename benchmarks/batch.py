@@ -13,7 +13,15 @@ One run, one machine, the bundled Triton (or ``--triton-url``), model ``driver_r
 It prints one JSON object: rows/s of both, their ratio (the issue's target: >= 0.9), the
 job's peak RSS and its summary (rows per Triton execution, cost per 1K rows).
 
+``--interference``: online p50/p99 of single-row critical requests (priority 1, open-loop
+Poisson at ``--online-rate``) straight to Triton's ``driver_ranker``, for ``--phase-s``
+seconds each: alone, beside a batch job that does not yield (``--yield-queue-ms 0``), and
+beside one that does (the default, 2 ms). The Triton started here has a copy of the model
+for the batch class (``triton.class_copies``), as the yield controller needs; each job
+runs on ``--rows`` rows and is stopped (SIGTERM) when its phase ends.
+
     .venv/bin/python benchmarks/batch.py --rows 200000
+    .venv/bin/python benchmarks/batch.py --interference --online-rate 200 --phase-s 8
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import asyncio
 import json
 import pathlib
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,6 +103,81 @@ def job(args: argparse.Namespace, url: str, input_path: pathlib.Path, out: pathl
     return summary
 
 
+COPIES = {"models": [MODEL], "classes": {"batch": {"max_queue_delay_us": 20000, "preferred_batch_sizes": [128]}}}
+"""The batch class's copy of the model: its own queue (the yield signal leaves it out), a wide window."""
+
+
+async def online_latencies(url: str, rate: float, duration_s: float, seed: int = 3) -> list[float]:
+    """Latencies (s) of single-row priority-1 requests sent open-loop (Poisson) for ``duration_s``."""
+    row = np.array([[0.5, 0.8, 500.0, 3.0]], np.float32)
+    rng = np.random.default_rng(seed)
+    latencies: list[float] = []
+    async with aioclient.InferenceServerClient(url) as client:
+
+        async def one() -> None:
+            tensor = aioclient.InferInput("features", list(row.shape), "FP32")
+            tensor.set_data_from_numpy(row)
+            started = time.perf_counter()
+            await client.infer(MODEL, [tensor], priority=1, client_timeout=60)  # never cancelled
+            latencies.append(time.perf_counter() - started)
+
+        tasks = []
+        start = time.perf_counter()
+        due = start
+        while due - start < duration_s:
+            due += rng.exponential(1 / rate)
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+def interference(args: argparse.Namespace) -> dict[str, object]:
+    import yaml
+
+    raw = yaml.safe_load(args.config.read_text())
+    raw.setdefault("triton", {})["class_copies"] = COPIES
+    with tempfile.TemporaryDirectory(prefix="inferline-batch-online-") as tmp:
+        config_path = pathlib.Path(tmp) / "inferline.yaml"
+        for key in ("model_repository", "server_env"):
+            raw["triton"][key] = str((args.config.parent / raw["triton"][key]).resolve())
+        raw["feature_store"]["feast_repo"] = str((args.config.parent / raw["feature_store"]["feast_repo"]).resolve())
+        config_path.write_text(yaml.safe_dump(raw))
+        config = load_config(config_path)
+        input_path = pathlib.Path(tmp) / "in.parquet"
+        write_input(input_path, args.rows)
+        phases: dict[str, object] = {}
+        with TritonLauncher(config.triton, models=route_models(config)) as launcher:
+            url = launcher.grpc_url
+            asyncio.run(online_latencies(url, args.online_rate, 1.0))  # warm-up
+            for name, yield_ms in (("alone", None), ("job_not_yielding", "0"), ("job_yielding", "2")):
+                job = None
+                if yield_ms is not None:
+                    command = [sys.executable, "-m", "inferline.cli", "batch", "run", "--config", str(config_path)]
+                    command += ["--route", "driver_ranking", "--input", str(input_path), "--triton-url", url]
+                    command += ["--output", f"{tmp}/out-{name}", "--yield-queue-ms", yield_ms]
+                    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    assert job.stderr is not None
+                    for line in job.stderr:  # scoring starts right after this line
+                        if "chunks already done" in line:
+                            break
+                latencies = np.array(asyncio.run(online_latencies(url, args.online_rate, args.phase_s)))
+                if job is not None:
+                    job.send_signal(signal.SIGTERM)
+                    job.communicate(timeout=120)
+                phases[name] = {
+                    "requests": len(latencies),
+                    "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
+                    "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2),
+                }
+    return {
+        "topology": "bundled Triton (CPU, python backend) with a batch-class copy; online calls straight to Triton",
+        "online_rate": args.online_rate,
+        "phase_s": args.phase_s,
+        "phases": phases,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
@@ -101,7 +185,13 @@ def main() -> None:
     parser.add_argument("--triton-url", default=None, help="a running Triton (default: start the bundled one)")
     parser.add_argument("--chunk-rows", type=int, default=8192)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--interference", action="store_true", help="online p99 alone and beside a job")
+    parser.add_argument("--online-rate", type=float, default=200.0)
+    parser.add_argument("--phase-s", type=float, default=8.0)
     args = parser.parse_args()
+    if args.interference:
+        print(json.dumps(interference(args), indent=2))
+        return
     config = load_config(args.config)
     launcher = None
     url = args.triton_url
