@@ -72,6 +72,19 @@ def test_unusable_files_fail_before_work(
         InputFile.open(path, ROUTE, None)
 
 
+def test_a_truncated_csv_file_fails_before_work(tmp_path: pathlib.Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text("driver_id,trip_km,note\n" + "".join(f"{i},{i},x\n" for i in range(100_000)) + "100000,5")
+    with pytest.raises(BatchInputError, match=r"unreadable or truncated CSV file: .*Expected 3 columns, got 2"):
+        InputFile.open(csv, ROUTE, None)
+
+
+def test_csv_rows_are_counted_up_front(tmp_path: pathlib.Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text("driver_id\n" + "".join(f"{i}\n" for i in range(1234)))
+    assert InputFile.open(csv, ROUTE, None).num_rows == 1234
+
+
 def test_a_truncated_parquet_file_fails_before_work(tmp_path: pathlib.Path) -> None:
     path = write_parquet(tmp_path / "in.parquet", ids_table(100))
     path.write_bytes(path.read_bytes()[:-20])
