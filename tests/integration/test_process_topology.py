@@ -153,38 +153,19 @@ def test_triton_command_serves_until_sigterm(tmp_path: pathlib.Path, router_conf
     assert code == 0, (tmp_path / "triton.log").read_text()[-3000:]
 
 
-def test_up_with_workers_balances_calls_over_every_router_process(
-    triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
+@pytest.mark.parametrize(
+    "command",
+    [["up"], ["serve", "router"]],
+    ids=["up", "serve_router"],
+)
+def test_workers_balance_calls_over_every_router_process(
+    command: list[str], triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
+    # `up --workers 2` and the suite topology's `serve router --workers 2` alike: Envoy on the
+    # port, a second router process beside this one.
     url = triton_server.grpc_url  # type: ignore[attr-defined]
-    args = ["up", "--workers", "2", "--config", str(router_config), "--triton-url", url]
-    server = start_inferline(args, tmp_path / "up.log", timeout_s=180)
-    try:
-        calls = 40
-        with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            served = [stub.Predict(REQUEST, timeout=5, metadata=AUTH).served_by for _ in range(calls)]
-        assert served == [pb.SERVED_BY_PRIMARY] * calls
-        log = server.log_tail(50_000)
-        worker_metrics = int(log.split("started router worker pid ")[1].split("(metrics port ")[1].split(")")[0])
-        own = _answered(server.metrics_port)
-        other = _answered(worker_metrics)
-        # The gateway balances calls, not connections, round robin: both processes answered,
-        # and between them every call.
-        assert own > 0 and other > 0 and own + other == calls, (own, other)
-    finally:
-        code = server.stop()
-    assert code == 0, server.log_tail()
-
-
-def test_serve_router_with_workers_balances_calls_behind_its_own_gateway(
-    triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
-    # The suite topology's router on every core: `serve router --workers 2` puts Envoy on the
-    # port and a second router process beside this one.
-    url = triton_server.grpc_url  # type: ignore[attr-defined]
-    args = ["serve", "router", "--workers", "2", "--config", str(router_config), "--triton-url", url]
-    server = start_inferline(args, tmp_path / "serve.log", timeout_s=180)
+    args = [*command, "--workers", "2", "--config", str(router_config), "--triton-url", url]
+    server = start_inferline(args, tmp_path / "inferline.log", timeout_s=180)
     try:
         calls = 40
         with grpc.insecure_channel(server.address) as channel:
@@ -195,6 +176,8 @@ def test_serve_router_with_workers_balances_calls_behind_its_own_gateway(
         assert "through the gateway" in log
         worker_metrics = int(log.split("started router worker pid ")[1].split("(metrics port ")[1].split(")")[0])
         own, other = _answered(server.metrics_port), _answered(worker_metrics)
+        # The gateway balances calls, not connections, round robin: both processes answered,
+        # and between them every call.
         assert own > 0 and other > 0 and own + other == calls, (own, other)
     finally:
         code = server.stop()

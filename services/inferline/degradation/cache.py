@@ -267,21 +267,9 @@ class RedisScoreCache:
         return [_decode(value, now) for value in values]
 
     async def put_many(self, tenant: str, route: str, ids: Sequence[EntityId], scores: Sequence[float]) -> None:
-        if not ids:
-            return
-        ttl_ms = max(1, int(self._ttl_s.get(route, DEFAULT_TTL_S) * 1000))
-        written = f"{self._wall_clock():.3f}"
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                pipe = self._redis().pipeline(transaction=False)
-                for key, score in zip(self._keys(tenant, route, ids), scores, strict=True):
-                    pipe.set(key, f"{float(score)!r},{written}", px=ttl_ms)
-                await pipe.execute()
-        except Exception as err:
-            self.write_errors += 1
-            self._outage(err)
-            return
-        self._recovered()
+        if ids:
+            ttl_s = self._ttl_s.get(route, DEFAULT_TTL_S)
+            await self._write(tenant, route, ids, scores, written_at=self._wall_clock(), ttl_s=ttl_s)
 
     async def put_computed(
         self,
@@ -302,7 +290,20 @@ class RedisScoreCache:
         """
         if not ids:
             return True
-        written = f"{computed_at:.3f}"
+        return await self._write(tenant, route, ids, scores, written_at=computed_at, ttl_s=ttl_s)
+
+    async def _write(
+        self,
+        tenant: str,
+        route: str,
+        ids: Sequence[EntityId],
+        scores: Sequence[float],
+        *,
+        written_at: float,
+        ttl_s: float,
+    ) -> bool:
+        """One pipelined SET per entity (``score,written_at``, expiring after ``ttl_s``); False on failure."""
+        written = f"{written_at:.3f}"
         ttl_ms = max(1, int(ttl_s * 1000))
         try:
             async with asyncio.timeout(self._timeout_s):
