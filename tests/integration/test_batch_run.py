@@ -93,7 +93,7 @@ def read_output(path: pathlib.Path) -> pd.DataFrame:
 
 
 def spec(input_path: pathlib.Path, output: pathlib.Path, **options: object) -> BatchJobSpec:
-    return BatchJobSpec.build(route=ROUTE, input_path=input_path, output_dir=output, chunk_rows=300, **options)
+    return BatchJobSpec.build(route=ROUTE, input_path=input_path, output_dir=output, **{"chunk_rows": 300, **options})
 
 
 async def test_online_features_scores_match_the_oracle(tmp_path: pathlib.Path, triton_server: TritonLauncher) -> None:
@@ -237,3 +237,18 @@ async def test_the_job_gives_way_when_the_online_queue_wait_rises(
     assert (summary["rows"], summary["errors"]) == (200, 0)
     assert summary["yield"]["intervals"] > 0
     assert summary["yield"]["throttled_share"] > 0
+
+
+async def test_a_chunk_of_bad_rows_only_commits_an_empty_part(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher
+) -> None:
+    config = batch_config(tmp_path)
+    keys = [str(1001 + i) if not 5 <= i < 10 else "" for i in range(15)]
+    (tmp_path / "in.csv").write_text("driver_id,trip_distance_km\n" + "".join(f"{k},2.5\n" for k in keys))
+
+    summary = await run_batch(config, spec(tmp_path / "in.csv", tmp_path / "out", chunk_rows=5), triton_server.grpc_url)
+
+    assert (summary["chunks"], summary["rows"], summary["errors"]) == (3, 10, 5)
+    assert pq.read_table(tmp_path / "out/part-000001.parquet").num_rows == 0
+    out = read_output(tmp_path / "out")  # one schema across the parts, the empty one included
+    assert out["input_row"].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]

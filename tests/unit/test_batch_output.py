@@ -123,6 +123,25 @@ def test_shards_share_a_directory(tmp_path: pathlib.Path) -> None:
     assert (tmp_path / "out/_errors-shard-1-of-2.csv").read_text().endswith("15,driver_id,null entity key\n")
 
 
+@pytest.mark.parametrize(
+    ("identity", "message"),
+    [
+        ({**IDENTITY, "shard": "1/2", "chunk_rows": 20}, "holds another job .shard-0-of-2.: chunk_rows differ"),
+        ({**IDENTITY, "shard": "0/1"}, "shard count differ"),
+    ],
+)
+def test_only_shards_of_one_job_share_a_directory(
+    tmp_path: pathlib.Path, identity: dict[str, object], message: str
+) -> None:
+    first = OutputDir(tmp_path / "out", "shard-0-of-2", multi_shard=True)
+    first.open({**IDENTITY, "shard": "0/2"}, resume=False)
+    first.close()
+    count = str(identity["shard"]).split("/")[1]
+    other = OutputDir(tmp_path / "out", f"shard-{str(identity['shard'])[0]}-of-{count}", multi_shard=True)
+    with pytest.raises(BatchInputError, match=message):
+        other.open(identity, resume=False)
+
+
 @pytest.mark.parametrize(("text", "message"), [("2", "expected I/N"), ("2/2", "must be below"), ("0/0", "count")])
 def test_bad_shards_are_refused(text: str, message: str) -> None:
     with pytest.raises(BatchInputError, match=message):

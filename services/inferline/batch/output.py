@@ -134,6 +134,7 @@ class OutputDir:
             raise
 
     def _claim(self, job_path: pathlib.Path, existing: bool, identity: dict[str, Any]) -> dict[int, ChunkRecord]:
+        self._check_other_shards(identity)
         if existing:
             _check_identity(job_path, identity)
         else:
@@ -148,6 +149,28 @@ class OutputDir:
         records = self._load_manifest()
         self._manifest = self._manifest_path.open("ab")
         return {c: r for c, r in records.items() if self._part_intact(r)}
+
+    def _check_other_shards(self, identity: dict[str, Any]) -> None:
+        """Shards sharing the directory must be shards of one job: the same everything but the
+        index, or their part files (named by chunk number) would hold different rows."""
+        count = str(identity.get("shard", "0/1")).split("/")[-1]
+        for other in sorted((self.root / STATE_DIR).glob("*/job.json")):
+            if other.parent == self.state:
+                continue
+            try:
+                recorded = json.loads(other.read_text())
+            except (OSError, ValueError):
+                continue  # being written by a starting shard: its own check covers the pair
+            differs = sorted(
+                k for k in set(recorded) | set(identity) if k != "shard" and recorded.get(k) != identity.get(k)
+            )
+            if str(recorded.get("shard", "0/1")).split("/")[-1] != count:
+                differs.insert(0, "shard count")
+            if differs:
+                raise BatchInputError(
+                    f"output {self.root} holds another job ({other.parent.name}): {', '.join(differs)} differ; "
+                    "shards of one job share a directory, other jobs need their own"
+                )
 
     def _lock(self) -> None:
         self._lock_file = (self.state / "lock").open("wb")
