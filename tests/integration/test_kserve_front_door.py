@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import tritonclient.grpc.aio as triton_aio
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from inferline.stats import Samples, delta, scrape
 from tests.integration.router_fixtures import DEMO_KEY, LIMITED_KEY, ServerProcess
 
 pytestmark = pytest.mark.requires_triton
@@ -186,12 +186,18 @@ def test_model_repository_cannot_be_changed(client: triton_grpc.InferenceServerC
 def test_front_door_requests_are_counted(
     router_server: ServerProcess, client: triton_grpc.InferenceServerClient
 ) -> None:
+    # Every series exists at zero from start-up: what counts is that these calls moved them.
+    url = f"http://127.0.0.1:{router_server.metrics_port}/metrics"
+    before = scrape(url)
     client.infer(MODEL, _inputs(), headers=AUTH, client_timeout=5)
     _status(client.infer, "no_such_model", _inputs(), headers=AUTH)
-    url = f"http://127.0.0.1:{router_server.metrics_port}/metrics"
-    body = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert (
-        'inferline_requests_total{code="OK",reason="",route="kserve:driver_ranker",'
-        'served_by="PRIMARY",traffic_class="standard"}' in body
-    )
-    assert 'code="NOT_FOUND",reason="",route="unknown"' in body
+    moved = delta(scrape(url), before)
+    ok = {"code": "OK", "route": "kserve:driver_ranker", "served_by": "PRIMARY", "traffic_class": "standard"}
+    assert requests_total(moved, **ok) == 1
+    assert requests_total(moved, code="NOT_FOUND", route="unknown") == 1
+
+
+def requests_total(samples: Samples, **labels: str) -> float:
+    """Sum of ``inferline_requests_total`` over the series carrying every one of ``labels``."""
+    want = set(labels.items())
+    return sum(v for (name, have), v in samples.items() if name == "inferline_requests_total" and want <= set(have))
