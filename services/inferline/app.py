@@ -51,7 +51,7 @@ from inferline.router.breaker import BreakerRegistry, BreakerState
 from inferline.router.gate import RequestGate
 from inferline.router.gateway_trust import GatewayTrust
 from inferline.router.ingress import IngressWait
-from inferline.router.kserve import KServeFrontDoor
+from inferline.router.kserve import KServeFrontDoor, build_model_quota
 from inferline.router.loop_lag import LoopLagMonitor
 from inferline.router.plan import build_route_plans
 from inferline.router.quota import CountingRateLimiter, build_rate_limiter
@@ -134,6 +134,7 @@ def _executor(
     config: InferlineConfig, triton_url: str, app: App, route_check: CheckReport | None = None
 ) -> CoalescingExecutor:
     limits = {v.model: r.max_in_flight for r in config.routes.values() for v in r.full_variants}
+    limits.update({m: e.max_in_flight for m, e in config.models.items() if e.max_in_flight is not None})
     bases = ClassModelMap(config.triton.class_copies).bases
     triton = TritonExecutor(triton_url, max_in_flight=limits, shares_bound_with=bases, tls=config.triton.tls)
     app.triton = triton
@@ -244,16 +245,18 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
     metrics.queue_wait.set_function(queue_wait_s)
     admission = {}
     # One controller per route (Predict) and one per model (KServe front door, key "kserve:<name>",
-    # the route label of its calls; configured by the first route using the model).
-    keys = [
-        (key, route)
+    # the route label of its calls; configured by the model's `models` entry, else by the first
+    # route using the model).
+    keys = [(front_door_route(name), entry.admission) for name, entry in config.models.items()]
+    keys += [
+        (key, route.admission)
         for name, route in config.routes.items()
         for key in (name, *(front_door_route(v.model) for v in route.all_variants))
     ]
-    for name, route in keys:
+    for name, admission_config in keys:
         if name in admission:
             continue
-        controller = AdmissionController(name, route.admission, config.traffic_classes, queue_wait_s)
+        controller = AdmissionController(name, admission_config, config.traffic_classes, queue_wait_s)
         metrics.admission_limit.labels(name).set_function(functools.partial(getattr, controller, "limit"))
         metrics.admission_in_flight.labels(name).set_function(functools.partial(getattr, controller, "in_flight"))
         admission[name] = controller
@@ -359,7 +362,10 @@ def _build_router(
         app.registry.register(statistics)
         app.starters.append(statistics.start)  # after the Triton warm-up: its first snapshot is the cost baseline
         app.closers.append(statistics.stop)
-        front_door = KServeFrontDoor(config, gate, app.triton, metrics)
+        model_quota = build_model_quota(config)
+        if model_quota is not None:
+            app.closers.append(model_quota.close)
+        front_door = KServeFrontDoor(config, gate, app.triton, metrics, model_quota)
         _register(
             app,
             "inference.GRPCInferenceService",

@@ -109,3 +109,101 @@ def test_gateway_in_flight_limit_is_adaptive_unless_told_otherwise() -> None:
         raw["gateway"]["in_flight"] = {key: bad}
         with pytest.raises(ConfigError, match=rf"gateway\.in_flight\.{key}"):
             parse_config(raw, DEFAULT.parent)
+
+
+def _with_kserve_models(**tenant: object) -> dict[str, object]:
+    """The default config plus a KServe-only model ``tensors`` and a tenant ``owner`` calling it."""
+    raw: dict[str, object] = yaml.safe_load(DEFAULT.read_text())
+    raw["models"] = {"tensors": {"traffic_classes": ["standard", "batch"], "deadline_ms": 500}}
+    owner = {"api_key_sha256": ["0" * 64], "models": ["tensors"], **tenant}
+    raw["tenants"]["owner"] = owner  # type: ignore[index]
+    return raw
+
+
+def test_a_kserve_only_model_and_a_tenant_without_routes_load() -> None:
+    config = parse_config(_with_kserve_models(), DEFAULT.parent)
+    assert config.models["tensors"].deadline_ms == 500
+    assert config.models["tensors"].admission.enabled and config.models["tensors"].quota is None
+    assert config.tenants["owner"].routes == [] and config.tenants["owner"].models == ["tensors"]
+    assert config.tenants["demo"].models == []
+
+
+def test_the_bundled_triton_loads_kserve_only_models_too() -> None:
+    from inferline.route_check import route_models
+
+    config = parse_config(_with_kserve_models(), DEFAULT.parent)
+    assert route_models(config)[-1] == "tensors"
+    assert set(route_models(config)) == {"driver_ranker", "driver_ranker_light", "tensors"}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r["tenants"]["owner"]["models"].append("ghost"), r"tenants\.owner\.models: unknown model 'ghost'"),
+        (lambda r: r["tenants"]["demo"].update(models=["driver_ranker"]), r"tenants\.demo\.models: unknown model"),
+        (lambda r: r["models"]["tensors"].update(quot=1), r"models\.tensors\.quot: Extra inputs"),
+        (lambda r: r["models"]["tensors"].update(deadline_ms=0), r"models\.tensors\.deadline_ms"),
+        (lambda r: r["models"]["tensors"].update(quota={"rate_per_s": 1}), r"models\.tensors\.quota\.burst"),
+        (
+            lambda r: r["models"]["tensors"].update(admission={"min_limit": 9, "initial_limit": 2}),
+            r"models\.tensors\.admission: .*min_limit <= initial_limit",
+        ),
+        (
+            lambda r: r["models"]["tensors"]["traffic_classes"].append("platinum"),
+            r"models\.tensors: unknown traffic class 'platinum'",
+        ),
+        (
+            lambda r: r["models"]["tensors"].update(default_traffic_class="critical"),
+            r"models\.tensors: .*default_traffic_class 'critical' is not one of its traffic_classes",
+        ),
+        (
+            lambda r: r["models"]["tensors"].update(traffic_classes=["batch"]),
+            r"tenants\.owner\.models: model 'tensors' takes traffic classes \['batch'\], not the tenant's default "
+            r"'standard': set models\.tensors\.default_traffic_class",
+        ),
+        (
+            lambda r: r["tenants"]["owner"].update(traffic_classes=["critical"], default_traffic_class="critical"),
+            r"tenants\.owner\.models: model 'tensors' takes traffic classes",
+        ),
+        (
+            lambda r: (
+                r["models"]["tensors"].update(default_traffic_class="batch")
+                or r["tenants"]["owner"].update(traffic_classes=["standard"])
+            ),
+            r"tenants\.owner\.models: models\.tensors\.default_traffic_class 'batch' is not one of the tenant's",
+        ),
+        (
+            lambda r: r["models"].update(driver_ranker={"max_in_flight": 8}),
+            r"models\.driver_ranker\.max_in_flight: 8, but routes\.driver_ranking calls 'driver_ranker' "
+            r"with max_in_flight 64 \(one in-flight bound per model\)",
+        ),
+    ],
+    ids=[
+        "tenant-names-unknown-model",
+        "route-model-needs-no-entry",
+        "unknown-key",
+        "zero-deadline",
+        "quota-without-burst",
+        "admission-limits",
+        "unknown-class",
+        "default-class-not-taken",
+        "tenant-default-not-taken",
+        "tenant-has-no-class-of-the-model",
+        "model-default-not-the-tenants",
+        "in-flight-conflicts-with-route",
+    ],
+)
+def test_a_bad_kserve_model_entry_is_named(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    raw = _with_kserve_models()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw, DEFAULT.parent)
+
+
+def test_a_route_model_may_have_an_entry_of_its_own() -> None:
+    raw = _with_kserve_models()
+    raw["models"]["driver_ranker"] = {"max_in_flight": 64, "quota": {"rate_per_s": 5, "burst": 10}}  # type: ignore[index]
+    raw["models"]["tensors"]["default_traffic_class"] = "batch"  # type: ignore[index]
+    raw["tenants"]["owner"].update(traffic_classes=["batch"], default_traffic_class="batch")  # type: ignore[index]
+    config = parse_config(raw, DEFAULT.parent)
+    assert config.models["driver_ranker"].quota is not None

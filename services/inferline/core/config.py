@@ -369,6 +369,40 @@ class QuotaConfig(_Model):
     burst: int = Field(ge=1)
 
 
+class KServeModelConfig(_Model):
+    """A tensor-in/tensor-out model served through the router's KServe v2 front door only
+    (``models.<name>``, the Triton model's name): no route, no entity, no features; the
+    caller's tensors go to Triton as sent, after the same gate as every call (key, tenant,
+    traffic class, quota, admission, deadline). Tenants name it in their ``models`` list.
+
+    A model that a route calls as well may have an entry too: the entry then sets its
+    front door (classes, deadline, quota, admission) for every tenant that calls it there.
+    """
+
+    traffic_classes: list[str] | None = None
+    """Traffic classes the model may be called in (and the caller's tenant must allow the
+    class too); None: any class of the tenant's."""
+    default_traffic_class: str | None = None
+    """The class of a call that names none; None: the tenant's ``default_traffic_class``."""
+    deadline_ms: float | None = Field(None, gt=0)
+    """The deadline of a call that sets none; None: its traffic class's ``default_deadline_ms``."""
+    quota: QuotaConfig | None = None
+    """Each tenant's own token bucket for this model, besides the tenant's ``quota``
+    (RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED, beyond it); None: the tenant's quota only."""
+    admission: AdmissionConfig = AdmissionConfig()
+    """The model's adaptive concurrency limit (all tenants' front-door calls of it together)."""
+    max_in_flight: int | None = Field(None, ge=1)
+    """Calls in flight to the model at most; None: the ``max_in_flight`` of a route that
+    calls it, else 64. A route that calls it must then have the same value (one bound per model)."""
+
+    @model_validator(mode="after")
+    def _default_class_allowed(self) -> KServeModelConfig:
+        default, allowed = self.default_traffic_class, self.traffic_classes
+        if default is not None and allowed is not None and default not in allowed:
+            raise ValueError(f"default_traffic_class {default!r} is not one of its traffic_classes {allowed}")
+        return self
+
+
 class TenantConfig(_Model):
     api_key_sha256: list[str] = []
     """SHA-256 hex digests of the tenant's API keys (keys themselves are never stored)."""
@@ -380,8 +414,10 @@ class TenantConfig(_Model):
     """Route → model: this tenant's requests of the route always run on that variant."""
     canary: dict[str, CanaryConfig] = {}
     """Route → a variant that gets a share of this tenant's requests of the route."""
-    routes: list[str]
-    """Routes this tenant may call."""
+    routes: list[str] = []
+    """Routes this tenant may call (``Predict``, and their models through the KServe front door)."""
+    models: list[str] = []
+    """Entries of ``models`` (KServe-only models) this tenant may call through the KServe front door."""
     traffic_classes: list[str] = ["critical", "standard", "batch"]
     default_traffic_class: str = "standard"
 
@@ -643,6 +679,9 @@ class InferlineConfig(_Model):
     traffic_classes: dict[str, TrafficClassConfig]
     tenants: dict[str, TenantConfig]
     routes: dict[str, RouteConfig]
+    models: dict[str, KServeModelConfig] = {}
+    """KServe-only models (tensor in, tensor out) by Triton model name: served by the KServe
+    front door to the tenants that list them, loaded by the bundled Triton like the routes' models."""
 
     @field_validator("traffic_classes")
     @classmethod
@@ -689,6 +728,46 @@ class InferlineConfig(_Model):
             if cls not in self.traffic_classes:
                 raise ValueError(f"triton.class_copies.classes: unknown traffic class {cls!r}")
         return self
+
+    @model_validator(mode="after")
+    def _kserve_models(self) -> InferlineConfig:
+        """Every name in ``models`` entries and ``tenants.*.models`` resolves, and a tenant can call what it lists."""
+        for name, entry in self.models.items():
+            for cls in [*(entry.traffic_classes or ()), *filter(None, [entry.default_traffic_class])]:
+                if cls not in self.traffic_classes:
+                    raise ValueError(f"models.{name}: unknown traffic class {cls!r}")
+            for route_name, route in self.routes.items():
+                calls = any(v.model == name for v in route.full_variants)
+                if calls and entry.max_in_flight is not None and entry.max_in_flight != route.max_in_flight:
+                    raise ValueError(
+                        f"models.{name}.max_in_flight: {entry.max_in_flight}, but routes.{route_name} calls "
+                        f"{name!r} with max_in_flight {route.max_in_flight} (one in-flight bound per model): "
+                        "set them alike, or leave this one out"
+                    )
+        for tenant_name, tenant in self.tenants.items():
+            for model in tenant.models:
+                if model not in self.models:
+                    known = ", ".join(self.models) or "none"
+                    raise ValueError(
+                        f"tenants.{tenant_name}.models: unknown model {model!r} (entries of models: {known}; "
+                        "a route's models need no entry, the tenant's routes give access to them)"
+                    )
+                self._tenant_can_call(tenant_name, tenant, model, self.models[model])
+        return self
+
+    @staticmethod
+    def _tenant_can_call(tenant_name: str, tenant: TenantConfig, model: str, entry: KServeModelConfig) -> None:
+        where = f"tenants.{tenant_name}.models"
+        default = entry.default_traffic_class or tenant.default_traffic_class
+        if entry.traffic_classes is not None and default not in entry.traffic_classes:
+            raise ValueError(
+                f"{where}: model {model!r} takes traffic classes {entry.traffic_classes}, not the tenant's "
+                f"default {default!r}: set models.{model}.default_traffic_class"
+            )
+        if default not in tenant.traffic_classes:
+            raise ValueError(
+                f"{where}: models.{model}.default_traffic_class {default!r} is not one of the tenant's traffic_classes"
+            )
 
 
 class ConfigError(Exception):

@@ -34,7 +34,7 @@ class TenantRules:
     routes: frozenset[str]
     """Routes (``Predict``) the tenant may call."""
     models: frozenset[str]
-    """Triton models (KServe v2 front door) the tenant may call: the variants of its routes."""
+    """Triton models (KServe v2 front door) the tenant may call: the variants of its routes and its ``models``."""
     pins: Mapping[str, str]
     """Route → the variant this tenant's requests always use."""
     canaries: Mapping[str, CanaryConfig]
@@ -77,7 +77,7 @@ class RequestGate:
         self._rules = {
             name: TenantRules(
                 routes=frozenset(t.routes),
-                models=frozenset(v.model for r in t.routes for v in config.routes[r].all_variants),
+                models=frozenset([*(v.model for r in t.routes for v in config.routes[r].all_variants), *t.models]),
                 classes=frozenset(t.traffic_classes),
                 default_class=t.default_traffic_class,
                 pins=dict(t.pin),

@@ -1,15 +1,19 @@
 """KServe v2 / Triton gRPC front door (``inference.GRPCInferenceService``): translate and delegate.
 
-Unmodified ``tritonclient.grpc`` code pointed at the router gets the same gate as
+It serves the models of the routes (to the tenants of those routes) and the KServe-only
+models of the ``models`` section (to the tenants that list them; the entry sets the
+model's traffic classes, default deadline, per-tenant quota and admission). Unmodified
+``tritonclient.grpc`` code pointed at the router gets the same gate as
 ``Predict`` — authentication, tenant rules, quotas, admission (shedding), traffic-class
 priorities and deadlines — before its request reaches Triton through ``TritonExecutor``,
 which never cancels a call in flight (RECIPES.md, "Known defect"). Raw tensors have no
 degraded answer, so an overloaded model sheds (RESOURCE_EXHAUSTED) instead.
 
 Served: ServerLive, ServerReady (no auth: health probes), ServerMetadata, ModelReady,
-ModelMetadata, ModelConfig and ModelInfer. Everything else of the service (streaming,
-statistics, repository load/unload, shared memory, trace and log settings) is answered
-UNIMPLEMENTED: callers may not change or inspect the model server through the router.
+ModelMetadata, ModelConfig and ModelInfer. ModelStreamInfer is answered UNIMPLEMENTED
+with the reason (``STREAM_NOT_SERVED``). Everything else of the service (statistics,
+repository load/unload, shared memory, trace and log settings) is answered UNIMPLEMENTED:
+callers may not change or inspect the model server through the router.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from inferline.core.config import InferlineConfig
+from inferline.core.config import InferlineConfig, KServeModelConfig, TenantConfig
 from inferline.core.deadline import Deadline
 from inferline.core.errors import (
     DeadlineExceeded,
@@ -29,6 +33,7 @@ from inferline.core.errors import (
     InvalidInput,
     ModelNotFound,
     PermissionDenied,
+    QuotaExceeded,
     Shed,
     echo,
     rpc_method,
@@ -36,6 +41,7 @@ from inferline.core.errors import (
 from inferline.core.metrics import ServingMetrics, front_door_route
 from inferline.router.admission import Verdict
 from inferline.router.gate import Entry, RequestGate, TenantRules
+from inferline.router.quota import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -45,6 +51,12 @@ TRAFFIC_CLASS_PARAMETER = "traffic_class"
 OVERLOAD_RETRY_AFTER_S = 0.05
 # Kept back from the caller's deadline so that our own answer (even DEADLINE_EXCEEDED) leaves in time.
 RESPONSE_RESERVE_S = 0.001
+STREAM_NOT_SERVED = (
+    "ModelStreamInfer is not served by the inferline router: a stream (decoupled models) answers "
+    "any number of requests with any number of responses, which the router's gate cannot hold to one "
+    "deadline, one admission permit and one quota token per request; call ModelInfer (one request, "
+    "one response), or Triton itself for decoupled models"
+)
 
 
 def _version() -> str:
@@ -58,13 +70,21 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     """The router's KServe v2 servicer: the gate, then ``TritonExecutor.forward``."""
 
     def __init__(
-        self, config: InferlineConfig, gate: RequestGate, executor: TritonExecutor, metrics: ServingMetrics
+        self,
+        config: InferlineConfig,
+        gate: RequestGate,
+        executor: TritonExecutor,
+        metrics: ServingMetrics,
+        model_quota: RateLimiter | None = None,
     ) -> None:
+        """``model_quota``: the per-tenant buckets of ``models`` entries with a quota (``build_model_quota``)."""
         self._gate = gate
         self._executor = executor
         self._metrics = metrics
         self._classes = frozenset(config.traffic_classes)
-        self._models = frozenset(v.model for r in config.routes.values() for v in r.all_variants)
+        self._models = frozenset([*(v.model for r in config.routes.values() for v in r.all_variants), *config.models])
+        self._entries = config.models
+        self._model_quota = model_quota
         self._metadata = service_pb2.ServerMetadataResponse(name="inferline", version=_version(), extensions=[])
 
     @rpc_method
@@ -117,8 +137,9 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             waited = self._gate.waited(context.invocation_metadata(), remaining_s)  # type: ignore[arg-type]
             if waited is not None:
                 self._gate.signal_overload(context, route)
-            traffic_class = self._gate.traffic_class(tenant, rules, self._requested_class(request, context))
+            traffic_class = self._traffic_class(model, tenant, rules, self._requested_class(request, context))
             check_request(request)
+            await self._check_model_quota(tenant, model)
             entry = await self._gate.admit(tenant, route, traffic_class, waited)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
@@ -138,7 +159,11 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             if permit.verdict is Verdict.DEGRADE:
                 raise Shed(f"model {request.model_name!r} is overloaded", OVERLOAD_RETRY_AFTER_S)
             cls = entry.class_config
-            deadline = Deadline.from_context(context, cls.default_deadline_ms / 1000).split(RESPONSE_RESERVE_S)
+            model_entry = self._entries.get(request.model_name)
+            default_ms = cls.default_deadline_ms
+            if model_entry is not None and model_entry.deadline_ms is not None:
+                default_ms = model_entry.deadline_ms
+            deadline = Deadline.from_context(context, default_ms / 1000).split(RESPONSE_RESERVE_S)
             try:
                 response = await self._executor.forward(request, deadline=deadline, priority=cls.priority)
             except ModelBudgetExceeded as err:
@@ -157,8 +182,8 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
 
         Raises:
             Unauthenticated: no or a bad bearer token (checked first: no model names leak).
-            ModelNotFound: no route serves the model.
-            PermissionDenied: none of the tenant's routes serves it.
+            ModelNotFound: no route calls the model and no ``models`` entry names it.
+            PermissionDenied: none of the tenant's routes calls it, nor do its ``models`` name it.
         """
         tenant, rules = self._gate.authenticate(context.invocation_metadata())  # type: ignore[arg-type]
         if model not in self._models:
@@ -166,6 +191,34 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         if model not in rules.models:
             raise PermissionDenied(f"tenant {tenant!r} may not call model {model!r}")
         return tenant, rules
+
+    def _traffic_class(self, model: str, tenant: str, rules: TenantRules, requested: str) -> str:
+        """The class a call of ``model`` runs in: the gate's rules, and a ``models`` entry's own.
+
+        Raises:
+            InvalidInput: no such class.
+            PermissionDenied: the tenant may not use it, or the model's entry does not take it.
+        """
+        entry = self._entries.get(model)
+        if entry is None:
+            return self._gate.traffic_class(tenant, rules, requested)
+        traffic_class = self._gate.traffic_class(tenant, rules, requested or entry.default_traffic_class or "")
+        if entry.traffic_classes is not None and traffic_class not in entry.traffic_classes:
+            allowed = ", ".join(entry.traffic_classes)
+            raise PermissionDenied(
+                f"model {model!r} does not take traffic class {traffic_class!r} (it takes: {allowed})"
+            )
+        return traffic_class
+
+    async def _check_model_quota(self, tenant: str, model: str) -> None:
+        """The tenant's own bucket for ``model`` (a ``models`` entry's ``quota``). Raises ``QuotaExceeded``."""
+        entry = self._entries.get(model)
+        if entry is None or entry.quota is None or self._model_quota is None:
+            return
+        decision = await self._model_quota.check(model_quota_key(tenant, model))
+        if not decision.allowed:
+            self._metrics.quota_exceeded.labels(tenant).inc()
+            raise QuotaExceeded(f"tenant {tenant!r} is over its quota for model {model!r}", decision.retry_after_s)
 
     def _requested_class(self, request: Any, context: Context) -> str:
         """The traffic class asked for: request parameter first, then call metadata ("" = the tenant's default)."""
@@ -184,7 +237,10 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             grpc.StatusCode.UNIMPLEMENTED, "not served by the inferline router (inference and metadata only)"
         )
 
-    ModelStreamInfer = _not_served
+    @rpc_method
+    async def ModelStreamInfer(self, request_iterator: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, STREAM_NOT_SERVED)
+
     ModelStatistics = _not_served
     RepositoryIndex = _not_served
     RepositoryModelLoad = _not_served
@@ -197,6 +253,27 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     CudaSharedMemoryUnregister = _not_served
     TraceSetting = _not_served
     LogSettings = _not_served
+
+
+def model_quota_key(tenant: str, model: str) -> str:
+    """The bucket of ``tenant``'s calls of the KServe model ``model`` (apart from the tenant's own, ``tenant``)."""
+    return f"{tenant}/{front_door_route(model)}"
+
+
+def build_model_quota(config: InferlineConfig) -> RateLimiter | None:
+    """Every tenant's bucket for every ``models`` entry with a ``quota``, on ``rate_limit.backend``
+    (Redis: shared by the replicas, as tenants' quotas are); None when no entry has a quota."""
+    quotas: dict[str, KServeModelConfig] = {m: e for m, e in config.models.items() if e.quota is not None}
+    buckets = {
+        model_quota_key(tenant, model): TenantConfig(quota=entry.quota)
+        for model, entry in quotas.items()
+        for tenant in config.tenants
+    }
+    if not buckets:
+        return None
+    if config.rate_limit.backend == "redis":
+        return RedisRateLimiter(buckets, config.rate_limit)
+    return LocalRateLimiter(buckets)
 
 
 MAX_NAME_CHARS = 256
