@@ -1,5 +1,5 @@
 """The ``inferline`` command line: up, serve, triton (and triton class-copies), models check, gateway render, predict,
-bench, batch run."""
+bench, batch run, stream run."""
 
 from __future__ import annotations
 
@@ -552,6 +552,59 @@ def batch_run(
         typer.echo(f"batch: {err}", err=True)
         raise typer.Exit(130) from err
     typer.echo(json.dumps(summary, indent=2))
+
+
+stream_cli = typer.Typer(no_args_is_help=True, help="Stream inference: score events as they arrive, into a stream.")
+cli.add_typer(stream_cli, name="stream")
+
+
+@stream_cli.command("run")
+def stream_run(
+    route: Annotated[str, typer.Option(help="route whose features, models and post-processing score the events")],
+    source: Annotated[str, typer.Option(help="redis://HOST:PORT/STREAM of the events")],
+    group: Annotated[str, typer.Option(help="consumer group the worker reads in")],
+    sink: Annotated[str, typer.Option(help="redis://HOST:PORT/STREAM of the outputs")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    triton_url: Annotated[str | None, typer.Option(help="Triton host:port (default triton.url, else bundled)")] = None,
+    traffic_class: Annotated[str, typer.Option("--class", help="traffic class of the Triton calls")] = "standard",
+    tenant: Annotated[str | None, typer.Option(help="tenant whose score cache the scores refresh")] = None,
+    consumer: Annotated[str | None, typer.Option(help="consumer name (default host-pid)")] = None,
+    dead_letter: Annotated[str | None, typer.Option(help="dead-letter stream (default <source>:dead)")] = None,
+    read_count: Annotated[int, typer.Option(help="events per XREADGROUP")] = 64,
+    max_in_flight: Annotated[int, typer.Option(help="events read and not yet acknowledged, at most")] = 256,
+    claim_idle_ms: Annotated[int, typer.Option(help="claim pending events idle this long")] = 30_000,
+    max_attempts: Annotated[int, typer.Option(help="failed attempts before the dead-letter stream")] = 3,
+    budget_ms: Annotated[float, typer.Option(help="event time + budget: older events get the ladder")] = 5_000.0,
+    lag_high: Annotated[int, typer.Option(help="lag above which the light model scores")] = 10_000,
+    lag_low: Annotated[int, typer.Option(help="lag below which the primary scores again")] = 1_000,
+    lag_interval_s: Annotated[float, typer.Option(help="seconds between lag readings")] = 1.0,
+    metrics_port: Annotated[int, typer.Option(help="serve Prometheus metrics on this port (0: off)")] = 0,
+) -> None:
+    """Score each event of --source through --route into --sink, exactly once per event id, until SIGTERM.
+
+    Exit 0: stopped by SIGINT/SIGTERM after finishing the events in flight (summary JSON on
+    stdout). 2: bad options, found before any event is read. 1: Triton or the model is missing.
+    """
+    from inferline.stream import StreamError, StreamInputError, StreamSpec
+    from inferline.stream.runner import run_until_signal as run_stream_until_signal
+
+    cfg = _load(config)
+    options = {"consumer": consumer} if consumer else {}
+    try:
+        spec = StreamSpec.build(
+            route=route, source=source, group=group, sink=sink, traffic_class=traffic_class, tenant=tenant,
+            dead_letter=dead_letter, read_count=read_count, max_in_flight=max_in_flight,
+            claim_idle_ms=claim_idle_ms, max_attempts=max_attempts, budget_ms=budget_ms, lag_high=lag_high,
+            lag_low=lag_low, lag_interval_s=lag_interval_s, **options,
+        )  # fmt: skip
+        summary = _run(run_stream_until_signal(cfg, spec, triton_url or cfg.triton.url, metrics_port=metrics_port))
+    except StreamInputError as err:
+        typer.echo(f"stream: {err}", err=True)
+        raise typer.Exit(2) from err
+    except StreamError as err:
+        typer.echo(f"stream: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(json.dumps(summary))
 
 
 @cli.command()

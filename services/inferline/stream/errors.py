@@ -1,0 +1,11 @@
+"""Errors of a stream worker: bad options (found before any work) and failures while running."""
+
+from __future__ import annotations
+
+
+class StreamError(Exception):
+    """A stream worker could not start or had to stop."""
+
+
+class StreamInputError(StreamError):
+    """Bad options or an unusable config, found before any event is read (CLI exit 2)."""

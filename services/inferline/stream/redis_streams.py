@@ -1,0 +1,124 @@
+"""Redis Streams as source (a consumer group) and sink (an idempotent appender).
+
+The sink's exactly-once rests on one Lua script: ``SET <marker> NX`` and ``XADD`` run
+atomically, so an output is appended if and only if its source event id had none yet,
+however many times the event is delivered (a worker killed between the write and the
+XACK is the usual case). Markers expire after ``dedupe_ttl_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from inferline.stream.ports import Delivery
+from inferline.stream.spec import StreamEndpoint
+
+_APPEND_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  return 1
+end
+return 0
+"""
+
+
+def _client(endpoint: StreamEndpoint) -> aioredis.Redis:
+    return aioredis.Redis(host=endpoint.host, port=endpoint.port, decode_responses=True)
+
+
+def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
+    # Entries deleted from the stream while pending come back without fields: nothing to score.
+    return [Delivery(str(i), dict(fields)) for i, fields in entries if fields is not None]
+
+
+class RedisStreamSource:
+    """A consumer of one group on one stream (XREADGROUP, XAUTOCLAIM, XACK, XINFO GROUPS)."""
+
+    def __init__(
+        self, endpoint: StreamEndpoint, group: str, consumer: str, *, block_ms: int, claim_idle_ms: int
+    ) -> None:
+        self._redis = _client(endpoint)
+        self._stream = endpoint.stream
+        self._group = group
+        self._consumer = consumer
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._claim_cursor = "0-0"
+        self._attempts_key = f"{endpoint.stream}:{group}:attempts"
+
+    async def start(self) -> None:
+        try:
+            await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    async def read(self, count: int) -> list[Delivery]:
+        answer: Any = await self._redis.xreadgroup(
+            self._group, self._consumer, {self._stream: ">"}, count=count, block=self._block_ms
+        )
+        return [d for _, entries in answer or [] for d in _deliveries(entries)]
+
+    async def claim(self, count: int) -> tuple[list[Delivery], bool]:
+        """One XAUTOCLAIM step; the cursor walks the pending list and wraps at its end."""
+        answer: Any = await self._redis.xautoclaim(
+            self._stream,
+            self._group,
+            self._consumer,
+            min_idle_time=self._claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=count,
+        )
+        self._claim_cursor = str(answer[0])
+        return _deliveries(answer[1]), self._claim_cursor == "0-0"
+
+    async def ack(self, ids: Sequence[str]) -> None:
+        if ids:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self._stream, self._group, *ids)
+                pipe.hdel(self._attempts_key, *ids)
+                await pipe.execute()
+
+    async def failed(self, event_id: str) -> int:
+        return int(await self._redis.hincrby(self._attempts_key, event_id, 1))
+
+    async def lag(self) -> int:
+        for group in await self._redis.xinfo_groups(self._stream):
+            if group["name"] == self._group:
+                lag = group.get("lag")
+                # Redis answers nil when it cannot tell (entries deleted mid-range): count them.
+                return int(lag) if lag is not None else int(await self._redis.xlen(self._stream))
+        return 0
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class RedisStreamSink:
+    """Appends outputs to one stream, once per source event id; poison events to another."""
+
+    def __init__(self, endpoint: StreamEndpoint, dead_letter: str, *, dedupe_ttl_s: float) -> None:
+        self._redis = _client(endpoint)
+        self._stream = endpoint.stream
+        self._dead = dead_letter
+        self._ttl_ms = str(int(dedupe_ttl_s * 1000))
+        self._append = self._redis.register_script(_APPEND_ONCE)
+
+    async def _once(self, stream: str, source_id: str, fields: Mapping[str, str]) -> bool:
+        flat = [v for pair in fields.items() for v in pair]
+        added = await self._append(keys=[f"{stream}:done:{source_id}", stream], args=[self._ttl_ms, *flat])
+        return bool(added)
+
+    async def write(self, source_id: str, fields: Mapping[str, str]) -> bool:
+        return await self._once(self._stream, source_id, fields)
+
+    async def dead_letter(self, source_id: str, fields: Mapping[str, str], reason: str) -> bool:
+        entry = {"event_id": source_id, "reason": reason, **{f"field:{k}": v for k, v in fields.items()}}
+        return await self._once(self._dead, source_id, entry)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
