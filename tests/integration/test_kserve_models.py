@@ -1,17 +1,19 @@
 """KServe-only models (``models:``) through the router's front door, with unmodified tritonclient.
 
-The steps of the README's "Add a model" for such a model, as a model owner takes them: a
-standard Triton directory (``tensor_scorer``: 2 inputs wide, unlike the route's 4), a
-``models:`` entry and the tenant's ``models`` list, ``inferline models check``, ``inferline
-up`` (which starts the bundled Triton on the repository), then tritonclient against the
-router. The same router serves a slow python model (``slow_echo``: it sleeps for its first
-input, in seconds) with a default deadline and an admission limit of its own, and a route's
-model (``driver_ranker``) whose entry gives each tenant a quota for it.
+The steps of the README's "Add a model", as a model owner takes them with a new model: a
+standard Triton directory (``tensor_scorer``: 2 inputs wide, unlike the demo route's 4), a
+``models:`` entry and the tenant's ``models`` list (and a route of its own), ``inferline
+models check``, ``inferline up`` (which starts the bundled Triton on the repository), then
+``inferline predict`` and unmodified tritonclient against the router. The same router
+serves a slow python model (``slow_echo``: it sleeps for its first input, in seconds) with a
+default deadline and an admission limit of its own, and a route's model (``driver_ranker``)
+whose entry gives each tenant a quota for it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 import queue
 import subprocess
@@ -28,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.core.ports import free_ports
 from inferline.stats import delta, scrape
-from tests.integration.owner_models import BATCHING, LIGHT_ONNX, onnx_model
+from tests.integration.owner_models import BATCHING, LIGHT_ONNX, onnx_config, onnx_model
 from tests.integration.router_fixtures import DEMO_KEY, FUNCTIONAL_BUDGETS, ROOT, ServerProcess, start_inferline
 
 pytestmark = pytest.mark.requires_triton
@@ -71,10 +73,18 @@ MODELS = {
     },
     "driver_ranker": {"quota": {"rate_per_s": 0.001, "burst": 2}},  # a route's model, metered at the front door
 }
+OWNER_ROUTE = {
+    # ... or a route of its own, for Predict callers (two request-time features, the model's width) ...
+    "entity": {"join_key": "item_id"},
+    "features": [{"name": "x1", "default": 0.5}, {"name": "x2", "default": 0.5}],
+    "primary": {"model": "tensor_scorer", "features": ["x1", "x2"]},
+    "budgets": FUNCTIONAL_BUDGETS,
+}
 OWNER_TENANT = {
     # ... and the tenant that may call it.
     "api_key_sha256": [hashlib.sha256(OWNER_KEY.encode()).hexdigest()],
     "models": ["tensor_scorer", "slow_echo", "driver_ranker"],
+    "routes": ["owner_scoring"],
     "traffic_classes": ["critical", "owned"],
     "default_traffic_class": "owned",
 }
@@ -86,7 +96,8 @@ def model_repository(root: pathlib.Path) -> pathlib.Path:
     repository.mkdir()
     for entry in ("driver_ranker", "driver_ranker_light", "onnx_runner.py"):
         (repository / entry).symlink_to(ROOT / "triton_models" / entry)
-    onnx_model(repository, "tensor_scorer", LIGHT_ONNX, width=2)
+    scorer = onnx_model(repository, "tensor_scorer", LIGHT_ONNX, width=2)
+    (scorer / "config.pbtxt").write_text(onnx_config("tensor_scorer", 2, max_batch_size=128))  # the router merges 128
     onnx_model(repository, NOT_ASKED, LIGHT_ONNX, width=2)  # a directory no config names: never loaded
     slow = repository / "slow_echo"
     (slow / "1").mkdir(parents=True)
@@ -114,6 +125,7 @@ def owner_config(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path
     raw["traffic_classes"]["owned"] = OWNED
     raw["tenants"]["demo"]["traffic_classes"].append("owned")
     raw["models"] = MODELS
+    raw["routes"]["owner_scoring"] = OWNER_ROUTE
     raw["tenants"]["owner"] = OWNER_TENANT
     path = root / "inferline.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -198,6 +210,17 @@ def test_a_kserve_only_model_is_served_to_its_tenant(
         )
         == 1
     )
+
+
+def test_the_new_models_route_answers_predict(router: ServerProcess) -> None:
+    command = [sys.executable, "-m", "inferline.cli", "predict", "--route", "owner_scoring", "--entity", "item_id=7"]
+    command += ["--feature", "x1=0.2", "--feature", "x2=0.9", "--api-key", OWNER_KEY, "--class", "owned"]
+    command += ["--target", router.address, "--deadline-ms", "30000"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["served_by"] == "SERVED_BY_PRIMARY", answer
+    assert len(answer["predictions"]) == 1
 
 
 def test_the_bundled_triton_loads_the_configured_models_only(
