@@ -19,6 +19,7 @@ from inferline.core.config import InferlineConfig, RouteConfig
 from inferline.core.errors import DependencyUnavailable
 from inferline.degradation.factory import build_degradation_service
 from inferline.stream.errors import StreamError, StreamInputError
+from inferline.stream.feature_batch import FeatureBatcher
 from inferline.stream.metrics import StreamMetrics
 from inferline.stream.redis_streams import RedisStreamSink, RedisStreamSource
 from inferline.stream.scoring import EventScorer
@@ -114,8 +115,9 @@ async def run_stream(
             executor, target, route.postprocess, concurrency=route.max_in_flight,
             timeout_s=spec.request_timeout_s, attempts=MODEL_ATTEMPTS,
         )  # fmt: skip
+        batcher = FeatureBatcher(features, [f.name for f in route.features if f.source is None])
         events = EventScorer(
-            spec.route, route, features, scorer, degradation, publisher, tenant=spec.tenant, budget_ms=spec.budget_ms
+            spec.route, route, batcher, scorer, degradation, publisher, tenant=spec.tenant, budget_ms=spec.budget_ms
         )
         metrics = None if registry is None else StreamMetrics(registry, spec.route)
         worker = StreamWorker(spec, route, source, sink, events, metrics)

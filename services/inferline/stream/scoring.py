@@ -1,10 +1,10 @@
 """``EventScorer``: one event's answer through the route, with the batch job's own pieces.
 
 Features come from ``BatchFeatures`` (Feast online store, the hot-entity cache, defaults
-for what is missing), the model call from ``BatchScorer`` (bounded in flight, retried,
-never cancelled), post-processing from the route's range check, the cache refresh from
-``CachePublisher``. Where the primary cannot or should not answer, the online
-degradation ladder (``DegradationService``) does:
+for what is missing; concurrent events' reads merged by ``FeatureBatcher``), the model
+call from ``BatchScorer`` (bounded in flight, retried, never cancelled), post-processing
+from the route's range check, the cache refresh from ``CachePublisher``. Where the
+primary cannot or should not answer, the online degradation ladder (``DegradationService``) does:
 
 * event older than its time + budget → reason DEADLINE (cache, light, baseline);
 * lag switched the worker to light mode → reason OVERLOAD (light model first);
@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from inferline.batch.errors import BatchJobFailed
-from inferline.batch.features import BatchFeatures
 from inferline.batch.publish import CachePublisher
-from inferline.batch.rows import ParsedChunk
 from inferline.batch.scoring import BatchScorer
 from inferline.core.config import RouteConfig
 from inferline.core.deadline import Deadline
@@ -28,6 +24,7 @@ from inferline.core.served_by import Reason, ServedBy
 from inferline.degradation.service import DegradationService
 from inferline.features.vector import FeatureVector
 from inferline.stream.events import Event, Outcome
+from inferline.stream.feature_batch import FeatureBatcher
 
 DEGRADE_BUDGET_S = 0.5
 """Time the ladder gets for one event: enough for the in-process light model and a cache read."""
@@ -38,7 +35,7 @@ class EventScorer:
         self,
         route_name: str,
         route: RouteConfig,
-        features: BatchFeatures,
+        features: FeatureBatcher,
         scorer: BatchScorer,
         degradation: DegradationService,
         publisher: CachePublisher | None,
@@ -62,14 +59,7 @@ class EventScorer:
         return now > event.time_ms + self._budget_ms
 
     async def score(self, event: Event, *, light: bool) -> Outcome:
-        chunk = ParsedChunk(
-            index=0,
-            rows=np.zeros(1, np.int64),
-            ids=[event.entity],
-            timestamps=None,
-            request_features={k: np.array([v]) for k, v in event.request_features.items()},
-        )
-        values, defaulted = await self._features.matrix(chunk)
+        values, defaulted = await self._features.get(event)
         vector = FeatureVector(tuple(self._features.names), values, defaulted, False)
         if self.expired(event):
             outcome = await self._degrade(event, vector, Reason.DEADLINE)
