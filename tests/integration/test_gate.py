@@ -36,6 +36,7 @@ from tests.integration.redis_fixtures import RedisServer
 from tests.integration.router_fixtures import (
     DEMO_KEY,
     FUNCTIONAL_BUDGETS,
+    FUNCTIONAL_QUEUE_WAIT_MS,
     ServerProcess,
     start_inferline,
     write_test_config,
@@ -91,7 +92,9 @@ def _tenant(key: str | None, routes: list[str], quota: tuple[float, int] | None 
 
 def _write_config(path: pathlib.Path, public_key: pathlib.Path, **top: Any) -> pathlib.Path:
     """The test config plus this module's tenants, a second route, a ``jwt:`` section and ``top`` sections."""
-    raw = yaml.safe_load(write_test_config(path, budgets=FUNCTIONAL_BUDGETS).read_text())
+    raw = yaml.safe_load(
+        write_test_config(path, budgets=FUNCTIONAL_BUDGETS, queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS).read_text()
+    )
     raw["routes"][OTHER_ROUTE] = raw["routes"][ROUTE]
     raw["tenants"]["demo"]["routes"] = [ROUTE, OTHER_ROUTE]  # the copy route works: a refusal is the gate's
     raw["tenants"]["quota_a"] = _tenant(KEY_A, [ROUTE], (RATE, BURST))

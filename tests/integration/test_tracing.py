@@ -12,7 +12,13 @@ import pytest
 
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.router_fixtures import DEMO_KEY, FUNCTIONAL_BUDGETS, start_inferline, write_test_config
+from tests.integration.router_fixtures import (
+    DEMO_KEY,
+    FUNCTIONAL_BUDGETS,
+    FUNCTIONAL_QUEUE_WAIT_MS,
+    start_inferline,
+    write_test_config,
+)
 
 pytestmark = pytest.mark.requires_triton
 
@@ -34,7 +40,9 @@ def _console_spans(log: str) -> list[dict[str, Any]]:
 def test_router_exports_a_span_tree_per_request_under_the_callers_trace(
     triton_server: object, tmp_path: pathlib.Path
 ) -> None:
-    config = write_test_config(tmp_path / "inferline.yaml", budgets=FUNCTIONAL_BUDGETS)
+    config = write_test_config(
+        tmp_path / "inferline.yaml", budgets=FUNCTIONAL_BUDGETS, queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS
+    )
     url = triton_server.grpc_url  # type: ignore[attr-defined]
     server = start_inferline(
         ["up", "--no-gateway", "--config", str(config), "--triton-url", url], tmp_path / "router.log", env=ENV
