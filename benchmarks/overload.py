@@ -479,6 +479,23 @@ class Router:
     triton_url: str | None = None
     target_url: str | None = None
     """Where the load goes: the router itself, or the Envoy gateway in front of it."""
+    gateway_pid: int | None = None
+    """The Envoy this benchmark started in front of the router (the embedded one is the router's child)."""
+
+    def cpu_seconds(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far of the router processes (with ``--workers``' others) and of the gateway (Envoy)."""
+        pid = self.server.pid
+        router = cpu_s(pid)
+        gateway = cpu_s(self.gateway_pid)
+        if pid is None or router is None:
+            return router, gateway
+        for child in _children(pid):
+            argv = _cmdline(child)
+            if argv and pathlib.Path(argv[0]).name == "envoy":
+                gateway = (gateway or 0.0) + (cpu_s(child) or 0.0)
+            elif "serve" in argv and "router" in argv:
+                router += cpu_s(child) or 0.0
+        return router, gateway
 
     @property
     def target(self) -> str:
@@ -640,13 +657,13 @@ async def measured_run(
     """One open-loop run with RSS sampled every 0.25 s and metrics scraped around it."""
     pid, triton_pid = router.server.pid, router.triton_pid
     samples: list[tuple[float, float | None]] = []
-    cpu: list[tuple[float, float | None, float | None, int, int]] = []
-    """(t, router CPU s, Triton CPU s (with its backend stubs), machine busy and total jiffies)."""
+    cpu: list[tuple[float, float | None, float | None, float | None, int, int]] = []
+    """(t, router CPU s, gateway CPU s, Triton CPU s (with its backend stubs), machine busy and total jiffies)."""
 
     def sample() -> None:
         now = round(time.perf_counter() - t0, 2)
         samples.append((now, rss_mb(pid)))
-        cpu.append((now, cpu_s(pid), cpu_s(triton_pid, tree=True), *machine_jiffies()))
+        cpu.append((now, *router.cpu_seconds(), cpu_s(triton_pid, tree=True), *machine_jiffies()))
 
     async def sample_rss() -> None:
         while True:
@@ -700,11 +717,12 @@ async def measured_run(
     return run, merged
 
 
-def cpu_use(cpu: list[tuple[float, float | None, float | None, int, int]]) -> dict[str, float | None]:
-    """Cores used by the router and Triton, and the machine's busy share, between the first and last sample."""
+def cpu_use(cpu: list[tuple[float, float | None, float | None, float | None, int, int]]) -> dict[str, float | None]:
+    """Cores used by the routers, the gateway and Triton, and the machine's busy share, between the first
+    and last sample."""
     if len(cpu) < 2 or cpu[-1][0] <= cpu[0][0]:
-        return {"router_cores": None, "triton_cores": None, "machine_busy": None}
-    (t_a, r_a, tr_a, busy_a, total_a), (t_b, r_b, tr_b, busy_b, total_b) = cpu[0], cpu[-1]
+        return {"router_cores": None, "gateway_cores": None, "triton_cores": None, "machine_busy": None}
+    (t_a, r_a, g_a, tr_a, busy_a, total_a), (t_b, r_b, g_b, tr_b, busy_b, total_b) = cpu[0], cpu[-1]
     span = t_b - t_a
 
     def cores(a: float | None, b: float | None) -> float | None:
@@ -712,6 +730,7 @@ def cpu_use(cpu: list[tuple[float, float | None, float | None, int, int]]) -> di
 
     return {
         "router_cores": cores(r_a, r_b),
+        "gateway_cores": cores(g_a, g_b),
         "triton_cores": cores(tr_a, tr_b),
         "machine_busy": round((busy_b - busy_a) / (total_b - total_a), 3) if total_b > total_a else None,
     }
@@ -777,6 +796,7 @@ def print_step(run: dict[str, Any]) -> None:
         f"p99 {fmt(run['response_time']['p99_ms']):>6} ms shed {fmt(100 * (run['shed'] or 0), '.1f'):>5}% "
         f"crit P|L {fmt(100 * (c['critical']['primary_or_light'] or 0), '.1f'):>5}% "
         f"lag99 {fmt(run['start_lag_p99_ms']):>6} ms cores router {fmt(run['cpu']['router_cores'])} "
+        f"gateway {fmt(run['cpu'].get('gateway_cores'))} "
         f"Triton {fmt(run['cpu']['triton_cores'])} gens {run['generator_cpu']:.2f} "
         f"busy {_pct(run['cpu']['machine_busy'])}% {feature_text(run['features'])} {verdict}{behind}",
         highlight=False,
@@ -835,6 +855,7 @@ async def run_configuration(
         if name in GATEWAY_SHED_BY:
             envoy = await start_gateway(name, s, server.url, log_dir)
             router.target_url = envoy.url
+            router.gateway_pid = envoy.pid
             console.print(
                 f"Envoy gateway {envoy.url} in front, a plain proxy"
                 if name in PLAIN_PROXY
@@ -1011,7 +1032,8 @@ def print_report(report: dict[str, Any]) -> None:
         ("admission", False), ("×knee", True), ("offered/s", True), ("sent/s", True), ("goodput P|L / C|B /s", True),
         ("% knee", True), ("OK late", True), ("shed %", True), ("shed p50/p99 ms", True), ("other errors", True),
         ("OK p50/p99 ms", True), ("RSS MB start→end", True), ("Triton", False), ("gen lag p99 ms", True),
-        ("cores router/Triton/gens", True), ("CPU busy %", True), ("hot cache hit %", True), ("Feast reads/s", True),
+        ("cores router/gateway/Triton/gens", True), ("CPU busy %", True), ("hot cache hit %", True),
+        ("Feast reads/s", True),
     ):  # fmt: skip
         t.add_column(col, justify="right" if right else "left")
     for name, r in runs:
@@ -1033,7 +1055,8 @@ def print_report(report: dict[str, Any]) -> None:
             f"{fmt(r['router']['rss_mb_start'], '.0f')}→{fmt(r['router']['rss_mb_end'], '.0f')}",
             "up" if tri["same_pid"] and tri["live"] else f"[red]{'restarted' if tri['live'] else 'DOWN'}[/]",
             lag,
-            f"{fmt(r['cpu']['router_cores'])}/{fmt(r['cpu']['triton_cores'])}/{r['generator_cpu']:.2f}",
+            f"{fmt(r['cpu']['router_cores'])}/{fmt(r['cpu'].get('gateway_cores'))}/{fmt(r['cpu']['triton_cores'])}"
+            f"/{r['generator_cpu']:.2f}",
             _pct(r["cpu"]["machine_busy"]),
             _pct((r.get("features") or {}).get("hot_cache_hit_rate")),
             fmt((r.get("features") or {}).get("store_reads_per_s"), ".0f"),
