@@ -9,3 +9,8 @@ class StreamError(Exception):
 
 class StreamInputError(StreamError):
     """Bad options or an unusable config, found before any event is read (CLI exit 2)."""
+
+
+class StreamUnavailable(StreamError):
+    """The stream engine did not answer (down, timing out): the event is left pending and
+    retried, and the failure is not counted as one of its attempts."""

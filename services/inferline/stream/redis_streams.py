@@ -8,14 +8,22 @@ XACK is the usual case). Markers expire after ``dedupe_ttl_s``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from inferline.stream.errors import StreamUnavailable
 from inferline.stream.ports import Delivery
 from inferline.stream.spec import StreamEndpoint
+
+CONNECTIONS = 16
+"""Connections per client. Calls beyond it wait for one (a blocking pool): hundreds of events
+in flight must queue for Redis, not fail with "Too many connections" and count as attempts."""
 
 _APPEND_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
@@ -27,7 +35,19 @@ return 0
 
 
 def _client(endpoint: StreamEndpoint) -> aioredis.Redis:
-    return aioredis.Redis(host=endpoint.host, port=endpoint.port, decode_responses=True)
+    pool = aioredis.BlockingConnectionPool(
+        host=endpoint.host, port=endpoint.port, decode_responses=True, max_connections=CONNECTIONS, timeout=None
+    )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
+
+
+@contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """Redis unreachable or timing out → ``StreamUnavailable`` (not the event's fault: not an attempt)."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+        raise StreamUnavailable(f"{what}: {type(err).__name__}: {err}") from err
 
 
 def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
@@ -78,10 +98,14 @@ class RedisStreamSource:
 
     async def ack(self, ids: Sequence[str]) -> None:
         if ids:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xack(self._stream, self._group, *ids)
-                pipe.hdel(self._attempts_key, *ids)
-                await pipe.execute()
+            with _unavailable("ack"):
+                await self._ack(ids)
+
+    async def _ack(self, ids: Sequence[str]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self._stream, self._group, *ids)
+            pipe.hdel(self._attempts_key, *ids)
+            await pipe.execute()
 
     async def failed(self, event_id: str) -> int:
         return int(await self._redis.hincrby(self._attempts_key, event_id, 1))
@@ -110,7 +134,8 @@ class RedisStreamSink:
 
     async def _once(self, stream: str, source_id: str, fields: Mapping[str, str]) -> bool:
         flat = [v for pair in fields.items() for v in pair]
-        added = await self._append(keys=[f"{stream}:done:{source_id}", stream], args=[self._ttl_ms, *flat])
+        with _unavailable(f"append to {stream}"):
+            added = await self._append(keys=[f"{stream}:done:{source_id}", stream], args=[self._ttl_ms, *flat])
         return bool(added)
 
     async def write(self, source_id: str, fields: Mapping[str, str]) -> bool:

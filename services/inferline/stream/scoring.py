@@ -13,6 +13,7 @@ primary cannot or should not answer, the online degradation ladder (``Degradatio
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from inferline.batch.errors import BatchJobFailed
@@ -28,6 +29,9 @@ from inferline.stream.feature_batch import FeatureBatcher
 
 DEGRADE_BUDGET_S = 0.5
 """Time the ladder gets for one event: enough for the in-process light model and a cache read."""
+CACHE_WRITERS = 8
+"""Cache refreshes in flight at most: well under the score cache client's pool, which fails
+calls past its bound at once rather than queueing them."""
 
 
 class EventScorer:
@@ -52,6 +56,9 @@ class EventScorer:
         self._tenant = tenant or ""
         self._budget_ms = budget_ms
         self._columns = [features.names.index(n) for n in scorer.target.features]
+        self._cache_writers = asyncio.Semaphore(CACHE_WRITERS)
+        self.cache_errors = 0
+        """Refreshes that failed: the answer stands; the online path reads an older score or none."""
 
     def expired(self, event: Event, now_ms: float | None = None) -> bool:
         """True when the event is older than its time + the stream budget."""
@@ -68,8 +75,16 @@ class EventScorer:
         else:
             outcome = await self._primary(event, vector)
         if self._publisher is not None and outcome.served_by in (ServedBy.PRIMARY, ServedBy.LIGHT):
-            await self._publisher.publish([event.entity], [outcome.score], time.time())
+            await self._refresh(self._publisher, event, outcome.score)
         return outcome
+
+    async def _refresh(self, publisher: CachePublisher, event: Event, score: float) -> None:
+        """Best effort, like the online write-through: a cache outage does not hold up the stream."""
+        try:
+            async with self._cache_writers:
+                await publisher.publish([event.entity], [score], time.time())
+        except BatchJobFailed:
+            self.cache_errors += 1
 
     async def _primary(self, event: Event, vector: FeatureVector) -> Outcome:
         try:

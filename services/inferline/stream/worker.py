@@ -6,7 +6,8 @@ Each event runs as a ``KeyedDispatcher`` job: parse → score → sink write →
 acknowledgement comes only after the write, so a crash anywhere before it redelivers the
 event, and the sink's dedupe turns the second write into a no-op: each output exactly once.
 
-Failures: an unparseable event is parked in the dead-letter stream at once; any other
+Failures: an unparseable event is parked in the dead-letter stream at once; the stream
+engine not answering (``StreamUnavailable``) leaves the event pending, uncounted; any other
 failure is counted and the event left pending, to be claimed and retried after the idle
 time, until ``max_attempts`` parks it too. The lag is read every ``lag_interval_s`` and
 drives ``LagSwitch``.
@@ -19,6 +20,7 @@ import logging
 import time
 
 from inferline.core.config import RouteConfig
+from inferline.stream.errors import StreamUnavailable
 from inferline.stream.events import InvalidEvent, output_fields, parse_event
 from inferline.stream.metrics import StreamMetrics
 from inferline.stream.mode import LagSwitch
@@ -102,6 +104,10 @@ class StreamWorker:
     async def _handle(self, delivery: Delivery) -> None:
         try:
             await self._process(delivery)
+        except StreamUnavailable as err:  # the engine's fault, not the event's: retried, not counted
+            if self._metrics is not None:
+                self._metrics.failures.inc()
+            logger.debug("event %s left pending: %s", delivery.id, err)
         except Exception as err:  # left pending: claimed again after the idle time
             await self._failed(delivery, err)
         finally:
