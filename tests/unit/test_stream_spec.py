@@ -34,6 +34,11 @@ def test_urls_name_server_and_stream() -> None:
     assert spec.traffic_class == "standard"
 
 
+def test_nats_urls_name_the_jetstream_engine() -> None:
+    spec = build(source="nats://127.0.0.1/events", sink="nats://127.0.0.1:4333/scores")
+    assert (spec.source.scheme, spec.source.port, spec.sink.port, spec.sink.stream) == ("nats", 4222, 4333, "scores")
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -2,10 +2,11 @@
 
 An event ``{"driver_id": "1001", "trip_distance_km": "3.2"}`` appended as entry
 ``1733140000000-0`` is scored for driver 1001 with that request-time feature; its time is
-the entry id's milliseconds unless an ``event_time_ms`` field says otherwise (a producer
-replaying history). Other fields are ignored, so producers may carry their own metadata.
-An event whose key or feature cannot be parsed is poison: it goes to the dead-letter
-stream with the reason, at once (another attempt would fail the same way).
+the entry id's milliseconds (on JetStream, the server's receive time) unless an
+``event_time_ms`` field says otherwise (a producer replaying history). Other fields are
+ignored, so producers may carry their own metadata. An event whose key or feature cannot
+be parsed is poison: it goes to the dead-letter stream with the reason, at once (another
+attempt would fail the same way).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class Event:
     """Event time, epoch milliseconds."""
 
 
-def parse_event(event_id: str, fields: Mapping[str, str], route: RouteConfig) -> Event:
-    """The event of one stream entry.
+def parse_event(event_id: str, fields: Mapping[str, str], route: RouteConfig, time_ms: int | None = None) -> Event:
+    """The event of one stream entry; ``time_ms``: the engine's receive time, when the id holds none.
 
     Raises:
         InvalidEvent: naming the field at fault.
@@ -60,7 +61,7 @@ def parse_event(event_id: str, fields: Mapping[str, str], route: RouteConfig) ->
     for spec in route.features:
         if spec.source is None and fields.get(spec.name, "") != "":
             features[spec.name] = _number(spec.name, fields[spec.name])
-    return Event(event_id, entity, features, _event_time_ms(event_id, fields))
+    return Event(event_id, entity, features, _event_time_ms(event_id, fields, time_ms))
 
 
 def _number(name: str, raw: str) -> float:
@@ -73,13 +74,15 @@ def _number(name: str, raw: str) -> float:
     return value
 
 
-def _event_time_ms(event_id: str, fields: Mapping[str, str]) -> int:
+def _event_time_ms(event_id: str, fields: Mapping[str, str], received_ms: int | None) -> int:
     given = fields.get(EVENT_TIME_FIELD)
     if given:
         try:
             return int(given)
         except ValueError:
             raise InvalidEvent(f"field {EVENT_TIME_FIELD!r}: {given[:40]!r} is not epoch milliseconds") from None
+    if received_ms is not None:
+        return received_ms
     try:
         return int(event_id.split("-", 1)[0])
     except ValueError:

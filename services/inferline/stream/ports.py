@@ -18,6 +18,8 @@ class Delivery:
 
     id: str
     fields: dict[str, str]
+    time_ms: int | None = None
+    """When the engine received it (epoch ms), where the id does not say (JetStream)."""
 
 
 class Source(Protocol):

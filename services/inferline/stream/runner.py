@@ -18,10 +18,10 @@ from inferline.batch.scoring import BatchScorer, ModelTarget
 from inferline.core.config import InferlineConfig, RouteConfig
 from inferline.core.errors import DependencyUnavailable
 from inferline.degradation.factory import build_degradation_service
+from inferline.stream.engines import open_sink, open_source
 from inferline.stream.errors import StreamError, StreamInputError
 from inferline.stream.feature_batch import FeatureBatcher
 from inferline.stream.metrics import StreamMetrics
-from inferline.stream.redis_streams import RedisStreamSink, RedisStreamSource
 from inferline.stream.scoring import EventScorer
 from inferline.stream.spec import StreamSpec
 from inferline.stream.worker import StreamWorker
@@ -105,10 +105,8 @@ async def run_stream(
     publisher = None
     if spec.tenant is not None:
         publisher = CachePublisher(config.score_cache, route.degradation, spec.tenant, spec.route)
-    source = RedisStreamSource(
-        spec.source, spec.group, spec.consumer, block_ms=spec.block_ms, claim_idle_ms=spec.claim_idle_ms
-    )
-    sink = RedisStreamSink(spec.sink, spec.dead_letter_stream, dedupe_ttl_s=spec.dedupe_ttl_s)
+    source = open_source(spec)
+    sink = open_sink(spec)
     try:
         target = await primary_target(config, spec, executor)
         scorer = BatchScorer(

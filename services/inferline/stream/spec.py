@@ -11,9 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from inferline.stream.errors import StreamInputError
 
+DEFAULT_PORTS = {"redis": 6379, "nats": 4222}
+"""The stream engines, by URL scheme, and their default ports."""
+
 
 class StreamEndpoint(BaseModel):
-    """One stream on one server: ``redis://HOST:PORT/STREAM``."""
+    """One stream on one server: ``redis://HOST:PORT/STREAM`` or ``nats://HOST:PORT/STREAM`` (JetStream)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,13 +33,13 @@ class StreamEndpoint(BaseModel):
     def parse(cls, url: str) -> StreamEndpoint:
         """Raises ValueError naming what is missing (scheme, host, port, stream name)."""
         parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"{url!r}: the scheme must be redis:// (the stream engine)")
+        if parts.scheme not in DEFAULT_PORTS:
+            raise ValueError(f"{url!r}: the scheme names the stream engine: redis:// or nats://")
         stream = parts.path.lstrip("/")
         if not parts.hostname or not stream or "/" in stream:
-            raise ValueError(f"{url!r}: expected redis://HOST:PORT/STREAM")
+            raise ValueError(f"{url!r}: expected {parts.scheme}://HOST:PORT/STREAM")
         try:
-            port = parts.port or 6379
+            port = parts.port or DEFAULT_PORTS[parts.scheme]
         except ValueError as err:
             raise ValueError(f"{url!r}: bad port") from err
         return cls(scheme=parts.scheme, host=parts.hostname, port=port, stream=stream)

@@ -77,7 +77,8 @@ class StreamWorker:
                     next_claim = time.monotonic() + self._spec.claim_idle_ms / 1000
                     continue
                 for delivery in await self._source.read(room):
-                    await self._dispatch(delivery)
+                    if delivery.id not in self._held:  # an engine redelivering by itself (JetStream)
+                        await self._dispatch(delivery)
             await self._dispatcher.drain()
         finally:
             lag_task.cancel()
@@ -115,7 +116,7 @@ class StreamWorker:
 
     async def _process(self, delivery: Delivery) -> None:
         try:
-            event = parse_event(delivery.id, delivery.fields, self._route)
+            event = parse_event(delivery.id, delivery.fields, self._route, delivery.time_ms)
         except InvalidEvent as err:
             await self._park(delivery, f"invalid event: {err}")
             return
