@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
+import pytest
+
 from inferline.core.config import RouteConfig
 from inferline.core.served_by import ServedBy
 from inferline.stream import StreamSpec
@@ -136,3 +138,20 @@ async def test_no_acknowledgement_before_the_write_and_an_outage_is_not_an_attem
     await run_until(worker(source, sink), lambda: "1-0" in source.acked)
     assert source.attempts == {}  # the engine's outage is not the event's attempt
     assert list(sink.written) == ["1-0"] and source.acked == ["1-0"]
+
+
+async def test_worker_keeps_reading_after_the_engine_was_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("inferline.stream.worker.UNAVAILABLE_BACKOFF_S", 0.001)
+    source = FakeSource([Delivery("1-0", {"driver_id": "7"})])
+    outages = [StreamUnavailable("redis restarting")] * 2
+    real_read = source.read
+
+    async def flaky_read(count: int) -> list[Delivery]:
+        if outages:
+            raise outages.pop()
+        return await real_read(count)
+
+    source.read = flaky_read  # type: ignore[method-assign]
+    sink = FakeSink()
+    await run_until(worker(source, sink), lambda: "1-0" in source.acked)
+    assert not outages and list(sink.written) == ["1-0"]

@@ -78,21 +78,23 @@ class RedisStreamSource:
                 raise
 
     async def read(self, count: int) -> list[Delivery]:
-        answer: Any = await self._redis.xreadgroup(
-            self._group, self._consumer, {self._stream: ">"}, count=count, block=self._block_ms
-        )
+        with _unavailable("read"):
+            answer: Any = await self._redis.xreadgroup(
+                self._group, self._consumer, {self._stream: ">"}, count=count, block=self._block_ms
+            )
         return [d for _, entries in answer or [] for d in _deliveries(entries)]
 
     async def claim(self, count: int) -> tuple[list[Delivery], bool]:
         """One XAUTOCLAIM step; the cursor walks the pending list and wraps at its end."""
-        answer: Any = await self._redis.xautoclaim(
-            self._stream,
-            self._group,
-            self._consumer,
-            min_idle_time=self._claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=count,
-        )
+        with _unavailable("claim"):
+            answer: Any = await self._redis.xautoclaim(
+                self._stream,
+                self._group,
+                self._consumer,
+                min_idle_time=self._claim_idle_ms,
+                start_id=self._claim_cursor,
+                count=count,
+            )
         self._claim_cursor = str(answer[0])
         return _deliveries(answer[1]), self._claim_cursor == "0-0"
 

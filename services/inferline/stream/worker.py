@@ -16,6 +16,7 @@ drives ``LagSwitch``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -30,6 +31,14 @@ from inferline.stream.scoring import EventScorer
 from inferline.stream.spec import StreamSpec
 
 logger = logging.getLogger(__name__)
+
+UNAVAILABLE_BACKOFF_S = 1.0
+"""Wait before reading again when the stream engine did not answer (it restarts, fails over)."""
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 class StreamWorker:
@@ -72,11 +81,17 @@ class StreamWorker:
                 room = min(await self._dispatcher.wait_room(), self._spec.read_count)
                 if stop.is_set():
                     break
-                if time.monotonic() >= next_claim:
-                    await self._claim_all()
-                    next_claim = time.monotonic() + self._spec.claim_idle_ms / 1000
+                try:
+                    if time.monotonic() >= next_claim:
+                        await self._claim_all()
+                        next_claim = time.monotonic() + self._spec.claim_idle_ms / 1000
+                        continue
+                    deliveries = await self._source.read(room)
+                except StreamUnavailable as err:  # the engine is away: wait, then read again
+                    logger.warning("stream engine unavailable, retrying in %.1f s: %s", UNAVAILABLE_BACKOFF_S, err)
+                    await _sleep_or_stop(stop, UNAVAILABLE_BACKOFF_S)
                     continue
-                for delivery in await self._source.read(room):
+                for delivery in deliveries:
                     if delivery.id not in self._held:  # an engine redelivering by itself (JetStream)
                         await self._dispatch(delivery)
             await self._dispatcher.drain()
