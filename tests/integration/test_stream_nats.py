@@ -17,6 +17,7 @@ import nats
 import numpy as np
 import pandas as pd
 import pytest
+from prometheus_client import CollectorRegistry
 
 from inferline.core.ports import LOOPBACK, free_port
 from inferline.stream import StreamSpec
@@ -136,3 +137,36 @@ async def test_jetstream_sink_appends_each_source_event_once(nats_url: str, jets
     finally:
         await sink.close()
     assert [m["score"] for m in await messages(jetstream, "once")] == ["0.5", "0.6"]
+
+
+async def test_jetstream_lag_spike_switches_to_the_light_model_and_back(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher, nats_url: str, jetstream: Any
+) -> None:
+    config = batch_config(tmp_path)
+    feast_source(config)
+    js = jetstream
+    await js.add_stream(name="lagin", subjects=["lagin"])
+    for i in range(150):  # the backlog a burst leaves
+        await js.publish("lagin", json.dumps({"driver_id": 1001 + i % 7}).encode())
+    spec = StreamSpec.build(
+        route=ROUTE, source=f"{nats_url}/lagin", group="g", sink=f"{nats_url}/lagout", budget_ms=HOUR_MS,
+        lag_high=40, lag_low=5, lag_interval_s=0.05, read_count=8, max_in_flight=8,
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_stream(config, spec, triton_server.grpc_url, stop, registry=registry))
+
+    async def primary_again() -> bool:
+        return registry.get_sample_value("inferline_stream_light_mode", {"route": ROUTE}) == 0
+
+    try:
+        await until(lambda: count(js, "lagout", 150), "the backlog answered")
+        await until(primary_again, "back to the primary once the lag fell")
+        after = [str((await js.publish("lagin", b'{"driver_id": 1001}')).seq) for _ in range(5)]
+        await until(lambda: count(js, "lagout", 155), "the later events answered")
+    finally:
+        stop.set()
+        await task
+    out = {f["event_id"]: f for f in await messages(js, "lagout")}
+    assert (out["1"]["mode"], out["1"]["served_by"], out["1"]["reason"]) == ("light", "LIGHT", "OVERLOAD")
+    assert [(out[i]["mode"], out[i]["served_by"]) for i in after] == [("primary", "PRIMARY")] * 5
