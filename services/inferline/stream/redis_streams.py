@@ -124,6 +124,12 @@ class RedisStreamSource:
         await self._redis.aclose()
 
 
+def _marker(stream: str, source_id: str) -> str:
+    """The dedupe key of one output. Tagged ``{stream}`` so it hashes to the stream's own slot and
+    the script's two keys stay on one node in Redis Cluster (a name with braces has its own tag)."""
+    return f"{stream}:done:{source_id}" if "{" in stream else f"{{{stream}}}:done:{source_id}"
+
+
 class RedisStreamSink:
     """Appends outputs to one stream, once per source event id; poison events to another."""
 
@@ -137,7 +143,7 @@ class RedisStreamSink:
     async def _once(self, stream: str, source_id: str, fields: Mapping[str, str]) -> bool:
         flat = [v for pair in fields.items() for v in pair]
         with _unavailable(f"append to {stream}"):
-            added = await self._append(keys=[f"{stream}:done:{source_id}", stream], args=[self._ttl_ms, *flat])
+            added = await self._append(keys=[_marker(stream, source_id), stream], args=[self._ttl_ms, *flat])
         return bool(added)
 
     async def write(self, source_id: str, fields: Mapping[str, str]) -> bool:
