@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -111,6 +114,60 @@ def test_failing_batch_is_shed_by_envoy_while_critical_is_served(gateway: Gatewa
     for _ in range(5):  # another class's window is untouched
         response = stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
         assert response.served_by == pb.SERVED_BY_PRIMARY
+
+
+# --- REST callers ------------------------------------------------------------------------
+
+
+def _post_json(gateway: Gateway, method: str, body: dict[str, object], **headers: str) -> tuple[int, dict[str, Any]]:
+    """``POST /inferline.v1.Inference/<method>`` with a JSON body over HTTP/1.1: (HTTP status, JSON answer)."""
+    request = urllib.request.Request(
+        f"http://{gateway.address}/inferline.v1.Inference/{method}",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **headers},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        with err:  # an HTTPError holds the response's socket until closed
+            return err.code, json.loads(err.read() or b"{}")
+
+
+REST_PREDICT = {"route": "driver_ranking", "entities": [{"name": "driver_id", "int64Value": "1001"}]}
+
+
+def test_rest_callers_post_json_and_get_the_same_answer_as_grpc(gateway: Gateway, stub: pb_grpc.InferenceStub) -> None:
+    status, answer = _post_json(gateway, "Predict", REST_PREDICT, authorization=AUTH[1])
+    assert status == 200, answer
+    assert answer["servedBy"] == "SERVED_BY_PRIMARY"
+    grpc_answer = stub.Predict(_request(), metadata=(AUTH,), timeout=5)
+    assert [p["entity"]["int64Value"] for p in answer["predictions"]] == ["1001"]
+    assert answer["predictions"][0]["score"] == pytest.approx(grpc_answer.predictions[0].score)
+
+
+def test_rest_errors_carry_the_grpc_status_and_its_details(gateway: Gateway) -> None:
+    status, answer = _post_json(gateway, "Predict", REST_PREDICT)  # no key
+    assert status == 401 and answer["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0], answer
+    status, answer = _post_json(gateway, "Predict", {**REST_PREDICT, "route": "no_such_route"}, authorization=AUTH[1])
+    assert status == 404 and answer["code"] == grpc.StatusCode.NOT_FOUND.value[0], answer
+    assert any(d.get("reason") == "ROUTE_NOT_FOUND" for d in answer.get("details", [])), answer
+
+
+def test_rest_reaches_only_the_public_api(gateway: Gateway) -> None:
+    # The internal services are neither transcoded nor routed: a JSON POST to one is refused
+    # by Envoy, never forwarded.
+    request = urllib.request.Request(
+        f"http://{gateway.address}/inferline.v1.Features/GetFeatures",
+        data=b"{}",
+        headers={"content-type": "application/json", "authorization": AUTH[1]},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    with refused.value:
+        assert refused.value.code in (404, 501), refused.value.code
 
 
 # --- shedding on the router's own overload signal -----------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import pathlib
 import re
 import subprocess
@@ -23,6 +24,7 @@ from inferline.gateway.render import (
     SIGNAL_SHED_FILTER,
     SIGNAL_SHED_HEADER,
 )
+from inferline.gateway.rest import REST_FILTER
 
 DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
 ENVOY = pathlib.Path(".venv/bin/envoy")
@@ -94,6 +96,7 @@ def test_signal_shedding_is_a_lua_filter_and_a_fault_filter_before_the_router() 
     rendered = render_envoy(_config(shed=SHED))
     names = [f["name"] for f in _hcm(rendered)["http_filters"]]
     assert names == [
+        REST_FILTER,
         SIGNAL_FILTER,
         SIGNAL_SHED_FILTER,
         IN_FLIGHT_FILTER,
@@ -157,7 +160,7 @@ def test_only_the_public_services_are_routed(path: str, forwarded: bool) -> None
 
 def test_no_shed_classes_means_no_shed_filters() -> None:
     names = [f["name"] for f in _hcm(render_envoy(_config()))["http_filters"]]
-    assert names == ["envoy.filters.http.buffer", "envoy.filters.http.router"]
+    assert names == [REST_FILTER, "envoy.filters.http.buffer", "envoy.filters.http.router"]
 
 
 def test_each_class_gets_a_header_route_and_the_default_route_is_last() -> None:
@@ -309,3 +312,30 @@ def test_a_fixed_min_rtt_replaces_sampling_it(tmp_path: pathlib.Path) -> None:
     assert "interval" not in min_rtt and "request_count" not in min_rtt
     result = _validate(rendered, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- REST callers -------------------------------------------------------------------------
+
+
+def test_rest_transcoder_comes_first_and_carries_the_public_api() -> None:
+    from google.protobuf import descriptor_pb2
+
+    from inferline.gateway.rest import REST_SERVICES
+
+    filters = _hcm(render_envoy(_config()))["http_filters"]
+    assert filters[0]["name"] == REST_FILTER  # every later filter sees a gRPC call
+    transcoder = filters[0]["typed_config"]
+    assert transcoder["services"] == list(REST_SERVICES) == ["inferline.v1.Inference"]
+    assert transcoder["auto_mapping"] and transcoder["convert_grpc_status"]
+    files = descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(transcoder["proto_descriptor_bin"]))
+    names = [f.name for f in files.file]
+    services = {f"{f.package}.{s.name}" for f in files.file for s in f.service}
+    assert "inferline.v1.Inference" in services
+    assert {"google/rpc/status.proto", "google/rpc/error_details.proto"} <= set(names)  # the error details' types
+    for i, f in enumerate(files.file):  # every file after its imports, as protoc --include_imports writes them
+        assert set(f.dependency) <= set(names[:i]), f.name
+
+
+def test_rest_is_off_when_the_config_says_so() -> None:
+    filters = _hcm(render_envoy(_config(rest=False)))["http_filters"]
+    assert REST_FILTER not in {f["name"] for f in filters}

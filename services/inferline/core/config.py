@@ -606,6 +606,9 @@ class GatewayConfig(_Model):
     signal: ShedSignalConfig = ShedSignalConfig()
     in_flight: InFlightConfig = InFlightConfig()
     max_request_bytes: int = Field(1 << 20, gt=0)
+    rest: bool = True
+    """REST callers: ``POST /inferline.v1.Inference/<Method>`` with a JSON body is transcoded to
+    the gRPC call by Envoy (same routes, shedding and authentication as gRPC callers)."""
     secret_env: str = Field("INFERLINE_GATEWAY_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name of the environment variable holding the per-deployment gateway secret (at least
     16 characters), set alike for Envoy and the routers. Envoy adds it to every call it

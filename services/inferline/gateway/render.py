@@ -25,8 +25,9 @@ One of two signals drives the shedding (``gateway.shed_by``):
 
 Layout of the rendered config::
 
-    listener host:port ── http_connection_manager (codec AUTO: gRPC over HTTP/2)
-        http_filters: shed_by signal:       inferline.signal (Lua), inferline.signal_shed (fault)
+    listener host:port ── http_connection_manager (codec AUTO: gRPC over HTTP/2, REST over HTTP/1.1 or 2)
+        http_filters: gateway.rest:         inferline.rest (gRPC-JSON transcoder, gateway.rest)
+                      shed_by signal:       inferline.signal (Lua), inferline.signal_shed (fault)
                       shed_by success_rate: inferline.shed.<class> (admission_control), one per class
                       inferline.in_flight (adaptive_concurrency; gateway.in_flight.adaptive)
                       envoy.filters.http.buffer, envoy.filters.http.router
@@ -59,6 +60,7 @@ from typing import Any
 
 from inferline.core import headers
 from inferline.core.config import ClassShedConfig, InferlineConfig, InFlightConfig, ShedSignalConfig, TlsClientConfig
+from inferline.gateway.rest import rest_filter
 from inferline.gateway.tls import downstream_transport_socket, is_ip, upstream_transport_socket
 
 TRAFFIC_CLASS_HEADER = headers.TRAFFIC_CLASS
@@ -180,6 +182,7 @@ def _listener(config: InferlineConfig, host: str, port: int) -> dict[str, Any]:
         "route_config": _route_config(config),
         "local_reply_config": _local_replies(),
         "http_filters": [
+            *([rest_filter()] if gateway.rest else []),  # first: every later filter sees a gRPC call
             *_signal_filters(config),
             *_shed_filters(config),
             *_in_flight_filters(config),
