@@ -12,6 +12,7 @@ whose entry gives each tenant a quota for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pathlib
@@ -313,7 +314,11 @@ def test_stream_infer_is_unimplemented_and_says_why(router: ServerProcess) -> No
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     try:
         client.start_stream(lambda result, error: answers.put((result, error)), headers=OWNER)
-        client.async_stream_infer("tensor_scorer", tensors(WIDE2))
+        # The router ends the stream without reading it: on a busy machine its answer can come
+        # before the request goes out, and tritonclient then refuses to send. Either way the
+        # status reaches the callback, which is what this test reads.
+        with contextlib.suppress(InferenceServerException):
+            client.async_stream_infer("tensor_scorer", tensors(WIDE2))
         result, error = answers.get(timeout=30)
     finally:
         client.stop_stream()
