@@ -81,7 +81,7 @@ async def direct_rate(url: str, rows: int, request_rows: int, concurrency: int) 
             for _ in range(count):
                 tensor = aioclient.InferInput("features", list(batch.shape), "FP32")
                 tensor.set_data_from_numpy(batch)
-                # Never cancelled (RECIPES.md "Known defect"): a long client deadline, priority of batch.
+                # Never cancelled (docs/triton.md): a long client deadline, priority of batch.
                 await client.infer(MODEL, [tensor], priority=3, client_timeout=120)
 
         shares = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]

@@ -7,7 +7,7 @@ a 100 ms deadline. Without admission control every call would queue for the mode
 its deadline; with it the router must:
 
 * keep Triton up — the same tritonserver pid, ready, before and after (calling such a
-  Triton directly with deadlines at this load crashed it, RECIPES.md "Known defect");
+  Triton directly with deadlines at this load crashed it, docs/triton.md);
 * answer every call before its deadline or shed it (RESOURCE_EXHAUSTED with a retry hint),
   shedding fast, lowest class first, never a critical call;
 * give the model's capacity to the highest class first;

@@ -64,7 +64,7 @@ def batch_counters(client: grpcclient.InferenceServerClient, model: str) -> tupl
 async def send(url: str, model: str, n: int, interval_s: float) -> None:
     """``n`` single-row requests started ``interval_s`` apart (0: all at once), all awaited.
 
-    The client deadline is never hit, so no call is cancelled (see RECIPES: Triton 2.51
+    The client deadline is never hit, so no call is cancelled (see docs/triton.md: Triton 2.51
     crashes on cancellations under load).
     """
     async with aioclient.InferenceServerClient(url) as client:

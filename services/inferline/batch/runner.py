@@ -60,7 +60,7 @@ async def run_until_signal(
     with ``metrics_port`` its metrics are served there for Prometheus while it runs.
 
     Cancelling stops waiting at once: in-flight Triton calls are left to finish unobserved
-    (never cancelled, RECIPES.md "Known defect") and uncommitted chunks are dropped.
+    (never cancelled, docs/triton.md) and uncommitted chunks are dropped.
 
     Raises:
         BatchCancelled: a signal stopped the job; committed chunks stay, ``--resume`` continues.

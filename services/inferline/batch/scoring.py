@@ -3,8 +3,8 @@
 Rows go in requests of ``request_rows`` (the model's ``max_batch_size`` by default), at the
 traffic class's Triton priority, to the class's copy of the model when it has one (its own
 wide batching window). At most ``concurrency`` requests of the job are in flight across
-all chunks, so the job never queues more on Triton than it asked for (RECIPES.md, "Known
-defect": Triton's queue must stay bounded). A failed request (queue full, queue timeout,
+all chunks, so the job never queues more on Triton than it asked for (docs/triton.md:
+Triton's queue must stay bounded). A failed request (queue full, queue timeout,
 Triton down) is retried with exponential backoff; when the attempts run out the job stops,
 resumable: a Triton outage is no fault of the rows.
 """

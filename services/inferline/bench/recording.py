@@ -11,7 +11,7 @@ mix) and a tenant picked round robin from the API keys:
 - ``triton``: Triton directly (``ModelInfer``), with Triton's ``priority`` (from the class)
   and queue ``timeout`` (the deadline, µs) parameters, and a gRPC deadline
   ``client_grace_s`` past the deadline: a call in flight at Triton 2.51 is never cancelled
-  (RECIPES.md, "Known defect"); a late answer counts as a miss in the load generator.
+  (docs/triton.md); a late answer counts as a miss in the load generator.
 
 Requests are pre-built before the run, so the hot path builds no messages: ``Predict`` ones
 one per request by default (each draws its own entity ids, Zipf-distributed over the demo

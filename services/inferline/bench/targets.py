@@ -5,7 +5,7 @@ per-request message construction) and raises ``grpc.aio.AioRpcError`` on failure
 
 Triton targets never let the client cancel a call that Triton may still be running: the
 bundled Triton 2.51 can crash (SIGSEGV) when in-flight gRPC calls are cancelled under
-load (RECIPES.md, "Known defect"). They send Triton's own queue ``timeout`` parameter
+load (docs/triton.md). They send Triton's own queue ``timeout`` parameter
 (microseconds) equal to the deadline, so late work is rejected by Triton itself, and set
 the gRPC deadline ``client_grace_s`` past it; the load generator counts answers later
 than the deadline as misses.

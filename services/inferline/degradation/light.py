@@ -137,7 +137,7 @@ class OnnxLightModel:
 class TritonLightModel:
     """Runs the light variant on Triton (suite: its CPU pool) through a ``ModelExecutor``.
 
-    The executor bounds the call by the deadline without cancelling it (RECIPES.md: a
+    The executor bounds the call by the deadline without cancelling it (docs/triton.md: a
     cancelled call can crash Triton 2.51), so ``score`` returns or raises in time.
     """
 
@@ -154,7 +154,7 @@ class TritonLightModel:
         self._variant = variant
         self._priority = priority
         self._clock = clock
-        # Prior: an unloaded Triton call measured ~1.9 ms p50 here (RECIPES.md); a bit more.
+        # Prior: an unloaded Triton call measured ~1.9 ms p50 on our 2-core CI machines; a bit more.
         self.latency = LatencyEstimate(prior_latency_s, clock=clock)
 
     @property

@@ -87,7 +87,7 @@ class _RoutePlan:
 class DegradationService:
     """Answers from the score cache, the light model or the safe baseline; never fails on a dependency.
 
-    Policy of ``degrade`` (ARCHITECTURE.md, "Degradation and recovery"):
+    Policy of ``degrade`` (README, "Deadlines and degradation"):
 
     1. Cache: every entity has a cached score no older than ``max_staleness_s`` → CACHE.
        The lookup is bounded by ``min(cache_timeout_s, time left)``; failure = all-miss.

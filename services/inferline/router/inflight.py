@@ -10,8 +10,8 @@ class InFlightLimit:
 
     Algorithm: a counter. ``try_acquire`` increments it when it is below ``limit`` and
     returns True, else returns False without waiting; ``release`` decrements it. Unlike
-    a semaphore nothing queues here: a refused caller degrades immediately (RECIPES.md,
-    "Known defect": bounding the calls in flight keeps Triton's queue from growing
+    a semaphore nothing queues here: a refused caller degrades immediately (docs/triton.md,
+    "Never cancel a call in flight": bounding the calls in flight keeps Triton's queue from growing
     without bound, and a call already in flight is never cancelled).
 
     Invariant: ``0 ≤ in_flight ≤ limit``. Releasing more than was acquired is a bug and

@@ -6,7 +6,7 @@ model's traffic classes, default deadline, per-tenant quota and admission). Unmo
 ``tritonclient.grpc`` code pointed at the router gets the same gate as
 ``Predict`` — authentication, tenant rules, quotas, admission (shedding), traffic-class
 priorities and deadlines — before its request reaches Triton through ``TritonExecutor``,
-which never cancels a call in flight (RECIPES.md, "Known defect"). Raw tensors have no
+which never cancels a call in flight (docs/triton.md, "Never cancel a call in flight"). Raw tensors have no
 degraded answer, so an overloaded model sheds (RESOURCE_EXHAUSTED) instead.
 
 Served: ServerLive, ServerReady (no auth: health probes), ServerMetadata, ModelReady,

@@ -4,7 +4,7 @@ answered from the degradation path whenever the main path cannot answer in time.
 Transport-agnostic: the servicer translates protobuf to a ``PredictCall`` and back; the
 other services are reached through their client ports (in-process or gRPC).
 
-Budget (ARCHITECTURE.md, "Deadline budget"): each layer gets ``min(its budget, time left −
+Budget (README, "Deadlines and degradation"): each layer gets ``min(its budget, time left −
 what the later layers reserve)``; the fallback reserve is never spent by the main path,
 so a degraded answer can still leave before the deadline. Every failure of the main path
 (feature store, Triton, invalid output, open circuit, in-flight bound) ends in a

@@ -1,6 +1,6 @@
 """``ModelExecutor`` port and ``TritonExecutor``, which runs a model on Triton over KServe v2 gRPC.
 
-Two rules shape this module (RECIPES.md, "Triton semantics" and "Known defect"):
+Two rules shape this module (docs/triton.md, "Triton semantics" and "Never cancel a call in flight"):
 
 * Triton's per-request ``timeout`` parameter (µs) covers queue time only, and a gRPC
   deadline does not become that timeout. So the executor sends the model budget as
@@ -139,7 +139,7 @@ class TritonExecutor:
 
     Calls in flight to each model are bounded (``max_in_flight``), counting calls whose
     callers stopped waiting until Triton answers them: the queue on Triton can never grow
-    past the bound, whatever the offered load (RECIPES.md, "Known defect").
+    past the bound, whatever the offered load (docs/triton.md, "Never cancel a call in flight").
     """
 
     def __init__(
