@@ -61,6 +61,12 @@ def delta(current: Samples, previous: Samples | None) -> Samples:
     return out
 
 
+def total(samples: Samples, metric: str, **labels: str) -> float:
+    """Sum of ``metric`` over every series that carries all of ``labels`` (the others free)."""
+    want = set(labels.items())
+    return sum(v for (name, have), v in samples.items() if name == metric and want <= set(have))
+
+
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float:
     """The ``q`` quantile from cumulative ``(upper bound, count)`` buckets, linearly within a bucket; NaN if empty."""
     ordered = sorted(buckets)

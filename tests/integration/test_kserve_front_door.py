@@ -13,7 +13,7 @@ import tritonclient.grpc.aio as triton_aio
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inferline.stats import Samples, delta, scrape
+from inferline.stats import delta, scrape, total
 from tests.integration.router_fixtures import DEMO_KEY, LIMITED_KEY, ServerProcess
 
 pytestmark = pytest.mark.requires_triton
@@ -193,11 +193,5 @@ def test_front_door_requests_are_counted(
     _status(client.infer, "no_such_model", _inputs(), headers=AUTH)
     moved = delta(scrape(url), before)
     ok = {"code": "OK", "route": "kserve:driver_ranker", "served_by": "PRIMARY", "traffic_class": "standard"}
-    assert requests_total(moved, **ok) == 1
-    assert requests_total(moved, code="NOT_FOUND", route="unknown") == 1
-
-
-def requests_total(samples: Samples, **labels: str) -> float:
-    """Sum of ``inferline_requests_total`` over the series carrying every one of ``labels``."""
-    want = set(labels.items())
-    return sum(v for (name, have), v in samples.items() if name == "inferline_requests_total" and want <= set(have))
+    assert total(moved, "inferline_requests_total", **ok) == 1
+    assert total(moved, "inferline_requests_total", code="NOT_FOUND", route="unknown") == 1

@@ -16,7 +16,7 @@ import tritonclient.grpc as triton_grpc
 
 from inferline.core.health_wait import wait_until_serving
 from inferline.core.ports import free_port
-from inferline.stats import scrape
+from inferline.stats import scrape, total
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import DEMO_KEY, ROOT, start_inferline
@@ -197,7 +197,4 @@ def test_workers_are_refused_for_a_service_other_than_the_router(service: str, r
 
 
 def _answered(metrics_port: int) -> float:
-    samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-    return sum(
-        v for (name, labels), v in samples.items() if name == "inferline_requests_total" and ("code", "OK") in labels
-    )
+    return total(scrape(f"http://127.0.0.1:{metrics_port}/metrics"), "inferline_requests_total", code="OK")

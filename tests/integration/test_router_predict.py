@@ -13,7 +13,7 @@ from feast import FeatureStore
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from inferline.stats import Samples, delta, scrape
+from inferline.stats import delta, scrape, total
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import DEMO_KEY, LIMITED_KEY, ROOT, ServerProcess
@@ -174,10 +174,10 @@ def test_health_reflection_and_metrics_are_served(router_server: ServerProcess, 
         stub.Predict(pb.PredictRequest(route="no_such_route"), timeout=5, metadata=AUTH)
     moved = delta(scrape(url), before)
     ok = {"code": "OK", "route": "driver_ranking", "served_by": "PRIMARY", "traffic_class": "standard"}
-    assert requests_total(moved, **ok) == 1
-    assert requests_total(moved, code="NOT_FOUND") == 1
+    assert total(moved, "inferline_requests_total", **ok) == 1
+    assert total(moved, "inferline_requests_total", code="NOT_FOUND") == 1
     model_latency = {"layer": "model", "route": "driver_ranking", "traffic_class": "standard"}
-    assert metric_sum(moved, "inferline_layer_latency_seconds_count", **model_latency) == 1
+    assert total(moved, "inferline_layer_latency_seconds_count", **model_latency) == 1
 
 
 def test_cli_predict_prints_json_and_fails_on_error(router_server: ServerProcess, tmp_path: pathlib.Path) -> None:
@@ -272,13 +272,3 @@ def test_the_class_header_stands_in_for_an_empty_class_and_must_agree_with_a_set
     differing = _error(stub, _request(1001, traffic_class="critical"), (*AUTH, (CLASS_HEADER, "batch")))
     assert differing.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'critical' differs from the x-inferline-traffic-class header 'batch'" in differing.details()
-
-
-def metric_sum(samples: Samples, metric: str, **labels: str) -> float:
-    """Sum of ``metric`` over the series carrying every one of ``labels``."""
-    want = set(labels.items())
-    return sum(v for (name, have), v in samples.items() if name == metric and want <= set(have))
-
-
-def requests_total(samples: Samples, **labels: str) -> float:
-    return metric_sum(samples, "inferline_requests_total", **labels)

@@ -193,3 +193,18 @@ def test_the_command_prints_one_window_as_json(endpoint: tuple[str, ServingMetri
 def test_the_command_refuses_a_window_that_is_not_positive() -> None:
     result = CliRunner().invoke(cli, ["stats", "--window", "0", "--once"])
     assert result.exit_code == 2
+
+
+def test_total_sums_the_series_carrying_every_label_asked_for() -> None:
+    from inferline.stats import parse, total
+
+    samples = parse(
+        'inferline_requests_total{code="OK",route="a"} 3\n'
+        'inferline_requests_total{code="OK",route="b"} 4\n'
+        'inferline_requests_total{code="NOT_FOUND",route="a"} 1\n'
+        'inferline_shed_total{route="a"} 9\n'
+    )
+    assert total(samples, "inferline_requests_total") == 8
+    assert total(samples, "inferline_requests_total", code="OK") == 7
+    assert total(samples, "inferline_requests_total", code="OK", route="a") == 3
+    assert total(samples, "inferline_requests_total", code="UNAVAILABLE") == 0
