@@ -289,6 +289,12 @@ def test_its_admission_limit_is_its_own(router: ServerProcess, client: triton_gr
     shed = failure(client.infer, "slow_echo", slow(0), headers=OWNER, client_timeout=30)
     assert str(shed.status()) == "StatusCode.RESOURCE_EXHAUSTED", shed
     assert "kserve:slow_echo" in str(shed.message())
+    # A class that may not be shed has no degraded answer for raw tensors: it runs over the
+    # limit instead (Triton queues it behind the slow call), and is answered.
+    critical = client.infer(
+        "slow_echo", slow(0), headers=OWNER, parameters={"traffic_class": "critical"}, client_timeout=30
+    )
+    assert critical.as_numpy("score").shape == (1, 1)
     # Another model's admission is untouched by it.
     assert client.infer("tensor_scorer", tensors(WIDE2), headers=OWNER, client_timeout=30).as_numpy("score").size == 3
     result, error = answers.get(timeout=60)

@@ -74,6 +74,26 @@ def test_critical_over_the_limit_is_degraded_not_shed() -> None:
     assert ctl.in_flight == 4
 
 
+def test_critical_with_no_degraded_answer_runs_over_the_limit_and_holds_a_slot() -> None:
+    ctl, fixed = controller(limit=4)
+    fill(ctl, "critical", 4)
+    permit = ctl.admit("critical", degradable=False)
+    assert permit.verdict is Verdict.ADMIT
+    assert ctl.in_flight == 5, "it runs, so it counts"
+    assert (ctl.over_limit_count, ctl.degraded_count, ctl.shed_count) == (1, 0, 0)
+    with pytest.raises(Shed):  # the sheddable classes are still refused at their shares
+        ctl.admit("batch", degradable=False)
+    permit.release()
+    assert ctl.in_flight == 4 and len(fixed.samples) == 1
+
+
+def test_critical_with_no_degraded_answer_is_shed_when_the_route_does_not_degrade() -> None:
+    ctl, _ = controller(limit=2, degrade_over_limit=False)
+    fill(ctl, "critical", 2)
+    with pytest.raises(Shed):
+        ctl.admit("critical", degradable=False)
+
+
 def test_critical_is_shed_when_the_route_does_not_degrade() -> None:
     ctl, _ = controller(limit=2, degrade_over_limit=False)
     fill(ctl, "critical", 2)

@@ -12,7 +12,12 @@ One controller per route. A request of class ``c`` is admitted while both hold:
 
 Otherwise a sheddable class is rejected (``Shed``: RESOURCE_EXHAUSTED with a retry
 hint), and a class that may not be shed gets a degraded answer (cache, light model,
-baseline; reason OVERLOAD) when the route allows it, else it is rejected too.
+baseline; reason OVERLOAD) when the route allows it (``degrade_over_limit``), else it is
+rejected too. A request with no degraded answer (a KServe call's raw tensors,
+``admit(..., degradable=False)``) of a class that may not be shed runs over the limit
+instead: the operator said the class is never shed, the lower classes' smaller shares have
+already made room for it, and refusing it would only turn an answer that may still come in
+time into a certain failure. Its model's in-flight bound (``max_in_flight``) still caps it.
 
 Through the gateway the shares count only while the path is *saturated* (the limit saw
 queuing or drops in its last window, ``ConcurrencyLimit.saturated``): the gateway bounds the
@@ -93,6 +98,8 @@ class AdmissionController:
         self._in_flight = 0
         self.shed_count = 0
         self.degraded_count = 0
+        self.over_limit_count = 0
+        """Requests of a class that may not be shed, with no degraded answer, run over the limit."""
         # Lowest class first: the order the gateway is told to shed them in.
         self._sheddable = sorted(
             ((name, c) for name, c in classes.items() if c.sheddable), key=lambda item: -item[1].priority
@@ -106,14 +113,18 @@ class AdmissionController:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def admit(self, traffic_class: str, waited_s: float = 0.0, *, queue_wait: bool = True) -> Permit:
+    def admit(
+        self, traffic_class: str, waited_s: float = 0.0, *, queue_wait: bool = True, degradable: bool = True
+    ) -> Permit:
         """Decide for one request of ``traffic_class`` (a configured class).
 
         ``waited_s``: how long this request waited before its handler ran (0 when unknown).
         ``queue_wait``: False when something upstream already bounds this request's queue
         (the gateway's in-flight limit): only the class's share of the limit can shed it
         then, and only while the path is saturated. A shed for queue wait comes after the
-        wait, so it is never a fast one.
+        wait, so it is never a fast one. ``degradable``: False when the request has no
+        degraded answer; over the limit, a class that may not be shed is then admitted
+        (counted in flight) instead of degraded.
 
         Returns:
             A ``Permit`` whose ``verdict`` says whether to run the main path or degrade.
@@ -131,6 +142,10 @@ class AdmissionController:
             self._in_flight += 1
             return Permit(self, Verdict.ADMIT, self._in_flight)
         if not cls.sheddable and self._config.degrade_over_limit:
+            if not degradable:
+                self.over_limit_count += 1
+                self._in_flight += 1
+                return Permit(self, Verdict.ADMIT, self._in_flight)
             self.degraded_count += 1
             return _DEGRADED
         self.shed_count += 1

@@ -150,7 +150,15 @@ class RequestGate:
         """
         context.set_trailing_metadata(((OVERLOADED, self._admission[admission_key].overloaded()),))
 
-    async def admit(self, tenant: str, admission_key: str, traffic_class: str, waited_s: float | None = None) -> Entry:
+    async def admit(
+        self,
+        tenant: str,
+        admission_key: str,
+        traffic_class: str,
+        waited_s: float | None = None,
+        *,
+        degradable: bool = True,
+    ) -> Entry:
         """Quota, then admission, for an authenticated, authorized request.
 
         ``waited_s``: its wait before the handler, for a call through the gateway (None: a
@@ -158,7 +166,9 @@ class RequestGate:
         queue wait: the gateway's latency-driven limit keeps that queue short, and a router's
         shed for queue wait comes only after the wait (tens of ms). Its class's share of the
         route's limit still sheds it, and the queue wait still goes to the gateway in the
-        overload signal.
+        overload signal. ``degradable``: False for a request with no degraded answer (the
+        KServe front door's): a class that may not be shed then runs over the limit
+        (``AdmissionController.admit``).
 
         Raises:
             QuotaExceeded: the tenant is over its quota.
@@ -168,5 +178,7 @@ class RequestGate:
         if not decision.allowed:
             raise QuotaExceeded(f"tenant {tenant!r} is over its request quota", decision.retry_after_s)
         bounded = waited_s is not None and traffic_class in self._gateway_bounded
-        permit = self._admission[admission_key].admit(traffic_class, waited_s or 0.0, queue_wait=not bounded)
+        permit = self._admission[admission_key].admit(
+            traffic_class, waited_s or 0.0, queue_wait=not bounded, degradable=degradable
+        )
         return Entry(tenant, traffic_class, self._classes[traffic_class], permit)

@@ -7,7 +7,8 @@ model's traffic classes, default deadline, per-tenant quota and admission). Unmo
 ``Predict`` — authentication, tenant rules, quotas, admission (shedding), traffic-class
 priorities and deadlines — before its request reaches Triton through ``TritonExecutor``,
 which never cancels a call in flight (docs/triton.md, "Never cancel a call in flight"). Raw tensors have no
-degraded answer, so an overloaded model sheds (RESOURCE_EXHAUSTED) instead.
+degraded answer, so an overloaded model sheds its sheddable classes (RESOURCE_EXHAUSTED),
+and runs a class that may not be shed over the admission limit rather than refuse it.
 
 Served: ServerLive, ServerReady (no auth: health probes), ServerMetadata, ModelReady,
 ModelMetadata, ModelConfig and ModelInfer. ModelStreamInfer is answered UNIMPLEMENTED
@@ -39,7 +40,6 @@ from inferline.core.errors import (
     rpc_method,
 )
 from inferline.core.metrics import ServingMetrics, front_door_route
-from inferline.router.admission import Verdict
 from inferline.router.gate import Entry, RequestGate, TenantRules
 from inferline.router.quota import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
@@ -140,7 +140,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             traffic_class = self._traffic_class(model, tenant, rules, self._requested_class(request, context))
             check_request(request)
             await self._check_model_quota(tenant, model)
-            entry = await self._gate.admit(tenant, route, traffic_class, waited)
+            entry = await self._gate.admit(tenant, route, traffic_class, waited, degradable=False)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
             self._metrics.observe_failure(route, traffic_class if traffic_class in self._classes else "unknown", err)
@@ -156,8 +156,6 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         permit = entry.permit
         dropped = sample = False
         try:
-            if permit.verdict is Verdict.DEGRADE:
-                raise Shed(f"model {request.model_name!r} is overloaded", OVERLOAD_RETRY_AFTER_S)
             cls = entry.class_config
             model_entry = self._entries.get(request.model_name)
             default_ms = cls.default_deadline_ms
