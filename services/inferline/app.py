@@ -204,10 +204,23 @@ def build_app(
     if "router" in roles:
         if executor is None:
             raise ValueError("the router needs a Triton URL")
-        _build_router(
+        gate = _build_router(
             config, app, executor, features, post, degradation, model_available, triton_metrics_url, route_check
         )
+        if config.batch_jobs.enabled:
+            assert triton_url is not None
+            _batch_jobs(config, app, gate, triton_url)
     return app
+
+
+def _batch_jobs(config: InferlineConfig, app: App, gate: RequestGate, triton_url: str) -> None:
+    """The BatchJobs service on the public port: Predict's tenants and auth, jobs run in this process."""
+    from inferline.batch.service import SERVICE_NAME, BatchJobsService
+
+    jobs = BatchJobsService(config, gate, triton_url, app.registry)
+    app.starters.append(jobs.start)  # after the Triton warm-up: jobs left running by the last process resume
+    app.closers.append(jobs.close)  # closers run in reverse: the jobs stop before the clients they use
+    _register(app, SERVICE_NAME, jobs.add_to_server)
 
 
 def _model_readiness(config: InferlineConfig, app: App) -> Callable[[str], bool]:
@@ -279,7 +292,7 @@ def _build_router(
     model_available: Callable[[], bool],
     triton_metrics_url: str | None,
     route_check: CheckReport | None = None,
-) -> None:
+) -> RequestGate:
     services = config.services
     credentials: ServiceCredentials | None = None
     if any((services.features, services.postprocess, services.degradation)):
@@ -371,3 +384,4 @@ def _build_router(
             "inference.GRPCInferenceService",
             lambda s: kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(front_door, s),
         )
+    return gate

@@ -19,12 +19,12 @@ from google.protobuf import descriptor_pb2
 
 import inferline
 from inferline.core.errors import InferlineError
-from inferline.v1 import degradation_pb2, errors_pb2, features_pb2, inference_pb2, postprocess_pb2
+from inferline.v1 import batch_jobs_pb2, degradation_pb2, errors_pb2, features_pb2, inference_pb2, postprocess_pb2
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "protos" / "inferline" / "v1"
 BUF = pathlib.Path(sys.executable).parent / "buf"
-MODULES = [degradation_pb2, errors_pb2, features_pb2, inference_pb2, postprocess_pb2]
+MODULES = [batch_jobs_pb2, degradation_pb2, errors_pb2, features_pb2, inference_pb2, postprocess_pb2]
 GO_PACKAGE = "github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1"
 JAVA_PACKAGE = "io.inferline.v1"
 REASON_PREFIX = "ERROR_REASON_"
@@ -55,7 +55,7 @@ def test_each_file_sets_the_language_options(module: object) -> None:
     assert options.java_package == JAVA_PACKAGE
     assert options.java_multiple_files is True
     # Outer class named after the file, so it never collides with a message of the same name.
-    assert options.java_outer_classname == stem.capitalize() + "Proto"
+    assert options.java_outer_classname == "".join(word.capitalize() for word in stem.split("_")) + "Proto"
     assert options.csharp_namespace == "Inferline.V1"
     assert options.php_namespace == "Inferline\\V1"
     assert options.ruby_package == "Inferline::V1"

@@ -11,6 +11,10 @@ class BatchInputError(BatchError):
     """The input, the options or the output directory are unusable: found before any work starts."""
 
 
+class OutputBusy(BatchInputError):
+    """Another run (a process) holds the shard's output directory now; it may be free later."""
+
+
 class BatchJobFailed(BatchError):
     """The job stopped part-way (a dependency stayed down past the retries); committed parts stay,
     and ``--resume`` continues from them."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,16 @@ WORKERS = 2
 INVALID_SCORE = "model output invalid (not finite or outside [score_min, score_max])"
 
 
+class JobObserver(Protocol):
+    """Told of a run's progress (the BatchJobs service keeps its jobs' state with it)."""
+
+    def started(self, total_rows: int | None, done: Mapping[int, ChunkRecord]) -> None:
+        """The run has claimed the output: the shard's input rows, and the chunks earlier runs committed."""
+
+    def committed(self, record: ChunkRecord) -> None:
+        """One more chunk is committed (called on the job's event loop)."""
+
+
 class BatchJob:
     """One shard of a batch job against a running Triton (see the module docstring)."""
 
@@ -54,9 +64,11 @@ class BatchJob:
         *,
         interactive: bool | None = None,
         metrics: BatchMetrics | None = None,
+        observer: JobObserver | None = None,
     ):
         self._config = config
         self._metrics = metrics
+        self._observer = observer
         self._plan = plan
         self._url = triton_url
         self._interactive = interactive
@@ -108,6 +120,8 @@ class BatchJob:
             )  # fmt: skip
             already = sum(r.input_rows for r in done.values())
             total = self._shard_rows(plan.input.num_rows)
+            if self._observer is not None:
+                self._observer.started(total, done)
             yielding = None
             if controller is not None:
                 await controller.start()
@@ -191,6 +205,8 @@ class BatchJob:
                 progress.advance(record.rows, record.errors)
                 if self._metrics is not None:
                     self._metrics.committed(record.rows, record.errors)
+                if self._observer is not None:
+                    self._observer.committed(record)
 
         try:
             async with asyncio.TaskGroup() as group:

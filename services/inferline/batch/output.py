@@ -35,7 +35,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from inferline.batch.errors import BatchInputError
+from inferline.batch.errors import BatchInputError, OutputBusy
 from inferline.batch.rows import RowError
 
 STATE_DIR = "_inferline"
@@ -114,17 +114,8 @@ class OutputDir:
             BatchInputError: the directory holds this shard's job and ``resume`` is False; it
                 holds another job; it is not an inferline output; another run holds it.
         """
-        if self.root.exists() and not self.root.is_dir():
-            raise BatchInputError(f"output {self.root}: not a directory")
-        if self.root.is_dir() and not (self.root / STATE_DIR).is_dir() and any(self.root.iterdir()):
-            raise BatchInputError(f"output {self.root}: not empty and not an inferline batch output; choose another")
         job_path = self.state / "job.json"
-        existing = job_path.is_file()
-        if existing and not resume:
-            raise BatchInputError(
-                f"output {self.root} already holds this job ({self.state.name}): pass --resume to continue it, "
-                "or choose another directory"
-            )
+        existing = self._check_root(resume)
         self._errors_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -132,6 +123,37 @@ class OutputDir:
         except BaseException:
             self.close()
             raise
+
+    def check(self, identity: dict[str, Any], *, resume: bool) -> None:
+        """``open``'s refusals, read-only (nothing created, nothing locked): what the BatchJobs
+        service checks when a job is submitted, before the job runs and opens the directory.
+
+        Raises:
+            BatchInputError: as ``open`` (but for another run holding the directory now).
+        """
+        existing = self._check_root(resume)
+        if (self.root / STATE_DIR).is_dir():
+            self._check_other_shards(identity)
+        if existing:
+            _check_identity(self.state / "job.json", identity)
+
+    def _check_root(self, resume: bool) -> bool:
+        """Refuse a directory that is no output of ours, or holds this shard's job without ``resume``.
+
+        Returns:
+            Whether the directory holds this shard's job already.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise BatchInputError(f"output {self.root}: not a directory")
+        if self.root.is_dir() and not (self.root / STATE_DIR).is_dir() and any(self.root.iterdir()):
+            raise BatchInputError(f"output {self.root}: not empty and not an inferline batch output; choose another")
+        existing = (self.state / "job.json").is_file()
+        if existing and not resume:
+            raise BatchInputError(
+                f"output {self.root} already holds this job ({self.state.name}): pass --resume to continue it, "
+                "or choose another directory"
+            )
+        return existing
 
     def _claim(self, job_path: pathlib.Path, existing: bool, identity: dict[str, Any]) -> dict[int, ChunkRecord]:
         self._check_other_shards(identity)
@@ -179,7 +201,7 @@ class OutputDir:
         except BlockingIOError:
             self._lock_file.close()
             self._lock_file = None
-            raise BatchInputError(f"output {self.root}: another run of {self.state.name} is using it") from None
+            raise OutputBusy(f"output {self.root}: another run of {self.state.name} is using it") from None
 
     def _load_manifest(self) -> dict[int, ChunkRecord]:
         """Committed records; a torn last line is dropped and the manifest rewritten without it."""

@@ -662,6 +662,36 @@ class ValidationConfig(_Model):
     health (``inferline.route.<name>``) NOT_SERVING."""
 
 
+class BatchJobsConfig(_Model):
+    """The ``BatchJobs`` gRPC service of the router (docs/batch.md): batch jobs submitted by
+    callers, run inside the serving process. Off (not served) while ``input_root`` is unset."""
+
+    input_root: pathlib.Path | None = None
+    """Directory of the jobs' input files: a tenant's job reads only under ``input_root/<tenant>/``."""
+    output_root: pathlib.Path | None = None
+    """Directory of the jobs' outputs: a tenant's job writes only under ``output_root/<tenant>/``."""
+    state_path: pathlib.Path | None = None
+    """SQLite file of the jobs' state (what a restarted service resumes); None:
+    ``output_root/_batch_jobs.sqlite``. Processes sharing it (``--workers``) share the jobs."""
+    max_running: int = Field(2, ge=1, le=64)
+    """Jobs running at once in one serving process; more wait QUEUED."""
+    max_jobs_per_tenant: int = Field(20, ge=1)
+    """Jobs one tenant may have queued or running at once (RESOURCE_EXHAUSTED beyond)."""
+    lease_s: float = Field(10.0, ge=1)
+    """A running job's owner renews its claim this often ×⅓; a job whose owner died (SIGKILL)
+    is taken over by another process, or the restarted one, after this long."""
+
+    @model_validator(mode="after")
+    def _roots_together(self) -> BatchJobsConfig:
+        if (self.input_root is None) != (self.output_root is None):
+            raise ValueError("set input_root and output_root together (or neither: the service is off)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.input_root is not None
+
+
 class InferlineConfig(_Model):
     server: ServerConfig = ServerConfig()
     triton: TritonConfig = TritonConfig()
@@ -675,6 +705,7 @@ class InferlineConfig(_Model):
     tracing: TracingConfig = TracingConfig()
     gateway: GatewayConfig = GatewayConfig()
     validation: ValidationConfig = ValidationConfig()
+    batch_jobs: BatchJobsConfig = BatchJobsConfig()
     device_classes: dict[str, DeviceClassConfig] = {
         "cpu": DeviceClassConfig(cost_per_hour=0.20),
         "gpu": DeviceClassConfig(cost_per_hour=3.00),
@@ -730,6 +761,10 @@ class InferlineConfig(_Model):
         for cls in self.triton.class_copies.classes:
             if cls not in self.traffic_classes:
                 raise ValueError(f"triton.class_copies.classes: unknown traffic class {cls!r}")
+        if self.batch_jobs.enabled:
+            for name in self.tenants:  # each tenant's jobs live in a directory named after it
+                if not _CLASS_NAME.fullmatch(name):
+                    raise ValueError(f"tenants.{name}: with batch_jobs on, use letters, digits, '_' and '-' only")
         return self
 
     @model_validator(mode="after")
@@ -832,7 +867,9 @@ def _resolve_paths(config: InferlineConfig, base: pathlib.Path) -> InferlineConf
             for k in jwt.keys
         ]
         jwt = jwt.model_copy(update={"keys": keys})
-    update = {"triton": triton, "feature_store": store, "jwt": jwt}
+    jobs = config.batch_jobs
+    jobs = jobs.model_copy(update={name: resolve(value) for name, value in jobs if isinstance(value, pathlib.Path)})
+    update = {"triton": triton, "feature_store": store, "jwt": jwt, "batch_jobs": jobs}
     return config.model_copy(update={**update, "server": server, "services": services, "gateway": gateway})
 
 

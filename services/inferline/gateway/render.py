@@ -521,6 +521,7 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
 
 PUBLIC_SERVICES = (
     "inferline.v1.Inference",
+    "inferline.v1.BatchJobs",
     "inference.GRPCInferenceService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inferline/v1/errors.proto\x12\x0cinferline.v1*\x8b\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x01\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x02\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x03\x12 \n\x1c\x45RROR_REASON_ROUTE_NOT_FOUND\x10\x04\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x05\x12\x15\n\x11\x45RROR_REASON_SHED\x10\x06\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x07\x12&\n\"ERROR_REASON_DEADLINE_UNAFFORDABLE\x10\x08\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\t\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10\n\x12\x1f\n\x1b\x45RROR_REASON_INVALID_OUTPUT\x10\x0b\x12\x1f\n\x1b\x45RROR_REASON_MODEL_DEADLINE\x10\x0c\x12!\n\x1d\x45RROR_REASON_MODEL_OVERLOADED\x10\r\x12\"\n\x1e\x45RROR_REASON_MODEL_UNAVAILABLE\x10\x0e\x42\x94\x01\n\x0fio.inferline.v1B\x0b\x45rrorsProtoP\x01Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\xa2\x02\x03IXX\xaa\x02\x0cInferline.V1\xca\x02\x0cInferline\\V1\xea\x02\rInferline::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inferline/v1/errors.proto\x12\x0cinferline.v1*\xd3\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x01\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x02\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x03\x12 \n\x1c\x45RROR_REASON_ROUTE_NOT_FOUND\x10\x04\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x05\x12\x15\n\x11\x45RROR_REASON_SHED\x10\x06\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x07\x12&\n\"ERROR_REASON_DEADLINE_UNAFFORDABLE\x10\x08\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\t\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10\n\x12\x1f\n\x1b\x45RROR_REASON_INVALID_OUTPUT\x10\x0b\x12\x1f\n\x1b\x45RROR_REASON_MODEL_DEADLINE\x10\x0c\x12!\n\x1d\x45RROR_REASON_MODEL_OVERLOADED\x10\r\x12\"\n\x1e\x45RROR_REASON_MODEL_UNAVAILABLE\x10\x0e\x12$\n ERROR_REASON_BATCH_JOB_NOT_FOUND\x10\x0f\x12 \n\x1c\x45RROR_REASON_BATCH_JOB_LIMIT\x10\x10\x42\x94\x01\n\x0fio.inferline.v1B\x0b\x45rrorsProtoP\x01Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\xa2\x02\x03IXX\xaa\x02\x0cInferline.V1\xca\x02\x0cInferline\\V1\xea\x02\rInferline::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017io.inferline.v1B\013ErrorsProtoP\001Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\242\002\003IXX\252\002\014Inferline.V1\312\002\014Inferline\\V1\352\002\rInferline::V1'
   _globals['_ERRORREASON']._serialized_start=44
-  _globals['_ERRORREASON']._serialized_end=567
+  _globals['_ERRORREASON']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

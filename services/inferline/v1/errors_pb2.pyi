@@ -60,6 +60,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The model server is unreachable or the model is not ready (internal services and the
     KServe front door).
     """
+    ERROR_REASON_BATCH_JOB_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """NOT_FOUND: no batch job of the caller's tenant has this id (BatchJobs); metadata
+    "job_id" echoes it.
+    """
+    ERROR_REASON_BATCH_JOB_LIMIT: _ErrorReason.ValueType  # 16
+    """RESOURCE_EXHAUSTED: the tenant already has batch_jobs.max_jobs_per_tenant jobs queued
+    or running (BatchJobs); submit again when one has ended.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason names why a call failed. A failed call's gRPC status carries, as its first
@@ -106,5 +114,13 @@ ERROR_REASON_MODEL_OVERLOADED: ErrorReason.ValueType  # 13
 ERROR_REASON_MODEL_UNAVAILABLE: ErrorReason.ValueType  # 14
 """The model server is unreachable or the model is not ready (internal services and the
 KServe front door).
+"""
+ERROR_REASON_BATCH_JOB_NOT_FOUND: ErrorReason.ValueType  # 15
+"""NOT_FOUND: no batch job of the caller's tenant has this id (BatchJobs); metadata
+"job_id" echoes it.
+"""
+ERROR_REASON_BATCH_JOB_LIMIT: ErrorReason.ValueType  # 16
+"""RESOURCE_EXHAUSTED: the tenant already has batch_jobs.max_jobs_per_tenant jobs queued
+or running (BatchJobs); submit again when one has ended.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,52 @@
+"""The ``BatchJobs`` gRPC service: batch jobs submitted by callers and run in the serving process.
+
+``request.py`` checks a submitted job, ``store.py`` keeps the jobs' state (SQLite),
+``manager.py`` runs them, ``servicer.py`` is the gRPC adapter. ``BatchJobsService`` puts
+them together for the router's app (``inferline.app``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from inferline.batch.service.manager import JobRunner
+from inferline.batch.service.servicer import SERVICE_NAME, BatchJobsServicer
+from inferline.batch.service.store import JobStore
+from inferline.core.config import InferlineConfig
+from inferline.v1 import batch_jobs_pb2_grpc
+
+if TYPE_CHECKING:
+    from inferline.router.gate import RequestGate
+
+STATE_FILE = "_batch_jobs.sqlite"
+"""The state file's name in ``batch_jobs.output_root`` when ``batch_jobs.state_path`` is unset."""
+
+__all__ = ["SERVICE_NAME", "STATE_FILE", "BatchJobsService"]
+
+
+class BatchJobsService:
+    """The servicer, its job runner and its store, with the app's start and close."""
+
+    def __init__(
+        self, config: InferlineConfig, gate: RequestGate, triton_url: str, registry: CollectorRegistry | None = None
+    ) -> None:
+        jobs = config.batch_jobs
+        assert jobs.output_root is not None, "batch_jobs is off"
+        self.store = JobStore(jobs.state_path or jobs.output_root / STATE_FILE)
+        self.runner = JobRunner(config, self.store, triton_url, registry)
+        self.servicer = BatchJobsServicer(config, gate, self.store, self.runner)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        batch_jobs_pb2_grpc.add_BatchJobsServicer_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        await self.runner.start()
+
+    async def close(self) -> None:
+        try:
+            await self.runner.close()
+        finally:
+            self.store.close()
