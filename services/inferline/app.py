@@ -69,6 +69,10 @@ from inferline.v1 import degradation_pb2_grpc, features_pb2_grpc, inference_pb2_
 
 logger = logging.getLogger(__name__)
 
+READY_WARM_UP_TIMEOUT_S = 10.0
+"""Longest warm-up of a variant Triton has just loaded before route selection may pick it
+(a failed or slow warm-up is logged, and the variant is picked anyway: it is loaded)."""
+
 Role = Literal["router", "features", "postprocess", "degradation"]
 
 
@@ -142,10 +146,10 @@ def _executor(
     app.closers.append(executor.close)
     blocked = route_check.blocked_models() if route_check is not None else {}
     shapes = [
-        (v.model, len(v.features), v.input_name, v.output_name)
+        (v.model, len(v.features), v.input_name, v.output_name, v.version)
         for name, r in config.routes.items()
         for v in r.all_variants
-        if v.model not in blocked.get(name, ())  # a variant that failed the check is never called
+        if v.ref not in blocked.get(name, ())  # a variant that failed the check is never called
     ]
     app.starters.append(lambda: triton.warm_up(shapes))
     return executor
@@ -224,12 +228,23 @@ def _batch_jobs(config: InferlineConfig, app: App, gate: RequestGate, triton_url
 
 
 def _model_readiness(config: InferlineConfig, app: App) -> Callable[[str], bool]:
-    """Which full-quality variants Triton has loaded, refreshed in the background."""
-    if app.triton is None:
+    """Which full-quality variants (by ref: model, or model:version) Triton has loaded, refreshed
+    in the background; a variant that becomes ready is warmed up before it is reported ready."""
+    triton = app.triton
+    if triton is None:
         return lambda model: True
-    models = [v.model for r in config.routes.values() for v in r.full_variants]
-    copies = [copy for copy, base in ClassModelMap(config.triton.class_copies).bases.items() if base in models]
-    readiness = ModelReadiness(app.triton, models, optional_models=copies)
+    variants = [v for r in config.routes.values() for v in r.full_variants]
+    refs = [v.ref for v in variants]
+    bases = {v.model for v in variants}
+    copies = [copy for copy, base in ClassModelMap(config.triton.class_copies).bases.items() if base in bases]
+
+    async def warm_up(ref: str) -> None:
+        shapes = [(v.model, len(v.features), v.input_name, v.output_name, v.version) for v in variants if v.ref == ref]
+        if shapes:
+            await triton.warm_up(shapes, timeout_s=READY_WARM_UP_TIMEOUT_S)
+            logger.info("variant %s is ready on Triton and warmed up: route selection may pick it", ref)
+
+    readiness = ModelReadiness(triton, refs, optional_models=copies, on_ready=warm_up)
     app.readiness = readiness
     app.starters.append(readiness.start)  # after the Triton warm-up, which was added first
     app.closers.append(readiness.stop)
@@ -329,9 +344,9 @@ def _build_router(
     breakers = BreakerRegistry(config.breaker, on_transition=on_breaker)
     is_ready = _model_readiness(config, app)
 
-    def variant_available(model: str) -> bool:
-        """Route selection may pick ``model``: Triton up, the model loaded, its circuit not open."""
-        return model_available() and is_ready(model) and breakers.get(model).state is not BreakerState.OPEN
+    def variant_available(ref: str) -> bool:
+        """Route selection may pick variant ``ref``: Triton up, the model (version) loaded, its circuit not open."""
+        return model_available() and is_ready(ref) and breakers.get(ref).state is not BreakerState.OPEN
 
     # An open circuit is a passing fault, not a reason to take the route out of a balancer.
     disabled = route_check.routes_with_errors() if route_check is not None else {}
@@ -355,6 +370,7 @@ def _build_router(
     router = RouterService(
         feature_client, executor, post_client, degradation_client, plans,
         breakers, model_available, app.recovery, model_for_class, is_ready,
+        variant_gone=app.readiness.mark_unready if app.readiness is not None else lambda ref: None,
     )  # fmt: skip
     tracer = build_tracer(config.tracing)
     if tracer is not None:

@@ -1,5 +1,5 @@
-"""The ``inferline`` command line: up, serve, triton (and triton class-copies), models check, gateway render, predict,
-bench, batch run, stream run."""
+"""The ``inferline`` command line: up, serve, triton (and triton class-copies), models check and load, gateway render,
+predict, bench, batch run, stream run."""
 
 from __future__ import annotations
 
@@ -242,7 +242,9 @@ def class_copies(
         typer.echo(str(target / name))
 
 
-models_cli = typer.Typer(no_args_is_help=True, help="For model owners: check routes against their models.")
+models_cli = typer.Typer(
+    no_args_is_help=True, help="For model owners: check routes against their models, load new versions."
+)
 cli.add_typer(models_cli, name="models")
 
 
@@ -296,6 +298,82 @@ async def _models_check(config: InferlineConfig, url: str | None) -> int:
     count = f"{len(problems) or 'no'} problem{'' if len(problems) == 1 else 's'}"
     typer.echo(f"{summary}: {count}{f', {len(warnings)} warnings' if warnings else ''}", err=True)
     return 1 if problems else 0
+
+
+@models_cli.command("load")
+def models_load(
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="model directories to load (again)")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    triton_url: Annotated[
+        str | None, typer.Option(help="a Triton of your own in explicit model-control mode (host:port)")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="seconds to wait for each load")] = 120.0,
+) -> None:
+    """Load models again, with the versions their directories have now: no restart.
+
+    Add N+1/ to a model directory, then run this: Triton loads the versions its
+    version_policy selects, runs the config's model_warmup, and moves calls without a
+    version over only once they are ready; dropped versions unload after their calls in
+    flight. Without --triton-url (and triton.url) it loads on the bundled Triton that
+    inferline up runs on triton.model_repository. One line per model (versions, how long
+    the switch took); exit 2 for a bad model directory, 1 when a load fails.
+    """
+    cfg = _load(config)
+    url = triton_url or cfg.triton.url
+    _check_tls(cfg, router=False, triton_client=True, bundled_triton=False, grpc_server=False)
+    raise typer.Exit(_models_load(cfg, names, url, timeout_s))
+
+
+def _models_load(config: InferlineConfig, names: list[str], url: str | None, timeout_s: float) -> int:
+    from inferline.triton.class_copies import ClassModelMap
+    from inferline.triton.model_repository import ModelDirectory
+    from inferline.triton.versions import (
+        LoadError,
+        find_bundled,
+        inspect_for_load,
+        load,
+        refresh_derived,
+        triton_client,
+        warnings,
+    )
+
+    repository = config.triton.model_repository
+    try:
+        # A Triton of your own may serve a repository this machine does not have: its
+        # directories are checked here when they are here, else Triton's answer says.
+        models: dict[str, ModelDirectory | None] = {
+            name: inspect_for_load(repository, name) if url is None or (repository / name).is_dir() else None
+            for name in dict.fromkeys(names)
+        }
+        bundled = find_bundled(repository) if url is None else None
+        if url is None and bundled is None:
+            raise LoadError(
+                f"no bundled Triton is running on {repository} (start it with inferline up), "
+                "or pass --triton-url HOST:PORT of a Triton in explicit model-control mode"
+            )
+        tls = config.triton.tls if url is not None or (bundled is not None and bundled.tls) else None
+        target = url or (bundled.grpc_url if bundled is not None else "")
+        class_map = ClassModelMap(config.triton.class_copies)
+        client = triton_client(target, tls)
+        try:
+            for name, model in models.items():
+                if bundled is not None and bundled.derived and model is not None:
+                    copies = refresh_derived(bundled.repository, model, config.triton.class_copies)[1:]
+                else:
+                    copies = [copy for copy, base in class_map.bases.items() if base == name]
+                report = load(client, name, copies, timeout_s)
+                typer.echo(report.line())
+                for line in warnings(config, model, report):
+                    typer.echo(f"warning: {line}", err=True)
+        finally:
+            client.close()
+    except LoadError as err:
+        typer.echo(str(err), err=True)
+        return err.exit_code
+    except OSError as err:  # the derived repository of the bundled Triton could not be written
+        typer.echo(f"cannot update the bundled Triton's repository: {err}", err=True)
+        return 1
+    return 0
 
 
 @cli.command(

@@ -47,6 +47,7 @@ class Finding:
     message: str
     severity: Severity = "error"
     model: str = ""
+    """The variant's ``ref`` (model, or model:version) the finding is about; "" for a feature."""
 
     @property
     def blocking(self) -> bool:
@@ -77,7 +78,7 @@ class CheckReport:
         return routes
 
     def blocked_models(self) -> dict[str, frozenset[str]]:
-        """Route → the models whose variants failed the check (route selection must not call them)."""
+        """Route → the variant refs that failed the check (route selection must not call them)."""
         blocked: dict[str, set[str]] = {}
         for finding in self.errors:
             if finding.model:
@@ -119,7 +120,7 @@ class _VariantCheck:
         self.findings: list[Finding] = []
 
     def add(self, field_name: str, message: str, severity: Severity = "error") -> None:
-        self.findings.append(Finding(self.name, self.where, field_name, message, severity, self.variant.model))
+        self.findings.append(Finding(self.name, self.where, field_name, message, severity, self.variant.ref))
 
     def run(self, metadata: Any, config: Any) -> list[Finding]:
         model = self.variant.model
@@ -234,14 +235,30 @@ async def _model_info(
                 metadata = await source.model_metadata(model, variant.version)
                 cache[key] = (metadata, await source.model_config(model, variant.version))
             except InferlineError as err:
-                if variant.version:  # a version that is not there is the route's error
-                    cache[key] = Finding(name, where, "version", str(err))
+                if variant.version:
+                    cache[key] = await _version_not_loaded(name, where, variant, source, err)
                 else:
                     cache[key] = Finding(name, where, "model", str(err), "unavailable")
     info = cache[key]
     if isinstance(info, Finding):  # the same finding, for this route and variant
-        return Finding(name, where, info.field, info.message, info.severity, variant.model)
+        return Finding(name, where, info.field, info.message, info.severity, variant.ref)
     return info
+
+
+async def _version_not_loaded(
+    name: str, where: str, variant: VariantConfig, source: ModelInfoSource, err: InferlineError
+) -> Finding:
+    """A pinned version Triton does not serve: not loaded yet (a canary of a version still to
+    come: ``inferline models load``), so the variant waits out of route selection, not an error."""
+    try:
+        served = ", ".join(sorted((await source.model_metadata(variant.model)).versions, key=int)) or "none"
+    except InferlineError:
+        return Finding(name, where, "version", str(err))
+    message = (
+        f"version {variant.version} of model {variant.model!r} is not loaded (Triton serves versions: {served}); "
+        f"the variant is left out of route selection until it is (inferline models load {variant.model})"
+    )
+    return Finding(name, where, "version", message, "unavailable")
 
 
 def _known(name: str, names: Collection[str], what: str = "has") -> str:

@@ -22,9 +22,17 @@ class HeldExecutor:
         self.error: Exception | None = None
 
     async def infer(
-        self, model: str, inputs: np.ndarray, *, deadline: Deadline, priority: int, input_name: str, output_name: str
+        self,
+        model: str,
+        inputs: np.ndarray,
+        *,
+        deadline: Deadline,
+        priority: int,
+        input_name: str,
+        output_name: str,
+        version: str = "",
     ) -> InferResult:
-        self.calls.append({"rows": inputs.shape[0], "priority": priority, "deadline": deadline})
+        self.calls.append({"rows": inputs.shape[0], "priority": priority, "deadline": deadline, "version": version})
         await self.release.wait()
         if self.error is not None:
             raise self.error

@@ -457,6 +457,7 @@ class FakeExecutor:
         priority: int,
         input_name: str,
         output_name: str,
+        version: str = "",
     ) -> InferResult:
         self.calls.append((model, priority, input_name, output_name))
         return InferResult(np.full(len(inputs), 0.5, np.float32), model, "1")

@@ -91,6 +91,7 @@ class FakeExecutor:
         priority: int,
         input_name: str,
         output_name: str,
+        version: str = "",
     ) -> InferResult:
         self.calls.append((model, priority, input_name, output_name))
         self.clock.advance(self.latency_s)

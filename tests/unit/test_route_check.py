@@ -35,7 +35,7 @@ class TritonModels:
         if version not in ("", "1"):
             raise ModelNotFound(name, f"model {name!r} has no version {version!r}")
         inputs, outputs, _ = self.models[name]
-        return service_pb2.ModelMetadataResponse(name=name, inputs=inputs, outputs=outputs)
+        return service_pb2.ModelMetadataResponse(name=name, versions=["1"], inputs=inputs, outputs=outputs)
 
     async def model_config(self, name: str, version: str = "") -> service_pb2.ModelConfigResponse:
         config = model_config_pb2.ModelConfig(name=name, max_batch_size=self.models[name][2])
@@ -113,7 +113,6 @@ async def test_the_demo_config_matches_its_models() -> None:
             "routes.driver_ranking.primary.model: no model 'driver_rankr' in Triton's repository "
             "(did you mean 'driver_ranker'?)",
         ),
-        ({"version": "7"}, {}, "routes.driver_ranking.primary.version: model 'driver_ranker' has no version '7'"),
     ],
 )
 async def test_a_mismatch_is_one_line_naming_route_variant_and_field(
@@ -142,6 +141,21 @@ async def test_a_model_that_failed_to_load_degrades_its_route_without_refusing()
     [finding] = report.findings
     assert finding.line() == (
         "routes.driver_ranking.primary.model: model 'driver_ranker' is not loaded (UNAVAILABLE: weights are corrupt)"
+    )
+
+
+async def test_a_pinned_version_not_loaded_leaves_its_variant_out_without_refusing() -> None:
+    """A version still to come (a canary declared before ``inferline models load``) is like a
+    model not loaded: the variant waits out of route selection, the route's others serve."""
+    report = await check_routes(
+        config(version="7"), TritonModels({"driver_ranker": RANKER, "driver_ranker_light": LIGHT}, {}), REGISTRY
+    )
+    assert report.errors == []
+    [finding] = report.findings
+    assert (finding.severity, finding.model) == ("unavailable", "driver_ranker:7")
+    assert finding.line() == (
+        "routes.driver_ranking.primary.version: version 7 of model 'driver_ranker' is not loaded (Triton serves "
+        "versions: 1); the variant is left out of route selection until it is (inferline models load driver_ranker)"
     )
 
 

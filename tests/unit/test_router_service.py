@@ -51,10 +51,26 @@ class FakeExecutor:
         self.calls: list[dict[str, object]] = []
 
     async def infer(
-        self, model: str, inputs: np.ndarray, *, deadline: Deadline, priority: int, input_name: str, output_name: str
+        self,
+        model: str,
+        inputs: np.ndarray,
+        *,
+        deadline: Deadline,
+        priority: int,
+        input_name: str,
+        output_name: str,
+        version: str = "",
     ) -> InferResult:
-        self.calls.append({"model": model, "inputs": inputs, "budget_s": deadline.remaining_s(), "priority": priority})
-        return InferResult(np.linspace(0.2, 0.8, inputs.shape[0], dtype=np.float32), model, "1")
+        self.calls.append(
+            {
+                "model": model,
+                "inputs": inputs,
+                "budget_s": deadline.remaining_s(),
+                "priority": priority,
+                "version": version,
+            }
+        )
+        return InferResult(np.linspace(0.2, 0.8, inputs.shape[0], dtype=np.float32), model, version or "1")
 
 
 class FakeDegradation:

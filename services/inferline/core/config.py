@@ -177,11 +177,24 @@ class EntitySpec(_Model):
     """Type the key's value must have in requests."""
 
 
+VERSION_SEPARATOR = ":"
+"""Between a model and its pinned version in a variant reference: ``ranker:2``."""
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``"ranker:2"`` → ``("ranker", "2")``; ``"ranker"`` → ``("ranker", "")`` (see ``VariantConfig.ref``)."""
+    model, sep, version = ref.rpartition(VERSION_SEPARATOR)
+    return (model, version) if sep and model and version.isdigit() else (ref, "")
+
+
 class VariantConfig(_Model):
     model: str
     """Triton model name."""
     version: str = ""
-    """Triton model version; empty means the latest ready one."""
+    """Triton model version the variant's calls name (e.g. "2"); empty: none, so Triton
+    serves them from the highest-numbered version its ``version_policy`` keeps loaded. A
+    pinned version Triton has not loaded (yet) leaves the variant out of route selection
+    until it is loaded; the router warms it up first (docs/models.md, "New versions")."""
     features: list[str]
     """Feature names, in the model's input column order."""
     input_name: str = "features"
@@ -191,6 +204,22 @@ class VariantConfig(_Model):
     parallelism: int = Field(2, ge=1)
     """Requests the variant serves at once (Triton instances × batch); route selection's
     latency prediction assumes in-flight work beyond it queues."""
+
+    @field_validator("version")
+    @classmethod
+    def _version_number(cls, version: str) -> str:
+        if version and not (version.isdigit() and version.isascii() and int(version) > 0):
+            raise ValueError(
+                f'{version!r} is not a Triton model version: a positive number such as "2" '
+                "(or leave it out to follow the model's version_policy)"
+            )
+        return version
+
+    @property
+    def ref(self) -> str:
+        """How tenants' ``pin`` and ``canary`` name this variant, and the key of its readiness,
+        circuit breaker and latency statistics: ``model``, or ``model:version`` when pinned."""
+        return f"{self.model}{VERSION_SEPARATOR}{self.version}" if self.version else self.model
 
 
 class PostprocessConfig(_Model):
@@ -357,7 +386,9 @@ class TrafficClassConfig(_Model):
 
 class CanaryConfig(_Model):
     model: str
-    """A variant of the route (its primary or one of its alternates)."""
+    """A variant of the route (its primary or one of its alternates), by its ``ref``: the
+    model's name, or ``model:version`` for a variant that pins a version (a new version of
+    the same model as a canary)."""
     share: float = Field(gt=0, le=1)
     """Share of requests sent to it (chosen per request id, so a retried request stays put)."""
 
@@ -411,7 +442,8 @@ class TenantConfig(_Model):
     quota: QuotaConfig | None = None
     """Requests per second this tenant may send; None: unlimited."""
     pin: dict[str, str] = {}
-    """Route → model: this tenant's requests of the route always run on that variant."""
+    """Route → variant (its ``ref``: ``model`` or ``model:version``): this tenant's requests
+    of the route always run on that variant while it is available."""
     canary: dict[str, CanaryConfig] = {}
     """Route → a variant that gets a share of this tenant's requests of the route."""
     routes: list[str] = []
@@ -745,8 +777,12 @@ class InferlineConfig(_Model):
             for route, model in [*tenant.pin.items(), *((r, c.model) for r, c in tenant.canary.items())]:
                 if route not in tenant.routes:
                     raise ValueError(f"tenants.{name}: pin/canary for route {route!r} the tenant may not call")
-                if model not in {v.model for v in self.routes[route].full_variants}:
-                    raise ValueError(f"tenants.{name}: {model!r} is not a variant of route {route!r}")
+                refs = [v.ref for v in self.routes[route].full_variants]
+                if model not in refs:
+                    raise ValueError(
+                        f"tenants.{name}: {model!r} is not a variant of route {route!r} (its variants: "
+                        f"{', '.join(dict.fromkeys(refs))}; a pinned version is named model{VERSION_SEPARATOR}version)"
+                    )
         for route_name, route_config in self.routes.items():
             for variant in route_config.all_variants:
                 if variant.device not in self.device_classes:

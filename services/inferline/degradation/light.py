@@ -174,6 +174,7 @@ class TritonLightModel:
                 priority=self._priority,
                 input_name=self._variant.input_name,
                 output_name=self._variant.output_name,
+                version=self._variant.version,
             )
         except ModelBudgetExceeded:
             self.latency.observe_timeout(self._clock() - started)

@@ -35,10 +35,10 @@ def route_service_name(route: str) -> str:
 class RouteHealth:
     """Keeps each route's health status in step with which of its variants may be called.
 
-    Polls ``variant_ready(model)`` (a set lookup, refreshed in the background by
-    ``ModelReadiness``) every ``interval_s`` and sets a route's status on the health
-    servicer when it changes, logging the change once. ``disabled`` routes (route → why)
-    stay NOT_SERVING.
+    Polls ``variant_ready(ref)`` (a variant's ``ref``: model, or model:version; a set
+    lookup, refreshed in the background by ``ModelReadiness``) every ``interval_s`` and
+    sets a route's status on the health servicer when it changes, logging the change
+    once. ``disabled`` routes (route → why) stay NOT_SERVING.
     """
 
     def __init__(
@@ -48,7 +48,7 @@ class RouteHealth:
         disabled: Mapping[str, str] | None = None,
         interval_s: float = 0.5,
     ) -> None:
-        self._models = {name: tuple(v.model for v in route.full_variants) for name, route in routes.items()}
+        self._models = {name: tuple(v.ref for v in route.full_variants) for name, route in routes.items()}
         self._ready = variant_ready
         self._disabled = dict(disabled or {})
         self._interval_s = interval_s

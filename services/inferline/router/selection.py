@@ -126,11 +126,13 @@ class VariantStats:
 
 
 class StatsRegistry:
-    """One ``VariantStats`` per model name, shared by every route (and selector) that uses it.
+    """One ``VariantStats`` per variant ``ref`` (model, or model:version), shared by every
+    route (and selector) that uses it.
 
     Two routes on the same Triton model load the same instances, so they must see one
     in-flight count and one latency history; keeping stats per route would let each route
-    believe the model is idle while the other fills it.
+    believe the model is idle while the other fills it. Two versions of a model run on
+    instances of their own, so each pinned version has its own stats.
     """
 
     def __init__(self, *, alpha: float = DEFAULT_ALPHA) -> None:
@@ -144,18 +146,20 @@ class StatsRegistry:
             ValueError: the model is already registered with a different parallelism
                 (parallelism is a property of the Triton model, so two routes must agree).
         """
-        stats = self._stats.get(variant.model)
+        ref = variant.ref
+        stats = self._stats.get(ref)
         if stats is None:
-            stats = self._stats[variant.model] = VariantStats(variant.parallelism, alpha=self._alpha)
+            stats = self._stats[ref] = VariantStats(variant.parallelism, alpha=self._alpha)
         elif stats.parallelism != variant.parallelism:
             raise ValueError(
-                f"model {variant.model!r} is configured with parallelism {variant.parallelism} "
+                f"model {ref!r} is configured with parallelism {variant.parallelism} "
                 f"on one route and {stats.parallelism} on another"
             )
         return stats
 
     def get(self, model: str) -> VariantStats | None:
-        """The model's stats, or None if no route uses it (for metrics and tests)."""
+        """The stats of a variant ref (a model, or model:version), or None if no route uses it
+        (for metrics and tests)."""
         return self._stats.get(model)
 
     def __contains__(self, model: object) -> bool:
@@ -218,7 +222,11 @@ class RouteSelector:
 
     Cost: one pass over the variants, one ``available`` call per variant at most (the
     non-cheapest path stops at the first that fits), one ``Choice`` allocated. No I/O and no
-    clock; ``available(model)`` is the router's combination of Triton readiness and breakers.
+    clock; ``available(ref)`` is the router's combination of Triton readiness and breakers.
+
+    Variants are told apart by their ``ref`` (``model``, or ``model:version`` for a pinned
+    version), so one model's versions can be different variants of a route: a tenant's canary
+    of ``ranker:2`` beside a primary pinned to ``ranker:1``.
     """
 
     def __init__(
@@ -240,7 +248,7 @@ class RouteSelector:
                 )
             entries.append(_Entry(variant, registry.for_variant(variant), device.cost_per_hour, i == 0))
         self._entries = tuple(entries)
-        self._by_model = {e.variant.model: e for e in reversed(entries)}  # first listed wins on duplicates
+        self._by_model = {e.variant.ref: e for e in reversed(entries)}  # first listed wins on duplicates
 
     @property
     def route_name(self) -> str:
@@ -257,7 +265,7 @@ class RouteSelector:
         Raises:
             KeyError: the variant is not one of this route's.
         """
-        entry = self._by_model[variant.model]
+        entry = self._by_model[variant.ref]
         return cost_per_request(entry.cost_per_hour, entry.stats)
 
     def select(
@@ -272,10 +280,10 @@ class RouteSelector:
         """Choose the variant for one request.
 
         Args:
-            tenant_pin: model the tenant pinned for this route (``TenantConfig.pin``), or None.
-                A model that is not a variant of the route is treated as unavailable
+            tenant_pin: variant ref the tenant pinned for this route (``TenantConfig.pin``), or
+                None. A ref that is not a variant of the route is treated as unavailable
                 (config validation already rejects it).
-            canary: the tenant's canary for this route (``TenantConfig.canary``), or None.
+            canary: the tenant's canary for this route (``TenantConfig.canary``, a variant ref), or None.
             request_key: a stable non-negative hash of the request id (stable across
                 processes, e.g. CRC32, not Python's salted ``hash``), for the canary split.
             budget_s: model-layer budget left for this request, in seconds.
@@ -302,14 +310,14 @@ class RouteSelector:
             # Prediction first: it is arithmetic, `available` may consult breakers.
             predicted_s = entry.stats.predicted_latency_s()
             if predicted_s <= budget_s:
-                if not available(entry.variant.model):
+                if not available(entry.variant.ref):
                     continue
                 if not prefer_cheapest:
                     return Choice(entry.variant, entry.stats, "preferred" if entry.is_primary else "spill")
                 cost = cost_per_request(entry.cost_per_hour, entry.stats)
                 if cheapest is None or cost < cheapest_cost:
                     cheapest, cheapest_cost = entry, cost
-            elif (fastest is None or predicted_s < fastest_s) and available(entry.variant.model):
+            elif (fastest is None or predicted_s < fastest_s) and available(entry.variant.ref):
                 fastest, fastest_s = entry, predicted_s
         if cheapest is not None:
             return Choice(cheapest.variant, cheapest.stats, "cheapest")

@@ -34,11 +34,11 @@ from inferline.features.client import FeatureClient
 from inferline.features.vector import FeatureVector
 from inferline.postprocess.client import PostprocessClient
 from inferline.postprocess.service import PostprocessService, RankedScore
-from inferline.router.breaker import BreakerRegistry
+from inferline.router.breaker import BreakerRegistry, CircuitBreaker
 from inferline.router.plan import RoutePlan
 from inferline.router.recovery import RecoveryTracker
-from inferline.router.selection import VariantStats
-from inferline.triton.executor import InferResult, ModelCallFailed, ModelExecutor
+from inferline.router.selection import Choice, VariantStats
+from inferline.triton.executor import InferResult, ModelCallFailed, ModelExecutor, ModelNotLoaded
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,13 @@ class RouterService:
         recovery: RecoveryTracker | None = None,
         model_for_class: Callable[[str, str], str] = lambda model, traffic_class: model,
         model_ready: Callable[[str], bool] = lambda model: True,
+        variant_gone: Callable[[str], None] = lambda ref: None,
     ) -> None:
+        """``variant_gone(ref)``: Triton answered a call of that variant that its model
+        (version) is not loaded; route selection should leave it out from now on."""
         self._model_for_class = model_for_class
         self._model_ready = model_ready
+        self._variant_gone = variant_gone
         self._recovery = recovery
         self._features = features
         self._executor = executor
@@ -177,17 +181,25 @@ class RouterService:
             prefer_cheapest=call.prefer_cheapest,
         )
         if choice is None:  # no variant may be called: each is not loaded or its circuit is open
-            loaded = any(self._model_ready(v.model) for v in plan.config.full_variants)
+            loaded = any(self._model_ready(v.ref) for v in plan.config.full_variants)
             raise _Degrade(Reason.CIRCUIT_OPEN if loaded else Reason.MODEL_UNAVAILABLE, vector)
         variant = choice.variant
-        breaker = self._breakers.get(variant.model)
+        breaker = self._breakers.get(variant.ref)
         if not breaker.allow():
             raise _Degrade(Reason.CIRCUIT_OPEN, vector)
         if model_deadline.remaining_s() < MIN_MODEL_BUDGET_S:
             breaker.record_ignored()
             raise _Degrade(Reason.DEADLINE, vector)
         try:
-            result = await self._infer(call, variant, choice.stats, vector, model_deadline, t1)
+            try:
+                result = await self._infer(call, variant, choice.stats, vector, model_deadline, t1)
+            except ModelNotLoaded:
+                failover = self._failover(call, variant, model_deadline)
+                if failover is None:
+                    raise
+                choice, breaker = failover
+                variant = choice.variant
+                result = await self._infer(call, variant, choice.stats, vector, model_deadline, t1)
             t2 = time.perf_counter()
             times.model_ms = (t2 - t1) * 1000
             ranked = await self._postprocess.process(
@@ -226,6 +238,32 @@ class RouterService:
             timings=times,
         )
 
+    def _failover(
+        self, call: PredictCall, gone: VariantConfig, deadline: Deadline
+    ) -> tuple[Choice, CircuitBreaker] | None:
+        """Triton says ``gone``'s model (version) is not loaded: it was unloaded since readiness
+        last asked (a version ``inferline models load`` dropped). Take it out of selection now
+        and choose once more within the same budget; None when nothing else may be called."""
+        if not gone.version and self._model_for_class(gone.model, call.traffic_class) != gone.model:
+            return None  # what is gone is the traffic class's copy, not the variant's model
+        self._variant_gone(gone.ref)
+        if deadline.remaining_s() < MIN_MODEL_BUDGET_S:
+            return None
+        choice = call.route.selector.select(
+            tenant_pin=call.pin,
+            canary=call.canary,
+            request_key=zlib.crc32(call.request_id.encode()),
+            budget_s=deadline.remaining_s(),
+            prefer_cheapest=call.prefer_cheapest,
+        )
+        if choice is None or choice.variant.ref == gone.ref:
+            return None
+        breaker = self._breakers.get(choice.variant.ref)
+        if not breaker.allow():
+            return None
+        self._breakers.get(gone.ref).record_failure("error")
+        return choice, breaker
+
     async def _infer(
         self,
         call: PredictCall,
@@ -235,16 +273,21 @@ class RouterService:
         deadline: Deadline,
         started: float,
     ) -> InferResult:
-        """Run the chosen variant (its traffic class's copy, if it has one), keeping its latency statistics."""
+        """Run the chosen variant (its traffic class's copy, if it has one), keeping its latency statistics.
+
+        A variant pinned to a version calls that version of the model itself: a class copy
+        keeps the versions of its own version_policy, not necessarily the pinned one."""
+        model = self._model_for_class(variant.model, call.traffic_class) if not variant.version else variant.model
         stats.started()
         try:
             result = await self._executor.infer(
-                self._model_for_class(variant.model, call.traffic_class),
+                model,
                 vector.select(variant.features).values,
                 deadline=deadline,
                 priority=call.priority,
                 input_name=variant.input_name,
                 output_name=variant.output_name,
+                version=variant.version,
             )
         except ModelCallFailed as err:
             # A timed-out call's elapsed time is a lower bound of the variant's latency: keep

@@ -32,7 +32,8 @@ from inferline.triton.executor import InferResult, ModelBudgetExceeded, ModelCal
 
 logger = logging.getLogger(__name__)
 
-_Key = tuple[str, int, str, str]
+_Key = tuple[str, int, str, str, str]
+"""(model, priority, input name, output name, version): calls merged into one request share all five."""
 
 
 @dataclass(slots=True)
@@ -73,9 +74,10 @@ class CoalescingExecutor:
         priority: int,
         input_name: str = "features",
         output_name: str = "score",
+        version: str = "",
     ) -> InferResult:
         """Same contract as ``ModelExecutor.infer``; may run merged with other callers' rows."""
-        key = (model, priority, input_name, output_name)
+        key = (model, priority, input_name, output_name, version)
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
@@ -84,8 +86,9 @@ class CoalescingExecutor:
             lane.in_flight += 1
             try:
                 return await self._inner.infer(
-                    model, inputs, deadline=deadline, priority=priority, input_name=input_name, output_name=output_name
-                )
+                    model, inputs, deadline=deadline, priority=priority, input_name=input_name,
+                    output_name=output_name, version=version,
+                )  # fmt: skip
             finally:
                 lane.in_flight -= 1
                 self._dispatch(key, lane)
@@ -131,7 +134,7 @@ class CoalescingExecutor:
         return batch
 
     async def _run(self, key: _Key, lane: _Lane, batch: list[_Waiter]) -> None:
-        model, priority, input_name, output_name = key
+        model, priority, input_name, output_name, version = key
         try:
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([w.inputs for w in batch])
             latest = max(batch, key=lambda w: w.deadline.expires_at).deadline
@@ -140,8 +143,9 @@ class CoalescingExecutor:
                 self.merged_requests += len(batch)
             try:
                 result = await self._inner.infer(
-                    model, inputs, deadline=latest, priority=priority, input_name=input_name, output_name=output_name
-                )
+                    model, inputs, deadline=latest, priority=priority, input_name=input_name,
+                    output_name=output_name, version=version,
+                )  # fmt: skip
             except InferlineError as err:
                 for waiter in batch:
                     _fail(waiter.future, err)

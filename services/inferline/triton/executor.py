@@ -107,10 +107,28 @@ class ModelUnavailable(ModelCallFailed):
     degradation_reason = Reason.MODEL_UNAVAILABLE
 
 
+class ModelNotLoaded(ModelUnavailable):
+    """Triton answered that the model (version) is not loaded or not ready, e.g. a pinned
+    version it has just unloaded (``inferline models load`` with a new ``version_policy``):
+    the router takes that variant out of route selection at once and chooses again."""
+
+
 class ModelExecutor(Protocol):
     async def infer(
-        self, model: str, inputs: np.ndarray, *, deadline: Deadline, priority: int, input_name: str, output_name: str
+        self,
+        model: str,
+        inputs: np.ndarray,
+        *,
+        deadline: Deadline,
+        priority: int,
+        input_name: str,
+        output_name: str,
+        version: str = "",
     ) -> InferResult: ...
+
+
+WarmUpShape = tuple[str, int, str, str, str]
+"""One way a route calls a model: (model, feature count, input name, output name, version; "" for none)."""
 
 
 def _classify(model: str, exc: grpc.aio.AioRpcError) -> ModelCallFailed:
@@ -122,7 +140,12 @@ def _classify(model: str, exc: grpc.aio.AioRpcError) -> ModelCallFailed:
         return ModelBudgetExceeded(message)
     if "exceeds maximum queue size" in details.lower():
         return ModelOverloaded(message)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND) or "not ready" in details.lower():
+    lowered = details.lower()
+    # Triton answers NOT_FOUND for a model or version it does not have, and UNAVAILABLE "... is
+    # not at ready state" for one that is loading or unloading: both say it is not loaded.
+    if code is grpc.StatusCode.NOT_FOUND or "not ready" in lowered or "not at ready state" in lowered:
+        return ModelNotLoaded(message)
+    if code is grpc.StatusCode.UNAVAILABLE:
         return ModelUnavailable(message)
     return ModelCallFailed(message)
 
@@ -178,8 +201,12 @@ class TritonExecutor:
         priority: int,
         input_name: str = "features",
         output_name: str = "score",
+        version: str = "",
     ) -> InferResult:
         """Run ``model`` on ``inputs`` [N, F] float32 and return its N scores.
+
+        ``version``: the model version to run (a variant's pinned ``version``); "" lets
+        Triton choose (the highest-numbered ready version its ``version_policy`` loaded).
 
         Raises:
             ModelBudgetExceeded: no answer within ``deadline`` (the call is not cancelled),
@@ -193,6 +220,8 @@ class TritonExecutor:
         if budget_s <= 0:
             raise ModelBudgetExceeded(f"no time left for model {model}")
         request = self._request(model, inputs, priority, budget_s, input_name)
+        if version:
+            request.model_version = version
         try:
             response = await self._send(model, request, budget_s)
         except grpc.aio.AioRpcError as exc:
@@ -325,24 +354,27 @@ class TritonExecutor:
     def in_flight(self, model: str) -> int:
         return self._limit(model).in_flight
 
-    async def warm_up(self, shapes: Iterable[tuple[str, int, str, str]], timeout_s: float = 30.0) -> None:
+    async def warm_up(self, shapes: Iterable[WarmUpShape], timeout_s: float = 30.0) -> None:
         """Connect and run each shape once, so the first real request pays no connection set-up.
 
-        ``shapes``: (model, feature count, input name, output name), one per distinct way a
-        route calls a model, so every route's shape is warmed, not one per model. A model
-        Triton has not loaded is skipped (readiness reports it); other failures are logged,
-        not raised: a model that is down now is the degradation path's business.
+        ``shapes``: (model, feature count, input name, output name, version), one per
+        distinct way a route calls a model, so every route's shape is warmed, not one per
+        model; a pinned version is warmed as that version. A model (version) Triton has not
+        loaded is skipped (readiness reports it); other failures are logged, not raised: a
+        model that is down now is the degradation path's business. The router also runs
+        it for a pinned version that Triton has just loaded, before route selection may
+        pick it (``ModelReadiness``'s ``on_ready``).
         """
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
         except TimeoutError:
             logger.warning("Triton not reachable for warm-up within %.0f s", timeout_s)
             return
-        ready: dict[str, bool] = {}
-        for model, width, input_name, output_name in dict.fromkeys(shapes):
-            if model not in ready:
-                ready[model] = await self.is_model_ready(model)
-            if not ready[model]:
+        ready: dict[tuple[str, str], bool] = {}
+        for model, width, input_name, output_name, version in dict.fromkeys(shapes):
+            if (model, version) not in ready:
+                ready[model, version] = await self.is_model_ready(model, version)
+            if not ready[model, version]:
                 continue
             try:
                 zeros = np.zeros((1, width), np.float32)
@@ -353,9 +385,10 @@ class TritonExecutor:
                     priority=3,
                     input_name=input_name,
                     output_name=output_name,
+                    version=version,
                 )
             except (DependencyUnavailable, ModelOutputInvalid) as err:
-                logger.warning("warm-up of model %s failed: %s", model, err)
+                logger.warning("warm-up of model %s%s failed: %s", model, f" version {version}" if version else "", err)
 
     async def server_ready(self) -> bool:
         """Whether Triton says it is ready. Raises ``ModelUnavailable`` when it does not answer."""
@@ -426,9 +459,10 @@ class TritonExecutor:
             )
             raise err from exc
 
-    async def is_model_ready(self, model: str) -> bool:
+    async def is_model_ready(self, model: str, version: str = "") -> bool:
         try:
-            response = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=1.0)
+            request = service_pb2.ModelReadyRequest(name=model, version=version)
+            response = await self._stub.ModelReady(request, timeout=1.0)
         except grpc.aio.AioRpcError:
             return False
         return bool(response.ready)

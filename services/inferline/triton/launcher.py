@@ -11,8 +11,9 @@ server is up (not ``--load-model``, with which one model that fails to load stop
 whole server): a model that fails is reported in one line (model, reason) and the others
 serve; only the models asked for are loaded (the routes' models and their per-class
 copies under ``inferline up``; every model directory under ``inferline triton``); models
-whose name ends in ``_gpu`` are loaded only where a GPU exists; and the router can later
-reload a model without restarting the server.
+whose name ends in ``_gpu`` are loaded only where a GPU exists; and a model can later be
+loaded again, with its new versions, without restarting the server (``inferline models
+load``, ``inferline.triton.versions``: the launcher publishes where the server runs).
 
 The server runs on a derived repository when it must: a temporary directory linking
 every entry of ``model_repository``, with onnxruntime models adapted to the python ONNX
@@ -57,6 +58,7 @@ from inferline.core.tls import channel_options, tritonclient_kwargs
 from inferline.triton.class_copies import ClassModelMap, write_class_copies
 from inferline.triton.executor import CHANNEL_OPTIONS
 from inferline.triton.model_repository import ModelDirectory, ModelDirectoryError, ModelKind, adapt_onnx, inspect_model
+from inferline.triton.versions import BundledServer, publish_bundled, withdraw_bundled
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +331,7 @@ class TritonLauncher:
                 self._failed_run = True
                 self.stop()
                 raise
+            self._publish()
             logger.info("tritonserver ready (pid %s, grpc %s, models %s)", self.pid, self.grpc_url, self._models)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -338,6 +341,7 @@ class TritonLauncher:
             if proc is None:
                 self._remove_workdir()
                 return
+            withdraw_bundled(self._config.model_repository, proc.pid)
             try:
                 if proc.poll() is None:
                     self._terminate(proc, timeout_s)
@@ -351,6 +355,21 @@ class TritonLauncher:
                 self._remove_workdir()
                 if self._owns_log and not self._failed_run and self._log_path is not None:
                     self._log_path.unlink(missing_ok=True)
+
+    def _publish(self) -> None:
+        """Say where this server runs, for ``inferline models load`` (``inferline.triton.versions``)."""
+        assert self._proc is not None and self._repository is not None
+        server = BundledServer(
+            self._config.model_repository.resolve(),
+            self._repository,
+            self.grpc_url,
+            self._proc.pid,
+            self._config.server_tls is not None,
+        )
+        try:
+            publish_bundled(server)
+        except OSError as err:  # inferline models load then needs --triton-url; serving is not affected
+            logger.warning("could not publish the bundled Triton for inferline models load: %s", err)
 
     def restart(self) -> None:
         """Stop (if needed) and start again on the same ports."""
