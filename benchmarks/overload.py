@@ -446,7 +446,7 @@ def scrape(port: int) -> dict[str, Any]:
         samples = scrape_samples(f"http://127.0.0.1:{port}/metrics")
     except OSError as exc:
         return {"error": repr(exc)}
-    out: dict[str, Any] = {"shed": {}}
+    out: dict[str, Any] = {"shed": {}, "degraded": {}}
     for (name, label_items), value in samples.items():
         labels = dict(label_items)
         if name == "inferline_admission_limit" and labels.get("route") == ROUTE:
@@ -458,14 +458,24 @@ def scrape(port: int) -> dict[str, Any]:
         elif name == "inferline_shed_total" and labels.get("route") == ROUTE:
             key = f"{labels.get('traffic_class')}/{labels.get('reason')}"
             out["shed"][key] = out["shed"].get(key, 0.0) + value
+        elif (
+            name == "inferline_requests_total"
+            and labels.get("route") == ROUTE
+            and labels.get("code") == "OK"
+            and labels.get("served_by") != "PRIMARY"
+        ):
+            key = f"{labels.get('traffic_class')}/{labels.get('served_by')}/{labels.get('reason')}"
+            out["degraded"][key] = out["degraded"].get(key, 0.0) + value
     return out
 
 
-def shed_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
+def counter_delta(before: dict[str, Any], after: dict[str, Any], counters: str) -> dict[str, float] | None:
+    """How much each of the router's ``counters`` ("shed" or "degraded") grew over a run; the nonzero ones."""
     if "error" in before or "error" in after:
         return None
-    keys = sorted(set(before["shed"]) | set(after["shed"]))
-    return {k: after["shed"].get(k, 0.0) - before["shed"].get(k, 0.0) for k in keys}
+    keys = sorted(set(before[counters]) | set(after[counters]))
+    grown = {k: after[counters].get(k, 0.0) - before[counters].get(k, 0.0) for k in keys}
+    return {k: v for k, v in grown.items() if v}
 
 
 @dataclass
@@ -710,7 +720,9 @@ async def measured_run(
         "admission_limit_end": metrics_after.get("admission_limit"),
         "in_flight_end": metrics_after.get("in_flight"),
         "queue_wait_ms_end": metrics_after.get("queue_wait_ms"),
-        "shed_counted_by_router": shed_delta(metrics_before, metrics_after),
+        "shed_counted_by_router": counter_delta(metrics_before, metrics_after, "shed"),
+        # Answers not by the primary, as class/served_by/reason: why the path degraded.
+        "degraded_by_router": counter_delta(metrics_before, metrics_after, "degraded"),
     }
     run["features"] = features
     run["triton"] = await router.triton_state()
@@ -1128,6 +1140,11 @@ def print_report(report: dict[str, Any]) -> None:
             details.update(r["error_details"])
         if details:
             console.print(f"  admission {name}, errors seen: {dict(details.most_common(5))}", highlight=False)
+        for r in cfg["runs"]:
+            degraded = r["router"].get("degraded_by_router")
+            if degraded:
+                top = dict(Counter(degraded).most_common(6))
+                console.print(f"  admission {name} {r['multiplier']:g}×, degraded answers: {top}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
