@@ -65,6 +65,7 @@ from inferline.triton.coalescer import CoalescingExecutor
 from inferline.triton.executor import TritonExecutor
 from inferline.triton.readiness import ModelReadiness
 from inferline.triton.statistics import TritonStatisticsCollector
+from inferline.triton.tensor_coalescer import TensorCoalescer
 from inferline.v1 import degradation_pb2_grpc, features_pb2_grpc, inference_pb2_grpc, postprocess_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -394,7 +395,16 @@ def _build_router(
         model_quota = build_model_quota(config)
         if model_quota is not None:
             app.closers.append(model_quota.close)
-        front_door = KServeFrontDoor(config, gate, app.triton, metrics, model_quota)
+        forwarder = TensorCoalescer(
+            app.triton,
+            config.triton.coalesce_max_concurrent,
+            config.triton.coalesce_max_batch_rows,
+            on_merged=lambda model, n: metrics.merged_requests.labels(model).inc(n),
+        )
+        app.closers.append(forwarder.close)  # closers run in reverse: before the executor's
+        kserve_models = sorted({*(v.model for r in config.routes.values() for v in r.all_variants), *config.models})
+        app.starters.append(functools.partial(forwarder.learn, kserve_models))
+        front_door = KServeFrontDoor(config, gate, app.triton, metrics, model_quota, forwarder)
         _register(
             app,
             "inference.GRPCInferenceService",

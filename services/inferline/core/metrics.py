@@ -100,6 +100,12 @@ class ServingMetrics:
             ["tenant"],
             registry=registry,
         )
+        self.merged_requests = Counter(
+            "inferline_merged_requests_total",
+            "KServe front-door requests sent to Triton merged with others into one call (the rows stacked), by model",
+            ["model"],
+            registry=registry,
+        )
         self.model_calls = Counter(
             "inferline_model_calls_total",
             "Answers produced by a model (PRIMARY or LIGHT), by route: how a model's cost is split between routes",

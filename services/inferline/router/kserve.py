@@ -43,6 +43,7 @@ from inferline.core.metrics import ServingMetrics, front_door_route
 from inferline.router.gate import Entry, RequestGate, TenantRules
 from inferline.router.quota import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
+from inferline.triton.tensor_coalescer import TensorCoalescer
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -76,10 +77,13 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         executor: TritonExecutor,
         metrics: ServingMetrics,
         model_quota: RateLimiter | None = None,
+        forwarder: TensorCoalescer | None = None,
     ) -> None:
-        """``model_quota``: the per-tenant buckets of ``models`` entries with a quota (``build_model_quota``)."""
+        """``model_quota``: the per-tenant buckets of ``models`` entries with a quota (``build_model_quota``);
+        ``forwarder``: what runs ``ModelInfer`` on Triton (merging calls under load), else ``executor`` itself."""
         self._gate = gate
         self._executor = executor
+        self._forwarder: TensorCoalescer | TritonExecutor = forwarder if forwarder is not None else executor
         self._metrics = metrics
         self._classes = frozenset(config.traffic_classes)
         self._models = frozenset([*(v.model for r in config.routes.values() for v in r.all_variants), *config.models])
@@ -163,7 +167,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
                 default_ms = model_entry.deadline_ms
             deadline = Deadline.from_context(context, default_ms / 1000).split(RESPONSE_RESERVE_S)
             try:
-                response = await self._executor.forward(request, deadline=deadline, priority=cls.priority)
+                response = await self._forwarder.forward(request, deadline=deadline, priority=cls.priority)
             except ModelBudgetExceeded as err:
                 dropped = sample = True
                 raise DeadlineExceeded(f"no answer from model {request.model_name!r} within the deadline") from err
