@@ -169,6 +169,8 @@ class ServingMetrics:
             models = sorted({*(model for models in routes.values() for model in models), *config.models})
             front = {front_door_route(model): [model] for model in models}
             self.declare(front, config.traffic_classes, layers=("total",), degradable=False)
+            for model in models:
+                self.merged_requests.labels(model)
 
     def observe_success(
         self, route: str, traffic_class: str, served_by: str, reason: str, layer_ms: dict[str, float]
