@@ -84,7 +84,7 @@ def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:
 def test_without_shed_classes_every_class_goes_at_high_priority() -> None:
     rendered = render_envoy(_config())
     routes = {r["name"]: r for r in _routes(rendered)}
-    assert list(routes) == ["class_critical", "class_standard", "class_batch", "default"]
+    assert list(routes) == ["class_critical", "class_standard", "class_batch", "default", "unrouted"]
     assert list(routes["default"]["match"]) == ["safe_regex"]  # the public services' paths, whatever the headers
     assert all(routes[f"class_{c}"]["route"]["priority"] == "HIGH" for c in ("critical", "standard", "batch"))
     assert not any("typed_per_filter_config" in r for r in routes.values())  # no filter to turn off
@@ -106,7 +106,7 @@ def test_signal_shedding_is_a_lua_filter_and_a_fault_filter_before_the_router() 
     # The Lua filter reads the class itself: the class routes set the routing priority, and
     # only the protected class's route turns a filter (the in-flight limit) off.
     routes = {r["name"]: r for r in _routes(rendered)}
-    assert list(routes) == ["class_batch", "class_standard", "class_critical", "default"]
+    assert list(routes) == ["class_batch", "class_standard", "class_critical", "default", "unrouted"]
     assert "typed_per_filter_config" not in routes["class_batch"]
     assert "typed_per_filter_config" not in routes["default"]  # no header: limited like a shed class
     assert set(routes["class_critical"]["typed_per_filter_config"]) == {IN_FLIGHT_FILTER}
@@ -154,7 +154,8 @@ def test_every_request_carries_the_callers_grpc_timeout_and_the_gateway_secret_f
     ],
 )
 def test_only_the_public_services_are_routed(path: str, forwarded: bool) -> None:
-    [regex] = {r["match"]["safe_regex"]["regex"] for r in _routes(render_envoy(_config(shed=SHED)))}
+    forwarding = [r for r in _routes(render_envoy(_config(shed=SHED))) if "route" in r]
+    [regex] = {r["match"]["safe_regex"]["regex"] for r in forwarding}
     assert (re.fullmatch(regex, path) is not None) is forwarded
 
 
@@ -165,7 +166,8 @@ def test_no_shed_classes_means_no_shed_filters() -> None:
 
 def test_each_class_gets_a_header_route_and_the_default_route_is_last() -> None:
     routes = _routes(render_envoy(_config(shed=SHED, shed_by=SR)))
-    assert [r["name"] for r in routes] == ["class_batch", "class_standard", "class_critical", "default"]
+    assert [r["name"] for r in routes] == ["class_batch", "class_standard", "class_critical", "default", "unrouted"]
+    routes = routes[:-1]  # the public ones
     for route, cls in zip(routes, ["batch", "standard", "critical"], strict=False):
         assert route["match"]["headers"] == [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]
     assert list(routes[-1]["match"]) == ["safe_regex"]  # the public services' paths, whatever the headers
@@ -200,7 +202,7 @@ def test_admission_control_takes_the_class_settings() -> None:
 
 
 def test_routes_forward_under_the_callers_deadline_and_retry_only_calls_no_router_saw() -> None:
-    for route in _routes(render_envoy(_config(shed=SHED, shed_by=SR))):
+    for route in _routes(render_envoy(_config(shed=SHED, shed_by=SR)))[:-1]:  # all but "unrouted"
         action = route["route"]
         assert action["cluster"] == ROUTER_CLUSTER
         assert action["timeout"] == "0s"
@@ -219,13 +221,24 @@ def _thresholds(rendered: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("shed_by", ["signal", SR])
 def test_only_a_named_protected_class_goes_at_high_priority(shed_by: str) -> None:
-    routes = {r["name"]: r["route"]["priority"] for r in _routes(render_envoy(_config(shed=SHED, shed_by=shed_by)))}
+    rendered = render_envoy(_config(shed=SHED, shed_by=shed_by))
+    routes = {r["name"]: r["route"]["priority"] for r in _routes(rendered) if "route" in r}
     assert routes == {
         "class_batch": "DEFAULT",
         "class_standard": "DEFAULT",
         "class_critical": "HIGH",
         "default": "DEFAULT",
     }
+
+
+@pytest.mark.parametrize("shed_by", ["signal", SR])
+def test_any_other_path_is_answered_by_envoy_with_every_shed_filter_off(shed_by: str) -> None:
+    rendered = render_envoy(_config(shed=SHED, shed_by=shed_by))
+    unrouted = _routes(rendered)[-1]
+    assert unrouted["match"] == {"prefix": "/"} and unrouted["direct_response"] == {"status": 404}
+    chain = {f["name"] for f in _hcm(rendered)["http_filters"]}
+    shedding = {n for n in chain if n.startswith(("inferline.shed.", "inferline.signal")) or n == IN_FLIGHT_FILTER}
+    assert shedding and set(unrouted["typed_per_filter_config"]) == shedding
 
 
 def test_in_flight_bound_is_the_default_priority_breaker_times_the_replicas() -> None:

@@ -37,6 +37,7 @@ Layout of the rendered config::
                                                              (in_flight off; success_rate: every shed.* off)
                       no or unknown class header → router at priority DEFAULT
                                                              (success_rate: every shed.* off)
+                      any other path → Envoy's own 404 (gRPC UNIMPLEMENTED), every shed filter off
                       (all: only the public services' paths (PUBLIC_SERVICES), anything else
                        is UNIMPLEMENTED; x-inferline-ingress-timeout = the caller's grpc-timeout,
                        x-inferline-gateway-secret = $gateway.secret_env, callers' copies dropped)
@@ -477,7 +478,7 @@ def _router_filter() -> dict[str, Any]:
 
 
 def _route_config(config: InferlineConfig) -> dict[str, Any]:
-    """A route per traffic class first (Envoy takes the first match), the catch-all ``/`` route last.
+    """A route per traffic class first (Envoy takes the first match), the public catch-all, then every other path.
 
     Only a class the gateway never sheds (critical), named in the class header, goes at
     Envoy's HIGH routing priority, where no limit applies and the in-flight limit is off.
@@ -495,6 +496,13 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
     routes += [_class_route(cls, "HIGH", unlimited, keep=None) for cls in protected]
     default = {"name": "default", "match": _public_match(), "route": _route_action("DEFAULT")}
     routes.append({**default, **_filters_off(filters, keep=None)})
+    # Any other path is no service of ours: Envoy answers it itself (404; UNIMPLEMENTED to a
+    # gRPC caller) with every shedding filter off. Matching no route at all would leave them
+    # on (they run before the router filter), so after a class's failures the success-rate
+    # filter refused an unknown path with 503, which reads as overload, not as a wrong path.
+    signal = [SIGNAL_FILTER, SIGNAL_SHED_FILTER] if _signal_filters(config) else []
+    unrouted = {"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 404}}
+    routes.append({**unrouted, **_filters_off([*signal, *unlimited], keep=None)})
     # The caller's grpc-timeout, for the router to measure its transport wait (router.ingress),
     # and the deployment's secret, without which a router ignores that header
     # (router.gateway_trust). Envoy reads the secret from its own environment when it starts,
@@ -528,8 +536,8 @@ PUBLIC_SERVICES = (
     "grpc.reflection.v1alpha.ServerReflection",
 )
 """The only services the gateway forwards; any other path (the internal Features,
-Postprocess and Degradation services among them) matches no route, and Envoy answers
-gRPC UNIMPLEMENTED without reaching a router."""
+Postprocess and Degradation services among them) takes the ``unrouted`` route, and Envoy
+answers gRPC UNIMPLEMENTED without reaching a router."""
 
 
 def _public_match() -> dict[str, Any]:
