@@ -1,6 +1,6 @@
 """Online path overhead: inferline's router against direct Triton and a bare Python hop.
 
-One run, one machine, three targets in front of the same bundled Triton (model
+One run, one machine, four targets in front of the same bundled Triton (model
 ``driver_ranker``):
 
 * ``direct``       tritonclient's raw KServe v2 stub straight to Triton;
@@ -9,6 +9,8 @@ One run, one machine, three targets in front of the same bundled Triton (model
 * ``router``       ``inferline up`` (router Predict, route ``driver_ranking``, 1 entity per
                    row, drawn Zipf-distributed (``--zipf-s``, default 1.1) over the demo
                    store's 100,000 drivers; ``--entities uniform`` for a flat draw).
+* ``kserve``       the same router's KServe v2 front door: ModelInfer as a Triton client
+                   sends it, with the tenant's key (the gate, then the forward to Triton).
 
 It measures (a) unloaded latency, sequential calls interleaved round-robin across the
 targets, and (b) each target's knee: the highest open-loop Poisson rate at which p99 of OK
@@ -77,6 +79,7 @@ from inferline.bench.targets import (
     ENTITY_DISTRIBUTIONS,
     Target,
     entity_sampler,
+    kserve_target,
     predict_target,
     triton_live,
     triton_ready,
@@ -87,7 +90,9 @@ from inferline.core.ports import free_port
 from inferline.triton.launcher import TritonLauncher
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ALL_TARGETS = ("direct", "passthrough", "router")
+ALL_TARGETS = ("direct", "passthrough", "router", "kserve")
+ROUTER_TARGETS = frozenset({"router", "kserve"})
+"""Targets served by the one ``inferline up``: Predict, and its KServe v2 front door."""
 MODEL = "driver_ranker"
 console = Console(width=None if sys.stdout.isatty() else 130)
 
@@ -121,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     p.add_argument("--config", type=pathlib.Path, default=ROOT / "deploy/local/inferline.yaml")
     p.add_argument(
-        "--targets", default=",".join(ALL_TARGETS), help="comma-separated subset of direct,passthrough,router"
+        "--targets", default=",".join(ALL_TARGETS), help="comma-separated subset of direct,passthrough,router,kserve"
     )
     p.add_argument("--quick", action="store_true", help="smoke test: short steps, ×2 ladder, few unloaded calls")
     p.add_argument("--max-rate", type=float, default=None, help="highest rate tried (default 12000; quick 4000)")
@@ -248,7 +253,7 @@ async def start_servers(stack: Stack, s: Settings, log_dir: pathlib.Path) -> str
         server.start()
         await wait_until(lambda: triton_ready(server.url), "passthrough", server, s.ready_timeout_s)
         console.print(f"passthrough ready at {server.url}")
-    if "router" in s.targets:
+    if ROUTER_TARGETS & set(s.targets):
         port, metrics_port = free_port(), free_port()
         stack.router_metrics = f"127.0.0.1:{metrics_port}"
         server = ServerProcess(
@@ -273,6 +278,9 @@ def build_targets(stack: Stack, s: Settings, triton_url: str) -> dict[str, Targe
         elif name == "passthrough":
             url = stack.servers[name].url
             targets[name] = triton_target(url, MODEL, s.rows, deadline_s=s.deadline_s, name=name)
+        elif name == "kserve":
+            url = stack.servers["router"].url
+            targets[name] = kserve_target(url, MODEL, s.rows, deadline_s=s.deadline_s, traffic_class=s.traffic_class)
         else:
             targets[name] = predict_target(
                 stack.servers[name].url,
@@ -326,7 +334,7 @@ async def run(stack: Stack, s: Settings, log_dir: pathlib.Path) -> dict[str, Any
             if not (stack.launcher.is_running() and await triton_live(triton_url)):
                 console.print("[yellow]triton is down; restarting it on the same ports")
                 await asyncio.to_thread(stack.launcher.restart)
-            server = stack.servers.get(name)
+            server = stack.servers.get("router" if name in ROUTER_TARGETS else name)
             # The router's hot cache over each step's measured window: scraped as it opens (the
             # step's warm-up after the previous step's end) and as the step ends.
             windows: list[dict[str, Any]] = []
@@ -354,7 +362,7 @@ async def run(stack: Stack, s: Settings, log_dir: pathlib.Path) -> dict[str, Any
                     return f"triton died (returncode {code})"
                 if server is not None and not server.alive():
                     return f"{name} process exited"
-                if name != "router" and result.errors.get("DEADLINE_EXCEEDED"):
+                if name not in ROUTER_TARGETS and result.errors.get("DEADLINE_EXCEEDED"):
                     # The client cancelled calls Triton may still have been running.
                     console.print(f"[yellow]{name}: client deadline hit at {result.rate:g}/s: calls were cancelled")
                 return None
@@ -401,13 +409,15 @@ def summarize(unloaded: dict[str, SequentialResult], sweeps: dict[str, SweepResu
         "knee_is_lower_bound": {n: sw.knee_is_lower_bound for n, sw in sweeps.items()},
     }
     direct = unloaded.get("direct")
-    for name in ("passthrough", "router"):
+    for name in ("passthrough", "router", "kserve"):
         if direct is not None and name in unloaded:
             out[f"{name}_minus_direct_p50_ms"] = round(unloaded[name].latency.p50_ms - direct.latency.p50_ms, 3)
             out[f"{name}_minus_direct_p99_ms"] = round(unloaded[name].latency.p99_ms - direct.latency.p99_ms, 3)
     out["router_knee_over_passthrough_knee"] = ratio(knees.get("router"), knees.get("passthrough"))
     out["router_knee_over_direct_knee"] = ratio(knees.get("router"), knees.get("direct"))
     out["passthrough_knee_over_direct_knee"] = ratio(knees.get("passthrough"), knees.get("direct"))
+    # The thin-hop target: the front door's knee against the bare hop's, both forwarding ModelInfer.
+    out["kserve_knee_over_passthrough_knee"] = ratio(knees.get("kserve"), knees.get("passthrough"))
     return out
 
 
@@ -470,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = s.results_dir / f"online_overhead-{stamp}-logs"
     triton_cfg = load_config(s.config).triton.model_copy(update={"grpc_port": 0, "http_port": 0, "metrics_port": 0})
     stack = Stack(TritonLauncher(triton_cfg, log_path=log_dir / "tritonserver.log"))
-    if "router" not in s.targets:
-        console.print("[yellow]router target skipped (--targets); measuring " + ", ".join(s.targets))
+    if not ROUTER_TARGETS & set(s.targets):
+        console.print("[yellow]router targets skipped (--targets); measuring " + ", ".join(s.targets))
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)

@@ -112,6 +112,34 @@ def triton_target(
     return Target(name, call, channel)
 
 
+def kserve_target(
+    url: str,
+    model: str = "driver_ranker",
+    rows: int = 1,
+    *,
+    deadline_s: float = 0.1,
+    api_key: str = DEMO_API_KEY,
+    traffic_class: str = "critical",
+    name: str = "kserve",
+) -> Target:
+    """Call ``ModelInfer`` of the router's KServe v2 front door, as an unmodified Triton client would.
+
+    The tenant's key and the traffic class go as metadata (the class also as the request
+    parameter the front door reads); the gRPC deadline is ``deadline_s``, which the router
+    sends on as Triton's queue timeout (it never cancels a call in flight at Triton).
+    """
+    channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+    infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+    request = build_model_infer_request(model, rows)
+    request.parameters["traffic_class"].string_param = traffic_class
+    metadata = (("authorization", f"Bearer {api_key}"),)
+
+    async def call(i: int) -> None:
+        await infer(request, metadata=metadata, timeout=deadline_s)
+
+    return Target(name, call, channel)
+
+
 def uniform_entity_ids(low: int = 1001, high: int = 2000, seed: int = 0) -> Callable[[], int]:
     """Sampler of entity ids uniform on ``[low, high]``."""
     rng = random.Random(seed)
