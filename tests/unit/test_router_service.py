@@ -16,7 +16,7 @@ from inferline.features.vector import EntityId, FeatureVector
 from inferline.postprocess.client import LocalPostprocessClient
 from inferline.postprocess.service import PostprocessService
 from inferline.router.breaker import BreakerRegistry
-from inferline.router.plan import build_route_plans
+from inferline.router.plan import RoutePlan, build_route_plans
 from inferline.router.service import PredictCall, RouterService
 from inferline.triton.executor import InferResult
 
@@ -159,3 +159,43 @@ async def test_primary_model_sees_its_feature_columns(parts: tuple[RouterService
     await router.predict(_call(2), Deadline.after(1.0), time.perf_counter())
     inputs = executor.calls[0]["inputs"]
     assert isinstance(inputs, np.ndarray) and inputs.shape == (2, 4) and inputs.dtype == np.float32
+
+
+# --- the features layer's deadline ------------------------------------------------------
+
+
+def _plan(**budgets: object) -> RoutePlan:
+    raw = CONFIG.model_dump()
+    raw["routes"]["driver_ranking"]["budgets"].update(budgets)
+    return build_route_plans(type(CONFIG).model_validate(raw))["driver_ranking"]
+
+
+def _features_budget_s(plan: RoutePlan, deadline_s: float, model_latency_s: float | None) -> float:
+    if model_latency_s is not None:
+        plan.primary_stats.started()
+        plan.primary_stats.finished(model_latency_s)
+    return plan.features_deadline(Deadline.after(deadline_s, clock=frozen)).remaining_s()
+
+
+def test_features_may_use_what_a_fast_model_will_not_need() -> None:
+    plan = _plan()
+    reserve = plan.post_budget_s + plan.fallback_reserve_s
+    # The model answers in 2 ms: it is left 3 × 2 ms, the features the rest but the reserves.
+    assert _features_budget_s(plan, 0.100, 0.002) == pytest.approx(0.100 - reserve - 0.006)
+
+
+def test_features_keep_to_their_budget_beside_a_slow_or_unknown_model() -> None:
+    # Unknown latency: the model keeps its whole 60 ms budget; 100 - 10 - 60 = 30 ms is left.
+    assert _features_budget_s(_plan(), 0.100, None) == pytest.approx(0.030)
+    # A model as slow as its budget leaves nothing over: the features' own 20 ms.
+    assert _features_budget_s(_plan(), 0.090, 0.050) == pytest.approx(0.020)
+
+
+def test_a_fixed_features_budget_when_the_route_says_so() -> None:
+    assert _features_budget_s(_plan(stretch_features=False), 0.100, 0.002) == pytest.approx(0.020)
+
+
+def test_a_short_deadline_still_keeps_the_reserves_after_the_features() -> None:
+    plan = _plan()
+    reserve = plan.post_budget_s + plan.fallback_reserve_s
+    assert _features_budget_s(plan, 0.025, 0.002) == pytest.approx(0.025 - reserve)

@@ -240,6 +240,9 @@ class BudgetsConfig(_Model):
     model_ms: float = Field(60.0, gt=0)
     post_ms: float = Field(5.0, gt=0)
     fallback_reserve_ms: float = Field(5.0, ge=0)
+    stretch_features: bool = True
+    """The features read may run past ``features_ms`` into the time the model will not need (a
+    few times its recent latency); False holds it to ``features_ms`` (``RoutePlan.features_deadline``)."""
 
 
 class BaselineSegment(_Model):

@@ -163,7 +163,7 @@ class RouterService:
     ) -> PredictOutcome:
         plan = call.route
         reserve_after_model = plan.post_budget_s + plan.fallback_reserve_s
-        vector = await self._fetch_features(call, layer_deadline(deadline, plan.features_budget_s, reserve_after_model))
+        vector = await self._fetch_features(call, plan.features_deadline(deadline))
         t1 = time.perf_counter()
         times.features_ms = (t1 - t0) * 1000
         if vector.degraded:
