@@ -165,8 +165,9 @@ async def test_primary_model_sees_its_feature_columns(parts: tuple[RouterService
 
 
 def _plan(**budgets: object) -> RoutePlan:
+    """The demo route with ``budgets`` over its own, features stretched unless they say otherwise."""
     raw = CONFIG.model_dump()
-    raw["routes"]["driver_ranking"]["budgets"].update(budgets)
+    raw["routes"]["driver_ranking"]["budgets"].update({"stretch_features": True, **budgets})
     return build_route_plans(type(CONFIG).model_validate(raw))["driver_ranking"]
 
 
@@ -191,7 +192,8 @@ def test_features_keep_to_their_budget_beside_a_slow_or_unknown_model() -> None:
     assert _features_budget_s(_plan(), 0.090, 0.050) == pytest.approx(0.020)
 
 
-def test_a_fixed_features_budget_when_the_route_says_so() -> None:
+def test_a_fixed_features_budget_by_default() -> None:
+    assert not CONFIG.routes["driver_ranking"].budgets.stretch_features
     assert _features_budget_s(_plan(stretch_features=False), 0.100, 0.002) == pytest.approx(0.020)
 
 

@@ -29,7 +29,7 @@ class RoutePlan:
     """Chooses the full-quality variant (primary or an alternate) of each request."""
     primary_stats: VariantStats
     """The primary model's recent latency and calls in flight (route selection's)."""
-    stretch_features: bool = True
+    stretch_features: bool = False
     """``budgets.stretch_features``: the features may use what the model will not need."""
 
     @property
