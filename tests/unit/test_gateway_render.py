@@ -338,12 +338,12 @@ def test_rest_transcoder_comes_first_and_carries_the_public_api() -> None:
     filters = _hcm(render_envoy(_config()))["http_filters"]
     assert filters[0]["name"] == REST_FILTER  # every later filter sees a gRPC call
     transcoder = filters[0]["typed_config"]
-    assert transcoder["services"] == list(REST_SERVICES) == ["inferline.v1.Inference"]
+    assert transcoder["services"] == list(REST_SERVICES) == ["inferline.v1.Inference", "inferline.v1.BatchJobs"]
     assert transcoder["auto_mapping"] and transcoder["convert_grpc_status"]
     files = descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(transcoder["proto_descriptor_bin"]))
     names = [f.name for f in files.file]
     services = {f"{f.package}.{s.name}" for f in files.file for s in f.service}
-    assert "inferline.v1.Inference" in services
+    assert {"inferline.v1.Inference", "inferline.v1.BatchJobs"} <= services
     assert {"google/rpc/status.proto", "google/rpc/error_details.proto"} <= set(names)  # the error details' types
     for i, f in enumerate(files.file):  # every file after its imports, as protoc --include_imports writes them
         assert set(f.dependency) <= set(names[:i]), f.name

@@ -1,9 +1,9 @@
-"""REST callers: Envoy's gRPC-JSON transcoder in front of the public ``Inference`` service.
+"""REST callers: Envoy's gRPC-JSON transcoder in front of the public services (``Inference``, ``BatchJobs``).
 
-``POST /inferline.v1.Inference/<Method>`` with a JSON body (the proto3 JSON mapping of the
-request message) is turned into the gRPC call by Envoy, in C++, before any other filter
-runs, and the answer back into JSON. So a REST caller passes the same routes, the same
-shedding (its ``x-inferline-traffic-class`` header), the same authentication
+``POST /inferline.v1.Inference/<Method>`` (or ``/inferline.v1.BatchJobs/<Method>``) with a
+JSON body (the proto3 JSON mapping of the request message) is turned into the gRPC call by
+Envoy, in C++, before any other filter runs, and the answer back into JSON. So a REST caller
+passes the same routes, the same shedding (its ``x-inferline-traffic-class`` header), the same authentication
 (``authorization: Bearer …``) and the same router as a gRPC caller: there is one API, the
 proto, and no second server to keep in step. ``auto_mapping`` maps each method to its gRPC
 path, so the protos need no ``google.api.http`` annotations. A failed call comes back with
@@ -24,10 +24,10 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
-from inferline.v1 import inference_pb2
+from inferline.v1 import batch_jobs_pb2, inference_pb2
 
 REST_FILTER = "inferline.rest"
-REST_SERVICES = ("inferline.v1.Inference",)
+REST_SERVICES = ("inferline.v1.Inference", "inferline.v1.BatchJobs")
 """Services REST callers reach: the public API only (the internal services are never routed)."""
 _TRANSCODER = "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
 
@@ -47,7 +47,12 @@ def descriptor_set() -> bytes:
         descriptor.CopyToProto(proto)
         files.file.append(proto)
 
-    for root in (inference_pb2.DESCRIPTOR, status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR):
+    for root in (
+        inference_pb2.DESCRIPTOR,
+        batch_jobs_pb2.DESCRIPTOR,
+        status_pb2.DESCRIPTOR,
+        error_details_pb2.DESCRIPTOR,
+    ):
         add(root)
     return files.SerializeToString()
 
