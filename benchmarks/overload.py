@@ -108,6 +108,7 @@ from inferline.bench.harness import (
 from inferline.bench.loadgen import OK, LoadResult, merge_load_results, percentile, rate_ladder, step_verdict
 from inferline.bench.mix import DEFAULT_MIX
 from inferline.bench.multiproc import MAX_START_LAG_S, START_DELAY_S, Generators, GenResult
+from inferline.bench.profile import process_cpu_s
 from inferline.bench.recording import TargetSpec
 from inferline.bench.targets import DEFAULT_ZIPF_S, ENTITY_DISTRIBUTIONS, triton_live
 from inferline.core.config import parse_config
@@ -390,9 +391,6 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def _children(pid: int) -> set[int]:
     out: set[int] = set()
     for path in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
@@ -406,10 +404,9 @@ def cpu_s(pid: int | None, tree: bool = False) -> float | None:
     if pid is None:
         return None
     try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = process_cpu_s(pid)
     except (OSError, IndexError):
         return None
-    total = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15 of stat)
     if tree:
         total += sum(cpu_s(child, tree=True) or 0.0 for child in _children(pid))
     return total

@@ -402,8 +402,7 @@ def _build_router(
             on_merged=lambda model, n: metrics.merged_requests.labels(model).inc(n),
         )
         app.closers.append(forwarder.close)  # closers run in reverse: before the executor's
-        kserve_models = sorted({*(v.model for r in config.routes.values() for v in r.all_variants), *config.models})
-        app.starters.append(functools.partial(forwarder.learn, kserve_models))
+        app.starters.append(functools.partial(forwarder.learn, config.served_models))
         front_door = KServeFrontDoor(config, gate, app.triton, metrics, model_quota, forwarder)
         _register(
             app,

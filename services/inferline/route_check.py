@@ -99,7 +99,7 @@ class ModelInfoSource(Protocol):
 def route_models(config: InferlineConfig) -> list[str]:
     """Every model the routes name (primary, alternates, light) and the KServe-only ``models``
     entries, each once: what the bundled server loads."""
-    return list(dict.fromkeys([*(v.model for r in config.routes.values() for v in r.all_variants), *config.models]))
+    return config.served_models
 
 
 def _labelled(route: RouteConfig) -> list[tuple[str, VariantConfig]]:

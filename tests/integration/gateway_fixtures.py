@@ -7,11 +7,13 @@ Envoy inherits this process's environment, so it adds the session's gateway secr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import random
 import signal
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +41,21 @@ class Gateway:
             text: str = reply.read().decode()
         values = [int(line.split(": ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}: ")]
         return sum(values)
+
+    def post_json(self, path: str, body: dict[str, object], **headers: str) -> tuple[int, Any]:
+        """A REST call: ``POST <path>`` with a JSON body over HTTP/1.1; (HTTP status, JSON answer)."""
+        request = urllib.request.Request(
+            f"http://{self.address}{path}",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json", **headers},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            with err:  # an HTTPError holds the response's socket until closed
+                return err.code, json.loads(err.read() or b"{}")
 
 
 @contextlib.contextmanager

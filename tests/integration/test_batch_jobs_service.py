@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 import pathlib
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import numpy as np
@@ -574,25 +570,8 @@ def test_the_gateway_forwards_the_service(service: Service, tmp_path: pathlib.Pa
             stub.GetBatchJob(pb.GetBatchJobRequest(job_id=job.job_id), metadata=OTHER, timeout=10)
         assert refusal(refused.value)[:2] == (grpc.StatusCode.NOT_FOUND, "BATCH_JOB_NOT_FOUND")
         # REST callers reach the service too, through Envoy's transcoder, as the same tenant.
-        status, answer = post_json(gateway.address, "GetBatchJob", {"jobId": job.job_id}, DEMO)
+        get = "/inferline.v1.BatchJobs/GetBatchJob"
+        status, answer = gateway.post_json(get, {"jobId": job.job_id}, **dict(DEMO))
         assert status == 200 and answer["job"]["state"] == "BATCH_JOB_STATE_CANCELLED", answer
-        status, answer = post_json(gateway.address, "GetBatchJob", {"jobId": job.job_id}, OTHER)
+        status, answer = gateway.post_json(get, {"jobId": job.job_id}, **dict(OTHER))
         assert status == 404 and answer["code"] == grpc.StatusCode.NOT_FOUND.value[0], answer
-
-
-def post_json(
-    address: str, method: str, body: dict[str, object], metadata: Sequence[tuple[str, str]]
-) -> tuple[int, Any]:
-    """``POST /inferline.v1.BatchJobs/<method>`` with a JSON body over HTTP/1.1: (HTTP status, JSON answer)."""
-    request = urllib.request.Request(
-        f"http://{address}/inferline.v1.BatchJobs/{method}",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", **dict(metadata)},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        with err:  # an HTTPError holds the response's socket until closed
-            return err.code, json.loads(err.read() or b"{}")

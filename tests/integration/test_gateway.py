@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import threading
 import time
@@ -10,7 +9,6 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import numpy as np
@@ -119,27 +117,12 @@ def test_failing_batch_is_shed_by_envoy_while_critical_is_served(gateway: Gatewa
 # --- REST callers ------------------------------------------------------------------------
 
 
-def _post_json(gateway: Gateway, method: str, body: dict[str, object], **headers: str) -> tuple[int, dict[str, Any]]:
-    """``POST /inferline.v1.Inference/<method>`` with a JSON body over HTTP/1.1: (HTTP status, JSON answer)."""
-    request = urllib.request.Request(
-        f"http://{gateway.address}/inferline.v1.Inference/{method}",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", **headers},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        with err:  # an HTTPError holds the response's socket until closed
-            return err.code, json.loads(err.read() or b"{}")
-
-
+PREDICT_PATH = "/inferline.v1.Inference/Predict"
 REST_PREDICT = {"route": "driver_ranking", "entities": [{"name": "driver_id", "int64Value": "1001"}]}
 
 
 def test_rest_callers_post_json_and_get_the_same_answer_as_grpc(gateway: Gateway, stub: pb_grpc.InferenceStub) -> None:
-    status, answer = _post_json(gateway, "Predict", REST_PREDICT, authorization=AUTH[1])
+    status, answer = gateway.post_json(PREDICT_PATH, REST_PREDICT, authorization=AUTH[1])
     assert status == 200, answer
     assert answer["servedBy"] == "SERVED_BY_PRIMARY"
     grpc_answer = stub.Predict(_request(), metadata=(AUTH,), timeout=5)
@@ -148,9 +131,9 @@ def test_rest_callers_post_json_and_get_the_same_answer_as_grpc(gateway: Gateway
 
 
 def test_rest_errors_carry_the_grpc_status_and_its_details(gateway: Gateway) -> None:
-    status, answer = _post_json(gateway, "Predict", REST_PREDICT)  # no key
+    status, answer = gateway.post_json(PREDICT_PATH, REST_PREDICT)  # no key
     assert status == 401 and answer["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0], answer
-    status, answer = _post_json(gateway, "Predict", {**REST_PREDICT, "route": "no_such_route"}, authorization=AUTH[1])
+    status, answer = gateway.post_json(PREDICT_PATH, {**REST_PREDICT, "route": "no_such_route"}, authorization=AUTH[1])
     assert status == 404 and answer["code"] == grpc.StatusCode.NOT_FOUND.value[0], answer
     assert any(d.get("reason") == "ROUTE_NOT_FOUND" for d in answer.get("details", [])), answer
 

@@ -757,6 +757,12 @@ class InferlineConfig(_Model):
     """KServe-only models (tensor in, tensor out) by Triton model name: served by the KServe
     front door to the tenants that list them, loaded by the bundled Triton like the routes' models."""
 
+    @property
+    def served_models(self) -> list[str]:
+        """Every model the routes name (primary, alternates, light) and the KServe-only ``models``
+        entries, each once, in that order: what the bundled server loads and the front door serves."""
+        return list(dict.fromkeys([*(v.model for r in self.routes.values() for v in r.all_variants), *self.models]))
+
     @field_validator("traffic_classes")
     @classmethod
     def _class_names(cls, classes: dict[str, TrafficClassConfig]) -> dict[str, TrafficClassConfig]:

@@ -166,7 +166,7 @@ class ServingMetrics:
         routes = {name: [v.model for v in route.all_variants] for name, route in config.routes.items()}
         self.declare(routes, config.traffic_classes, tenants=config.tenants)
         if front_door:
-            models = sorted({*(model for models in routes.values() for model in models), *config.models})
+            models = sorted(config.served_models)
             front = {front_door_route(model): [model] for model in models}
             self.declare(front, config.traffic_classes, layers=("total",), degradable=False)
             for model in models:

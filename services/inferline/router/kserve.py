@@ -86,7 +86,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
         self._forwarder: TensorCoalescer | TritonExecutor = forwarder if forwarder is not None else executor
         self._metrics = metrics
         self._classes = frozenset(config.traffic_classes)
-        self._models = frozenset([*(v.model for r in config.routes.values() for v in r.all_variants), *config.models])
+        self._models = frozenset(config.served_models)
         self._entries = config.models
         self._model_quota = model_quota
         self._metadata = service_pb2.ServerMetadataResponse(name="inferline", version=_version(), extensions=[])
