@@ -127,16 +127,20 @@ async def test_jetstream_events_scored_once_in_key_order_with_poison_parked(
 
 async def test_jetstream_sink_appends_each_source_event_once(nats_url: str, jetstream: Any) -> None:
     from inferline.stream.nats_streams import NatsStreamSink
+    from inferline.stream.ports import Output
     from inferline.stream.spec import StreamEndpoint
 
     sink = NatsStreamSink(StreamEndpoint.parse(f"{nats_url}/once"), "once:dead", dedupe_ttl_s=3600)
+    batch = [Output(str(i), {"score": f"0.{i}"}) for i in range(1, 9)]
     try:
-        assert await sink.write("7", {"score": "0.5"}) is True
-        assert await sink.write("7", {"score": "0.5"}) is False  # a redelivery's second write
-        assert await sink.write("8", {"score": "0.6"}) is True
+        assert await sink.write([Output("7", {"score": "0.7"})]) == [True]
+        # a redelivered batch: 7 again (written alone before), the rest new, in order
+        assert await sink.write(batch) == [True] * 6 + [False, True]
+        assert await sink.write(batch) == [False] * 8  # the whole batch again: nothing appended
     finally:
         await sink.close()
-    assert [m["score"] for m in await messages(jetstream, "once")] == ["0.5", "0.6"]
+    scores = [m["score"] for m in await messages(jetstream, "once")]
+    assert scores == ["0.7", *(f"0.{i}" for i in (1, 2, 3, 4, 5, 6, 8))]
 
 
 async def test_jetstream_lag_spike_switches_to_the_light_model_and_back(

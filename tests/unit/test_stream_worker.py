@@ -13,7 +13,7 @@ from inferline.core.served_by import ServedBy
 from inferline.stream import StreamSpec
 from inferline.stream.errors import StreamUnavailable
 from inferline.stream.events import Event, Outcome
-from inferline.stream.ports import Delivery
+from inferline.stream.ports import Delivery, Output
 from inferline.stream.worker import StreamWorker
 from tests.waiting import eventually
 
@@ -69,14 +69,14 @@ class FakeSink:
         self.dead: dict[str, str] = {}
         self.fail_writes = 0
 
-    async def write(self, source_id: str, fields: Mapping[str, str]) -> bool:
+    async def write(self, outputs: Sequence[Output]) -> list[bool]:
         if self.fail_writes:
             self.fail_writes -= 1
             raise StreamUnavailable("sink down")
-        if source_id in self.written:
-            return False
-        self.written[source_id] = dict(fields)
-        return True
+        added = [o.source_id not in self.written for o in outputs]
+        for o in outputs:
+            self.written.setdefault(o.source_id, dict(o.fields))
+        return added
 
     async def dead_letter(self, source_id: str, fields: Mapping[str, str], reason: str) -> bool:
         self.dead[source_id] = reason

@@ -8,7 +8,9 @@ named like the stream, its body a JSON object of the fields; its id is its strea
 sequence and its time the server's receive time. The sink publishes with the
 ``Nats-Msg-Id`` header set to the source event id: JetStream drops a repeat within the
 output stream's duplicate window, which this worker sets to ``dedupe_ttl_s`` when it
-creates the stream.
+creates the stream. A batch of outputs is published concurrently (one connection, so
+they reach the stream in order) and ``write`` returns once the server has confirmed
+every one (its publish acks): only then are the events acknowledged.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
 from inferline.stream.errors import StreamUnavailable
-from inferline.stream.ports import Delivery
+from inferline.stream.ports import Delivery, Output
 from inferline.stream.spec import StreamEndpoint
 
 
@@ -102,6 +104,7 @@ class NatsStreamSource:
         return [], True
 
     async def ack(self, ids: Sequence[str]) -> None:
+        """Each ack is a publish into the connection's write buffer, sent with the others in one flush."""
         with _unavailable("ack"):
             for event_id in ids:
                 msg = self._held.pop(event_id, None)
@@ -147,8 +150,16 @@ class NatsStreamSink:
             ack = await js.publish(stream, json.dumps(dict(fields)).encode(), headers={"Nats-Msg-Id": source_id})
         return not ack.duplicate
 
-    async def write(self, source_id: str, fields: Mapping[str, str]) -> bool:
-        return await self._once(self._endpoint.stream, source_id, fields)
+    async def write(self, outputs: Sequence[Output]) -> list[bool]:
+        """Publish every output at once and wait for all the server's acks; the first error raises
+        after all have settled (those written are deduplicated when their events come again)."""
+        results = await asyncio.gather(
+            *(self._once(self._endpoint.stream, o.source_id, o.fields) for o in outputs), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [bool(r) for r in results]
 
     async def dead_letter(self, source_id: str, fields: Mapping[str, str], reason: str) -> bool:
         entry = {"event_id": source_id, "reason": reason, **{f"field:{k}": v for k, v in fields.items()}}

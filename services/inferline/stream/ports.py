@@ -2,7 +2,10 @@
 
 Small on purpose, so that it is not shaped after one engine: a source delivers,
 acknowledges, hands back what a dead consumer left, counts failures and reports lag; a
-sink writes an output once per source event id and parks poison events.
+sink writes outputs once per source event id and parks poison events. Both take many
+events per call (``ack`` many ids, ``write`` many outputs): a round trip per event bounds
+a worker's throughput, so the worker commits the outputs of events that finish together
+in one write and one acknowledgement (``inferline.stream.commit``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ class Delivery:
     fields: dict[str, str]
     time_ms: int | None = None
     """When the engine received it (epoch ms), where the id does not say (JetStream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """The output of one source event, to be appended once."""
+
+    source_id: str
+    fields: Mapping[str, str]
 
 
 class Source(Protocol):
@@ -47,8 +58,10 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    async def write(self, source_id: str, fields: Mapping[str, str]) -> bool:
-        """Append the output of ``source_id`` unless one was already appended; True when appended."""
+    async def write(self, outputs: Sequence[Output]) -> list[bool]:
+        """Append each output, in order, unless one for its source id was already appended; per
+        output, True when appended. Returns only once every output is durably written (an
+        error: some may be, none is acknowledged, and their redelivery is deduplicated)."""
 
     async def dead_letter(self, source_id: str, fields: Mapping[str, str], reason: str) -> bool:
         """Park a poison event with the reason (once per ``source_id``)."""

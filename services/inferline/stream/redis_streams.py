@@ -3,7 +3,9 @@
 The sink's exactly-once rests on one Lua script: ``SET <marker> NX`` and ``XADD`` run
 atomically, so an output is appended if and only if its source event id had none yet,
 however many times the event is delivered (a worker killed between the write and the
-XACK is the usual case). Markers expire after ``dedupe_ttl_s``.
+XACK is the usual case). Markers expire after ``dedupe_ttl_s``. A batch of outputs is one
+MULTI/EXEC of those scripts (one round trip, appended in order, all or none); every key
+of it hashes to the output stream's slot, so it runs on one Redis Cluster node too.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferline.stream.errors import StreamUnavailable
-from inferline.stream.ports import Delivery
+from inferline.stream.ports import Delivery, Output
 from inferline.stream.spec import StreamEndpoint
 
 CONNECTIONS = 16
@@ -139,19 +141,41 @@ class RedisStreamSink:
         self._dead = dead_letter
         self._ttl_ms = str(int(dedupe_ttl_s * 1000))
         self._append = self._redis.register_script(_APPEND_ONCE)
+        self._loaded = False
+        """The script is in the server's cache (a batch calls it by its SHA, without checking first)."""
 
-    async def _once(self, stream: str, source_id: str, fields: Mapping[str, str]) -> bool:
-        flat = [v for pair in fields.items() for v in pair]
-        with _unavailable(f"append to {stream}"):
-            added = await self._append(keys=[_marker(stream, source_id), stream], args=[self._ttl_ms, *flat])
-        return bool(added)
+    def _args(self, stream: str, output: Output) -> dict[str, Any]:
+        flat = [v for pair in output.fields.items() for v in pair]
+        return {"keys": [_marker(stream, output.source_id), stream], "args": [self._ttl_ms, *flat]}
 
-    async def write(self, source_id: str, fields: Mapping[str, str]) -> bool:
-        return await self._once(self._stream, source_id, fields)
+    async def write(self, outputs: Sequence[Output]) -> list[bool]:
+        if not outputs:
+            return []
+        with _unavailable(f"append to {self._stream}"):
+            try:
+                return await self._write_batch(outputs)
+            except NoScriptError:  # the server lost its script cache (a restart): every call of the batch failed
+                self._loaded = False
+                return await self._write_batch(outputs)
+
+    async def _write_batch(self, outputs: Sequence[Output]) -> list[bool]:
+        """One MULTI/EXEC of EVALSHAs. Not through redis-py's script-in-pipeline support, which
+        asks SCRIPT EXISTS before every batch: a second round trip per batch."""
+        if not self._loaded:
+            await self._redis.script_load(_APPEND_ONCE)
+            self._loaded = True
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for output in outputs:
+                call = self._args(self._stream, output)
+                pipe.evalsha(self._append.sha, len(call["keys"]), *call["keys"], *call["args"])
+            added = await pipe.execute()
+        return [bool(a) for a in added]
 
     async def dead_letter(self, source_id: str, fields: Mapping[str, str], reason: str) -> bool:
         entry = {"event_id": source_id, "reason": reason, **{f"field:{k}": v for k, v in fields.items()}}
-        return await self._once(self._dead, source_id, entry)
+        with _unavailable(f"append to {self._dead}"):
+            added = await self._append(**self._args(self._dead, Output(source_id, entry)))
+        return bool(added)
 
     async def close(self) -> None:
         await self._redis.aclose()

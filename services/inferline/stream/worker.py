@@ -2,9 +2,13 @@
 
 Loop: claim entries idle past ``claim_idle_ms`` first (at start, and again every
 ``claim_idle_ms``), then read new ones, never more than the dispatcher has room for.
-Each event runs as a ``KeyedDispatcher`` job: parse → score → sink write → XACK. The
+Each event runs as a ``KeyedDispatcher`` job: parse → score → commit, where the
+``Committer`` writes the outputs of the events finishing together in one sink write and
+then acknowledges them in one XACK (a round trip per event bounded the worker). The
 acknowledgement comes only after the write, so a crash anywhere before it redelivers the
-event, and the sink's dedupe turns the second write into a no-op: each output exactly once.
+event, and the sink's dedupe turns the second write into a no-op: each output exactly
+once. A job ends only once its output is written, so the next event of its key starts
+after it: order per key.
 
 Failures: an unparseable event is parked in the dead-letter stream at once; the stream
 engine not answering (``StreamUnavailable``) leaves the event pending, uncounted; any other
@@ -21,12 +25,13 @@ import logging
 import time
 
 from inferline.core.config import RouteConfig
+from inferline.stream.commit import Committer
 from inferline.stream.errors import StreamUnavailable
 from inferline.stream.events import InvalidEvent, output_fields, parse_event
 from inferline.stream.metrics import StreamMetrics
 from inferline.stream.mode import LagSwitch
 from inferline.stream.ordering import KeyedDispatcher
-from inferline.stream.ports import Delivery, Sink, Source
+from inferline.stream.ports import Delivery, Output, Sink, Source
 from inferline.stream.scoring import EventScorer
 from inferline.stream.spec import StreamSpec
 
@@ -59,6 +64,7 @@ class StreamWorker:
         self._metrics = metrics
         self._switch = LagSwitch(spec.lag_high, spec.lag_low)
         self._dispatcher = KeyedDispatcher(spec.max_in_flight)
+        self.committer = Committer(sink, source)
         self._held: set[str] = set()  # ids in flight here: a claim must not start them twice
         self.answered = 0
         self.dead_letters = 0
@@ -142,8 +148,7 @@ class StreamWorker:
             event, outcome, self._route, worker=self._spec.consumer, computed_at_ms=int(now_ms),
             mode="light" if light else "primary",
         )  # fmt: skip
-        await self._sink.write(event.id, fields)
-        await self._source.ack([event.id])
+        await self.committer.commit(Output(event.id, fields))
         self.answered += 1
         if self._metrics is not None:
             self._metrics.answered(outcome.served_by.value)
