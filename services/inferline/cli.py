@@ -652,7 +652,10 @@ def stream_run(
     max_in_flight: Annotated[int, typer.Option(help="events read and not yet acknowledged, at most")] = 256,
     claim_idle_ms: Annotated[int, typer.Option(help="claim pending events idle this long")] = 30_000,
     max_attempts: Annotated[int, typer.Option(help="failed attempts before the dead-letter stream")] = 3,
-    budget_ms: Annotated[float, typer.Option(help="event time + budget: older events get the ladder")] = 5_000.0,
+    budget_ms: Annotated[
+        float | None,
+        typer.Option(help="event time + budget: older events get the ladder (default routes.<r>.budgets.stream_ms)"),
+    ] = None,
     lag_high: Annotated[int, typer.Option(help="lag above which the light model scores")] = 10_000,
     lag_low: Annotated[int, typer.Option(help="lag below which the primary scores again")] = 1_000,
     lag_interval_s: Annotated[float, typer.Option(help="seconds between lag readings")] = 1.0,

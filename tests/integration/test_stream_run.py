@@ -169,5 +169,30 @@ async def test_lag_spike_switches_to_the_light_model_and_back(
     assert worker.metric("inferline_stream_lag") == 0
 
 
+async def test_the_routes_stream_budget_decides_which_events_are_too_old(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher, redis_server: RedisServer
+) -> None:
+    """No --budget-ms: the route's budgets.stream_ms (an hour here) applies, not the 5 s default."""
+    config = batch_config(tmp_path, INFERLINE_ROUTES__DRIVER_RANKING__BUDGETS__STREAM_MS=str(HOUR_MS))
+    feast_source(config)
+    client = aioredis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
+    now_ms = int(time.time() * 1000)
+    minute_old = await client.xadd("s3:in", {"driver_id": "1001", "event_time_ms": str(now_ms - 60_000)})
+    too_old = await client.xadd("s3:in", {"driver_id": "1002", "event_time_ms": str(now_ms - 2 * HOUR_MS)})
+    base = f"redis://{redis_server.host}:{redis_server.port}"
+    spec = StreamSpec.build(route=ROUTE, source=f"{base}/s3:in", group="g", sink=f"{base}/s3:out")
+    worker = Worker(config, spec, triton_server.grpc_url)
+    try:
+        await until(lambda: _length(client, "s3:out", 2), "both events answered")
+        out = {f["event_id"]: f for _, f in await entries(client, "s3:out")}
+        await worker.stop()
+    finally:
+        if not worker.task.done():
+            await worker.stop()
+        await client.aclose()
+    assert (out[minute_old]["served_by"], out[minute_old]["reason"]) == ("PRIMARY", "")
+    assert out[too_old]["served_by"] != "PRIMARY" and out[too_old]["reason"] == "DEADLINE"
+
+
 async def _length(client: aioredis.Redis, stream: str, n: int) -> bool:
     return int(await client.xlen(stream)) >= n

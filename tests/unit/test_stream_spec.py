@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import pathlib
 
-from inferline.core.config import RouteConfig
+import pytest
+import yaml
+
+from inferline.core.config import BudgetsConfig, ConfigError, RouteConfig, parse_config
 from inferline.core.served_by import Reason, ServedBy
 from inferline.stream import StreamInputError, StreamSpec
 from inferline.stream.events import Event, InvalidEvent, Outcome, output_fields, parse_event
@@ -93,3 +96,18 @@ def test_lag_switch_has_hysteresis() -> None:
     switch = LagSwitch(high=100, low=10)
     readings = [50, 101, 60, 10, 9, 50, 100, 101]
     assert [switch.update(lag) for lag in readings] == [False, True, True, True, False, False, False, True]
+
+
+def test_stream_budget_comes_from_the_route_unless_the_option_gives_one() -> None:
+    route = ROUTE.model_copy(update={"budgets": BudgetsConfig(stream_ms=1234.0)})
+    assert build().budget_for(route) == 1234.0
+    assert build(budget_ms=50).budget_for(route) == 50.0
+    assert build().budget_for(ROUTE) == 5_000.0  # the setting's default
+
+
+@pytest.mark.parametrize("value", [0, -5, "soon"])
+def test_bad_stream_budget_in_the_config_names_its_key(tmp_path: pathlib.Path, value: object) -> None:
+    raw = yaml.safe_load(pathlib.Path("deploy/local/inferline.yaml").read_text())
+    raw["routes"]["driver_ranking"].setdefault("budgets", {})["stream_ms"] = value
+    with pytest.raises(ConfigError, match=r"routes\.driver_ranking\.budgets\.stream_ms"):
+        parse_config(raw, tmp_path)

@@ -240,6 +240,9 @@ class BudgetsConfig(_Model):
     model_ms: float = Field(60.0, gt=0)
     post_ms: float = Field(5.0, gt=0)
     fallback_reserve_ms: float = Field(5.0, ge=0)
+    stream_ms: float = Field(5_000.0, gt=0)
+    """Stream inference (``inferline stream run``): an event older than its time + this is answered
+    by the degradation ladder, not queued for the primary; ``--budget-ms`` overrides it."""
     stretch_features: bool = False
     """True lets the features read run past ``features_ms`` into the time the model will not
     need (a few times its recent latency; ``RoutePlan.features_deadline``). Off by default: it

@@ -114,8 +114,9 @@ async def run_stream(
             timeout_s=spec.request_timeout_s, attempts=MODEL_ATTEMPTS,
         )  # fmt: skip
         batcher = FeatureBatcher(features, [f.name for f in route.features if f.source is None])
+        budget_ms = spec.budget_for(route)
         events = EventScorer(
-            spec.route, route, batcher, scorer, degradation, publisher, tenant=spec.tenant, budget_ms=spec.budget_ms
+            spec.route, route, batcher, scorer, degradation, publisher, tenant=spec.tenant, budget_ms=budget_ms
         )
         metrics = None if registry is None else StreamMetrics(registry, spec.route)
         worker = StreamWorker(spec, route, source, sink, events, metrics)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from inferline.core.config import RouteConfig
 from inferline.stream.errors import StreamInputError
 
 DEFAULT_PORTS = {"redis": 6379, "nats": 4222}
@@ -77,8 +78,9 @@ class StreamSpec(BaseModel):
     """Pending entries idle this long (a dead consumer's, or a failed attempt) are claimed."""
     max_attempts: int = Field(3, ge=1)
     """Failed attempts after which an event goes to the dead-letter stream (and is acknowledged)."""
-    budget_ms: float = Field(5_000.0, gt=0)
-    """An event older than event time + budget is answered by the degradation ladder."""
+    budget_ms: float | None = Field(None, gt=0)
+    """An event older than event time + budget is answered by the degradation ladder; None: the
+    route's ``budgets.stream_ms`` (``budget_for``)."""
     lag_high: int = Field(10_000, ge=1)
     """Consumer-group lag above which the worker scores with the route's light model."""
     lag_low: int = Field(1_000, ge=0)
@@ -95,6 +97,10 @@ class StreamSpec(BaseModel):
         if self.lag_low >= self.lag_high:
             raise ValueError(f"--lag-low ({self.lag_low}) must be below --lag-high ({self.lag_high}): hysteresis")
         return self
+
+    def budget_for(self, route: RouteConfig) -> float:
+        """The stream budget in ms: ``--budget-ms`` when given, else the route's ``budgets.stream_ms``."""
+        return self.budget_ms if self.budget_ms is not None else route.budgets.stream_ms
 
     @property
     def dead_letter_stream(self) -> str:
