@@ -212,7 +212,7 @@ def triton_autoscale(
             loop.add_signal_handler(signum, stop.set)
         await run_until_stopped(config, triton_url, stop)
 
-    asyncio.run(main())
+    _run(main())  # a Triton that refuses model control: one line, exit 2
 
 
 @triton_cli.command("class-copies")

@@ -17,6 +17,7 @@ from inferline.core.grpc_server import start_server
 from inferline.core.ports import free_port
 from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret
 from inferline.route_check import CheckReport, route_models, run_check
+from inferline.triton.autoscaler import OwnedAutoscaler
 from inferline.triton.launcher import TritonLauncher
 from inferline.triton.supervisor import TritonSupervisor
 from inferline.workers import RouterWorkers
@@ -121,12 +122,15 @@ async def serve_process(
     ``gateway``: Envoy takes the public port (``server.host:server.port``) in front of the
     router, which then listens on a loopback port of its own (``gateway.embedded``).
     ``workers``: router processes in all, this one included (more need the gateway, and
-    ``config_path`` for the others to load).
+    ``config_path`` for the others to load). ``start_triton`` (``inferline up``) also runs
+    the ``autoscale`` section's controller on the Triton used, in this process only: the
+    router workers and ``inferline serve`` never do (one controller per Triton).
     """
     launcher: TritonLauncher | None = None
     supervisor: TritonSupervisor | None = None
     front: EmbeddedGateway | None = None
     others: RouterWorkers | None = None
+    autoscaler: OwnedAutoscaler | None = None
     if workers > 1 and (not gateway or config_path is None):
         raise ValueError("several router workers need the embedded gateway and the config file's path")
     gateway = gateway and "router" in roles
@@ -147,6 +151,9 @@ async def serve_process(
             if "router" in roles and triton_url:
                 checked = await check_before_traffic(config, triton_url, roles)
             app = build_app(config, roles, triton_url, route_check=checked)
+        if start_triton and "router" in roles and triton_url and config.autoscale and config.autoscale.enabled:
+            # Before the server takes traffic: the warm pool is loaded and warmed up when this returns.
+            autoscaler = await OwnedAutoscaler.start(config.autoscale, triton_url, config.triton.tls)
         await app.start()
         # Feast, pandas and pyarrow leave millions of long-lived objects behind at start-up;
         # a full collection walking them stalls the event loop for 100+ ms (seen here as
@@ -194,6 +201,8 @@ async def serve_process(
             await front.stop()
         if others is not None:
             await others.stop()
+        if autoscaler is not None:  # before Triton stops, or its last samples fail
+            await autoscaler.stop()
         # The supervisor first: otherwise it would take the requested stop for a crash.
         if supervisor is not None:
             await supervisor.stop()

@@ -1,6 +1,8 @@
 """The instance autoscaler on the real (bundled) Triton: model control changes a model's
-instance count without unloading it, and the controller adds an instance under queueing
-and gives it back once the queue is quiet, never below the warm pool."""
+instance count without unloading it, an added instance runs the model's warm-up before the
+load returns, the controller adds an instance under queueing and gives it back once the
+queue is quiet, never below the warm pool, and ``inferline up`` with an ``autoscale``
+section has the warm pool loaded before it serves and keeps it there."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+import yaml
 from tritonclient.grpc import aio as triton_aio
 
 from inferline.triton.autoscaler import AutoscalerConfig, InstanceAutoscaler, ModelScalingConfig, TritonInstanceControl
 from inferline.triton.launcher import TritonLauncher
+from tests.integration.router_fixtures import FUNCTIONAL_BUDGETS, start_router, write_test_config
 
 MODEL = "driver_ranker_light"
 
@@ -65,6 +69,22 @@ async def test_instance_count_changes_without_unloading(
     await _infer(client)
     started = _instances_started(triton_server.log_path)
     assert f"{MODEL}_0_1" in started, f"Triton started {sorted(started)}"
+
+
+async def test_an_added_instance_runs_the_warm_up_before_the_load_returns(
+    client: triton_aio.InferenceServerClient, triton_server: TritonLauncher
+) -> None:
+    control = TritonInstanceControl(client)
+    assert await control.has_warmup(MODEL)
+    assert triton_server.log_path is not None
+    mark = len(triton_server.log_path.read_bytes())
+    await client.update_log_settings(settings={"log_verbose_level": 1})  # Triton logs warm-ups at level 1
+    try:
+        await control.set_instance_count(MODEL, 2)
+    finally:
+        await client.update_log_settings(settings={"log_verbose_level": 0})
+    log = triton_server.log_path.read_bytes()[mark:].decode(errors="replace")
+    assert f"instance {MODEL}_0_1 is running warmup sample" in log, log[-3000:]
 
 
 async def test_controller_adds_an_instance_under_queueing_and_returns_to_the_warm_pool(
@@ -125,3 +145,26 @@ async def test_cli_brings_the_model_to_its_warm_pool_and_stops_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_up_loads_the_warm_pool_before_serving_and_keeps_it(
+    client: triton_aio.InferenceServerClient, triton_server: TritonLauncher, tmp_path: pathlib.Path
+) -> None:
+    control = TritonInstanceControl(client)
+    assert await control.instance_count(MODEL) == 1
+    config = write_test_config(tmp_path / "inferline.yaml", budgets=FUNCTIONAL_BUDGETS)
+    raw = yaml.safe_load(config.read_text())
+    raw["autoscale"] = {"models": {MODEL: {"min_instances": 2, "max_instances": 3}}, "interval_s": 0.2}
+    config.write_text(yaml.safe_dump(raw))
+    router = start_router(triton_server, config, tmp_path)
+    try:
+        assert await control.instance_count(MODEL) == 2  # loaded (and warmed up) before it served
+        await control.set_instance_count(MODEL, 1)  # as a restarted Triton or `models load` would
+        deadline = time.monotonic() + 30
+        while await control.instance_count(MODEL) != 2:
+            assert time.monotonic() < deadline, f"the warm pool was not restored:\n{router.log_tail()}"
+            await asyncio.sleep(0.1)
+    finally:
+        code = router.stop()
+    assert code == 0, router.log_tail()
+    assert "autoscaling driver_ranker_light=2" in router.log_tail(1_000_000)

@@ -1,19 +1,30 @@
-"""ScalingPolicy: up at once on a long queue, down after a quiet spell, within the warm pool and the maximum."""
+"""ScalingPolicy: up at once on a long queue, down after a quiet spell, within the warm pool and the
+maximum; the ``autoscale`` config section; the controller's loop over a fake Triton."""
 
 from __future__ import annotations
 
+import logging
+import pathlib
+from typing import Any
+
 import pytest
+import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from inferline.cli import cli
+from inferline.core.config import ConfigError, load_config
 from inferline.triton.autoscaler import (
     AutoscalerConfig,
+    InstanceAutoscaler,
     ModelScalingConfig,
     QueueSample,
+    ScalingEvent,
     ScalingPolicy,
     parse_model_bounds,
 )
+
+DEFAULT = pathlib.Path("deploy/local/inferline.yaml")
 
 
 class Clock:
@@ -109,10 +120,12 @@ def test_step_up_adds_several_but_not_past_the_maximum(clock: Clock) -> None:
 def test_config_refuses_bounds_and_thresholds_that_cannot_work() -> None:
     with pytest.raises(ValidationError, match="max_instances"):
         ModelScalingConfig(min_instances=3, max_instances=2)
-    with pytest.raises(ValidationError, match="scale_down_queue_ms must be below"):
-        AutoscalerConfig(models={}, scale_up_queue_ms=1.0, scale_down_queue_ms=1.0)
+    with pytest.raises(ValidationError, match=r"scale_down_queue_ms \(1.0\) must be below"):
+        AutoscalerConfig(models={"m": BOUNDS}, scale_up_queue_ms=1.0, scale_down_queue_ms=1.0)
     with pytest.raises(ValidationError, match="extra"):
-        AutoscalerConfig.model_validate({"models": {}, "interval": 1})
+        AutoscalerConfig.model_validate({"models": {"m": {}}, "interval": 1})
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        AutoscalerConfig(models={})
 
 
 def test_model_bounds_parse_and_refuse_clearly() -> None:
@@ -131,3 +144,93 @@ def test_cli_refuses_bad_bounds_before_connecting() -> None:
     result = CliRunner().invoke(cli, ["triton", "autoscale", "--triton-url", "127.0.0.1:1", "--model", "m=3:2"])
     assert result.exit_code == 2
     assert "max_instances (2) < min_instances (3)" in result.output
+
+
+def _config_with(tmp_path: pathlib.Path, autoscale: Any) -> pathlib.Path:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    raw["autoscale"] = autoscale
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_autoscale_section_is_off_unless_present(tmp_path: pathlib.Path) -> None:
+    assert load_config(DEFAULT).autoscale is None
+    section = {"models": {"driver_ranker": {"min_instances": 2, "max_instances": 6}}, "scale_up_queue_ms": 8}
+    config = load_config(_config_with(tmp_path, section)).autoscale
+    assert config is not None and config.enabled
+    assert config.models["driver_ranker"] == ModelScalingConfig(min_instances=2, max_instances=6)
+    assert config.scale_up_queue_ms == 8 and config.down_cooldown_s == 60.0
+    off = load_config(_config_with(tmp_path, section), environ={"INFERLINE_AUTOSCALE__ENABLED": "false"})
+    assert off.autoscale is not None and not off.autoscale.enabled
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"models": {"driver_ranker": {}}, "interval": 1}, r"autoscale\.interval: Extra inputs"),
+        ({"models": {"driver_ranker": {"min_instances": 3, "max_instances": 2}}}, r"autoscale\.models\.driver_ranker:"),
+        ({"models": {"driver_ranker": {"min_instances": 0}}}, r"autoscale\.models\.driver_ranker\.min_instances"),
+        ({"models": {"ghost": {}}}, r"autoscale\.models: unknown model 'ghost' \(.*driver_ranker"),
+        ({"models": {}}, r"autoscale\.models: List should have at least 1 item|autoscale\.models: Dictionary"),
+        (
+            {"models": {"driver_ranker": {}}, "scale_up_queue_ms": 1, "scale_down_queue_ms": 2},
+            r"autoscale: .*scale_down_queue_ms \(2\.0\) must be below scale_up_queue_ms",
+        ),
+    ],
+)
+def test_a_bad_autoscale_section_is_named(tmp_path: pathlib.Path, section: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_config_with(tmp_path, section))
+
+
+class FakeTriton:
+    """A Triton of one model: its instance count, statistics and whether it has a warm-up."""
+
+    def __init__(self, count: int, warmup: bool = True) -> None:
+        self.count = count
+        self.warmup = warmup
+        self.queue_ns = 0
+        self.requests = 0
+        self.loads: list[int] = []
+
+    async def instance_count(self, model: str) -> int:
+        return self.count
+
+    async def set_instance_count(self, model: str, count: int) -> None:
+        self.loads.append(count)
+        self.count = count
+
+    async def queue_totals(self, model: str) -> tuple[int, int]:
+        return self.queue_ns, self.requests
+
+    async def has_warmup(self, model: str) -> bool:
+        return self.warmup
+
+
+async def test_the_controller_restores_the_warm_pool_after_triton_reset_the_count(clock: Clock) -> None:
+    triton = FakeTriton(count=1)
+    events: list[ScalingEvent] = []
+    autoscaler = InstanceAutoscaler(CONFIG, triton, clock, on_change=events.append)
+    await autoscaler.start()
+    try:
+        assert triton.loads == [2] and autoscaler.counts == {"m": 2}
+        triton.count = 1  # a restarted Triton loads the repository's count
+        clock.now += 1
+        assert await autoscaler.step() == {"m": 2}
+        assert triton.loads == [2, 2]
+        triton.queue_ns, triton.requests = 100 * 20_000_000, 100  # 20 ms a request
+        clock.now += CONFIG.up_cooldown_s  # the restore was a change: the next waits its cool-down
+        assert await autoscaler.step() == {"m": 3}
+        assert [(e.before, e.after) for e in events] == [(1, 2), (1, 2), (2, 3)]
+        assert events[-1].sample == QueueSample(20.0, 100) and events[-1].ready_s >= events[-1].decided_s
+    finally:
+        await autoscaler.stop()
+
+
+async def test_the_controller_warns_of_a_model_without_warm_up(caplog: pytest.LogCaptureFixture) -> None:
+    autoscaler = InstanceAutoscaler(CONFIG, FakeTriton(count=2, warmup=False))
+    with caplog.at_level(logging.WARNING, logger="inferline.triton.autoscaler"):
+        await autoscaler.start()
+    await autoscaler.stop()
+    assert "model m has no model_warmup" in caplog.text

@@ -735,6 +735,55 @@ class BatchJobsConfig(_Model):
         return self.input_root is not None
 
 
+class ModelScalingConfig(_Model):
+    """Bounds of one model's Triton instance count (``autoscale.models.<model>``)."""
+
+    min_instances: int = Field(1, ge=1)
+    """The warm pool: instances always loaded and warmed up, so a step in load meets ready capacity."""
+    max_instances: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ModelScalingConfig:
+        if self.max_instances < self.min_instances:
+            raise ValueError(f"max_instances ({self.max_instances}) < min_instances ({self.min_instances})")
+        return self
+
+
+class AutoscalerConfig(_Model):
+    """The ``autoscale`` section: Triton instance counts that follow queue time
+    (``inferline.triton.autoscaler``, docs/deploy.md). ``inferline up`` runs the controller
+    when the section is present and ``enabled``; absent, instance counts stay as the model
+    repository sets them (the controller reloads models, so it is never on unasked)."""
+
+    enabled: bool = True
+    """``false`` keeps the section but runs no controller (``INFERLINE_AUTOSCALE__ENABLED=false``)."""
+    models: dict[str, ModelScalingConfig] = Field(min_length=1)
+    """Triton model name → its bounds; the same rules below apply to every model."""
+    interval_s: float = Field(1.0, gt=0)
+    """Seconds between samples of Triton's statistics."""
+    scale_up_queue_ms: float = Field(5.0, gt=0)
+    """Add instances when the mean queue time per request over an interval is above this."""
+    scale_down_queue_ms: float = Field(1.0, ge=0)
+    """An interval below this (or without requests) is quiet."""
+    scale_down_after_s: float = Field(60.0, ge=0)
+    """How long the queue must stay quiet before an instance is removed."""
+    up_cooldown_s: float = Field(5.0, ge=0)
+    """No new change this soon after one: the added instances must show in the figures first."""
+    down_cooldown_s: float = Field(60.0, ge=0)
+    """No removal this soon after the last change."""
+    step_up: int = Field(1, ge=1)
+    """Instances added per decision."""
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> AutoscalerConfig:
+        if self.scale_down_queue_ms >= self.scale_up_queue_ms:
+            raise ValueError(
+                f"scale_down_queue_ms ({self.scale_down_queue_ms}) must be below scale_up_queue_ms "
+                f"({self.scale_up_queue_ms}), else the count oscillates"
+            )
+        return self
+
+
 class InferlineConfig(_Model):
     server: ServerConfig = ServerConfig()
     triton: TritonConfig = TritonConfig()
@@ -759,6 +808,8 @@ class InferlineConfig(_Model):
     models: dict[str, KServeModelConfig] = {}
     """KServe-only models (tensor in, tensor out) by Triton model name: served by the KServe
     front door to the tenants that list them, loaded by the bundled Triton like the routes' models."""
+    autoscale: AutoscalerConfig | None = None
+    """Triton instance autoscaling run by ``inferline up``; None (the default): off."""
 
     @property
     def served_models(self) -> list[str]:
@@ -844,6 +895,19 @@ class InferlineConfig(_Model):
                         "a route's models need no entry, the tenant's routes give access to them)"
                     )
                 self._tenant_can_call(tenant_name, tenant, model, self.models[model])
+        return self
+
+    @model_validator(mode="after")
+    def _autoscaled_models_served(self) -> InferlineConfig:
+        """The controller scales models the bundled Triton loads: a typo must not pass silently."""
+        if self.autoscale is not None:
+            served = self.served_models
+            for model in self.autoscale.models:
+                if model not in served:
+                    raise ValueError(
+                        f"autoscale.models: unknown model {model!r} (the models the routes and models entries "
+                        f"name: {', '.join(served) or 'none'})"
+                    )
         return self
 
     @staticmethod

@@ -19,7 +19,18 @@ missing costs deadlines at once, capacity idle costs only money for a while.
 ``TritonInstanceControl`` changes the count by loading the model with its own config and
 only ``instance_group[0].count`` changed: Triton then adds or removes instances without
 reloading the model, and new instances run the model's ``model_warmup`` before they take
-requests (the model stays ready throughout).
+requests (the model stays ready throughout; seen in Triton's verbose log: the new instance
+runs the warm-up sample before the load call returns). A model without ``model_warmup``
+would give its first requests to a cold instance: ``start`` says so in a warning, once.
+
+Every sample re-reads each model's instance count from Triton instead of trusting the count
+last set: a Triton restarted by its supervisor, or a model reloaded by hand, comes back with
+the repository's count, and the next sample brings it back inside the bounds (the warm pool
+is restored within one interval, not at the next scaling decision).
+
+The configuration is the ``autoscale`` section (``inferline.core.config.AutoscalerConfig``);
+``inferline up`` runs the controller when it is present, ``inferline triton autoscale`` runs
+it beside a Triton of its own (a Kubernetes pod).
 """
 
 from __future__ import annotations
@@ -32,52 +43,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from inferline.core.background import BackgroundTask, every
+from inferline.core.config import AutoscalerConfig, ConfigError, ModelScalingConfig, TlsClientConfig
+from inferline.core.tls import tritonclient_kwargs
+
+__all__ = [
+    "AutoscalerConfig",
+    "InstanceAutoscaler",
+    "ModelScalingConfig",
+    "OwnedAutoscaler",
+    "QueueSample",
+    "ScalingEvent",
+    "ScalingPolicy",
+    "TritonInstanceControl",
+    "parse_model_bounds",
+    "run_until_stopped",
+]
 
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-
-
-class ModelScalingConfig(BaseModel):
-    """Bounds of one model's instance count."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_instances: int = Field(1, ge=1)
-    """The warm pool: instances always loaded and warmed up."""
-    max_instances: int = Field(4, ge=1)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> ModelScalingConfig:
-        if self.max_instances < self.min_instances:
-            raise ValueError(f"max_instances ({self.max_instances}) < min_instances ({self.min_instances})")
-        return self
-
-
-class AutoscalerConfig(BaseModel):
-    """How the controller samples and decides (the same rules for every model)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    models: dict[str, ModelScalingConfig]
-    """Triton model name → its bounds."""
-    interval_s: float = Field(1.0, gt=0)
-    scale_up_queue_ms: float = Field(5.0, gt=0)
-    scale_down_queue_ms: float = Field(1.0, ge=0)
-    scale_down_after_s: float = Field(60.0, ge=0)
-    """How long the queue must stay short before an instance is removed."""
-    up_cooldown_s: float = Field(5.0, ge=0)
-    down_cooldown_s: float = Field(60.0, ge=0)
-    step_up: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _thresholds(self) -> AutoscalerConfig:
-        if self.scale_down_queue_ms >= self.scale_up_queue_ms:
-            raise ValueError("scale_down_queue_ms must be below scale_up_queue_ms (else the count oscillates)")
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +113,7 @@ class InstanceControl(Protocol):
     async def instance_count(self, model: str) -> int: ...
     async def set_instance_count(self, model: str, count: int) -> None: ...
     async def queue_totals(self, model: str) -> tuple[int, int]: ...
+    async def has_warmup(self, model: str) -> bool: ...
 
 
 class TritonInstanceControl:
@@ -148,6 +134,10 @@ class TritonInstanceControl:
     async def instance_count(self, model: str) -> int:
         return int((await self._config(model))["instance_group"][0].get("count", 1))
 
+    async def has_warmup(self, model: str) -> bool:
+        """Whether Triton warms the model's new instances up (a ``model_warmup`` in its config)."""
+        return bool((await self._config(model)).get("model_warmup"))
+
     async def set_instance_count(self, model: str, count: int) -> None:
         """Load ``model`` with its config and only its instance count changed; returns when loaded (warm)."""
         config = await self._config(model)
@@ -161,12 +151,40 @@ class TritonInstanceControl:
         return sum(s.queue.ns for s in stats), sum(s.success.count for s in stats)
 
 
-class InstanceAutoscaler:
-    """Samples every configured model, asks its ``ScalingPolicy``, and applies changes."""
+@dataclass(frozen=True, slots=True)
+class ScalingEvent:
+    """One applied change: what the controller saw, and when the new count was ready."""
 
-    def __init__(self, config: AutoscalerConfig, control: InstanceControl, clock: Clock = time.monotonic) -> None:
+    model: str
+    before: int
+    after: int
+    sample: QueueSample
+    decided_s: float
+    """Clock time of the decision."""
+    ready_s: float
+    """Clock time the load call returned: the added instances are loaded and warmed up."""
+
+
+OnChange = Callable[[ScalingEvent], None]
+
+
+class InstanceAutoscaler:
+    """Samples every configured model, asks its ``ScalingPolicy``, and applies changes.
+
+    ``on_change`` sees every applied change (the benchmark times capacity with it).
+    """
+
+    def __init__(
+        self,
+        config: AutoscalerConfig,
+        control: InstanceControl,
+        clock: Clock = time.monotonic,
+        on_change: OnChange | None = None,
+    ) -> None:
         self._config = config
         self._control = control
+        self._clock = clock
+        self._on_change = on_change
         self._policies = {name: ScalingPolicy(bounds, config, clock) for name, bounds in config.models.items()}
         self._totals: dict[str, tuple[int, int]] = {}
         self._task = BackgroundTask("instance-autoscaler", every(config.interval_s, self.step, "instance autoscaler"))
@@ -174,8 +192,15 @@ class InstanceAutoscaler:
         """The count each model was last seen with or set to."""
 
     async def start(self) -> None:
-        """Baseline the statistics and bring every model inside its bounds, then sample in the background."""
+        """Baseline the statistics and bring every model inside its bounds (loaded and warm when
+        this returns, so a caller can start taking traffic after it), then sample in the background."""
         for model in self._policies:
+            if not await self._control.has_warmup(model):
+                logger.warning(
+                    "model %s has no model_warmup in its config: instances the autoscaler adds take their "
+                    "first requests cold (add a model_warmup sample to its config.pbtxt)",
+                    model,
+                )
             self._totals[model] = await self._control.queue_totals(model)
             self.counts[model] = await self._control.instance_count(model)
         await self._apply({m: QueueSample(0.0, 0) for m in self._policies}, initial=True)
@@ -189,9 +214,10 @@ class InstanceAutoscaler:
         samples = {}
         for model in self._policies:
             queue_ns, requests = await self._control.queue_totals(model)
+            self.counts[model] = await self._control.instance_count(model)  # a restart resets it
             last_ns, last_requests = self._totals.get(model, (queue_ns, requests))
             self._totals[model] = (queue_ns, requests)
-            delta = max(requests - last_requests, 0)
+            delta = max(requests - last_requests, 0)  # statistics that went down: a restart, idle
             samples[model] = QueueSample((queue_ns - last_ns) / delta / 1e6 if delta else 0.0, delta)
         await self._apply(samples)
         return dict(self.counts)
@@ -214,8 +240,11 @@ class InstanceAutoscaler:
                     sample.queue_ms,
                     sample.requests,
                 )
+                decided = self._clock()
                 await self._control.set_instance_count(model, wanted)
                 self.counts[model] = wanted
+                if self._on_change is not None:
+                    self._on_change(ScalingEvent(model, count, wanted, sample, decided, self._clock()))
 
 
 def parse_model_bounds(spec: str) -> tuple[str, ModelScalingConfig]:
@@ -231,16 +260,56 @@ def parse_model_bounds(spec: str) -> tuple[str, ModelScalingConfig]:
     return name, ModelScalingConfig(min_instances=int(low), max_instances=int(high))
 
 
-async def run_until_stopped(config: AutoscalerConfig, triton_url: str, stop: asyncio.Event) -> None:
-    """Scale ``config.models`` on the Triton at ``triton_url`` until ``stop`` is set."""
-    from tritonclient.grpc import aio as triton_aio
+class OwnedAutoscaler:
+    """An ``InstanceAutoscaler`` with the Triton client it owns: what a serving process starts
+    beside its other parts (``inferline up``) and stops at the end."""
 
-    client = triton_aio.InferenceServerClient(triton_url)
-    autoscaler = InstanceAutoscaler(config, TritonInstanceControl(client))
-    try:
-        await autoscaler.start()
+    def __init__(self, autoscaler: InstanceAutoscaler, client: Any) -> None:
+        self.autoscaler = autoscaler
+        self._client = client
+
+    @classmethod
+    async def start(
+        cls, config: AutoscalerConfig, triton_url: str, tls: TlsClientConfig | None = None
+    ) -> OwnedAutoscaler:
+        """Connect, bring every model to its warm pool (loaded and warmed up when this returns), and sample.
+
+        Raises:
+            ConfigError: Triton refused a model's load (not in explicit model-control mode, or
+                a model it does not have), naming the ``autoscale`` key.
+        """
+        from tritonclient.grpc import aio as triton_aio
+        from tritonclient.utils import InferenceServerException
+
+        client = triton_aio.InferenceServerClient(triton_url, **tritonclient_kwargs(tls))
+        autoscaler = InstanceAutoscaler(config, TritonInstanceControl(client))
+        try:
+            await autoscaler.start()
+        except (InferenceServerException, ValueError) as err:
+            await autoscaler.stop()
+            await client.close()
+            raise ConfigError(
+                f"autoscale: cannot scale on the Triton at {triton_url} ({err}); it must run with "
+                "--model-control-mode=explicit and have every model of autoscale.models"
+            ) from err
+        except BaseException:
+            await autoscaler.stop()
+            await client.close()
+            raise
         logger.info("autoscaling %s on %s", ", ".join(f"{m}={c}" for m, c in autoscaler.counts.items()), triton_url)
+        return cls(autoscaler, client)
+
+    async def stop(self) -> None:
+        await self.autoscaler.stop()
+        await self._client.close()
+
+
+async def run_until_stopped(
+    config: AutoscalerConfig, triton_url: str, stop: asyncio.Event, tls: TlsClientConfig | None = None
+) -> None:
+    """Scale ``config.models`` on the Triton at ``triton_url`` until ``stop`` is set."""
+    owned = await OwnedAutoscaler.start(config, triton_url, tls)
+    try:
         await stop.wait()
     finally:
-        await autoscaler.stop()
-        await client.close()
+        await owned.stop()
