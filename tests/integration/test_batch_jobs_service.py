@@ -4,7 +4,9 @@ real bundled Triton and the materialised Feast demo repo.
 A job submitted through the service writes what ``inferline batch run`` writes for the same
 input (``run_batch``, the command's entry point, is the oracle); tenants see and cancel only
 their own jobs; a cancel stops a job within a second and leaves it resumable; a router
-stopped (SIGTERM) or killed (SIGKILL) while a job runs resumes it when it starts again; bad
+stopped (SIGTERM) or killed (SIGKILL) while a job runs resumes it when it starts again (the
+job runs in a child process of its own, below the router's CPU priority, which ends with the
+router); bad
 requests get INVALID_ARGUMENT naming the field, and no message names a server path.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
 import pathlib
 import signal
 import time
@@ -50,6 +53,32 @@ SLOW_ROWS_PER_S = 600.0
 """The rate of jobs a test stops part-way: 30 chunks over ~5 s, so the stop lands mid-job."""
 LEASE_S = 2.0
 COMPARED = ["input_row", "driver_id", "score", "decision", "model", "model_version", "defaulted_features"]
+
+
+JOB_NICE = 10
+"""``batch_jobs.process_nice``'s default."""
+
+
+def job_processes(router_pid: int) -> list[int]:
+    """The pids of the router's batch job processes (``inferline.batch.service.job_process``)."""
+    found = []
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == router_pid and b"inferline.batch.service.job_process" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet has ended)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def auth(key: str) -> list[tuple[str, str]]:
@@ -537,8 +566,13 @@ def test_a_running_job_resumes_when_the_service_starts_again(
     output = f"restarted-{sig.name.lower()}"
     job = submit(service, job_spec(output, max_rows_per_s=SLOW_ROWS_PER_S))
     before = wait_for_rows(service, job.job_id, 5 * CHUNK_ROWS)
+    assert service.process is not None and service.process.server.proc is not None
+    router = service.process.server.proc.pid
+    [child] = job_processes(router)  # the job runs in a child process of its own, below the router's priority
+    assert os.getpriority(os.PRIO_PROCESS, child) == min(19, os.getpriority(os.PRIO_PROCESS, router) + JOB_NICE)
 
     service.stop(sig)
+    wait_until(lambda: not running(child), "the job's process ending with its router")
     service.start()
 
     done = wait_for_state(service, job.job_id, pb.BATCH_JOB_STATE_SUCCEEDED, pb.BATCH_JOB_STATE_FAILED)

@@ -707,7 +707,7 @@ class ValidationConfig(_Model):
 
 class BatchJobsConfig(_Model):
     """The ``BatchJobs`` gRPC service of the router (docs/batch.md): batch jobs submitted by
-    callers, run inside the serving process. Off (not served) while ``input_root`` is unset."""
+    callers, run by the serving process in child processes. Off (not served) while ``input_root`` is unset."""
 
     input_root: pathlib.Path | None = None
     """Directory of the jobs' input files: a tenant's job reads only under ``input_root/<tenant>/``."""
@@ -723,6 +723,10 @@ class BatchJobsConfig(_Model):
     lease_s: float = Field(10.0, ge=1)
     """A running job's owner renews its claim this often ×⅓; a job whose owner died (SIGKILL)
     is taken over by another process, or the restarted one, after this long."""
+    process_nice: int = Field(10, ge=0, le=19)
+    """Each job runs in a child process of its own, this many steps of CPU niceness below the
+    router: a job's Python (Feast reads, parsing, part files) then neither holds the router's
+    GIL nor takes CPU an online request is waiting for. 0: the router's own priority."""
 
     @model_validator(mode="after")
     def _roots_together(self) -> BatchJobsConfig:
