@@ -48,10 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=pathlib.Path, default=ROOT / "deploy/local/inferline.yaml")
     p.add_argument("--triton-url", default=None, help="a running Triton (explicit model control); default: bundled")
     p.add_argument("--model", default="driver_ranker")
-    p.add_argument("--rows", type=int, default=1, help="rows per request")
+    p.add_argument(
+        "--rows", type=int, default=64, help="rows per request (64: the model's instances, not the hop, are the limit)"
+    )
     p.add_argument("--knee", type=float, default=None, help="knee (req/s); default: sweep it")
     p.add_argument("--knee-instances", type=int, default=1, help="instances of the model while sweeping the knee")
-    p.add_argument("--start-rate", type=float, default=200.0, help="first rate of the knee sweep")
+    p.add_argument("--start-rate", type=float, default=50.0, help="first rate of the knee sweep")
     p.add_argument("--max-rate", type=float, default=6000.0)
     p.add_argument("--step-factor", type=float, default=1.25, help="sweep rate multiplier")
     p.add_argument("--sweep-step-s", type=float, default=4.0)
@@ -66,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deadline-ms", type=float, default=50.0, help="per request (Triton's queue timeout too)")
     p.add_argument("--interval-s", type=float, default=0.5, help="controller: seconds between samples")
     p.add_argument("--scale-up-queue-ms", type=float, default=2.0, help="controller: add above this queue time")
+    p.add_argument("--scale-up-after-s", type=float, default=1.5, help="controller: long this long first")
     p.add_argument("--scale-down-queue-ms", type=float, default=0.5)
     p.add_argument("--up-cooldown-s", type=float, default=2.0)
     p.add_argument("--scale-down-after-s", type=float, default=60.0, help="longer than a scenario: no removal")
@@ -77,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             models={a.model: ModelScalingConfig()},
             interval_s=a.interval_s,
             scale_up_queue_ms=a.scale_up_queue_ms,
+            scale_up_after_s=a.scale_up_after_s,
             scale_down_queue_ms=a.scale_down_queue_ms,
             up_cooldown_s=a.up_cooldown_s,
             scale_down_after_s=a.scale_down_after_s,

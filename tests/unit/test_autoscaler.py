@@ -74,6 +74,25 @@ def test_up_waits_for_its_cool_down_then_goes_on_to_the_maximum(policy: ScalingP
     assert policy.decide(4, LONG) == 4
 
 
+def test_scale_up_after_waits_for_the_queue_to_stay_long(clock: Clock) -> None:
+    policy = ScalingPolicy(BOUNDS, CONFIG.model_copy(update={"scale_up_after_s": 1.0}), clock)
+    assert policy.decide(2, LONG) == 2  # long from now
+    clock.now += 0.5
+    assert policy.decide(2, LONG) == 2
+    clock.now += 0.5
+    assert policy.decide(2, BETWEEN) == 2  # the spell is broken: a blip, not a step
+    clock.now += 0.5
+    assert policy.decide(2, LONG) == 2
+    clock.now += 0.5
+    assert policy.decide(2, LONG) == 2
+    clock.now += 0.5
+    assert policy.decide(2, LONG) == 3  # long for 1 s
+    clock.now += CONFIG.up_cooldown_s
+    assert policy.decide(3, LONG) == 3  # the new count must be long for 1 s again
+    clock.now += 1.0
+    assert policy.decide(3, LONG) == 4
+
+
 def test_queue_between_the_thresholds_changes_nothing(policy: ScalingPolicy, clock: Clock) -> None:
     for _ in range(10):
         clock.now += 100

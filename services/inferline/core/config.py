@@ -767,6 +767,10 @@ class AutoscalerConfig(_Model):
     """Seconds between samples of Triton's statistics."""
     scale_up_queue_ms: float = Field(5.0, gt=0)
     """Add instances when the mean queue time per request over an interval is above this."""
+    scale_up_after_s: float = Field(0.0, ge=0)
+    """How long the queue must stay above ``scale_up_queue_ms`` before instances are added (0: at
+    the first long interval). A mean over the few requests of a quiet interval jumps with one
+    slow answer; this keeps such blips from adding capacity, at this much delay on a real step."""
     scale_down_queue_ms: float = Field(1.0, ge=0)
     """An interval below this (or without requests) is quiet."""
     scale_down_after_s: float = Field(60.0, ge=0)

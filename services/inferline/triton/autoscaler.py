@@ -5,9 +5,9 @@ Algorithm (``ScalingPolicy``, per model, on every sample of ``interval_s``):
 
 * ``queue_ms`` = Δ queue time / Δ successful requests since the last sample (Triton's
   statistics, summed over the model's versions); no request in the interval counts as idle.
-* **Up** at once when ``queue_ms > scale_up_queue_ms``: ``count + step_up`` (at most
-  ``max_instances``), then no change for ``up_cooldown_s`` so the new instances show in the
-  figures before the next decision.
+* **Up** when ``queue_ms > scale_up_queue_ms`` has held for ``scale_up_after_s`` (0: at
+  once, on the first long interval): ``count + step_up`` (at most ``max_instances``), then no
+  change for ``up_cooldown_s`` so the new instances show in the figures before the next decision.
 * **Down** by one when ``queue_ms < scale_down_queue_ms`` (or idle) has held for
   ``scale_down_after_s`` and the last change is ``down_cooldown_s`` old, never below
   ``min_instances``.
@@ -82,6 +82,7 @@ class ScalingPolicy:
         self._clock = clock
         self._last_change = -float("inf")
         self._quiet_since: float | None = None
+        self._long_since: float | None = None
 
     def decide(self, count: int, sample: QueueSample) -> int:
         """The instance count to have now, given the current ``count`` and the last interval."""
@@ -89,13 +90,21 @@ class ScalingPolicy:
         config, bounds = self._config, self._bounds
         wanted = min(max(count, bounds.min_instances), bounds.max_instances)  # back inside the bounds first
         quiet = sample.requests == 0 or sample.queue_ms < config.scale_down_queue_ms
+        long = sample.requests > 0 and sample.queue_ms > config.scale_up_queue_ms
         if not quiet:
             self._quiet_since = None
         elif self._quiet_since is None:
             self._quiet_since = now
+        if not long:
+            self._long_since = None
+        elif self._long_since is None:
+            self._long_since = now
         if wanted == count:
-            if sample.requests and sample.queue_ms > config.scale_up_queue_ms:
-                if now - self._last_change >= config.up_cooldown_s:  # else: let the last change show first
+            if self._long_since is not None:
+                if (
+                    now - self._long_since >= config.scale_up_after_s
+                    and now - self._last_change >= config.up_cooldown_s  # else: let the last change show first
+                ):
                     wanted = min(count + config.step_up, bounds.max_instances)
             elif (
                 self._quiet_since is not None
@@ -105,7 +114,8 @@ class ScalingPolicy:
                 wanted = max(count - 1, bounds.min_instances)
         if wanted != count:
             self._last_change = now
-            self._quiet_since = None  # a new count must prove itself quiet again
+            self._quiet_since = None  # a new count must prove itself quiet (or short) again
+            self._long_since = None
         return wanted
 
 
