@@ -20,8 +20,13 @@ beside one that does (the default, 2 ms). The Triton started here has a copy of 
 for the batch class (``triton.class_copies``), as the yield controller needs; each job
 runs on ``--rows`` rows and is stopped (SIGTERM) when its phase ends.
 
+``--service``: online latency through the router (``inferline up`` as installed, gateway in
+front) alone and beside a job of the BatchJobs service, in alternating phases
+(``inferline.bench.service_jobs``); ``--job-nice`` sets ``batch_jobs.process_nice``.
+
     .venv/bin/python benchmarks/batch.py --rows 200000
     .venv/bin/python benchmarks/batch.py --interference --online-rate 200 --phase-s 8
+    .venv/bin/python benchmarks/batch.py --service --rows 400000 --online-rate 100 --phase-s 8
 """
 
 from __future__ import annotations
@@ -38,37 +43,15 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import tritonclient.grpc.aio as aioclient
 
+from inferline.bench.service_jobs import ServiceJobSettings, run_service_jobs, write_input
 from inferline.core.config import load_config
-from inferline.demo.driver_data import driver_ids
 from inferline.route_check import route_models
 from inferline.triton.launcher import TritonLauncher
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "driver_ranker"
-
-
-def write_input(path: pathlib.Path, rows: int, seed: int = 1) -> None:
-    """``rows`` demo drivers drawn uniformly over the whole demo store (most read from it at
-    least once: the hot cache helps little) with a request-time trip distance, in row groups."""
-    rng = np.random.default_rng(seed)
-    ids = driver_ids()
-    writer = None
-    for start in range(0, rows, 100_000):
-        n = min(100_000, rows - start)
-        table = pa.table(
-            {
-                "driver_id": pa.array(rng.choice(ids, n), pa.int64()),
-                "trip_distance_km": pa.array(rng.gamma(2.0, 3.0, n)),
-            }
-        )
-        writer = writer or pq.ParquetWriter(path, table.schema)
-        writer.write_table(table)
-    assert writer is not None
-    writer.close()
 
 
 async def direct_rate(url: str, rows: int, request_rows: int, concurrency: int) -> float:
@@ -188,7 +171,19 @@ def main() -> None:
     parser.add_argument("--interference", action="store_true", help="online p99 alone and beside a job")
     parser.add_argument("--online-rate", type=float, default=200.0)
     parser.add_argument("--phase-s", type=float, default=8.0)
+    parser.add_argument(
+        "--service", action="store_true", help="online p99 through the router alone and beside a BatchJobs service job"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="--service: alone/job phase pairs")
+    parser.add_argument("--job-nice", type=int, default=None, help="--service: batch_jobs.process_nice")
     args = parser.parse_args()
+    if args.service:
+        settings = ServiceJobSettings(
+            args.config, rows=args.rows, rate=args.online_rate, phase_s=args.phase_s, rounds=args.rounds,
+            process_nice=args.job_nice,
+        )  # fmt: skip
+        print(json.dumps(asyncio.run(run_service_jobs(settings)), indent=2))
+        return
     if args.interference:
         print(json.dumps(interference(args), indent=2))
         return
