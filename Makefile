@@ -9,7 +9,7 @@ FEAST_STAMP := $(FEAST_REPO)/data/.materialized
 
 .PHONY: setup demo test lint proto models clean
 
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server libb64 promtool codegen-plugins
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(FEAST_STAMP) redis-server postgresql libb64 promtool codegen-plugins
 
 # The Redis tests start their own redis-server on a free port; install Debian's package
 # where the binary is missing (CI runs as root).
@@ -18,6 +18,14 @@ redis-server:
 	@command -v redis-server >/dev/null || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 		else echo "redis-server is missing: install it (apt-get install redis-server)"; exit 1; fi; }
+
+# The Postgres job-store tests start their own PostgreSQL cluster (initdb, pg_ctl) on a free
+# port; install Debian's server package where the binaries are missing.
+.PHONY: postgresql
+postgresql:
+	@{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql; \
+		else echo "PostgreSQL is missing: install it (apt-get install postgresql)"; exit 1; fi; }
 
 # perf_analyzer (from the tritonclient wheel) links libb64.so.0d, which no wheel ships: install
 # Debian's package where it is missing (its libcudart.so.12 comes from PyPI, in pyproject.toml).

@@ -1,15 +1,22 @@
-"""The BatchJobs service's job state (SQLite): tenant-scoped reads, idempotent submits, limits,
-and the claims and leases by which processes sharing the file (or a restarted one) split the
-jobs, take over those of a process that died, and pass cancels to the one running a job."""
+"""The BatchJobs service's job state, in SQLite and in Postgres (a real cluster of the tests'
+own, ``tests/postgres_fixtures.py``), every test on both: tenant-scoped reads, idempotent
+submits, limits, and the claims and leases by which processes sharing the state (or a
+restarted one) split the jobs, take over those of a process that died, and pass cancels to
+the one running a job."""
 
 from __future__ import annotations
 
 import pathlib
 import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 
 from inferline.batch.service.store import (
+    SCHEMA_VERSION,
     JobState,
     JobStore,
     NewJob,
@@ -18,6 +25,10 @@ from inferline.batch.service.store import (
     RequestReused,
     TooManyJobs,
 )
+from inferline.core.errors import DependencyUnavailable
+from tests.postgres_fixtures import fresh_schema, postgres_url
+
+__all__ = ["postgres_url"]  # the session fixture, used through request.getfixturevalue
 
 LEASE_S = 10.0
 
@@ -47,13 +58,32 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def path(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> pathlib.Path | str:
+    """Where the jobs are kept: a SQLite file, or a fresh schema of the tests' Postgres."""
+    if request.param == "sqlite":
+        return tmp_path / "state" / "jobs.sqlite"
+    return fresh_schema(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
-def path(tmp_path: pathlib.Path) -> pathlib.Path:
-    return tmp_path / "state" / "jobs.sqlite"
+def open_store(path: pathlib.Path | str, clock: Clock) -> Iterator[Callable[[], JobStore]]:
+    """Opens a store on ``path`` (a process of its own, as far as the state goes); all closed at the end."""
+    opened: list[JobStore] = []
+
+    def open_one() -> JobStore:
+        opened.append(JobStore(path, clock))
+        return opened[-1]
+
+    yield open_one
+    for store in opened:
+        store.close()
 
 
-def test_jobs_are_read_per_tenant_newest_first(path: pathlib.Path, clock: Clock) -> None:
-    store = JobStore(path, clock)
+def test_jobs_are_read_per_tenant_newest_first(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    store = open_store()
     for i in range(5):
         store.insert(job(f"a{i}"), max_active=10)
     store.insert(job("b0", tenant="b"), max_active=10)
@@ -69,8 +99,10 @@ def test_jobs_are_read_per_tenant_newest_first(path: pathlib.Path, clock: Clock)
     assert [j.job_id for j in store.page("a", {JobState.CANCELLED}, None, 10)[0]] == ["a2"]
 
 
-def test_a_request_id_gives_one_job_per_tenant(path: pathlib.Path, clock: Clock) -> None:
-    store = JobStore(path, clock)
+def test_a_request_id_gives_one_job_per_tenant(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    store = open_store()
     first, created = store.insert(job("j1", output="o", request_id="k"), max_active=10)
     again, created_again = store.insert(job("j2", output="o", request_id="k"), max_active=10)  # a retry
     assert (created, created_again, again.job_id) == (True, False, "j1")
@@ -81,8 +113,10 @@ def test_a_request_id_gives_one_job_per_tenant(path: pathlib.Path, clock: Clock)
     assert store.by_request("a", "k") == first
 
 
-def test_limits_of_active_jobs_and_outputs(path: pathlib.Path, clock: Clock) -> None:
-    store = JobStore(path, clock)
+def test_limits_of_active_jobs_and_outputs(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    store = open_store()
     store.insert(job("j1", output="o"), max_active=2)
     with pytest.raises(OutputInUse) as in_use:
         store.insert(job("j2", output="o"), max_active=2)
@@ -96,8 +130,10 @@ def test_limits_of_active_jobs_and_outputs(path: pathlib.Path, clock: Clock) -> 
     store.insert(job("j6", output="o"), max_active=2)  # its output is free again
 
 
-def test_processes_sharing_the_file_claim_disjoint_jobs(path: pathlib.Path, clock: Clock) -> None:
-    one, two = JobStore(path, clock), JobStore(path, clock)
+def test_processes_sharing_the_file_claim_disjoint_jobs(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    one, two = open_store(), open_store()
     for i in range(3):
         one.insert(job(f"j{i}"), max_active=10)
     mine = one.claim("p1", 2, LEASE_S)
@@ -108,8 +144,10 @@ def test_processes_sharing_the_file_claim_disjoint_jobs(path: pathlib.Path, cloc
     assert one.get("a", "j0").state is JobState.RUNNING  # type: ignore[union-attr]
 
 
-def test_a_dead_owners_jobs_are_taken_over_after_the_lease(path: pathlib.Path, clock: Clock) -> None:
-    one, two = JobStore(path, clock), JobStore(path, clock)
+def test_a_dead_owners_jobs_are_taken_over_after_the_lease(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    one, two = open_store(), open_store()
     one.insert(job("j"), max_active=10)
     [claimed] = one.claim("p1", 1, LEASE_S)
     one.started("p1", "j")
@@ -130,19 +168,23 @@ def test_a_dead_owners_jobs_are_taken_over_after_the_lease(path: pathlib.Path, c
     assert now.started_at == claimed.created_at  # the first run's start is kept
 
 
-def test_a_job_given_back_at_shutdown_is_claimed_at_once(path: pathlib.Path, clock: Clock) -> None:
-    store = JobStore(path, clock)
+def test_a_job_given_back_at_shutdown_is_claimed_at_once(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    store = open_store()
     store.insert(job("j"), max_active=10)
     store.claim("p1", 1, LEASE_S)
     store.started("p1", "j")
     store.release("p1", ["j"])
-    restarted = JobStore(path, clock)  # the next process, on the same file
+    restarted = open_store()  # the next process, on the same file
     [again] = restarted.claim("p2", 1, LEASE_S)
     assert (again.job_id, again.state) == ("j", JobState.RUNNING)
 
 
-def test_cancels_reach_the_owner_or_end_the_job_at_once(path: pathlib.Path, clock: Clock) -> None:
-    owner, other = JobStore(path, clock), JobStore(path, clock)
+def test_cancels_reach_the_owner_or_end_the_job_at_once(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    owner, other = open_store(), open_store()
     for name in ("queued", "running", "orphan"):
         owner.insert(job(name), max_active=10)
     owner.claim("p1", 2, LEASE_S)  # running and queued are oldest: claimed; orphan waits
@@ -168,12 +210,54 @@ def test_cancels_reach_the_owner_or_end_the_job_at_once(path: pathlib.Path, cloc
     assert other.get("a", "queued").state is JobState.CANCELLED  # type: ignore[union-attr]
 
 
-def test_state_survives_a_reopen_and_a_newer_schema_is_refused(path: pathlib.Path, clock: Clock) -> None:
-    store = JobStore(path, clock)
+def test_state_survives_a_reopen_and_a_newer_schema_is_refused(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    store = open_store()
     store.insert(job("j"), max_active=10)
     store.close()
-    assert JobStore(path, clock).get("a", "j") is not None
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 99")
+    assert open_store().get("a", "j") is not None
+    if isinstance(path, str):
+        with psycopg.connect(path, autocommit=True) as conn:
+            conn.execute("UPDATE jobs_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    else:
+        with sqlite3.connect(path) as db:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(RuntimeError, match="newer inferline"):
         JobStore(path, clock)
+
+
+def test_processes_claiming_at_once_never_take_one_job_twice(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    first = open_store()
+    for i in range(40):
+        first.insert(job(f"j{i}"), max_active=100)
+    processes = [open_store() for _ in range(4)]  # a connection each, claiming concurrently
+    claimed: list[str] = []
+    seen = threading.Lock()
+
+    def claim_until_none_left(store: JobStore, owner: str) -> None:
+        while taken := store.claim(owner, 3, LEASE_S):
+            with seen:
+                claimed.extend(j.job_id for j in taken)
+
+    with ThreadPoolExecutor(len(processes)) as pool:
+        list(pool.map(claim_until_none_left, processes, [f"p{i}" for i in range(len(processes))]))
+    assert sorted(claimed) == sorted(f"j{i}" for i in range(40))
+
+
+def test_a_lost_postgres_connection_is_unavailable_once_then_replaced(postgres_url: str, clock: Clock) -> None:
+    location = fresh_schema(postgres_url)
+    store = JobStore(location, clock)
+    try:
+        store.insert(job("j"), max_active=10)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:  # as a server restart would
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        with pytest.raises(DependencyUnavailable, match="state store is unavailable"):
+            store.get("a", "j")
+        assert store.get("a", "j") is not None  # on a new connection
+        store.insert(job("k"), max_active=10)
+        assert [j.job_id for j in store.page("a", set(), None, 10)[0]] == ["k", "j"]
+    finally:
+        store.close()

@@ -716,6 +716,10 @@ class BatchJobsConfig(_Model):
     state_path: pathlib.Path | None = None
     """SQLite file of the jobs' state (what a restarted service resumes); None:
     ``output_root/_batch_jobs.sqlite``. Processes sharing it (``--workers``) share the jobs."""
+    state_url: str | None = None
+    """Postgres instead of the SQLite file: a libpq URL (``postgresql://user@host:5432/db``),
+    for router replicas on several hosts sharing the jobs (SQLite serves one host). Give the
+    jobs a database, or a schema (``?options=-csearch_path%3Dname``), of their own."""
     max_running: int = Field(2, ge=1, le=64)
     """Jobs running at once in one serving process; more wait QUEUED."""
     max_jobs_per_tenant: int = Field(20, ge=1)
@@ -728,10 +732,19 @@ class BatchJobsConfig(_Model):
     router: a job's Python (Feast reads, parsing, part files) then neither holds the router's
     GIL nor takes CPU an online request is waiting for. 0: the router's own priority."""
 
+    @field_validator("state_url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("a Postgres URL: postgresql://USER@HOST:PORT/DATABASE")
+        return url
+
     @model_validator(mode="after")
     def _roots_together(self) -> BatchJobsConfig:
         if (self.input_root is None) != (self.output_root is None):
             raise ValueError("set input_root and output_root together (or neither: the service is off)")
+        if self.state_url is not None and self.state_path is not None:
+            raise ValueError("state_path (SQLite) and state_url (Postgres) name two stores: set one")
         return self
 
     @property

@@ -1,8 +1,9 @@
-"""The ``BatchJobs`` gRPC service: batch jobs submitted by callers and run in the serving process.
+"""The ``BatchJobs`` gRPC service: batch jobs submitted by callers, run by the serving process.
 
-``request.py`` checks a submitted job, ``store.py`` keeps the jobs' state (SQLite),
-``manager.py`` runs them, ``servicer.py`` is the gRPC adapter. ``BatchJobsService`` puts
-them together for the router's app (``inferline.app``).
+``request.py`` checks a submitted job, ``store.py`` keeps the jobs' state (SQLite, or
+Postgres), ``manager.py`` runs them (each in a child process: ``process.py``, and
+``job_process.py`` in the child), ``servicer.py`` is the gRPC adapter. ``BatchJobsService``
+puts them together for the router's app (``inferline.app``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class BatchJobsService:
     ) -> None:
         jobs = config.batch_jobs
         assert jobs.output_root is not None, "batch_jobs is off"
-        self.store = JobStore(jobs.state_path or jobs.output_root / STATE_FILE)
+        self.store = JobStore(jobs.state_url or jobs.state_path or jobs.output_root / STATE_FILE)
         self.runner = JobRunner(config, self.store, triton_url, registry)
         self.servicer = BatchJobsServicer(config, gate, self.store, self.runner)
 

@@ -1,4 +1,6 @@
-"""The BatchJobs service's job state: one SQLite file, shared by every process that names it.
+"""The BatchJobs service's job state: one SQLite file, or one Postgres database, shared by
+every process that names it (SQLite for the processes of one host; Postgres for replicas on
+several).
 
 A job is a row: what it does (the caller's spec and the validated ``BatchJobSpec``), its
 state and progress, and which process runs it (``owner``) until when (``lease_until``).
@@ -12,13 +14,18 @@ job (its lease ran out while it stalled) cannot overwrite the new owner's state.
 A cancel is a flag any process may set; the owner sees it within a poll and stops the job.
 A queued job nobody owns is cancelled on the spot.
 
-WAL mode: readers (Get, List) never wait for the writer; writers wait up to
-``BUSY_TIMEOUT_MS`` for each other, across processes. Methods are blocking (a few
-hundred microseconds on a local disk): call them through ``asyncio.to_thread``.
+SQLite in WAL mode: readers (Get, List) never wait for the writer; writers wait up to
+``BUSY_TIMEOUT_MS`` for each other, across processes. Postgres: the same SQL (through
+``_Postgres``, which gives psycopg sqlite3's calls), reads outside transactions, and each
+write transaction takes a lock on the table that only other writers wait for — what
+SQLite's ``BEGIN IMMEDIATE`` does, so both keep one set of claim and lease rules. Methods
+are blocking (a few hundred microseconds on a local disk, a round trip or a few to
+Postgres): call them through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import pathlib
@@ -29,6 +36,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from inferline.core.errors import DependencyUnavailable
 
 BUSY_TIMEOUT_MS = 10_000
 SCHEMA_VERSION = 1
@@ -61,6 +70,104 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHER
 CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, seq);
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (state, seq) WHERE state IN ('QUEUED', 'RUNNING');
 """
+
+
+_DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+try:
+    import psycopg as _psycopg
+
+    _DATABASE_ERRORS += (_psycopg.OperationalError, _psycopg.InterfaceError)
+except ImportError:  # pragma: no cover - psycopg is a dependency; SQLite alone works without it
+    pass
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+"""A job store location starting with one of these is a Postgres connection URL (libpq's)."""
+_POSTGRES_SCHEMA = (
+    _SCHEMA.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+    .replace(" INTEGER NOT NULL DEFAULT 0", " BIGINT NOT NULL DEFAULT 0")
+    .replace(" REAL", " DOUBLE PRECISION")  # Postgres's REAL is 4 bytes: a Unix time would lose minutes
+    + "CREATE TABLE IF NOT EXISTS jobs_schema (version INTEGER NOT NULL);"
+)
+_SCHEMA_LOCK = 0x696E666572
+"""The advisory lock under which a process creates the tables (two starting at once would race)."""
+
+
+class _Row(tuple):  # type: ignore[type-arg]
+    """A result row read by position or by column name, as ``sqlite3.Row``."""
+
+    names: tuple[str, ...] = ()
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self.names.index(key) if isinstance(key, str) else key)
+
+
+def _rows(cursor: Any) -> Callable[[Sequence[Any]], _Row]:
+    """psycopg row factory: ``_Row`` with the cursor's column names."""
+    names = tuple(c.name for c in cursor.description or ())
+    row_type = type("Row", (_Row,), {"names": names, "__slots__": ()})
+
+    def make(values: Sequence[Any]) -> _Row:
+        row: _Row = row_type(values)
+        return row
+
+    return make
+
+
+class _Postgres:
+    """A psycopg connection behind the sqlite3 calls the store makes (``execute`` with ``?``
+    placeholders, rows by name or position): the store's SQL is written once, for both."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._url = url
+        self._in_write = False
+        self._conn = psycopg.connect(url, autocommit=True, row_factory=_rows)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        if not self._in_write:
+            self._reconnect_if_lost()
+        try:
+            return self._conn.execute(sql.replace("?", "%s"), tuple(args))
+        finally:
+            if sql in ("COMMIT", "ROLLBACK"):
+                self._in_write = False
+
+    def begin_write(self) -> None:
+        self._reconnect_if_lost()
+        self._conn.execute("BEGIN")
+        self._in_write = True
+        try:
+            # Other writers wait for this one (the mode conflicts with itself); plain reads do not.
+            self._conn.execute("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+        except BaseException:
+            self._in_write = False
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def _reconnect_if_lost(self) -> None:
+        """A connection lost (a server restart) is replaced before a read or a new transaction,
+        never in the middle of one (that would carry on outside it)."""
+        if self._conn.broken or self._conn.closed:
+            import psycopg
+
+            self._conn = psycopg.connect(self._url, autocommit=True, row_factory=_rows)
+
+    def create_schema(self) -> int:
+        """Create the tables if missing; the schema version they hold."""
+        with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for statement in filter(str.strip, _POSTGRES_SCHEMA.split(";")):
+                self._conn.execute(statement)
+            row = self._conn.execute("SELECT MAX(version) FROM jobs_schema").fetchone()
+            if row is None or row[0] is None:
+                self._conn.execute("INSERT INTO jobs_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+                return SCHEMA_VERSION
+            return int(row[0])
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 class JobState(enum.StrEnum):
@@ -149,45 +256,80 @@ class Progress:
 
 
 class JobStore:
-    """Job rows in a SQLite file (see the module docstring); safe to use from several threads."""
+    """Job rows in a SQLite file or a Postgres database (see the module docstring); safe to use
+    from several threads."""
 
-    def __init__(self, path: pathlib.Path, clock: Callable[[], float] = time.time) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: pathlib.Path | str, clock: Callable[[], float] = time.time) -> None:
+        """``location``: a SQLite file's path, or a Postgres URL (``postgresql://...``, ``POSTGRES_SCHEMES``)."""
         self._clock = clock
         self._lock = threading.Lock()
+        self._db: Any
+        if isinstance(location, str) and location.startswith(POSTGRES_SCHEMES):
+            self._db = _Postgres(location)
+            self._postgres = True
+            version = self._db.create_schema()
+            where = "the Postgres database"
+        else:
+            self._postgres = False
+            self._db = self._open_sqlite(pathlib.Path(location))
+            where = str(location)
+            with self._write() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    version = SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise RuntimeError(f"{where}: job state of a newer inferline (schema {version} > {SCHEMA_VERSION})")
+
+    @staticmethod
+    def _open_sqlite(path: pathlib.Path) -> sqlite3.Connection:
+        path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: each statement is its own transaction unless _write opens one.
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        with self._write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{path}: job state of a newer inferline (schema {version} > {SCHEMA_VERSION})")
-            if version == 0:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        return db
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at once (``BEGIN IMMEDIATE``: no upgrade deadlock between processes)."""
+    def _locked(self) -> Iterator[None]:
+        """This store's connection, one thread at a time. The database failing (a Postgres
+        restart, a SQLite file locked past the busy timeout) is ``DependencyUnavailable``:
+        callers get UNAVAILABLE, the runner tries again at its next pass, and the next call
+        opens a new Postgres connection."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except _DATABASE_ERRORS as err:
+                raise DependencyUnavailable("the batch jobs' state store is unavailable: try again") from err
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        """One write transaction, taken at once (SQLite's ``BEGIN IMMEDIATE``, Postgres's table
+        lock): no upgrade deadlock between processes."""
+        with self._locked():
+            if self._postgres:
+                self._db.begin_write()
+            else:
+                self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(*_DATABASE_ERRORS):  # a lost connection has no transaction left
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[JobRecord]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(sql, args).fetchall()
         return [_record(row) for row in rows]
 
@@ -244,7 +386,7 @@ class JobStore:
 
     def active_jobs(self, tenant: str) -> int:
         """The tenant's queued and running jobs."""
-        with self._lock:
+        with self._locked():
             (count,) = self._db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN (?, ?)", (tenant, *ACTIVE)
             ).fetchone()
@@ -352,7 +494,7 @@ class JobStore:
 
     def cancel_flagged(self, owner: str) -> set[str]:
         """Jobs ``owner`` runs that a caller asked to cancel."""
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT job_id FROM jobs WHERE owner = ? AND cancel_requested = 1", (owner,)
             ).fetchall()
@@ -367,7 +509,7 @@ class JobStore:
                 "updated_at = ? WHERE job_id = ? AND owner = ?",
                 (JobState.RUNNING.value, now, now, job_id, owner),
             )
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def progress(self, owner: str, job_id: str, progress: Progress) -> None:
         now = self._clock()
@@ -420,7 +562,7 @@ class JobStore:
             )
 
 
-def _record(row: sqlite3.Row) -> JobRecord:
+def _record(row: Any) -> JobRecord:
     return JobRecord(
         seq=row["seq"],
         job_id=row["job_id"],
