@@ -40,9 +40,11 @@ from inferline.v1 import batch_jobs_pb2_grpc as pb_grpc
 from tests.integration.gateway_fixtures import start_gateway
 from tests.integration.router_fixtures import DEMO_KEY, LIMITED_KEY, ServerProcess, start_router, write_test_config
 from tests.integration.test_batch_run import feast_source, read_output
+from tests.postgres_fixtures import fresh_schema, postgres_url
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.requires_triton, pytest.mark.requires_feast]
+__all__ = ["postgres_url"]  # the session fixture (a PostgreSQL cluster of the tests' own)
 
 ROUTE = "driver_ranking"
 OTHER_KEY = "other-tenant-key"
@@ -609,3 +611,40 @@ def test_the_gateway_forwards_the_service(service: Service, tmp_path: pathlib.Pa
         assert status == 200 and answer["job"]["state"] == "BATCH_JOB_STATE_CANCELLED", answer
         status, answer = gateway.post_json(get, {"jobId": job.job_id}, **dict(OTHER))
         assert status == 404 and answer["code"] == grpc.StatusCode.NOT_FOUND.value[0], answer
+
+
+def test_routers_sharing_a_postgres_state_share_the_jobs(
+    service: Service, oracle: tuple[pd.DataFrame, str], postgres_url: str, tmp_path: pathlib.Path
+) -> None:
+    """Two router processes on one Postgres (``batch_jobs.state_url``), as replicas on two hosts
+    would be: a job submitted through one is seen, followed and cancelled through the other,
+    and resumed through it to the same output as ``batch run``'s."""
+    config = write_config(tmp_path, service.roots)
+    raw = yaml.safe_load(config.read_text())
+    del raw["batch_jobs"]["state_path"]
+    raw["batch_jobs"]["state_url"] = fresh_schema(postgres_url)
+    config.write_text(yaml.safe_dump(raw))
+    replicas = [Service(config, service.roots, service.triton, tmp_path / f"logs-{i}") for i in range(2)]
+    try:
+        for replica in replicas:
+            replica.log_dir.mkdir()
+            replica.start()
+        one, two = replicas
+        job = submit(one, job_spec("replicas", max_rows_per_s=SLOW_ROWS_PER_S))
+        assert get(two, job.job_id).spec == job.spec
+        wait_for_rows(two, job.job_id, 5 * CHUNK_ROWS)  # progress, seen through the other replica
+
+        two.stub.CancelBatchJob(pb.CancelBatchJobRequest(job_id=job.job_id), metadata=DEMO, timeout=10)
+        cancelled = wait_for_state(one, job.job_id, pb.BATCH_JOB_STATE_CANCELLED, pb.BATCH_JOB_STATE_SUCCEEDED)
+        assert cancelled.state == pb.BATCH_JOB_STATE_CANCELLED
+        assert 5 * CHUNK_ROWS <= cancelled.rows_done < ROWS
+
+        resumed = submit(two, job_spec("replicas", resume=True))
+        done = wait_for_state(one, resumed.job_id, pb.BATCH_JOB_STATE_SUCCEEDED, pb.BATCH_JOB_STATE_FAILED)
+        assert done.state == pb.BATCH_JOB_STATE_SUCCEEDED, done.error
+        assert (done.rows_total, done.rows_done) == (ROWS, ROWS)
+        assert_oracle_output(service.output_dir() / "replicas", oracle)
+    finally:
+        for replica in replicas:
+            if replica.process is not None:
+                replica.stop()
