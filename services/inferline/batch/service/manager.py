@@ -47,7 +47,7 @@ from inferline.batch.service.request import TenantDirs
 from inferline.batch.service.store import JobRecord, JobState, JobStore, Progress
 from inferline.batch.spec import BatchJobSpec
 from inferline.core.config import InferlineConfig
-from inferline.core.errors import redact_addresses
+from inferline.core.errors import DependencyUnavailable, redact_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,7 @@ class JobRunner:
         self._supervisor_task = asyncio.current_task()
         renew_every = self._jobs.lease_s / 3
         renewed_at = time.monotonic()
+        store_down = False
         while not self._stopping:
             try:
                 if time.monotonic() - renewed_at >= renew_every:
@@ -223,6 +224,15 @@ class JobRunner:
                         return
                     for record in claimed:
                         self._launch(record)
+                if store_down:
+                    store_down = False
+                    logger.info("batch jobs: the state store is back")
+            except DependencyUnavailable as err:
+                # One line when the store goes away (not one per pass): the passes go on, and
+                # the jobs' leases run out if it stays away (their next owner resumes them).
+                if not store_down:
+                    store_down = True
+                    logger.warning("batch jobs: %s (%s); trying every %.1f s", err, err.__cause__, POLL_S)
             except Exception:
                 logger.exception("batch jobs: supervisor pass failed (tried again in %.1f s)", POLL_S)
             self._wake.clear()
