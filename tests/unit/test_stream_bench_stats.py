@@ -20,11 +20,14 @@ def out(event_ms: int, output_ms: int, served_by: str = "PRIMARY") -> StreamOutp
     return StreamOutput(f"{event_ms}-0", event_ms, output_ms, served_by)
 
 
-def test_drain_rate_counts_from_the_first_output_not_the_workers_start() -> None:
-    backlog = [out(0, 5_000 + 2 * i) for i in range(501)]  # 500 gaps of 2 ms, first output at 5 s
+def test_drain_rate_leaves_out_the_workers_start_and_the_stragglers() -> None:
+    start_up = [out(0, 1_000), out(0, 4_000)]  # a first output, then a stall while it warms up
+    steady = [out(0, 5_000 + 2 * i) for i in range(16)]  # 500 events/s
+    backlog = [*start_up, *steady, out(0, 9_000), out(0, 12_000)]  # and two stragglers
     assert drain_rate(backlog) == pytest.approx(500.0)
+    assert drain_rate(backlog, trim=0) == pytest.approx(19 / 11)  # first to last output
     assert math.isnan(drain_rate(backlog[:1]))
-    assert math.isnan(drain_rate([out(0, 7), out(0, 7)]))  # no time between them: no rate
+    assert math.isnan(drain_rate([out(0, 7), out(0, 7)], trim=0))  # no time between them: no rate
 
 
 def test_offered_rate_is_what_the_events_times_say() -> None:

@@ -4,7 +4,8 @@ that, and how long it takes to catch up after a burst.
 One worker process, one run, three phases on the same streams:
 
 1. **sustained**: ``backlog`` events are appended before the worker starts; the rate at which
-   it drains them (outputs between its first and last output) is its sustained events/s;
+   it drains them (between the 10th and 90th percentile of the output times, leaving out its
+   start-up and the stragglers) is its sustained events/s;
 2. **steady**: events at ``steady_share`` (50 %) of that rate for ``steady_s``; end-to-end
    latency (event appended → result appended) p50/p99 from the entries' own timestamps;
 3. **burst**: ``burst_factor`` (3×) that rate for ``burst_s`` (10 s), then the steady rate
@@ -146,6 +147,8 @@ async def collect(
         await asyncio.sleep(0.1)
     while len(seen) < expected:
         seen += await streams.read_new()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"read back {len(seen)} of {expected} outputs after {timeout_s} s")
 
 
 def _of(outputs: Sequence[StreamOutput], ids: Sequence[str]) -> list[StreamOutput]:

@@ -91,7 +91,9 @@ class RedisBenchStreams:
 
 class NatsBenchStreams:
     """Events published with JetStream acks (their sequence is the event id); outputs read back
-    through an ephemeral pull consumer on the output stream, which the worker creates."""
+    through a durable pull consumer on the output stream, which the worker creates (durable: the
+    server deletes an ephemeral one idle for 5 s, as it is while a phase runs; deleted with the
+    stream)."""
 
     def __init__(self, url: str, prefix: str) -> None:
         parts = urlsplit(url)
@@ -124,7 +126,7 @@ class NatsBenchStreams:
             if not await self.output_count():
                 return []
             config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
-            self._sub = await self._js.pull_subscribe(self._out, durable=None, stream=self._out, config=config)
+            self._sub = await self._js.pull_subscribe(self._out, durable="reader", stream=self._out, config=config)
         out: list[StreamOutput] = []
         while True:
             try:

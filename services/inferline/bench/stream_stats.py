@@ -27,14 +27,17 @@ class StreamOutput:
     served_by: str
 
 
-def drain_rate(outputs: Sequence[StreamOutput]) -> float:
-    """Events/s of a worker draining a backlog: outputs between the first and the last output
-    append, over that time (the worker's start-up, before its first output, is not counted)."""
-    if len(outputs) < 2:
+def drain_rate(outputs: Sequence[StreamOutput], trim: float = 0.1) -> float:
+    """Events/s of a worker draining a backlog: outputs per second between the ``trim`` and
+    ``1 - trim`` quantiles of the output append times. The worker's start-up (connections,
+    the first reads and model calls) and the last stragglers are left out: what remains is
+    the rate it sustains while it always has work."""
+    times = sorted(o.output_ms for o in outputs)
+    first, last = int(len(times) * trim), math.ceil(len(times) * (1 - trim)) - 1
+    if last - first < 1:
         return math.nan
-    times = [o.output_ms for o in outputs]
-    span_s = (max(times) - min(times)) / 1000
-    return (len(outputs) - 1) / span_s if span_s > 0 else math.nan
+    span_s = (times[last] - times[first]) / 1000
+    return (last - first) / span_s if span_s > 0 else math.nan
 
 
 def offered_rate(outputs: Sequence[StreamOutput]) -> float:
