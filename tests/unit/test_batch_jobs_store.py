@@ -261,3 +261,25 @@ def test_a_lost_postgres_connection_is_unavailable_once_then_replaced(postgres_u
         assert [j.job_id for j in store.page("a", set(), None, 10)[0]] == ["k", "j"]
     finally:
         store.close()
+
+
+def test_ended_jobs_rows_are_purged_after_retention_and_active_ones_never(
+    path: pathlib.Path | str, clock: Clock, open_store: Callable[[], JobStore]
+) -> None:
+    store = open_store()
+    for name in ("old", "recent", "queued", "running"):
+        store.insert(job(name, request_id=name), max_active=10)
+    claimed = {j.job_id for j in store.claim("p", 10, LEASE_S)}
+    assert claimed == {"old", "recent", "queued", "running"}
+    store.release("p", ["queued"])
+    store.started("p", "running")
+    store.finish("p", "old", JobState.SUCCEEDED)
+    clock.now += 100
+    store.finish("p", "recent", JobState.FAILED, "broken")
+
+    assert store.purge_ended(ended_before=clock.now - 50) == 1
+    assert store.get("a", "old") is None and store.by_request("a", "old") is None  # the request id is free again
+    assert {j.job_id for j in store.page("a", set(), None, 10)[0]} == {"recent", "queued", "running"}
+    clock.now += 10**6
+    assert store.purge_ended(ended_before=clock.now) == 1  # "recent"; queued and running jobs stay
+    assert {j.job_id for j in store.page("a", set(), None, 10)[0]} == {"queued", "running"}

@@ -649,6 +649,13 @@ class GatewayConfig(_Model):
     signal: ShedSignalConfig = ShedSignalConfig()
     in_flight: InFlightConfig = InFlightConfig()
     max_request_bytes: int = Field(1 << 20, gt=0)
+    priority_boost: int = Field(5, ge=0, le=19)
+    """``inferline up``'s embedded Envoy runs this many steps of CPU niceness above the router
+    (``nice -n -N``): on a machine the router, Triton and Envoy share, a refusal then does not
+    wait behind the work it protects (shed latency), and the in-flight limit sees the
+    routers' latency rather than Envoy's own queue. Raising a priority needs CAP_SYS_NICE
+    (root, or the capability in a container); without it Envoy runs at the router's
+    priority, with one warning line. 0: the same priority."""
     rest: bool = True
     """REST callers: ``POST /inferline.v1.Inference/<Method>`` with a JSON body is transcoded to
     the gRPC call by Envoy (same routes, shedding and authentication as gRPC callers)."""
@@ -727,6 +734,10 @@ class BatchJobsConfig(_Model):
     lease_s: float = Field(10.0, ge=1)
     """A running job's owner renews its claim this often ×⅓; a job whose owner died (SIGKILL)
     is taken over by another process, or the restarted one, after this long."""
+    retention_days: float = Field(30.0, gt=0)
+    """An ended job's row (state, progress, error) is deleted this long after it ended; its
+    output and errors file stay. Get then answers NOT_FOUND, and its ``request_id`` may create
+    a new job."""
     process_nice: int = Field(10, ge=0, le=19)
     """Each job runs in a child process of its own, this many steps of CPU niceness below the
     router: a job's Python (Feast reads, parsing, part files) then neither holds the router's

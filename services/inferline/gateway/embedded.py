@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import pathlib
+import resource
 import secrets
 import shutil
 import subprocess
@@ -56,6 +57,21 @@ def ensure_gateway_secret(config: InferlineConfig, environ: dict[str, str] | os.
         environ[config.gateway.secret_env] = secrets.token_urlsafe(32)
 
 
+def may_raise_priority(niceness: int) -> bool:
+    """Whether this process may give a child the (lower, stronger) ``niceness``: RLIMIT_NICE
+    allows it, or CAP_SYS_NICE, probed by raising a thread's priority and putting it back."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or 20 - soft <= niceness:
+        return True
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except PermissionError:
+        return False
+    os.setpriority(os.PRIO_PROCESS, 0, current)
+    return True
+
+
 class EmbeddedGateway:
     """One Envoy process in front of ``routers``, listening on ``host:port``."""
 
@@ -81,9 +97,17 @@ class EmbeddedGateway:
         rendered = render_envoy(config, port=port, admin_port=0, routers=routers, host=host)
         self._config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
         self._tls = config.gateway.tls is not None
+        self._priority_boost = config.gateway.priority_boost
+        self._nice = shutil.which("nice")
+        self._warned = False
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        """Envoy's process id (a new one after a restart); None before ``start``."""
+        return None if self._process is None else self._process.pid
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         command = [
@@ -91,9 +115,31 @@ class EmbeddedGateway:
             "--admin-address-path", str(self._dir / "admin-address"), "-l", "warning",
         ]  # fmt: skip
         # Envoy's own log lines go to this process's stderr, beside the router's.
-        process = subprocess.Popen(command, env=self._environ, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen([*self._boost(), *command], env=self._environ, stdin=subprocess.DEVNULL)
         logger.info("started envoy pid %d on %s (config %s)", process.pid, self.address, self._config_path)
         return process
+
+    def _boost(self) -> list[str]:
+        """``nice -n -N`` before Envoy's command (``gateway.priority_boost``), or nothing.
+
+        Set by ``nice`` at exec, before Envoy starts its worker threads (a thread's niceness is
+        its own on Linux: changing the process's afterwards would miss them). GNU ``nice`` runs
+        the command even when it may not raise the priority, so the check is made here first:
+        one warning, then Envoy at the router's priority.
+        """
+        if self._priority_boost == 0 or self._nice is None:
+            return []
+        target = os.getpriority(os.PRIO_PROCESS, 0) - self._priority_boost
+        if not may_raise_priority(target):
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "gateway.priority_boost %d: not permitted here (needs CAP_SYS_NICE); envoy runs at the "
+                    "router's CPU priority",
+                    self._priority_boost,
+                )
+            return []
+        return [self._nice, "-n", str(-self._priority_boost)]
 
     async def start(self) -> None:
         """Start Envoy and wait until it forwards health checks to a router; then watch it."""

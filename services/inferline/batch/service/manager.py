@@ -16,7 +16,8 @@ A supervisor task on that loop, every ``POLL_S``:
   committed chunks (the submit already refused a directory holding another job);
 * renews its leases every third of ``batch_jobs.lease_s``, and stops a job another
   process took over (this one stalled past its lease);
-* stops jobs a caller cancelled through another process sharing the state file.
+* stops jobs a caller cancelled through another process sharing the state;
+* hourly (and at start), deletes the rows of jobs ended over ``batch_jobs.retention_days`` ago.
 
 A cancel through this process stops its job at once (``cancel``). A stopped job's
 in-flight Triton calls are left to finish unobserved and its uncommitted chunks are
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
 """How often the supervisor looks for work and for cancels sent through other processes."""
+PURGE_EVERY_S = 3600.0
+"""How often ended jobs past ``batch_jobs.retention_days`` are deleted (and once at start)."""
 STOP_WAIT_S = 5.0
 """Longest wait for the running jobs to stop at shutdown."""
 
@@ -208,6 +211,7 @@ class JobRunner:
         renew_every = self._jobs.lease_s / 3
         renewed_at = time.monotonic()
         store_down = False
+        purge_at = time.monotonic()
         while not self._stopping:
             try:
                 if time.monotonic() - renewed_at >= renew_every:
@@ -216,6 +220,9 @@ class JobRunner:
                 else:
                     for job_id in await asyncio.to_thread(self._store.cancel_flagged, self.owner):
                         self._cancel_task(job_id)
+                if time.monotonic() >= purge_at:
+                    purge_at = time.monotonic() + PURGE_EVERY_S
+                    await self._purge()
                 free = self._jobs.max_running - len(self._running)
                 if free > 0 and not self._stopping:
                     claimed = await asyncio.to_thread(self._store.claim, self.owner, free, self._jobs.lease_s)
@@ -238,6 +245,15 @@ class JobRunner:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
+
+    async def _purge(self) -> None:
+        """Delete the rows of jobs ended longer ago than ``batch_jobs.retention_days``."""
+        ended_before = time.time() - self._jobs.retention_days * 86_400
+        purged = await asyncio.to_thread(self._store.purge_ended, ended_before)
+        if purged:
+            logger.info(
+                "batch jobs: deleted %d ended jobs' rows (older than %g days)", purged, self._jobs.retention_days
+            )
 
     async def _renew(self) -> None:
         held, cancelled = await asyncio.to_thread(

@@ -561,6 +561,12 @@ class JobStore:
                 (now, owner, *job_ids),
             )
 
+    def purge_ended(self, ended_before: float) -> int:
+        """Delete the rows of jobs that ended before ``ended_before`` (their outputs stay); how many."""
+        with self._write() as db:
+            cursor = db.execute("DELETE FROM jobs WHERE state NOT IN (?, ?) AND ended_at < ?", (*ACTIVE, ended_before))
+        return int(cursor.rowcount)
+
 
 def _record(row: Any) -> JobRecord:
     return JobRecord(
