@@ -42,6 +42,7 @@ from inferline.features.metrics import FeatureCacheCollector
 from inferline.features.service import FeaturesService
 from inferline.features.servicer import FeaturesServicer
 from inferline.features.store import FeastOnlineStore
+from inferline.internal.v1 import degradation_pb2_grpc, features_pb2_grpc, postprocess_pb2_grpc
 from inferline.postprocess.client import GrpcPostprocessClient, LocalPostprocessClient, PostprocessClient
 from inferline.postprocess.service import PostprocessService
 from inferline.postprocess.servicer import PostprocessServicer
@@ -66,7 +67,7 @@ from inferline.triton.executor import TritonExecutor
 from inferline.triton.readiness import ModelReadiness
 from inferline.triton.statistics import TritonStatisticsCollector
 from inferline.triton.tensor_coalescer import TensorCoalescer
-from inferline.v1 import degradation_pb2_grpc, features_pb2_grpc, inference_pb2_grpc, postprocess_pb2_grpc
+from inferline.v1 import inference_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -190,20 +191,22 @@ def build_app(
     if features is not None and internal:
         f_servicer = FeaturesServicer(features, config.routes)
         _register(
-            app, "inferline.v1.Features", lambda s: features_pb2_grpc.add_FeaturesServicer_to_server(f_servicer, s)
+            app,
+            "inferline.internal.v1.Features",
+            lambda s: features_pb2_grpc.add_FeaturesServicer_to_server(f_servicer, s),
         )
     if post is not None and internal:
         p_servicer = PostprocessServicer(post)
         _register(
             app,
-            "inferline.v1.Postprocess",
+            "inferline.internal.v1.Postprocess",
             lambda s: postprocess_pb2_grpc.add_PostprocessServicer_to_server(p_servicer, s),
         )
     if degradation is not None and internal:
         d_servicer = DegradationServicer(degradation, config.routes)
         _register(
             app,
-            "inferline.v1.Degradation",
+            "inferline.internal.v1.Degradation",
             lambda s: degradation_pb2_grpc.add_DegradationServicer_to_server(d_servicer, s),
         )
     if "router" in roles:

@@ -33,7 +33,7 @@ from inferline.degradation import (
 )
 from inferline.degradation.servicer import DegradationServicer
 from inferline.features.vector import FeatureVector
-from inferline.v1 import degradation_pb2_grpc
+from inferline.internal.v1 import degradation_pb2_grpc
 from tests.waiting import WITHIN_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

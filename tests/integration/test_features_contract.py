@@ -20,7 +20,7 @@ from inferline.core.deadline import Deadline
 from inferline.core.errors import InferlineError, InvalidInput, RouteNotFound
 from inferline.features import FeastOnlineStore, FeatureClient, FeaturesService, GrpcFeatureClient, LocalFeatureClient
 from inferline.features.servicer import FeaturesServicer
-from inferline.v1 import features_pb2_grpc
+from inferline.internal.v1 import features_pb2_grpc
 
 pytestmark = pytest.mark.requires_feast
 

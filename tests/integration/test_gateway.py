@@ -144,7 +144,7 @@ def test_rest_reaches_only_the_public_api(gateway: Gateway) -> None:
     # path (404) whatever this module's earlier tests did: their batch failures spend the
     # success-rate window, but no shed filter runs on a path that is not ours.
     request = urllib.request.Request(
-        f"http://{gateway.address}/inferline.v1.Features/GetFeatures",
+        f"http://{gateway.address}/inferline.internal.v1.Features/GetFeatures",
         data=b"{}",
         headers={"content-type": "application/json", "authorization": AUTH[1]},
         method="POST",

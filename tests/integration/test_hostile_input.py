@@ -722,8 +722,8 @@ RAW_PATHS = [
     "/inference.GRPCInferenceService/RepositoryModelLoad",
     "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
     "/grpc.health.v1.Health/Check",
-    "/inferline.v1.Features/GetFeatures",
-    "/inferline.v1.Degradation/RecordScores",
+    "/inferline.internal.v1.Features/GetFeatures",
+    "/inferline.internal.v1.Degradation/RecordScores",
     "/inferline.v1.Inference/Nope",
     "/no.such.Service/Method",
 ]

@@ -61,7 +61,7 @@ def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp
         with grpc.insecure_channel(server.address) as channel:
             # Only the public services pass the gateway: the internal ones are UNIMPLEMENTED.
             with pytest.raises(grpc.RpcError) as info:
-                channel.unary_unary("/inferline.v1.Degradation/RecordScores")(b"", timeout=5, metadata=AUTH)
+                channel.unary_unary("/inferline.internal.v1.Degradation/RecordScores")(b"", timeout=5, metadata=AUTH)
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         # A gateway that dies is started again on the same port.
         os.kill(envoy_pid, signal.SIGKILL)

@@ -26,9 +26,9 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.core import headers
 from inferline.core.service_auth import AUDIENCE, ISSUER, ROUTER, ServiceTokenSigner
+from inferline.internal.v1 import degradation_pb2 as dpb
+from inferline.internal.v1 import degradation_pb2_grpc as dpb_grpc
 from inferline.stats import Samples, scrape
-from inferline.v1 import degradation_pb2 as dpb
-from inferline.v1 import degradation_pb2_grpc as dpb_grpc
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.gateway_fixtures import Gateway, start_gateway
@@ -125,7 +125,7 @@ def test_through_the_gateway_callers_copies_are_replaced_by_the_gateways(
     assert _total(after, "inferline_untrusted_headers_total") == _total(before, "inferline_untrusted_headers_total")
 
 
-RECORD = "/inferline.v1.Degradation/RecordScores"
+RECORD = "/inferline.internal.v1.Degradation/RecordScores"
 
 
 def _record(channel: grpc.Channel, metadata: list[tuple[str, str]] | None = None) -> dpb.RecordScoresResponse:
@@ -144,7 +144,7 @@ def test_internal_services_are_not_on_the_public_port(
         with pytest.raises(grpc.RpcError) as info:
             _record(channel, [AUTH])
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        features = channel.unary_unary("/inferline.v1.Features/GetFeatures")
+        features = channel.unary_unary("/inferline.internal.v1.Features/GetFeatures")
         with pytest.raises(grpc.RpcError) as info:
             features(b"", timeout=5, metadata=[AUTH])
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -15,7 +15,7 @@ from inferline.core.service_auth import (
 )
 
 SECRET = "k" * 48
-RECORD = "/inferline.v1.Degradation/RecordScores"
+RECORD = "/inferline.internal.v1.Degradation/RecordScores"
 
 
 class Clock:
@@ -46,7 +46,7 @@ def test_a_token_is_reused_until_half_its_lifetime_is_gone() -> None:
 def test_a_routers_token_may_call_every_internal_method() -> None:
     verifier = ServiceTokenVerifier(SECRET)
     token = ServiceTokenSigner(SECRET, ROUTER, lifetime_s=60).token()
-    for method in (RECORD, "/inferline.v1.Degradation/Degrade", "/inferline.v1.Features/GetFeatures"):
+    for method in (RECORD, "/inferline.internal.v1.Degradation/Degrade", "/inferline.internal.v1.Features/GetFeatures"):
         assert verifier.refusal(method, bearer(token)) is None
 
 

@@ -38,9 +38,9 @@ MIN_SECRET_CHARS = 32
 """RFC 7518 §3.2: an HS256 key of at least 256 bits."""
 ROUTER = "router"
 ALLOWED_ROLES: Mapping[str, frozenset[str]] = {
-    "/inferline.v1.Features/": frozenset({ROUTER}),
-    "/inferline.v1.Postprocess/": frozenset({ROUTER}),
-    "/inferline.v1.Degradation/": frozenset({ROUTER}),
+    "/inferline.internal.v1.Features/": frozenset({ROUTER}),
+    "/inferline.internal.v1.Postprocess/": frozenset({ROUTER}),
+    "/inferline.internal.v1.Degradation/": frozenset({ROUTER}),
 }
 """Method prefix → roles whose tokens it accepts. A method under no prefix here (health,
 reflection) needs no token: probes and discovery carry no data."""

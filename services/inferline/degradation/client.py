@@ -21,8 +21,8 @@ from inferline.degradation.service import (
     DegradedAnswer,
 )
 from inferline.features.vector import FeatureVector
-from inferline.v1 import degradation_pb2 as dpb
-from inferline.v1 import degradation_pb2_grpc as dpb_grpc
+from inferline.internal.v1 import degradation_pb2 as dpb
+from inferline.internal.v1 import degradation_pb2_grpc as dpb_grpc
 from inferline.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)

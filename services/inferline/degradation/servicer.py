@@ -16,8 +16,8 @@ from inferline.core.served_by import Reason
 from inferline.degradation.client import PB_TO_REASON, SERVED_BY_TO_PB
 from inferline.degradation.service import DegradationService
 from inferline.features.vector import FeatureVector
-from inferline.v1 import degradation_pb2 as dpb
-from inferline.v1 import degradation_pb2_grpc as dpb_grpc
+from inferline.internal.v1 import degradation_pb2 as dpb
+from inferline.internal.v1 import degradation_pb2_grpc as dpb_grpc
 
 DEFAULT_DEADLINE_S = 1.0
 """Budget of a call that carries no deadline."""

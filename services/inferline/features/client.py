@@ -13,8 +13,8 @@ from inferline.core.deadline import Deadline
 from inferline.core.errors import InvalidInput, from_rpc_error
 from inferline.features.service import FeaturesService
 from inferline.features.vector import EntityId, FeatureVector
-from inferline.v1 import features_pb2 as fpb
-from inferline.v1 import features_pb2_grpc as fpb_grpc
+from inferline.internal.v1 import features_pb2 as fpb
+from inferline.internal.v1 import features_pb2_grpc as fpb_grpc
 from inferline.v1 import inference_pb2 as pb
 
 

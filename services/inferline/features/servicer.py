@@ -12,8 +12,8 @@ from inferline.core.deadline import Deadline
 from inferline.core.entities import parse_entity_ids
 from inferline.core.errors import RouteNotFound, rpc_method
 from inferline.features.service import FeaturesService
-from inferline.v1 import features_pb2 as fpb
-from inferline.v1 import features_pb2_grpc as fpb_grpc
+from inferline.internal.v1 import features_pb2 as fpb
+from inferline.internal.v1 import features_pb2_grpc as fpb_grpc
 
 DEFAULT_DEADLINE_S = 1.0
 """Budget of a call that carries no deadline."""

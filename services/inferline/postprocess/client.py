@@ -9,9 +9,9 @@ import numpy as np
 
 from inferline.core.deadline import Deadline
 from inferline.core.errors import from_rpc_error
+from inferline.internal.v1 import postprocess_pb2 as pb
+from inferline.internal.v1 import postprocess_pb2_grpc as pb_grpc
 from inferline.postprocess.service import PostprocessService, RankedScore
-from inferline.v1 import postprocess_pb2 as pb
-from inferline.v1 import postprocess_pb2_grpc as pb_grpc
 
 
 class PostprocessClient(Protocol):

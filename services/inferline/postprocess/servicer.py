@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 
 from inferline.core.errors import rpc_method
+from inferline.internal.v1 import postprocess_pb2 as pb
+from inferline.internal.v1 import postprocess_pb2_grpc as pb_grpc
 from inferline.postprocess.service import PostprocessService
-from inferline.v1 import postprocess_pb2 as pb
-from inferline.v1 import postprocess_pb2_grpc as pb_grpc
 
 
 class PostprocessServicer(pb_grpc.PostprocessServicer):

@@ -5,7 +5,7 @@ Internal contract: the features service (Feast online store + hot-entity cache).
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from inferline.v1 import features_pb2 as _features_pb2
+from inferline.internal.v1 import features_pb2 as _features_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from inferline.v1 import degradation_pb2 as inferline_dot_v1_dot_degradation__pb2
+from inferline.internal.v1 import degradation_pb2 as inferline_dot_internal_dot_v1_dot_degradation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in inferline/v1/degradation_pb2_grpc.py depends on'
+        + ' but the generated code in inferline/internal/v1/degradation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,14 +36,14 @@ class DegradationStub:
             channel: A grpc.Channel.
         """
         self.Degrade = channel.unary_unary(
-                '/inferline.v1.Degradation/Degrade',
-                request_serializer=inferline_dot_v1_dot_degradation__pb2.DegradeRequest.SerializeToString,
-                response_deserializer=inferline_dot_v1_dot_degradation__pb2.DegradeResponse.FromString,
+                '/inferline.internal.v1.Degradation/Degrade',
+                request_serializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.DegradeRequest.SerializeToString,
+                response_deserializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.DegradeResponse.FromString,
                 _registered_method=True)
         self.RecordScores = channel.unary_unary(
-                '/inferline.v1.Degradation/RecordScores',
-                request_serializer=inferline_dot_v1_dot_degradation__pb2.RecordScoresRequest.SerializeToString,
-                response_deserializer=inferline_dot_v1_dot_degradation__pb2.RecordScoresResponse.FromString,
+                '/inferline.internal.v1.Degradation/RecordScores',
+                request_serializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.RecordScoresRequest.SerializeToString,
+                response_deserializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.RecordScoresResponse.FromString,
                 _registered_method=True)
 
 
@@ -71,19 +71,19 @@ def add_DegradationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Degrade': grpc.unary_unary_rpc_method_handler(
                     servicer.Degrade,
-                    request_deserializer=inferline_dot_v1_dot_degradation__pb2.DegradeRequest.FromString,
-                    response_serializer=inferline_dot_v1_dot_degradation__pb2.DegradeResponse.SerializeToString,
+                    request_deserializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.DegradeRequest.FromString,
+                    response_serializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.DegradeResponse.SerializeToString,
             ),
             'RecordScores': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordScores,
-                    request_deserializer=inferline_dot_v1_dot_degradation__pb2.RecordScoresRequest.FromString,
-                    response_serializer=inferline_dot_v1_dot_degradation__pb2.RecordScoresResponse.SerializeToString,
+                    request_deserializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.RecordScoresRequest.FromString,
+                    response_serializer=inferline_dot_internal_dot_v1_dot_degradation__pb2.RecordScoresResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'inferline.v1.Degradation', rpc_method_handlers)
+            'inferline.internal.v1.Degradation', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('inferline.v1.Degradation', rpc_method_handlers)
+    server.add_registered_method_handlers('inferline.internal.v1.Degradation', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -105,9 +105,9 @@ class Degradation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/inferline.v1.Degradation/Degrade',
-            inferline_dot_v1_dot_degradation__pb2.DegradeRequest.SerializeToString,
-            inferline_dot_v1_dot_degradation__pb2.DegradeResponse.FromString,
+            '/inferline.internal.v1.Degradation/Degrade',
+            inferline_dot_internal_dot_v1_dot_degradation__pb2.DegradeRequest.SerializeToString,
+            inferline_dot_internal_dot_v1_dot_degradation__pb2.DegradeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -132,9 +132,9 @@ class Degradation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/inferline.v1.Degradation/RecordScores',
-            inferline_dot_v1_dot_degradation__pb2.RecordScoresRequest.SerializeToString,
-            inferline_dot_v1_dot_degradation__pb2.RecordScoresResponse.FromString,
+            '/inferline.internal.v1.Degradation/RecordScores',
+            inferline_dot_internal_dot_v1_dot_degradation__pb2.RecordScoresRequest.SerializeToString,
+            inferline_dot_internal_dot_v1_dot_degradation__pb2.RecordScoresResponse.FromString,
             options,
             channel_credentials,
             insecure,

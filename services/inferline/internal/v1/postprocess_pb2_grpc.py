@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from inferline.v1 import postprocess_pb2 as inferline_dot_v1_dot_postprocess__pb2
+from inferline.internal.v1 import postprocess_pb2 as inferline_dot_internal_dot_v1_dot_postprocess__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in inferline/v1/postprocess_pb2_grpc.py depends on'
+        + ' but the generated code in inferline/internal/v1/postprocess_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,9 +36,9 @@ class PostprocessStub:
             channel: A grpc.Channel.
         """
         self.Process = channel.unary_unary(
-                '/inferline.v1.Postprocess/Process',
-                request_serializer=inferline_dot_v1_dot_postprocess__pb2.ProcessRequest.SerializeToString,
-                response_deserializer=inferline_dot_v1_dot_postprocess__pb2.ProcessResponse.FromString,
+                '/inferline.internal.v1.Postprocess/Process',
+                request_serializer=inferline_dot_internal_dot_v1_dot_postprocess__pb2.ProcessRequest.SerializeToString,
+                response_deserializer=inferline_dot_internal_dot_v1_dot_postprocess__pb2.ProcessResponse.FromString,
                 _registered_method=True)
 
 
@@ -59,14 +59,14 @@ def add_PostprocessServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Process': grpc.unary_unary_rpc_method_handler(
                     servicer.Process,
-                    request_deserializer=inferline_dot_v1_dot_postprocess__pb2.ProcessRequest.FromString,
-                    response_serializer=inferline_dot_v1_dot_postprocess__pb2.ProcessResponse.SerializeToString,
+                    request_deserializer=inferline_dot_internal_dot_v1_dot_postprocess__pb2.ProcessRequest.FromString,
+                    response_serializer=inferline_dot_internal_dot_v1_dot_postprocess__pb2.ProcessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'inferline.v1.Postprocess', rpc_method_handlers)
+            'inferline.internal.v1.Postprocess', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('inferline.v1.Postprocess', rpc_method_handlers)
+    server.add_registered_method_handlers('inferline.internal.v1.Postprocess', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -88,9 +88,9 @@ class Postprocess:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/inferline.v1.Postprocess/Process',
-            inferline_dot_v1_dot_postprocess__pb2.ProcessRequest.SerializeToString,
-            inferline_dot_v1_dot_postprocess__pb2.ProcessResponse.FromString,
+            '/inferline.internal.v1.Postprocess/Process',
+            inferline_dot_internal_dot_v1_dot_postprocess__pb2.ProcessRequest.SerializeToString,
+            inferline_dot_internal_dot_v1_dot_postprocess__pb2.ProcessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,7 @@ Internal contract: the degradation service (cached answers, light model, safe ba
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from inferline.v1 import degradation_pb2 as _degradation_pb2
+from inferline.internal.v1 import degradation_pb2 as _degradation_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from inferline.v1 import features_pb2 as inferline_dot_v1_dot_features__pb2
+from inferline.internal.v1 import features_pb2 as inferline_dot_internal_dot_v1_dot_features__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in inferline/v1/features_pb2_grpc.py depends on'
+        + ' but the generated code in inferline/internal/v1/features_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,9 +36,9 @@ class FeaturesStub:
             channel: A grpc.Channel.
         """
         self.GetFeatures = channel.unary_unary(
-                '/inferline.v1.Features/GetFeatures',
-                request_serializer=inferline_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
-                response_deserializer=inferline_dot_v1_dot_features__pb2.GetFeaturesResponse.FromString,
+                '/inferline.internal.v1.Features/GetFeatures',
+                request_serializer=inferline_dot_internal_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
+                response_deserializer=inferline_dot_internal_dot_v1_dot_features__pb2.GetFeaturesResponse.FromString,
                 _registered_method=True)
 
 
@@ -58,14 +58,14 @@ def add_FeaturesServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetFeatures': grpc.unary_unary_rpc_method_handler(
                     servicer.GetFeatures,
-                    request_deserializer=inferline_dot_v1_dot_features__pb2.GetFeaturesRequest.FromString,
-                    response_serializer=inferline_dot_v1_dot_features__pb2.GetFeaturesResponse.SerializeToString,
+                    request_deserializer=inferline_dot_internal_dot_v1_dot_features__pb2.GetFeaturesRequest.FromString,
+                    response_serializer=inferline_dot_internal_dot_v1_dot_features__pb2.GetFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'inferline.v1.Features', rpc_method_handlers)
+            'inferline.internal.v1.Features', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('inferline.v1.Features', rpc_method_handlers)
+    server.add_registered_method_handlers('inferline.internal.v1.Features', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -87,9 +87,9 @@ class Features:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/inferline.v1.Features/GetFeatures',
-            inferline_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
-            inferline_dot_v1_dot_features__pb2.GetFeaturesResponse.FromString,
+            '/inferline.internal.v1.Features/GetFeatures',
+            inferline_dot_internal_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
+            inferline_dot_internal_dot_v1_dot_features__pb2.GetFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,
