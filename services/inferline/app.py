@@ -96,6 +96,9 @@ class App:
     """Server interceptors of the process's port (an internal service's service-token check)."""
     route_health: RouteHealth | None = None
     """Set when the process hosts the router: each route's ``grpc.health.v1`` status (``inferline.route.<name>``)."""
+    queue_wait_s: Callable[[], float] | None = None
+    """Set when the process hosts the router: its queue wait (what admission sheds by), which
+    the BatchJobs service's jobs yield to."""
 
     async def start(self) -> None:
         """Warm-ups that must finish before the process reports SERVING."""
@@ -225,7 +228,7 @@ def _batch_jobs(config: InferlineConfig, app: App, gate: RequestGate, triton_url
     """The BatchJobs service on the public port: Predict's tenants and auth, jobs run in this process."""
     from inferline.batch.service import SERVICE_NAME, BatchJobsService
 
-    jobs = BatchJobsService(config, gate, triton_url, app.registry)
+    jobs = BatchJobsService(config, gate, triton_url, app.registry, online_wait_s=app.queue_wait_s)
     app.starters.append(jobs.start)  # after the Triton warm-up: jobs left running by the last process resume
     app.closers.append(jobs.close)  # closers run in reverse: the jobs stop before the clients they use
     _register(app, SERVICE_NAME, jobs.add_to_server)
@@ -275,6 +278,7 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
         return max(lag.queue_wait_s, ingress.recent_s)
 
     metrics.queue_wait.set_function(queue_wait_s)
+    app.queue_wait_s = queue_wait_s
     admission = {}
     # One controller per route (Predict) and one per model (KServe front door, key "kserve:<name>",
     # the route label of its calls; configured by the model's `models` entry, else by the first

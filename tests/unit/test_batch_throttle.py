@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from inferline.batch.throttle import AdjustableGate, YieldPolicy
+from inferline.batch.throttle import AdjustableGate, OnlineYield, RouterQueueWait, YieldPolicy
+from tests.waiting import WITHIN_S
 
 TARGET_S = 0.002
 
@@ -72,3 +74,47 @@ async def test_a_lower_limit_takes_effect_as_permits_come_back() -> None:
     release.set()
     await asyncio.gather(*holders, late)
     assert inside == [1, 2, 1]
+
+
+async def test_the_routers_wait_is_its_peak_since_the_last_sample() -> None:
+    wait = RouterQueueWait()
+    assert await wait.sample() is None  # nothing told yet
+    for told in (0.001, 0.009, 0.002):
+        wait.push(told)
+    assert await wait.sample() == 0.009  # a spike between two samples still counts
+    assert await wait.sample() is None
+    wait.push(0.0)
+    assert await wait.sample() == 0.0
+
+
+class Told:
+    """A wait signal whose samples the test sets (stands in for Triton's statistics)."""
+
+    def __init__(self) -> None:
+        self.next: float | None = None
+
+    async def sample(self) -> float | None:
+        return self.next
+
+
+async def test_the_job_backs_off_when_either_signal_passes_its_own_target() -> None:
+    triton, router = Told(), RouterQueueWait()
+    gate = AdjustableGate(8)
+    policy = YieldPolicy(max_limit=8, target_s=TARGET_S)
+    controller = OnlineYield(triton, policy, gate, interval_s=0.001, more=[(router, 0.010)])
+    await controller.start()
+    running = asyncio.create_task(controller.run())
+    try:
+        triton.next = 0.001  # Triton's queue under its target (2 ms)...
+        router.push(0.005)  # ...and the router's under its own (10 ms): full speed
+        await asyncio.sleep(0.02)
+        assert gate.limit == 8
+        give_up = time.monotonic() + WITHIN_S
+        while gate.limit > 0:  # the router's wait over its target, Triton's still under its own
+            assert time.monotonic() < give_up, "the job never backed off"
+            router.push(0.050)
+            await asyncio.sleep(0.002)
+        assert controller.last_wait_s == 0.050  # the larger wait is what the metrics show
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)

@@ -30,7 +30,7 @@ from inferline.batch.scoring import BatchScorer, ModelTarget, RateLimit, Scored
 from inferline.batch.source import Chunk
 from inferline.batch.spec import DEFAULT_YIELD_QUEUE_MS
 from inferline.batch.stats import BatchEfficiency
-from inferline.batch.throttle import AdjustableGate, OnlineYield, TritonQueueWait, YieldPolicy
+from inferline.batch.throttle import AdjustableGate, OnlineYield, RouterQueueWait, TritonQueueWait, YieldPolicy
 from inferline.core.config import InferlineConfig
 from inferline.core.entities import EntityId
 from inferline.triton.class_copies import ClassModelMap
@@ -65,7 +65,11 @@ class BatchJob:
         interactive: bool | None = None,
         metrics: BatchMetrics | None = None,
         observer: JobObserver | None = None,
+        router_wait: RouterQueueWait | None = None,
     ):
+        """``router_wait``: the queue wait of the router that runs this job (BatchJobs service
+        jobs), which the job yields to besides Triton's queue time."""
+        self._router_wait = router_wait
         self._config = config
         self._metrics = metrics
         self._observer = observer
@@ -156,7 +160,14 @@ class BatchJob:
             if cls != spec.traffic_class
         }
         target_ms = spec.yield_queue_ms
+        router = self._router_wait
+        router_target_s = self._router_target_s()
         if target_ms is None:
+            if target.model in online and router is not None:
+                # Triton's statistics would mix the job's requests with the online ones: the
+                # router's signal alone, which holds no request of the job's.
+                policy = YieldPolicy(spec.concurrency, router_target_s)
+                return OnlineYield(router, policy, gate, spec.yield_interval_s, self._metrics)
             if target.model in online:
                 logger.info(
                     "batch: not yielding to online traffic: model %s has no copy for class %s "
@@ -170,7 +181,19 @@ class BatchJob:
         if target_ms <= 0:
             return None
         policy = YieldPolicy(spec.concurrency, target_ms / 1000)
-        return OnlineYield(TritonQueueWait(executor, online), policy, gate, spec.yield_interval_s, self._metrics)
+        more = [] if router is None else [(router, router_target_s)]
+        triton = TritonQueueWait(executor, online)
+        return OnlineYield(triton, policy, gate, spec.yield_interval_s, self._metrics, more=more)
+
+    def _router_target_s(self) -> float:
+        """The router queue wait a job yields above: a third of the smallest queue-wait target
+        of the other traffic classes, so the job steps back well before the router would shed
+        an online request for that wait."""
+        spec = self._plan.spec
+        targets = [
+            c.queue_wait_target_ms for name, c in self._config.traffic_classes.items() if name != spec.traffic_class
+        ]
+        return min(targets, default=DEFAULT_YIELD_QUEUE_MS * 3) / 3 / 1000
 
     def _shard_rows(self, num_rows: int | None) -> int | None:
         if num_rows is None:

@@ -13,6 +13,12 @@ requests the online classes sent to the route's models during the interval
 (``TritonQueueWait``). With a class copy for the job's class (``triton.class_copies``)
 the online models' queues hold only online requests; without one the job's own requests
 share the model and count too, and the job holds itself back a little more than needed.
+
+A job of the BatchJobs service also yields to the router's own queue wait — the signal
+admission sheds online requests by (event-loop lag, the gateway calls' wait before their
+handler) — which the router tells its job processes as they run (``RouterQueueWait``).
+It sees what Triton's queue time cannot: online requests waiting for CPU the job takes.
+Each signal has its own target; the job backs off when either passes its target.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from types import TracebackType
+from typing import Protocol
 
 from inferline.batch.metrics import BatchMetrics
 from inferline.core.errors import DependencyUnavailable
@@ -87,7 +94,11 @@ class YieldPolicy:
 
     def update(self, wait_s: float | None) -> int:
         """The new limit after an interval whose online queue wait was ``wait_s`` (None: no online request)."""
-        if wait_s is not None and wait_s > self.target_s:
+        return self.step(wait_s is not None and wait_s > self.target_s)
+
+    def step(self, over_target: bool) -> int:
+        """The new limit after an interval whose online wait was (or was not) over its target."""
+        if over_target:
             self.limit = math.floor(self.limit * self.backoff)
         else:
             self.limit = min(self.max_limit, self.limit + 1)
@@ -115,19 +126,43 @@ class TritonQueueWait:
         return (now.queue_ns - last.queue_ns) / (now.requests - last.requests) / 1e9
 
 
+class RouterQueueWait:
+    """The router's queue wait, as the router pushes it to its job's process (``push``): the
+    largest value pushed since the previous sample, so a spike between samples still counts."""
+
+    def __init__(self) -> None:
+        self._peak: float | None = None
+
+    def push(self, wait_s: float) -> None:
+        self._peak = wait_s if self._peak is None else max(self._peak, wait_s)
+
+    async def sample(self) -> float | None:
+        """Seconds, or None when the router told nothing since the last sample."""
+        peak, self._peak = self._peak, None
+        return peak
+
+
+class WaitSignal(Protocol):
+    async def sample(self) -> float | None: ...
+
+
 class OnlineYield:
-    """Runs ``YieldPolicy`` on ``TritonQueueWait`` every ``interval_s`` and applies it to ``gate``."""
+    """Runs ``YieldPolicy`` every ``interval_s`` on one or more online-wait signals, each with
+    its own target (the policy's ``target_s`` for the first), and applies it to ``gate``."""
 
     def __init__(
         self,
-        signal: TritonQueueWait,
+        signal: WaitSignal,
         policy: YieldPolicy,
         gate: AdjustableGate,
         interval_s: float,
         metrics: BatchMetrics | None = None,
+        *,
+        more: Sequence[tuple[WaitSignal, float]] = (),
     ) -> None:
+        """``more``: further (signal, target in seconds) pairs; over either target, the job backs off."""
         self._metrics = metrics
-        self._signal = signal
+        self._signals = [(signal, policy.target_s), *more]
         self._policy = policy
         self._gate = gate
         self._interval_s = interval_s
@@ -138,16 +173,19 @@ class OnlineYield:
         self.last_wait_s: float | None = None
 
     async def start(self) -> None:
-        """Take the baseline sample: called before the job sends anything, so its first
+        """Take the baseline samples: called before the job sends anything, so its first
         interval counts every request from the start."""
-        await self._signal.sample()
+        for signal, _ in self._signals:
+            await signal.sample()
 
     async def run(self) -> None:
         """Until cancelled (the job's end); ``start`` first."""
         while True:
             await asyncio.sleep(self._interval_s)
-            self.last_wait_s = await self._signal.sample()
-            limit = self._policy.update(self.last_wait_s)
+            waits = [(await signal.sample(), target) for signal, target in self._signals]
+            seen = [wait for wait, _ in waits if wait is not None]
+            self.last_wait_s = max(seen) if seen else None
+            limit = self._policy.step(any(wait is not None and wait > target for wait, target in waits))
             await self._gate.set_limit(limit)
             if self._metrics is not None:
                 self._metrics.concurrency_limit.set(limit)

@@ -8,6 +8,7 @@ puts them together for the router's app (``inferline.app``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -32,12 +33,19 @@ class BatchJobsService:
     """The servicer, its job runner and its store, with the app's start and close."""
 
     def __init__(
-        self, config: InferlineConfig, gate: RequestGate, triton_url: str, registry: CollectorRegistry | None = None
+        self,
+        config: InferlineConfig,
+        gate: RequestGate,
+        triton_url: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        online_wait_s: Callable[[], float] | None = None,
     ) -> None:
+        """``online_wait_s``: the router's queue wait, which its jobs yield to (``JobRunner``)."""
         jobs = config.batch_jobs
         assert jobs.output_root is not None, "batch_jobs is off"
         self.store = JobStore(jobs.state_url or jobs.state_path or jobs.output_root / STATE_FILE)
-        self.runner = JobRunner(config, self.store, triton_url, registry)
+        self.runner = JobRunner(config, self.store, triton_url, registry, online_wait_s=online_wait_s)
         self.servicer = BatchJobsServicer(config, gate, self.store, self.runner)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

@@ -7,7 +7,9 @@ by. In a process of its own, at a lower CPU priority (``batch_jobs.process_nice`
 takes only the CPU online requests leave.
 
 The parent (``JobProcess``) writes one JSON line to stdin: ``config`` (the router's
-validated config), ``spec`` (the job, always with ``resume``), ``triton_url`` and ``nice``.
+validated config), ``spec`` (the job, always with ``resume``), ``triton_url`` and ``nice``;
+then, while the job runs, ``{"online_queue_wait_s": ...}`` lines: the router's queue wait,
+which the job yields its Triton concurrency to (``RouterQueueWait``).
 The child answers with JSON lines on stdout, one object each, ``event`` naming it:
 
 * ``started``: ``total_rows`` and ``done`` (the chunks earlier runs committed);
@@ -46,6 +48,7 @@ from inferline.batch.metrics import BatchMetrics
 from inferline.batch.output import ChunkRecord
 from inferline.batch.plan import plan_job
 from inferline.batch.spec import BatchJobSpec
+from inferline.batch.throttle import RouterQueueWait
 from inferline.core.config import InferlineConfig
 from inferline.core.logging import configure_logging
 
@@ -93,11 +96,16 @@ async def _send_metrics(events: _Events, registry: CollectorRegistry, route: str
         )
 
 
-async def _run(config: InferlineConfig, spec: BatchJobSpec, triton_url: str, events: _Events) -> dict[str, Any]:
+async def _run(
+    config: InferlineConfig, spec: BatchJobSpec, triton_url: str, events: _Events, router_wait: RouterQueueWait
+) -> dict[str, Any]:
     plan = await asyncio.to_thread(plan_job, config, spec)
     registry = CollectorRegistry()
     metrics = BatchMetrics(registry, spec.route)
-    job = BatchJob(config, plan, triton_url, interactive=False, metrics=metrics, observer=_Observer(events))
+    observer = _Observer(events)
+    job = BatchJob(
+        config, plan, triton_url, interactive=False, metrics=metrics, observer=observer, router_wait=router_wait
+    )
     reporter = asyncio.ensure_future(_send_metrics(events, registry, spec.route))
     try:
         return await job.run()
@@ -105,21 +113,34 @@ async def _run(config: InferlineConfig, spec: BatchJobSpec, triton_url: str, eve
         reporter.cancel()
 
 
-async def _parent_gone() -> None:
-    """Returns when stdin reaches its end: the parent closed it, or died (SIGKILL, a crash).
-    A job whose router is gone stops at once, rather than holding its output's lock against
-    the process that takes the job over."""
-    reader = asyncio.StreamReader()
+async def _listen(reader: asyncio.StreamReader, router_wait: RouterQueueWait) -> None:
+    """Reads the router's queue wait lines off stdin into ``router_wait``; returns at stdin's
+    end: the parent closed it, or died (SIGKILL, a crash). A job whose router is gone stops at
+    once, rather than holding its output's lock against the process that takes the job over."""
+    async for line in reader:
+        router_wait.push(float(json.loads(line)["online_queue_wait_s"]))
+
+
+async def _stdin() -> asyncio.StreamReader:
+    """stdin as one stream for everything the parent sends: its first line (the job) and the
+    queue-wait lines after it (a buffered ``sys.stdin`` read first would swallow some)."""
+    reader = asyncio.StreamReader(limit=1 << 24)  # the first line holds the whole config
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    await reader.read()
+    return reader
 
 
-async def _until_stopped(config: InferlineConfig, spec: BatchJobSpec, triton_url: str, events: _Events) -> int:
-    task = asyncio.ensure_future(_run(config, spec, triton_url, events))
+async def _main(events: _Events) -> int:
+    reader = await _stdin()
+    payload = json.loads(await reader.readline())
+    os.nice(int(payload["nice"]))
+    config = InferlineConfig.model_validate(payload["config"])
+    spec = BatchJobSpec.model_validate(payload["spec"])
+    router_wait = RouterQueueWait()
+    task = asyncio.ensure_future(_run(config, spec, str(payload["triton_url"]), events, router_wait))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
-    watcher = asyncio.ensure_future(_parent_gone())
+    watcher = asyncio.ensure_future(_listen(reader, router_wait))
     watcher.add_done_callback(lambda _: task.cancel())
     try:
         summary = await task
@@ -146,13 +167,9 @@ def main() -> int:
     events = _Events(os.fdopen(os.dup(sys.stdout.fileno()), "w"))
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     configure_logging()
-    payload = json.loads(sys.stdin.buffer.readline())
-    os.nice(int(payload["nice"]))
-    config = InferlineConfig.model_validate(payload["config"])
-    spec = BatchJobSpec.model_validate(payload["spec"])
     import uvloop
 
-    return uvloop.run(_until_stopped(config, spec, str(payload["triton_url"]), events))
+    return uvloop.run(_main(events))
 
 
 if __name__ == "__main__":

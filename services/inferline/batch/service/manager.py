@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -120,7 +120,12 @@ class JobRunner:
         store: JobStore,
         triton_url: str,
         registry: CollectorRegistry | None = None,
+        *,
+        online_wait_s: Callable[[], float] | None = None,
     ) -> None:
+        """``online_wait_s``: the router's queue wait; each job's process is told it as it runs
+        and yields its Triton concurrency when it rises (``RouterQueueWait``)."""
+        self._online_wait_s = online_wait_s
         self._config = config
         self._jobs = config.batch_jobs
         self._store = store
@@ -295,7 +300,14 @@ class JobRunner:
         dirs = TenantDirs.of(self._jobs, record.tenant)
         logger.info("batch job %s (tenant %s, route %s): run %d", job_id, record.tenant, spec.route, record.runs + 1)
         try:
-            job = JobProcess(self._config, spec, self._url, observer=progress, metrics=self._route_metrics(spec.route))
+            job = JobProcess(
+                self._config,
+                spec,
+                self._url,
+                observer=progress,
+                metrics=self._route_metrics(spec.route),
+                online_wait_s=self._online_wait_s,
+            )
             summary = await job.run()
         except asyncio.CancelledError:
             await progress.flush()

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from inferline.batch.errors import BatchError, BatchInputError, BatchJobFailed, OutputBusy
@@ -29,6 +30,8 @@ from inferline.core.config import InferlineConfig
 
 logger = logging.getLogger(__name__)
 
+ONLINE_WAIT_EVERY_S = 0.1
+"""How often the router's queue wait is told to a job's process (which keeps the peak per yield interval)."""
 STOP_WAIT_S = 3.0
 """How long a child stopped by SIGTERM may take to exit before it is killed."""
 _ERRORS: dict[str, type[BatchError]] = {"busy": OutputBusy, "input": BatchInputError, "failed": BatchJobFailed}
@@ -47,7 +50,11 @@ class JobProcess:
         *,
         observer: JobObserver,
         metrics: BatchMetrics | None = None,
+        online_wait_s: Callable[[], float] | None = None,
     ) -> None:
+        """``online_wait_s``: the router's queue wait, told to the child every
+        ``ONLINE_WAIT_EVERY_S`` while it runs (it yields to it)."""
+        self._online_wait_s = online_wait_s
         self._payload = {
             "config": config.model_dump(mode="json"),
             "spec": spec.model_dump(mode="json"),
@@ -83,12 +90,18 @@ class JobProcess:
             # process dies, the kernel closes it).
             child.stdin.write(json.dumps(self._payload).encode() + b"\n")
             await child.stdin.drain()
-            async for line in child.stdout:
-                event = json.loads(line)
-                if event["event"] in ("summary", "error"):
-                    outcome = event
-                else:
-                    self._relay(event)
+            teller = None if self._online_wait_s is None else asyncio.ensure_future(self._tell(child.stdin))
+            try:
+                async for line in child.stdout:
+                    event = json.loads(line)
+                    if event["event"] in ("summary", "error"):
+                        outcome = event
+                    else:
+                        self._relay(event)
+            finally:
+                if teller is not None:
+                    teller.cancel()
+                    await asyncio.gather(teller, return_exceptions=True)
             child.stdin.close()
             code = await child.wait()
         except BaseException:
@@ -103,6 +116,15 @@ class JobProcess:
         if error is None:
             raise JobProcessError(f"internal error: {outcome['message']}")
         raise error(outcome["message"])
+
+    async def _tell(self, stdin: asyncio.StreamWriter) -> None:
+        """The router's queue wait to the child, one JSON line every ``ONLINE_WAIT_EVERY_S``."""
+        assert self._online_wait_s is not None
+        with contextlib.suppress(ConnectionError):  # the child has exited: its outcome follows
+            while True:
+                stdin.write(json.dumps({"online_queue_wait_s": self._online_wait_s()}).encode() + b"\n")
+                await stdin.drain()
+                await asyncio.sleep(ONLINE_WAIT_EVERY_S)
 
     def _relay(self, event: dict[str, Any]) -> None:
         kind = event["event"]
