@@ -69,7 +69,7 @@ $(TRITON_VENV)/.stamp: requirements-triton.txt
 	$(TRITON_VENV)/bin/python -m pip install -q -r requirements-triton.txt
 	touch $@
 
-$(FEAST_STAMP): $(VENV)/.stamp $(FEAST_REPO)/driver_repo.py $(FEAST_REPO)/feature_store.yaml scripts/setup_feast.py services/inferline/demo/driver_data.py
+$(FEAST_STAMP): $(VENV)/.stamp $(FEAST_REPO)/driver_repo.py $(FEAST_REPO)/feature_store.yaml scripts/setup_feast.py services/inferline/demo/feast_setup.py services/inferline/demo/driver_data.py
 	$(PY) scripts/setup_feast.py $(FEAST_REPO)
 	touch $@
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import filecmp
 import functools
 import importlib.resources
+import importlib.util
 import json
 import os
 import pathlib
@@ -630,3 +631,22 @@ def test_batch_job_shards_by_completion_index(renders: dict[str, list[dict[str, 
     assert _arg(container, "--shard") == f"$(JOB_COMPLETION_INDEX)/{job['spec']['completions']}"
     assert any(e["name"] == "JOB_COMPLETION_INDEX" for e in container["env"])
     assert _arg(container, "--triton-url") == "triton-cpu:8001"
+
+
+def test_dev_features_pods_fill_their_feast_store_before_serving(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: pathlib.Path
+) -> None:
+    """In dev, an init container runs the demo Feast set-up on the very repository the features
+    service's config reads, into the volume the service reads it from; prod runs none (its store
+    is the operator's)."""
+    docs = renders["dev"]
+    spec = _get(docs, "Deployment", "features")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    repo = str(_config_of(docs, "features", tmp_path).feature_store.feast_repo)
+    assert init["image"] == _container(docs, "features")["image"]
+    assert init["command"] == ["python", "-m", "inferline.demo.feast_setup", repo]
+    assert importlib.util.find_spec("inferline.demo.feast_setup") is not None
+    data_mount = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    served = {m["name"]: m["mountPath"] for m in _container(docs, "features")["volumeMounts"]}
+    assert data_mount["feast-data"] == served["feast-data"] == f"{repo}/data"
+    assert "initContainers" not in _get(renders["prod"], "Deployment", "features")["spec"]["template"]["spec"]
