@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 ONLINE_WAIT_EVERY_S = 0.1
 """How often the router's queue wait is told to a job's process (which keeps the peak per yield interval)."""
+EVENT_LINE_LIMIT = 1 << 26
+"""Longest event line read from a child: ``started`` lists every chunk earlier runs committed
+(a resumed job of 100-row chunks over millions of rows has tens of thousands)."""
 STOP_WAIT_S = 3.0
 """How long a child stopped by SIGTERM may take to exit before it is killed."""
 _ERRORS: dict[str, type[BatchError]] = {"busy": OutputBusy, "input": BatchInputError, "failed": BatchJobFailed}
@@ -81,6 +84,7 @@ class JobProcess:
             "inferline.batch.service.job_process",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            limit=EVENT_LINE_LIMIT,
         )
         self.pid = child.pid
         assert child.stdin is not None and child.stdout is not None
