@@ -273,7 +273,8 @@ def test_promoting_the_canary_moves_every_call_to_it(stack: Stack, capsys: pytes
     its calls have finished, and the route's calls spill to its ``scorer:2`` variant. A call the
     router sends to version 1 after Triton unloaded it (before the router's readiness refresh has
     seen it go) is told "not found": the router takes ``scorer:1`` out of selection at once and
-    runs the call on ``scorer:2``, within its budget, so none degrades."""
+    runs the call on ``scorer:2``, within its budget, so none fails, whichever of the two notices
+    first."""
     config = stack.repository / "scorer" / "config.pbtxt"
     config.write_text(config.read_text().replace(KEEP_TWO, "version_policy: { specific: { versions: [ 2 ] } }\n"))
     with SteadyLoad(stack.router.address, "canary_ranking") as load:
@@ -289,7 +290,15 @@ def test_promoting_the_canary_moves_every_call_to_it(stack: Stack, capsys: pytes
     assert set(load.versions(after=returned)) == {"2"}
     with capsys.disabled():
         print(f"\npromotion: {len(load.answers)} calls, 0 failed; `models load` took {returned - started:.2f} s")
-    assert "scorer:1 is not loaded on Triton any more: out of route selection" in stack.router.log_tail(1_000_000)
+    # The router took version 1 out of selection one of two ways, whichever came first: a call
+    # Triton told "not found" (then that call ran on scorer:2), or its readiness refresh. Which
+    # one is a race (both were seen in CI); that a call to an unloaded version runs on the next
+    # variant is tested deterministically in tests/unit/test_model_versions.py.
+    log = stack.router.log_tail(1_000_000)
+    assert (
+        "scorer:1 is not loaded on Triton any more: out of route selection" in log
+        or "models not ready on Triton: ['scorer:1']" in log
+    ), log[-3000:]
 
 
 def test_a_bad_load_is_one_line_and_changes_nothing(stack: Stack) -> None:
