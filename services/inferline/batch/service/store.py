@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from inferline.core.errors import DependencyUnavailable
 
 BUSY_TIMEOUT_MS = 10_000
@@ -72,13 +74,7 @@ CREATE INDEX IF NOT EXISTS jobs_active ON jobs (state, seq) WHERE state IN ('QUE
 """
 
 
-_DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
-try:
-    import psycopg as _psycopg
-
-    _DATABASE_ERRORS += (_psycopg.OperationalError, _psycopg.InterfaceError)
-except ImportError:  # pragma: no cover - psycopg is a dependency; SQLite alone works without it
-    pass
+_DATABASE_ERRORS = (sqlite3.OperationalError, psycopg.OperationalError, psycopg.InterfaceError)
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 """A job store location starting with one of these is a Postgres connection URL (libpq's)."""
@@ -118,11 +114,12 @@ class _Postgres:
     placeholders, rows by name or position): the store's SQL is written once, for both."""
 
     def __init__(self, url: str) -> None:
-        import psycopg
-
         self._url = url
         self._in_write = False
-        self._conn = psycopg.connect(url, autocommit=True, row_factory=_rows)
+        self._conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection[_Row]:
+        return psycopg.connect(self._url, autocommit=True, row_factory=_rows)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
         if not self._in_write:
@@ -150,9 +147,7 @@ class _Postgres:
         """A connection lost (a server restart) is replaced before a read or a new transaction,
         never in the middle of one (that would carry on outside it)."""
         if self._conn.broken or self._conn.closed:
-            import psycopg
-
-            self._conn = psycopg.connect(self._url, autocommit=True, row_factory=_rows)
+            self._conn = self._connect()
 
     def create_schema(self) -> int:
         """Create the tables if missing; the schema version they hold."""
