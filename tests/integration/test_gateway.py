@@ -14,11 +14,18 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from inferline.core import headers
 from inferline.gateway import SHED_MESSAGE, STAT_PREFIX, TRAFFIC_CLASS_HEADER
-from inferline.gateway.render import ADAPTIVE_SHED_MESSAGE, IN_FLIGHT_SHED_MESSAGE, SIGNAL_SHED_MESSAGE
+from inferline.gateway.render import (
+    ADAPTIVE_SHED_MESSAGE,
+    IN_FLIGHT_SHED_MESSAGE,
+    KSERVE_CLUSTER,
+    ROUTER_CLUSTER,
+    SIGNAL_SHED_MESSAGE,
+)
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.gateway_fixtures import Gateway, start_gateway
@@ -337,6 +344,64 @@ def test_in_flight_limit_refuses_a_burst_of_a_shed_class_but_never_the_others(
     assert gateway.stat(counter) - before == batch[refused] + unnamed[refused]
     # Named critical: HIGH priority, its route has the adaptive limit off; never held.
     assert critical == {"OK": 30}
+
+
+@pytest.fixture(scope="module", params=["predict", "kserve"])
+def one_door_capped(
+    request: pytest.FixtureRequest,
+    router_server: ServerProcess,
+    router_config: pathlib.Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, Gateway]]:
+    """Envoy in front of ``router_server`` with a fixed cap of 1 on one front door ("predict" or
+    "kserve", the param) and 1,000 on the other."""
+    caps = (1, 1000) if request.param == "predict" else (1000, 1)
+    in_flight = {"adaptive": False, "max_per_router": caps[0], "kserve_max_per_router": caps[1]}
+    settings = {"shed_by": "signal", "shed": {"batch": {}}, "in_flight": in_flight}
+    with start_gateway(settings, router_config, router_server.address, tmp_path_factory.mktemp("capped")) as gateway:
+        yield request.param, gateway
+
+
+def _kserve_burst(channel: grpc.Channel, traffic_class: str, n: int) -> Counter[str]:
+    """``n`` KServe ModelInfer calls of ``driver_ranker`` in ``traffic_class``, all in flight at once."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=[1, 4])
+    request = service_pb2.ModelInferRequest(
+        model_name="driver_ranker", inputs=[tensor], raw_input_contents=[np.full((1, 4), 0.5, np.float32).tobytes()]
+    )
+    calls = [stub.ModelInfer.future(request, metadata=_metadata(traffic_class), timeout=5) for _ in range(n)]
+    codes = Counter[str]()
+    for call in calls:
+        try:
+            call.result()
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[f"{err.code().name}: {err.details()}"] += 1
+    return codes
+
+
+def test_each_front_door_has_an_in_flight_cap_of_its_own(one_door_capped: tuple[str, Gateway]) -> None:
+    # KServe calls reach the routers through a cluster of their own: a burst on one front door
+    # is held by its own cap only, and never uses up the other's.
+    capped, gateway = one_door_capped
+    overflow = {
+        "predict": f"cluster.{ROUTER_CLUSTER}.upstream_rq_active_overflow",
+        "kserve": f"cluster.{KSERVE_CLUSTER}.upstream_rq_active_overflow",
+    }
+    before = {door: gateway.stat(counter) for door, counter in overflow.items()}
+    with grpc.insecure_channel(gateway.address) as channel:
+        bursts = {
+            "predict": _burst(pb_grpc.InferenceStub(channel), "batch", 30),
+            "kserve": _kserve_burst(channel, "batch", 30),
+        }
+        critical = _kserve_burst(channel, "critical", 30)
+    refused = f"RESOURCE_EXHAUSTED: {IN_FLIGHT_SHED_MESSAGE}"
+    [uncapped] = set(bursts) - {capped}
+    assert bursts[capped]["OK"] >= 1 and bursts[capped][refused] >= 10, bursts
+    assert refused not in bursts[uncapped], bursts
+    assert gateway.stat(overflow[capped]) - before[capped] == bursts[capped][refused]
+    assert gateway.stat(overflow[uncapped]) == before[uncapped]
+    assert critical == {"OK": 30}  # HIGH priority: never held on either front door
 
 
 # --- several router replicas, one of them restarted -------------------------------------

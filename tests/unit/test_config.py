@@ -105,7 +105,8 @@ def test_gateway_in_flight_limit_is_adaptive_unless_told_otherwise() -> None:
     # while it samples, shedding at light load) and a fixed cap for bursts the target is too slow for.
     assert in_flight.adaptive and in_flight.min_rtt_ms is not None and in_flight.max_per_router is not None
     assert InFlightConfig().max_per_router is None and InFlightConfig().min_rtt_ms is None  # the model's own: off
-    for key, bad in (("max_per_router", 0), ("latency_percentile", 101), ("buffer", -0.1), ("min_concurrency", 0)):
+    bad_values = (("max_per_router", 0), ("kserve_max_per_router", 0), ("latency_percentile", 101), ("buffer", -0.1))
+    for key, bad in (*bad_values, ("min_concurrency", 0)):
         raw["gateway"]["in_flight"] = {key: bad}
         with pytest.raises(ConfigError, match=rf"gateway\.in_flight\.{key}"):
             parse_config(raw, DEFAULT.parent)

@@ -20,6 +20,7 @@ from inferline.gateway.render import (
     ADAPTIVE_SHED_MESSAGE,
     IN_FLIGHT_FILTER,
     IN_FLIGHT_SHED_MESSAGE,
+    KSERVE_CLUSTER,
     SIGNAL_FILTER,
     SIGNAL_SHED_FILTER,
     SIGNAL_SHED_HEADER,
@@ -45,6 +46,11 @@ def _hcm(rendered: dict[str, Any]) -> dict[str, Any]:
 
 def _routes(rendered: dict[str, Any]) -> list[dict[str, Any]]:
     return _hcm(rendered)["route_config"]["virtual_hosts"][0]["routes"]  # type: ignore[no-any-return]
+
+
+def _front_doors(*names: str) -> list[str]:
+    """Route names in render order: the KServe front door's copies of ``names`` first, then ``names``."""
+    return [*(f"kserve_{n}" for n in names), *names]
 
 
 def _validate(rendered: dict[str, Any], tmp_path: pathlib.Path) -> subprocess.CompletedProcess[str]:
@@ -84,7 +90,7 @@ def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:
 def test_without_shed_classes_every_class_goes_at_high_priority() -> None:
     rendered = render_envoy(_config())
     routes = {r["name"]: r for r in _routes(rendered)}
-    assert list(routes) == ["class_critical", "class_standard", "class_batch", "default", "unrouted"]
+    assert list(routes) == [*_front_doors("class_critical", "class_standard", "class_batch", "default"), "unrouted"]
     assert list(routes["default"]["match"]) == ["safe_regex"]  # the public services' paths, whatever the headers
     assert all(routes[f"class_{c}"]["route"]["priority"] == "HIGH" for c in ("critical", "standard", "batch"))
     assert not any("typed_per_filter_config" in r for r in routes.values())  # no filter to turn off
@@ -106,10 +112,11 @@ def test_signal_shedding_is_a_lua_filter_and_a_fault_filter_before_the_router() 
     # The Lua filter reads the class itself: the class routes set the routing priority, and
     # only the protected class's route turns a filter (the in-flight limit) off.
     routes = {r["name"]: r for r in _routes(rendered)}
-    assert list(routes) == ["class_batch", "class_standard", "class_critical", "default", "unrouted"]
-    assert "typed_per_filter_config" not in routes["class_batch"]
-    assert "typed_per_filter_config" not in routes["default"]  # no header: limited like a shed class
-    assert set(routes["class_critical"]["typed_per_filter_config"]) == {IN_FLIGHT_FILTER}
+    assert list(routes) == [*_front_doors("class_batch", "class_standard", "class_critical", "default"), "unrouted"]
+    for prefix in ("", "kserve_"):  # the same on both front doors
+        assert "typed_per_filter_config" not in routes[f"{prefix}class_batch"]
+        assert "typed_per_filter_config" not in routes[f"{prefix}default"]  # no header: limited like a shed class
+        assert set(routes[f"{prefix}class_critical"]["typed_per_filter_config"]) == {IN_FLIGHT_FILTER}
 
 
 def test_signal_fault_filter_aborts_only_marked_requests_with_resource_exhausted() -> None:
@@ -155,8 +162,11 @@ def test_every_request_carries_the_callers_grpc_timeout_and_the_gateway_secret_f
 )
 def test_only_the_public_services_are_routed(path: str, forwarded: bool) -> None:
     forwarding = [r for r in _routes(render_envoy(_config(shed=SHED))) if "route" in r]
-    [regex] = {r["match"]["safe_regex"]["regex"] for r in forwarding}
-    assert (re.fullmatch(regex, path) is not None) is forwarded
+    clusters = {r["route"]["cluster"] for r in forwarding if re.fullmatch(r["match"]["safe_regex"]["regex"], path)}
+    if not forwarded:
+        assert not clusters
+    else:  # KServe calls to the KServe front door's cluster, every other public call to the other
+        assert clusters == {KSERVE_CLUSTER if path.startswith("/inference.") else ROUTER_CLUSTER}
 
 
 def test_no_shed_classes_means_no_shed_filters() -> None:
@@ -166,11 +176,12 @@ def test_no_shed_classes_means_no_shed_filters() -> None:
 
 def test_each_class_gets_a_header_route_and_the_default_route_is_last() -> None:
     routes = _routes(render_envoy(_config(shed=SHED, shed_by=SR)))
-    assert [r["name"] for r in routes] == ["class_batch", "class_standard", "class_critical", "default", "unrouted"]
-    routes = routes[:-1]  # the public ones
-    for route, cls in zip(routes, ["batch", "standard", "critical"], strict=False):
-        assert route["match"]["headers"] == [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]
-    assert list(routes[-1]["match"]) == ["safe_regex"]  # the public services' paths, whatever the headers
+    names = _front_doors("class_batch", "class_standard", "class_critical", "default")
+    assert [r["name"] for r in routes] == [*names, "unrouted"]
+    for door in (routes[:4], routes[4:8]):
+        for route, cls in zip(door, ["batch", "standard", "critical"], strict=False):
+            assert route["match"]["headers"] == [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]
+        assert list(door[-1]["match"]) == ["safe_regex"]  # the front door's paths, whatever the headers
 
 
 def test_each_class_route_keeps_only_its_own_shed_filter() -> None:
@@ -204,7 +215,7 @@ def test_admission_control_takes_the_class_settings() -> None:
 def test_routes_forward_under_the_callers_deadline_and_retry_only_calls_no_router_saw() -> None:
     for route in _routes(render_envoy(_config(shed=SHED, shed_by=SR)))[:-1]:  # all but "unrouted"
         action = route["route"]
-        assert action["cluster"] == ROUTER_CLUSTER
+        assert action["cluster"] == (KSERVE_CLUSTER if route["name"].startswith("kserve_") else ROUTER_CLUSTER)
         assert action["timeout"] == "0s"
         assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
         retry = action["retry_policy"]
@@ -214,8 +225,8 @@ def test_routes_forward_under_the_callers_deadline_and_retry_only_calls_no_route
     assert "retry_policy" not in _hcm(render_envoy(_config(shed=SHED)))["route_config"]["virtual_hosts"][0]
 
 
-def _thresholds(rendered: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    cluster = rendered["static_resources"]["clusters"][0]
+def _thresholds(rendered: dict[str, Any], name: str = ROUTER_CLUSTER) -> dict[str, dict[str, Any]]:
+    [cluster] = [c for c in rendered["static_resources"]["clusters"] if c["name"] == name]
     return {t["priority"]: t for t in cluster["circuit_breakers"]["thresholds"]}
 
 
@@ -223,12 +234,8 @@ def _thresholds(rendered: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_only_a_named_protected_class_goes_at_high_priority(shed_by: str) -> None:
     rendered = render_envoy(_config(shed=SHED, shed_by=shed_by))
     routes = {r["name"]: r["route"]["priority"] for r in _routes(rendered) if "route" in r}
-    assert routes == {
-        "class_batch": "DEFAULT",
-        "class_standard": "DEFAULT",
-        "class_critical": "HIGH",
-        "default": "DEFAULT",
-    }
+    expected = {"class_batch": "DEFAULT", "class_standard": "DEFAULT", "class_critical": "HIGH", "default": "DEFAULT"}
+    assert routes == expected | {f"kserve_{name}": priority for name, priority in expected.items()}
 
 
 @pytest.mark.parametrize("shed_by", ["signal", SR])
@@ -251,8 +258,24 @@ def test_in_flight_bound_is_the_default_priority_breaker_times_the_replicas() ->
 
 
 def test_no_fixed_cap_by_default_leaves_the_breakers_open() -> None:
-    thresholds = _thresholds(render_envoy(_config(shed=SHED)))
-    assert thresholds["DEFAULT"]["max_requests"] == thresholds["HIGH"]["max_requests"] >= 100_000
+    for cluster in (ROUTER_CLUSTER, KSERVE_CLUSTER):
+        thresholds = _thresholds(render_envoy(_config(shed=SHED)), cluster)
+        assert thresholds["DEFAULT"]["max_requests"] == thresholds["HIGH"]["max_requests"] >= 100_000
+
+
+def test_the_kserve_front_door_has_a_cap_of_its_own_over_the_same_routers(tmp_path: pathlib.Path) -> None:
+    config = _config(shed=SHED, in_flight={"max_per_router": 16, "kserve_max_per_router": 32})
+    rendered = render_envoy(config, routers=["10.0.0.1:1", "10.0.0.2:1"])
+    assert _thresholds(rendered)["DEFAULT"]["max_requests"] == 32
+    kserve = _thresholds(rendered, KSERVE_CLUSTER)
+    assert kserve["DEFAULT"]["max_requests"] == 64 and kserve["HIGH"]["max_requests"] >= 100_000
+    router, kserve_cluster = rendered["static_resources"]["clusters"]
+    assert (router["name"], kserve_cluster["name"]) == (ROUTER_CLUSTER, KSERVE_CLUSTER)
+    assert router["load_assignment"]["endpoints"] == kserve_cluster["load_assignment"]["endpoints"]
+    assert kserve_cluster["load_assignment"]["cluster_name"] == KSERVE_CLUSTER
+    assert kserve_cluster["health_checks"] == router["health_checks"]  # a draining router leaves both
+    result = _validate(rendered, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_adaptive_in_flight_limit_takes_the_config_and_sits_after_the_shed_filters() -> None:

@@ -597,7 +597,8 @@ class InFlightConfig(_Model):
     the limit with it; ``min_rtt_ms`` fixes minRTT instead, turning the limit into a latency
     target (the percentile held under ``min_rtt_ms`` × (1 + ``buffer``)).
     ``max_per_router``: a fixed cap on top (an Envoy circuit breaker, this × the replicas in
-    ``gateway.routers``); None for none. Envoy samples every answer that passes the adaptive
+    ``gateway.routers``); None for none; ``kserve_max_per_router`` the same for the KServe
+    front door's calls. Envoy samples every answer that passes the adaptive
     filter, its own later local replies included (envoyproxy/envoy#8274): the cap's refusals
     and "no healthy router" replies read as fast answers and let the adaptive limit rise (the
     cap itself still holds).
@@ -618,6 +619,11 @@ class InFlightConfig(_Model):
     min_concurrency: int = Field(3, ge=1)
     max_limit: int = Field(1000, ge=1)
     max_per_router: int | None = Field(None, gt=0)
+    kserve_max_per_router: int | None = Field(None, gt=0)
+    """The fixed cap of the KServe front door's calls (``inference.GRPCInferenceService``),
+    which reach the routers through an Envoy cluster of their own; ``max_per_router`` caps
+    the other services' calls. A tensor pass-through costs a router far less than a
+    ``Predict``, so one cap does not fit both. None: no fixed cap for them."""
 
 
 class GatewayConfig(_Model):

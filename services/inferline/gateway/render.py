@@ -41,8 +41,11 @@ Layout of the rendered config::
                       (all: only the public services' paths (PUBLIC_SERVICES), anything else
                        is UNIMPLEMENTED; x-inferline-ingress-timeout = the caller's grpc-timeout,
                        x-inferline-gateway-secret = $gateway.secret_env, callers' copies dropped)
+        (the KServe front door's paths, inference.GRPCInferenceService, have routes of their own
+         first, the same per class, to cluster inferline_router_kserve)
     cluster inferline_router: HTTP/2, round robin per request, gRPC health checks, circuit
                       breakers: DEFAULT max_requests = in_flight.max_per_router × replicas, HIGH unbounded
+    cluster inferline_router_kserve: the same routers; DEFAULT max_requests = in_flight.kserve_max_per_router × replicas
     TLS (``gateway.tls``): listener over TLS, ALPN h2 and http/1.1, mutual with a client CA;
         (``gateway.upstream_tls``): to the routers and their health checks (``gateway.tls`` module)
 
@@ -66,6 +69,13 @@ from inferline.gateway.tls import downstream_transport_socket, is_ip, upstream_t
 
 TRAFFIC_CLASS_HEADER = headers.TRAFFIC_CLASS
 ROUTER_CLUSTER = "inferline_router"
+KSERVE_CLUSTER = "inferline_router_kserve"
+"""The KServe front door's calls reach the same routers through a cluster of their own, so that
+their fixed in-flight cap (``gateway.in_flight.kserve_max_per_router``) is theirs alone: a
+tensor pass-through call costs a router a fraction of a ``Predict`` (no features, no
+post-processing), so the cap that keeps ``Predict``'s critical calls in time holds the KServe
+front door far below what the routers serve in time (measured in the config's comments)."""
+KSERVE_SERVICE = "inference.GRPCInferenceService"
 STAT_PREFIX = "inferline_ingress"
 """Envoy's stats for the listener live under ``http.<STAT_PREFIX>.`` (e.g. ``...admission_control.rq_rejected``)."""
 SHED_FILTER_PREFIX = "inferline.shed."
@@ -79,6 +89,7 @@ ADAPTIVE_SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: the shed classes are at the rou
 """grpc-message of a gateway shed by the adaptive in-flight limit (status RESOURCE_EXHAUSTED)."""
 IN_FLIGHT_SHED_MESSAGE = (
     f"{GATEWAY_SHED_PREFIX}: the routers already hold gateway.in_flight.max_per_router requests of the shed classes"
+    " (kserve_max_per_router for KServe calls)"
 )
 """grpc-message of a gateway shed by the fixed in-flight cap (status RESOURCE_EXHAUSTED)."""
 IN_FLIGHT_FILTER = "inferline.in_flight"
@@ -152,10 +163,10 @@ def render_envoy(
         "static_resources": {
             "listeners": [_listener(config, host, listen_port)],
             "clusters": [
-                _router_cluster(
-                    gateway.routers if routers is None else routers,
-                    gateway.in_flight.max_per_router,
-                    gateway.upstream_tls,
+                _router_cluster(cluster, gateway.routers if routers is None else routers, cap, gateway.upstream_tls)
+                for cluster, cap in (
+                    (ROUTER_CLUSTER, gateway.in_flight.max_per_router),
+                    (KSERVE_CLUSTER, gateway.in_flight.kserve_max_per_router),
                 )
             ],
         },
@@ -478,24 +489,37 @@ def _router_filter() -> dict[str, Any]:
 
 
 def _route_config(config: InferlineConfig) -> dict[str, Any]:
-    """A route per traffic class first (Envoy takes the first match), the public catch-all, then every other path.
+    """Per front door, a route per traffic class first (Envoy takes the first match) and its
+    catch-all; then every other path.
 
-    Only a class the gateway never sheds (critical), named in the class header, goes at
-    Envoy's HIGH routing priority, where no limit applies and the in-flight limit is off.
-    The shed classes, and calls without the header (or with an unknown class), go at
-    DEFAULT, under the in-flight limit: leaving the header out never buys a way past it,
-    and naming a class the message does not is refused by the router. With ``shed_by:
-    success_rate`` each shed class's route also keeps only its own success-rate filter on;
-    with ``signal`` the Lua filter reads the class itself.
+    The KServe front door's paths come first, to the KServe cluster (``KSERVE_CLUSTER``), then
+    the other public services', to ``ROUTER_CLUSTER``: the same routes for each, to clusters
+    with caps of their own. Only a class the gateway never sheds (critical), named in the
+    class header, goes at Envoy's HIGH routing priority, where no limit applies and the
+    in-flight limit is off. The shed classes, and calls without the header (or with an
+    unknown class), go at DEFAULT, under the in-flight limit: leaving the header out never
+    buys a way past it, and naming a class the message does not is refused by the router.
+    With ``shed_by: success_rate`` each shed class's route also keeps only its own
+    success-rate filter on; with ``signal`` the Lua filter reads the class itself.
     """
     shed = list(config.gateway.shed)
     protected = [cls for cls in config.traffic_classes if cls not in config.gateway.shed]
     filters = [SHED_FILTER_PREFIX + cls for cls in shed] if config.gateway.shed_by == "success_rate" else []
     unlimited = [*filters, *([IN_FLIGHT_FILTER] if _adaptive_in_flight(config) else [])]
-    routes = [_class_route(cls, "DEFAULT", filters, keep=SHED_FILTER_PREFIX + cls) for cls in shed]
-    routes += [_class_route(cls, "HIGH", unlimited, keep=None) for cls in protected]
-    default = {"name": "default", "match": _public_match(), "route": _route_action("DEFAULT")}
-    routes.append({**default, **_filters_off(filters, keep=None)})
+    routes: list[dict[str, Any]] = []
+    for prefix, cluster, match in (
+        ("kserve_", KSERVE_CLUSTER, _public_match([KSERVE_SERVICE])),
+        ("", ROUTER_CLUSTER, _public_match([s for s in PUBLIC_SERVICES if s != KSERVE_SERVICE])),
+    ):
+        routes += [
+            _class_route(prefix, cls, match, _route_action(cluster, "DEFAULT"), filters, keep=SHED_FILTER_PREFIX + cls)
+            for cls in shed
+        ]
+        routes += [
+            _class_route(prefix, cls, match, _route_action(cluster, "HIGH"), unlimited, keep=None) for cls in protected
+        ]
+        default = {"name": f"{prefix}default", "match": match, "route": _route_action(cluster, "DEFAULT")}
+        routes.append({**default, **_filters_off(filters, keep=None)})
     # Any other path is no service of ours: Envoy answers it itself (404; UNIMPLEMENTED to a
     # gRPC caller) with every shedding filter off. Matching no route at all would leave them
     # on (they run before the router filter), so after a class's failures the success-rate
@@ -530,7 +554,7 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
 PUBLIC_SERVICES = (
     "inferline.v1.Inference",
     "inferline.v1.BatchJobs",
-    "inference.GRPCInferenceService",
+    KSERVE_SERVICE,
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
@@ -540,18 +564,20 @@ Postprocess and Degradation services among them) takes the ``unrouted`` route, a
 answers gRPC UNIMPLEMENTED without reaching a router."""
 
 
-def _public_match() -> dict[str, Any]:
-    """Route match of the public services' methods: ``/<service>/<method>``, nothing else."""
-    services = "|".join(name.replace(".", "\\.") for name in PUBLIC_SERVICES)
+def _public_match(public: list[str]) -> dict[str, Any]:
+    """Route match of these public services' methods: ``/<service>/<method>``, nothing else."""
+    services = "|".join(name.replace(".", "\\.") for name in public)
     return {"safe_regex": {"regex": f"^/({services})/[A-Za-z0-9_]+$"}}
 
 
-def _class_route(cls: str, priority: str, filters_off: list[str], *, keep: str | None) -> dict[str, Any]:
-    """The route of calls whose class header names ``cls``: at ``priority``, ``filters_off`` off but ``keep``."""
+def _class_route(
+    prefix: str, cls: str, match: dict[str, Any], action: dict[str, Any], filters_off: list[str], *, keep: str | None
+) -> dict[str, Any]:
+    """The route of calls on ``match`` naming ``cls`` in the class header: ``filters_off`` off but ``keep``."""
     return {
-        "name": f"class_{cls}",
-        "match": {**_public_match(), "headers": [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]},
-        "route": _route_action(priority),
+        "name": f"{prefix}class_{cls}",
+        "match": {**match, "headers": [{"name": TRAFFIC_CLASS_HEADER, "string_match": {"exact": cls}}]},
+        "route": action,
         **_filters_off(filters_off, keep=keep),
     }
 
@@ -562,8 +588,8 @@ def _filters_off(names: list[str], *, keep: str | None) -> dict[str, Any]:
     return {"typed_per_filter_config": off} if off else {}
 
 
-def _route_action(priority: str) -> dict[str, Any]:
-    """Forward to the routers at ``priority`` under the caller's own deadline.
+def _route_action(cluster: str, priority: str) -> dict[str, Any]:
+    """Forward to the routers of ``cluster`` at ``priority`` under the caller's own deadline.
 
     ``timeout: 0s`` turns off Envoy's 15 s default; ``grpc_timeout_header_max: 0s`` makes the
     caller's ``grpc-timeout`` the stream's limit, uncapped, so Envoy gives up exactly when the
@@ -574,7 +600,7 @@ def _route_action(priority: str) -> dict[str, Any]:
     the budget itself.
     """
     return {
-        "cluster": ROUTER_CLUSTER,
+        "cluster": cluster,
         "priority": priority,
         "timeout": "0s",
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
@@ -600,19 +626,22 @@ _UNSEEN_RETRY: dict[str, Any] = {
 
 
 def _router_cluster(
-    routers: list[str], max_per_router: int | None, upstream_tls: TlsClientConfig | None = None
+    name: str, routers: list[str], max_per_router: int | None, upstream_tls: TlsClientConfig | None = None
 ) -> dict[str, Any]:
     """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC.
 
     The DEFAULT-priority circuit breaker (the shed classes, and calls without the class
     header) is the fixed in-flight cap, for the replicas listed: a DNS name that resolves to
-    several counts once. HIGH (calls naming a protected class) is never limited.
+    several counts once. HIGH (calls naming a protected class) is never limited. Each front
+    door has a cluster of its own (``ROUTER_CLUSTER``, ``KSERVE_CLUSTER``) over the same
+    replicas, each health-checking them (a check a second per replica each: nothing next to
+    the calls).
     """
     endpoints = [_endpoint(address) for address in routers]
     bound = _CIRCUIT_LIMIT if max_per_router is None else max_per_router * len(routers)
     static = all(is_ip(_host(e)) for e in endpoints)
     return {
-        "name": ROUTER_CLUSTER,
+        "name": name,
         # STATIC for IP literals; STRICT_DNS resolves names and follows DNS changes (k8s services).
         "type": "STATIC" if static else "STRICT_DNS",
         "connect_timeout": "1s",
@@ -624,7 +653,7 @@ def _router_cluster(
                 "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}},
             }
         },
-        "load_assignment": {"cluster_name": ROUTER_CLUSTER, "endpoints": [{"lb_endpoints": endpoints}]},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
         "health_checks": [_health_check()],
         "circuit_breakers": {"thresholds": [_circuit("DEFAULT", bound), _circuit("HIGH", _CIRCUIT_LIMIT)]},
         # TLS to the routers, health checks included (gateway.upstream_tls).

@@ -70,7 +70,8 @@ class RequestGate:
         self.ingress = ingress if ingress is not None else IngressWait()
         self._classes = config.traffic_classes
         in_flight = config.gateway.in_flight
-        gateway_limits = in_flight.adaptive or in_flight.max_per_router is not None
+        caps = (in_flight.max_per_router, in_flight.kserve_max_per_router)
+        gateway_limits = in_flight.adaptive or any(cap is not None for cap in caps)
         # Classes whose gateway calls wait behind the gateway's in-flight limit, not in an
         # unbounded transport queue: their queue wait is the gateway's to act on.
         self._gateway_bounded = frozenset(config.gateway.shed) if gateway_limits else frozenset()
