@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import pathlib
 import resource
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -78,12 +81,57 @@ def job(args: argparse.Namespace, url: str, input_path: pathlib.Path, out: pathl
     command = [sys.executable, "-m", "inferline.cli", "batch", "run", "--config", str(args.config)]
     command += ["--route", "driver_ranking", "--input", str(input_path), "--output", str(out), "--triton-url", url]
     command += ["--chunk-rows", str(args.chunk_rows), "--concurrency", str(args.concurrency)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"batch run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    summary: dict[str, object] = json.loads(done.stdout)
+    if args.feature_processes is not None:
+        command += ["--feature-processes", str(args.feature_processes)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    sampler = TreeRss(process.pid)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    wall_s = time.perf_counter() - started
+    sampler.stop()
+    if process.returncode != 0:
+        raise SystemExit(f"batch run failed ({process.returncode}):\n{stderr[-3000:]}")
+    summary: dict[str, object] = json.loads(stdout)
+    summary["wall_s"] = round(wall_s, 2)
     summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    summary["peak_tree_rss_mib"] = round(sampler.peak / 2**20, 1)
     return summary
+
+
+class TreeRss(threading.Thread):
+    """Peak of the summed RSS of a process and all its descendants (its feature read workers,
+    their fork server), sampled from /proc every 50 ms. ``RUSAGE_CHILDREN``'s ``ru_maxrss``
+    is the largest single process, not the sum, and misses descendants nobody waited for."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self._root = pid
+        self._stopped = threading.Event()
+        self.peak = 0
+
+    def run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stopped.wait(0.05):
+            parents: dict[int, int] = {}
+            pages: dict[int, int] = {}
+            for entry in pathlib.Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    stat = (entry / "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                    pages[int(entry.name)] = int((entry / "statm").read_text().split()[1])
+            tree, grew = {self._root}, True
+            while grew:
+                more = {pid for pid, parent in parents.items() if parent in tree} - tree
+                tree |= more
+                grew = bool(more)
+            self.peak = max(self.peak, sum(pages.get(pid, 0) for pid in tree) * page)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
 
 
 COPIES = {"models": [MODEL], "classes": {"batch": {"max_queue_delay_us": 20000, "preferred_batch_sizes": [128]}}}
@@ -168,6 +216,9 @@ def main() -> None:
     parser.add_argument("--triton-url", default=None, help="a running Triton (default: start the bundled one)")
     parser.add_argument("--chunk-rows", type=int, default=8192)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--feature-processes", type=int, default=None, help="the job's --feature-processes (default: the job's own)"
+    )
     parser.add_argument("--interference", action="store_true", help="online p99 alone and beside a job")
     parser.add_argument("--online-rate", type=float, default=200.0)
     parser.add_argument("--phase-s", type=float, default=8.0)
@@ -212,7 +263,9 @@ def main() -> None:
         "direct_rows_per_s": round(direct, 1),
         "job_rows_per_s": job_rate,
         "job_vs_direct": round(job_rate / direct, 3),
+        "job_wall_s": summary["wall_s"],
         "job_peak_rss_mib": summary["peak_rss_mib"],
+        "job_peak_tree_rss_mib": summary["peak_tree_rss_mib"],
         "job_summary": summary,
     }
     print(json.dumps(result, indent=2))

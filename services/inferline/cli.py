@@ -604,6 +604,10 @@ def batch_run(
     publish_cache: Annotated[bool, typer.Option(help="write the scores to the Redis score cache")] = False,
     tenant: Annotated[str | None, typer.Option(help="tenant whose cache gets the scores")] = None,
     metrics_port: Annotated[int, typer.Option(help="serve Prometheus metrics on this port while running (0: off)")] = 0,
+    feature_processes: Annotated[
+        int | None,
+        typer.Option(help="processes for online feature reads (0 or 1: a thread of the job; default: CPUs, at most 4)"),
+    ] = None,
 ) -> None:
     """Score every row of --input through --route into --output, exactly once; resumable and shardable.
 
@@ -619,7 +623,7 @@ def batch_run(
             traffic_class=traffic_class, features_from=features, timestamp_column=timestamp_column,
             chunk_rows=chunk_rows, request_rows=request_rows, concurrency=concurrency,
             max_rows_per_s=max_rows_per_s, yield_queue_ms=yield_queue_ms, yield_interval_s=yield_interval_s,
-            publish_cache=publish_cache, tenant=tenant,
+            publish_cache=publish_cache, tenant=tenant, feature_processes=feature_processes,
         )  # fmt: skip
         summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url, metrics_port=metrics_port))
     except BatchInputError as err:

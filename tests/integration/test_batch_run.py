@@ -96,7 +96,10 @@ def spec(input_path: pathlib.Path, output: pathlib.Path, **options: object) -> B
     return BatchJobSpec.build(route=ROUTE, input_path=input_path, output_dir=output, **{"chunk_rows": 300, **options})
 
 
-async def test_online_features_scores_match_the_oracle(tmp_path: pathlib.Path, triton_server: TritonLauncher) -> None:
+@pytest.mark.parametrize("processes", [0, 2], ids=["in-process", "2-read-processes"])
+async def test_online_features_scores_match_the_oracle(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher, processes: int
+) -> None:
     config = batch_config(tmp_path)
     source = feast_source(config)
     n = 1000
@@ -110,7 +113,8 @@ async def test_online_features_scores_match_the_oracle(tmp_path: pathlib.Path, t
     rows.loc[10, "trip_distance_km"] = np.nan  # a missing request-time feature: its default
     pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "in.parquet", row_group_size=128)
 
-    summary = await run_batch(config, spec(tmp_path / "in.parquet", tmp_path / "out"), triton_server.grpc_url)
+    job = spec(tmp_path / "in.parquet", tmp_path / "out", feature_processes=processes)
+    summary = await run_batch(config, job, triton_server.grpc_url)
 
     assert (summary["status"], summary["rows"], summary["errors"], summary["chunks"]) == ("complete", n, 0, 4)
     out = read_output(tmp_path / "out")

@@ -160,3 +160,24 @@ def test_null_parquet_keys_are_row_errors(tmp_path: pathlib.Path) -> None:
     parsed = parse_chunk(next(source.chunks(10)), source.columns, ROUTE)
     assert [(e.row, e.reason) for e in parsed.errors] == [(1, "null entity key")]
     assert parsed.ids == [1, 3]
+
+
+@pytest.mark.parametrize("processes", [-1, 65])
+def test_feature_processes_out_of_range_is_refused_by_name(tmp_path: pathlib.Path, processes: int) -> None:
+    from inferline.batch.spec import BatchJobSpec
+
+    with pytest.raises(BatchInputError, match="feature_processes"):
+        BatchJobSpec.build(route="r", input_path=tmp_path, output_dir=tmp_path, feature_processes=processes)
+
+
+def test_a_service_job_gets_the_services_feature_processes_unless_it_names_its_own(tmp_path: pathlib.Path) -> None:
+    from inferline.batch.service.process import _with_processes
+    from inferline.batch.spec import BatchJobSpec
+    from inferline.core.config import load_config
+
+    default = pathlib.Path(__file__).resolve().parents[2] / "deploy/local/inferline.yaml"
+    config = load_config(default, environ={"INFERLINE_BATCH_JOBS__FEATURE_PROCESSES": "3"})
+    spec = BatchJobSpec.build(route="r", input_path=tmp_path, output_dir=tmp_path)
+    assert spec.feature_processes is None
+    assert _with_processes(spec, config).feature_processes == 3
+    assert _with_processes(spec.model_copy(update={"feature_processes": 0}), config).feature_processes == 0

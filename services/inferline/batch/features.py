@@ -5,6 +5,11 @@ the values its entity had at that time (within the view's TTL), as a model train
 history would have seen them. Otherwise the latest values, from the online store, many
 entities per read. Request-time features come from the input's columns. A value that is
 missing either way takes the feature's default and is flagged, as on the online path.
+
+Online reads run in ``processes`` worker processes (``feature_workers.py``) when it is 2 or
+more: Feast's read is mostly per-entity Python, and on the job's one read thread it held
+the GIL for most of a run and capped the job's rate far below Triton's. With 0 or 1 they
+run on one thread of the job's process (``FeastOnlineStore``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from inferline.batch.feature_workers import FeatureReadPool
 from inferline.batch.rows import ParsedChunk
 from inferline.core.config import FeatureStoreConfig, RouteConfig
 from inferline.core.entities import EntityId
@@ -31,8 +37,10 @@ _ROW_ID = "__inferline_row"
 class BatchFeatures:
     """Fetches a route's features for parsed chunks; ``offline`` picks the point-in-time path."""
 
-    def __init__(self, route: RouteConfig, store: FeatureStoreConfig, *, offline: bool) -> None:
-        """``store``: the Feast repository, and the hot cache's TTL and size."""
+    def __init__(self, route: RouteConfig, store: FeatureStoreConfig, *, offline: bool, processes: int = 0) -> None:
+        """``store``: the Feast repository, and the hot cache's TTL and size. ``processes``:
+        worker processes for online reads; 0 or 1: a thread of this process. Blocking (it
+        starts the workers, or imports Feast): run it in a thread."""
         self._route = route
         self._offline = offline
         self._names = [f.name for f in route.features]
@@ -46,7 +54,17 @@ class BatchFeatures:
             import feast
 
             self._historical = feast.FeatureStore(repo_path=str(store.feast_repo))
-        self._online = FeastOnlineStore(store.feast_repo) if not offline and self._refs else None
+        self._online: FeastOnlineStore | None = None
+        self._pool: FeatureReadPool | None = None
+        if not offline and self._refs and processes > 1:
+            self._pool = FeatureReadPool(str(store.feast_repo), processes)
+            try:
+                self._pool.start(self._refs, route.entity.join_key, 0 if route.entity.type == "int64" else "0")
+            except BaseException:
+                self._pool.close()
+                raise
+        elif not offline and self._refs:
+            self._online = FeastOnlineStore(store.feast_repo)
         # The online path's hot-entity cache and its settings: an entity met again within the
         # TTL (a file of rows per trip, not per driver) is not read from the store again.
         self._hot = HotCache(store.hot_cache_ttl_s, store.hot_cache_max_entities)
@@ -58,6 +76,11 @@ class BatchFeatures:
     @property
     def offline(self) -> bool:
         return self._offline
+
+    @property
+    def read_pids(self) -> list[int]:
+        """The feature read processes (none when reads run in this process)."""
+        return [] if self._pool is None else self._pool.pids
 
     async def matrix(self, chunk: ParsedChunk) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """``values`` float32 [rows, features] (route order) and ``defaulted`` bool of the same shape."""
@@ -77,22 +100,31 @@ class BatchFeatures:
 
     async def _online_columns(self, ids: Sequence[EntityId]) -> dict[str, npt.NDArray[np.float32]]:
         """Latest values: each distinct entity of the chunk looked up once, in the job's hot
-        cache first, the misses read ``ONLINE_READ_ENTITIES`` per read."""
-        assert self._online is not None
+        cache first, the misses read ``ONLINE_READ_ENTITIES`` per read: all at once across
+        the worker processes, or one after another on the in-process thread."""
         unique = list(dict.fromkeys(ids))
         rows, _ = self._hot.get_many(unique)
         missing = [entity for entity, row in zip(unique, rows, strict=True) if row is None]
+        step = ONLINE_READ_ENTITIES
+        parts = [missing[start : start + step] for start in range(0, len(missing), step)]
         fetched: dict[EntityId, Row] = {}
-        for start in range(0, len(missing), ONLINE_READ_ENTITIES):
-            part = missing[start : start + ONLINE_READ_ENTITIES]
-            read = await self._online.read(self._refs, self._route.entity.join_key, part)
-            matrix = np.array([read[ref] for ref in self._refs], dtype=np.float32).T  # None → NaN
+        if self._pool is not None:
+            pool, join_key = self._pool, self._route.entity.join_key
+            matrices = await asyncio.gather(*(pool.read(self._refs, join_key, part) for part in parts))
+        else:
+            matrices = [await self._read_here(part) for part in parts]
+        for part, matrix in zip(parts, matrices, strict=True):
             self._hot.put_many(part, list(matrix))
             fetched.update(zip(part, matrix, strict=True))
         table = np.stack([row if row is not None else fetched[e] for e, row in zip(unique, rows, strict=True)])
         position = {entity: i for i, entity in enumerate(unique)}
         index = np.fromiter((position[e] for e in ids), dtype=np.int64, count=len(ids))
         return {ref: table[index, j] for j, ref in enumerate(self._refs)}
+
+    async def _read_here(self, part: list[EntityId]) -> npt.NDArray[np.float32]:
+        assert self._online is not None
+        read = await self._online.read(self._refs, self._route.entity.join_key, part)
+        return np.array([read[ref] for ref in self._refs], dtype=np.float32).T  # None → NaN
 
     async def _historical_columns(self, chunk: ParsedChunk) -> dict[str, npt.NDArray[np.float32]]:
         # Feast's file offline store answers one row per distinct (entity, time), so ask for
@@ -119,3 +151,5 @@ class BatchFeatures:
     async def close(self) -> None:
         if self._online is not None:
             await self._online.close()
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.close)

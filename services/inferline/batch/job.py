@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from inferline.batch.errors import BatchJobFailed
+from inferline.batch.feature_workers import default_processes
 from inferline.batch.features import BatchFeatures
 from inferline.batch.metrics import BatchMetrics
 from inferline.batch.output import ChunkRecord, OutputDir, part_name
@@ -96,9 +97,17 @@ class BatchJob:
             target = await choose_target(self._config, plan, executor)
             efficiency = BatchEfficiency(executor, target.model)
             await efficiency.start()
+            processes = spec.feature_processes
+            if processes is None:
+                processes = default_processes()
             features = await asyncio.to_thread(
-                BatchFeatures, plan.route, self._config.feature_store, offline=plan.offline
+                BatchFeatures, plan.route, self._config.feature_store, offline=plan.offline, processes=processes
             )
+            if features.read_pids:
+                logger.info(
+                    "batch %s: %d feature read processes (pids %s)",
+                    spec.shard.label, len(features.read_pids), " ".join(map(str, features.read_pids)),
+                )  # fmt: skip
             if spec.publish_cache:
                 assert spec.tenant is not None
                 publisher = CachePublisher(self._config.score_cache, plan.route.degradation, spec.tenant, spec.route)

@@ -104,6 +104,12 @@ class BatchJobSpec(BaseModel):
     online model's queue and its statistics: the signal could not tell them apart)."""
     yield_interval_s: float = Field(0.5, gt=0)
     """How often the online queue wait is sampled and the job's concurrency adjusted."""
+    feature_processes: int | None = Field(None, ge=0, le=64)
+    """Worker processes for the online feature reads (Feast's read is per-entity Python that
+    holds the GIL: in worker processes it uses several cores); 0 or 1: one thread of the job's
+    process. None: the default of where the job runs (``batch run``: the job's CPUs, at most
+    4; a BatchJobs service job: ``batch_jobs.feature_processes``). Not part of the job's
+    identity: a resumed run may use another number."""
     publish_cache: bool = False
     """Write every score to the route's score cache (Redis) with its computation time."""
     tenant: str | None = None

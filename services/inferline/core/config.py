@@ -748,6 +748,10 @@ class BatchJobsConfig(_Model):
     """Each job runs in a child process of its own, this many steps of CPU niceness below the
     router: a job's Python (Feast reads, parsing, part files) then neither holds the router's
     GIL nor takes CPU an online request is waiting for. 0: the router's own priority."""
+    feature_processes: int = Field(2, ge=0, le=64)
+    """Worker processes of each job for its online feature reads (at the job's niceness); 0 or
+    1: a thread of the job's process. Fewer than ``batch run``'s default (the CPUs, at most 4):
+    the jobs share the router's host, ``max_running`` at once, each worker with a Feast store."""
 
     @field_validator("state_url")
     @classmethod

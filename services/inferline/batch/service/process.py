@@ -40,6 +40,13 @@ STOP_WAIT_S = 3.0
 _ERRORS: dict[str, type[BatchError]] = {"busy": OutputBusy, "input": BatchInputError, "failed": BatchJobFailed}
 
 
+def _with_processes(spec: BatchJobSpec, config: InferlineConfig) -> BatchJobSpec:
+    """``spec`` with the service's number of feature read processes, unless it names its own."""
+    if spec.feature_processes is not None:
+        return spec
+    return spec.model_copy(update={"feature_processes": config.batch_jobs.feature_processes})
+
+
 class JobProcessError(BatchError):
     """The child failed on a bug (its traceback is in its log) or died without saying why."""
 
@@ -60,7 +67,7 @@ class JobProcess:
         self._online_wait_s = online_wait_s
         self._payload = {
             "config": config.model_dump(mode="json"),
-            "spec": spec.model_dump(mode="json"),
+            "spec": _with_processes(spec, config).model_dump(mode="json"),
             "triton_url": triton_url,
             "nice": config.batch_jobs.process_nice,
         }
