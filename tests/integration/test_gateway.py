@@ -404,6 +404,36 @@ def test_each_front_door_has_an_in_flight_cap_of_its_own(one_door_capped: tuple[
     assert critical == {"OK": 30}  # HIGH priority: never held on either front door
 
 
+@pytest.fixture(scope="module")
+def kserve_protected_capped(
+    router_server: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """Envoy in front of ``router_server`` holding at most one critical KServe call at the router."""
+    in_flight = {"adaptive": False, "kserve_protected_max_per_router": 1}
+    settings = {"shed_by": "signal", "shed": {"batch": {}}, "in_flight": in_flight}
+    path = tmp_path_factory.mktemp("protected")
+    with start_gateway(settings, router_config, router_server.address, path) as gateway:
+        yield gateway
+
+
+def test_critical_kserve_calls_over_their_cap_are_refused_at_once_and_predict_is_not(
+    kserve_protected_capped: Gateway,
+) -> None:
+    # A tensor call has no degraded answer: past the cap, a critical one is refused by the
+    # gateway rather than left to wait in the router's transport; Predict's critical calls,
+    # which degrade instead, stay unbounded.
+    gateway = kserve_protected_capped
+    counter = f"cluster.{KSERVE_CLUSTER}.upstream_rq_active_overflow"
+    before = gateway.stat(counter)
+    with grpc.insecure_channel(gateway.address) as channel:
+        kserve = _kserve_burst(channel, "critical", 30)
+        predict = _burst(pb_grpc.InferenceStub(channel), "critical", 30)
+    refused = f"RESOURCE_EXHAUSTED: {IN_FLIGHT_SHED_MESSAGE}"
+    assert set(kserve) <= {"OK", refused} and kserve["OK"] >= 1 and kserve[refused] >= 10, kserve
+    assert gateway.stat(counter) - before == kserve[refused]
+    assert predict == {"OK": 30}
+
+
 # --- several router replicas, one of them restarted -------------------------------------
 
 DRAIN_S = 10.0

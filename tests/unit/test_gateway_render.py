@@ -278,6 +278,14 @@ def test_the_kserve_front_door_has_a_cap_of_its_own_over_the_same_routers(tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_only_the_kserve_front_door_may_cap_the_protected_classes() -> None:
+    config = _config(shed=SHED, in_flight={"kserve_protected_max_per_router": 40})
+    rendered = render_envoy(config, routers=["10.0.0.1:1", "10.0.0.2:1"])
+    assert _thresholds(rendered, KSERVE_CLUSTER)["HIGH"]["max_requests"] == 80
+    assert _thresholds(rendered, KSERVE_CLUSTER)["DEFAULT"]["max_requests"] >= 100_000  # its own key, unset
+    assert _thresholds(rendered)["HIGH"]["max_requests"] >= 100_000  # Predict's critical calls degrade instead
+
+
 def test_adaptive_in_flight_limit_takes_the_config_and_sits_after_the_shed_filters() -> None:
     in_flight = {"latency_percentile": 90, "buffer": 0.25, "update_interval_s": 0.2, "min_rtt_interval_s": 60}
     rendered = render_envoy(_config(shed=SHED, shed_by=SR, in_flight={**in_flight, "min_concurrency": 2}))

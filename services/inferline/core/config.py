@@ -624,6 +624,13 @@ class InFlightConfig(_Model):
     which reach the routers through an Envoy cluster of their own; ``max_per_router`` caps
     the other services' calls. A tensor pass-through costs a router far less than a
     ``Predict``, so one cap does not fit both. None: no fixed cap for them."""
+    kserve_protected_max_per_router: int | None = Field(None, gt=0)
+    """A fixed cap of the KServe front door's calls of the classes the gateway never sheds
+    (critical), which neither limit above touches. A tensor call has no degraded answer: one
+    that would wait in a router's gRPC transport past its deadline is better refused at once
+    (RESOURCE_EXHAUSTED) than answered late, and the router's CPU goes to the calls that can
+    still make theirs. Size it as the calls a router answers within a deadline: its rate at
+    the knee × the deadline, less the time of an answer. None: unbounded."""
 
 
 class GatewayConfig(_Model):

@@ -45,7 +45,8 @@ Layout of the rendered config::
          first, the same per class, to cluster inferline_router_kserve)
     cluster inferline_router: HTTP/2, round robin per request, gRPC health checks, circuit
                       breakers: DEFAULT max_requests = in_flight.max_per_router × replicas, HIGH unbounded
-    cluster inferline_router_kserve: the same routers; DEFAULT max_requests = in_flight.kserve_max_per_router × replicas
+    cluster inferline_router_kserve: the same routers; DEFAULT max_requests = in_flight.kserve_max_per_router
+                      × replicas, HIGH = in_flight.kserve_protected_max_per_router × replicas (or unbounded)
     TLS (``gateway.tls``): listener over TLS, ALPN h2 and http/1.1, mutual with a client CA;
         (``gateway.upstream_tls``): to the routers and their health checks (``gateway.tls`` module)
 
@@ -88,10 +89,11 @@ SIGNAL_SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: the routers are shedding this tra
 ADAPTIVE_SHED_MESSAGE = f"{GATEWAY_SHED_PREFIX}: the shed classes are at the routers' adaptive concurrency limit"
 """grpc-message of a gateway shed by the adaptive in-flight limit (status RESOURCE_EXHAUSTED)."""
 IN_FLIGHT_SHED_MESSAGE = (
-    f"{GATEWAY_SHED_PREFIX}: the routers already hold gateway.in_flight.max_per_router requests of the shed classes"
-    " (kserve_max_per_router for KServe calls)"
+    f"{GATEWAY_SHED_PREFIX}: the routers already hold as many calls of this kind as gateway.in_flight lets in"
+    " (max_per_router, kserve_max_per_router, kserve_protected_max_per_router)"
 )
-"""grpc-message of a gateway shed by the fixed in-flight cap (status RESOURCE_EXHAUSTED)."""
+"""grpc-message of a gateway shed by a fixed in-flight cap (status RESOURCE_EXHAUSTED): Envoy's
+overflow flag does not say which cluster or priority overflowed, so the message names every cap."""
 IN_FLIGHT_FILTER = "inferline.in_flight"
 """The adaptive_concurrency filter: off on the protected classes' routes only."""
 SIGNAL_FILTER = "inferline.signal"
@@ -163,10 +165,16 @@ def render_envoy(
         "static_resources": {
             "listeners": [_listener(config, host, listen_port)],
             "clusters": [
-                _router_cluster(cluster, gateway.routers if routers is None else routers, cap, gateway.upstream_tls)
-                for cluster, cap in (
-                    (ROUTER_CLUSTER, gateway.in_flight.max_per_router),
-                    (KSERVE_CLUSTER, gateway.in_flight.kserve_max_per_router),
+                _router_cluster(
+                    cluster, gateway.routers if routers is None else routers, cap, gateway.upstream_tls, protected_cap
+                )
+                for cluster, cap, protected_cap in (
+                    (ROUTER_CLUSTER, gateway.in_flight.max_per_router, None),
+                    (
+                        KSERVE_CLUSTER,
+                        gateway.in_flight.kserve_max_per_router,
+                        gateway.in_flight.kserve_protected_max_per_router,
+                    ),
                 )
             ],
         },
@@ -626,19 +634,25 @@ _UNSEEN_RETRY: dict[str, Any] = {
 
 
 def _router_cluster(
-    name: str, routers: list[str], max_per_router: int | None, upstream_tls: TlsClientConfig | None = None
+    name: str,
+    routers: list[str],
+    max_per_router: int | None,
+    upstream_tls: TlsClientConfig | None = None,
+    protected_max_per_router: int | None = None,
 ) -> dict[str, Any]:
     """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC.
 
     The DEFAULT-priority circuit breaker (the shed classes, and calls without the class
     header) is the fixed in-flight cap, for the replicas listed: a DNS name that resolves to
-    several counts once. HIGH (calls naming a protected class) is never limited. Each front
+    several counts once. HIGH (calls naming a protected class) is limited only by
+    ``protected_max_per_router`` (the KServe front door's). Each front
     door has a cluster of its own (``ROUTER_CLUSTER``, ``KSERVE_CLUSTER``) over the same
     replicas, each health-checking them (a check a second per replica each: nothing next to
     the calls).
     """
     endpoints = [_endpoint(address) for address in routers]
     bound = _CIRCUIT_LIMIT if max_per_router is None else max_per_router * len(routers)
+    protected = _CIRCUIT_LIMIT if protected_max_per_router is None else protected_max_per_router * len(routers)
     static = all(is_ip(_host(e)) for e in endpoints)
     return {
         "name": name,
@@ -655,7 +669,7 @@ def _router_cluster(
         },
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
         "health_checks": [_health_check()],
-        "circuit_breakers": {"thresholds": [_circuit("DEFAULT", bound), _circuit("HIGH", _CIRCUIT_LIMIT)]},
+        "circuit_breakers": {"thresholds": [_circuit("DEFAULT", bound), _circuit("HIGH", protected)]},
         # TLS to the routers, health checks included (gateway.upstream_tls).
         **upstream_transport_socket(upstream_tls, [_host(e) for e in endpoints]),
     }
