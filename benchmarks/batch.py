@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import pathlib
 import resource
 import signal
@@ -96,38 +95,46 @@ def job(args: argparse.Namespace, url: str, input_path: pathlib.Path, out: pathl
     summary["wall_s"] = round(wall_s, 2)
     summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     summary["peak_tree_rss_mib"] = round(sampler.peak / 2**20, 1)
+    summary["peak_tree_pss_mib"] = round(sampler.peak_pss / 2**20, 1)
     return summary
 
 
 class TreeRss(threading.Thread):
-    """Peak of the summed RSS of a process and all its descendants (its feature read workers,
-    their fork server), sampled from /proc every 50 ms. ``RUSAGE_CHILDREN``'s ``ru_maxrss``
-    is the largest single process, not the sum, and misses descendants nobody waited for."""
+    """Peak of the summed RSS, and of the summed PSS, of a process and all its descendants
+    (its feature read workers, their fork server), sampled from /proc every 50 ms.
+
+    ``RUSAGE_CHILDREN``'s ``ru_maxrss`` is the largest single process, not the sum, and misses
+    descendants nobody waited for. RSS counts the pages forked workers share with their fork
+    server once per process; PSS splits each shared page between its sharers."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self._root = pid
         self._stopped = threading.Event()
         self.peak = 0
+        self.peak_pss = 0
 
     def run(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
         while not self._stopped.wait(0.05):
             parents: dict[int, int] = {}
-            pages: dict[int, int] = {}
             for entry in pathlib.Path("/proc").iterdir():
-                if not entry.name.isdigit():
-                    continue
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    stat = (entry / "stat").read_text()
-                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-                    pages[int(entry.name)] = int((entry / "statm").read_text().split()[1])
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError, ValueError, IndexError):
+                        parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             tree, grew = {self._root}, True
             while grew:
                 more = {pid for pid, parent in parents.items() if parent in tree} - tree
                 tree |= more
                 grew = bool(more)
-            self.peak = max(self.peak, sum(pages.get(pid, 0) for pid in tree) * page)
+            rss = pss = 0
+            for pid in tree:
+                with contextlib.suppress(OSError, ValueError):
+                    for line in pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                        if line.startswith("Rss:"):
+                            rss += int(line.split()[1]) * 1024
+                        elif line.startswith("Pss:"):
+                            pss += int(line.split()[1]) * 1024
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -266,6 +273,7 @@ def main() -> None:
         "job_wall_s": summary["wall_s"],
         "job_peak_rss_mib": summary["peak_rss_mib"],
         "job_peak_tree_rss_mib": summary["peak_tree_rss_mib"],
+        "job_peak_tree_pss_mib": summary["peak_tree_pss_mib"],
         "job_summary": summary,
     }
     print(json.dumps(result, indent=2))

@@ -25,6 +25,7 @@ import pytest
 
 from inferline.batch.errors import BatchJobFailed
 from inferline.batch.feature_workers import FeatureReadError, FeatureReadPool
+from inferline.core.entities import EntityId
 from inferline.features.store import FeastOnlineStore
 from inferline.triton.launcher import TritonLauncher
 from tests.integration.router_fixtures import write_test_config
@@ -62,7 +63,8 @@ def pool(tmp_path: pathlib.Path) -> Iterator[FeatureReadPool]:
 
 
 async def test_the_workers_read_what_the_in_process_store_reads(pool: FeatureReadPool, tmp_path: pathlib.Path) -> None:
-    ids = [1001 + (i * 37) % 5000 for i in range(2500)] + [5, 999_999_999]  # the last two are unknown to the store
+    ids: list[EntityId] = [1001 + (i * 37) % 5000 for i in range(2500)]
+    ids += [5, 999_999_999]  # unknown to the store
     parts = [ids[start : start + 1000] for start in range(0, len(ids), 1000)]
 
     got = np.concatenate(await asyncio.gather(*(pool.read(REFS, "driver_id", part) for part in parts)))
@@ -117,7 +119,16 @@ def test_a_sigkilled_job_leaves_no_feature_workers(tmp_path: pathlib.Path, trito
         lines: queue.Queue[str] = queue.Queue()
         assert job.stderr is not None
         stderr = job.stderr
-        threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
+
+        # The job's stderr reaches its fork server and workers too: EOF once they are all gone.
+        def read() -> None:
+            for text in stderr:
+                lines.put(text)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        workers: list[int] = []
+        fork_server: set[int] = set()
         try:
             while "feature read processes (pids" not in (line := lines.get(timeout=120)):
                 assert job.poll() is None, f"the job ended ({job.returncode}): {line}"
@@ -130,4 +141,6 @@ def test_a_sigkilled_job_leaves_no_feature_workers(tmp_path: pathlib.Path, trito
         finally:
             job.send_signal(signal.SIGKILL)
             job.wait(timeout=60)
-    wait_until(lambda: not any(alive(pid) for pid in [*workers, *fork_server]), "feature workers gone", 60)
+        wait_until(lambda: not any(alive(pid) for pid in [*workers, *fork_server]), "feature workers gone", 60)
+        reader.join(timeout=60)  # before the pipe is closed under it
+        assert not reader.is_alive()
