@@ -22,7 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
-from inferline.batch import BatchInputError, BatchJobSpec, run_batch
+from inferline.batch import BatchInputError, BatchJobFailed, BatchJobSpec, run_batch
 from inferline.core.config import InferlineConfig, load_config
 from inferline.triton.launcher import TritonLauncher
 from tests.integration.router_fixtures import write_test_config
@@ -256,3 +256,20 @@ async def test_a_chunk_of_bad_rows_only_commits_an_empty_part(
     assert pq.read_table(tmp_path / "out/part-000001.parquet").num_rows == 0
     out = read_output(tmp_path / "out")  # one schema across the parts, the empty one included
     assert out["input_row"].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+
+
+@pytest.mark.parametrize("processes", [0, 2], ids=["in-process", "2-read-processes"])
+async def test_a_feast_error_stops_the_job_part_way_with_feasts_message(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher, processes: int
+) -> None:
+    """The same way in worker processes as on the in-process thread: resumable, naming Feast's error."""
+    config = batch_config(tmp_path)
+    feast_source(config)
+    route = config.routes[ROUTE]
+    features = [f.model_copy(update={"source": "no_such_view:conv_rate"}) if f.source else f for f in route.features]
+    config = config.model_copy(update={"routes": {ROUTE: route.model_copy(update={"features": features})}})
+    pq.write_table(pa.table({"driver_id": pa.array(range(1001, 1101), pa.int64())}), tmp_path / "in.parquet")
+
+    job = spec(tmp_path / "in.parquet", tmp_path / "out", feature_processes=processes)
+    with pytest.raises(BatchJobFailed, match=r"stopped part-way: .*FeatureViewNotFoundException"):
+        await run_batch(config, job, triton_server.grpc_url)

@@ -98,16 +98,21 @@ class FeatureReadPool:
         and store lazily, on the first read), so that no chunk waits for a worker to start.
         Blocking: run it in a thread.
 
+        A Feast error on these reads is not raised here: the chunks' reads meet it again and
+        fail the job part-way, as the in-process store's first read would.
+
         Raises:
             BatchJobFailed: a worker died while starting.
-            FeatureReadError: Feast failed the first read.
         """
         # ProcessPoolExecutor starts a worker per submit while none is idle, and a worker
         # takes far longer to start than the submits: one task each starts them all, in parallel.
         futures = [self._executor.submit(_read, refs, join_key, [any_id]) for _ in range(self._size)]
         try:
             for future in futures:
-                future.result()
+                if isinstance(error := future.exception(), FeatureReadError):
+                    logger.warning("feature read process: the first read failed: %s", error)
+                elif error is not None:
+                    raise error
         except BrokenProcessPool as err:
             raise BatchJobFailed(f"a feature read process died while starting: {err}") from err
         finally:
