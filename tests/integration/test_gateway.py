@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -286,7 +287,11 @@ def _burst(stub: pb_grpc.InferenceStub, traffic_class: str, n: int, *, header: b
     """``n`` calls of ``traffic_class`` (with the class header, or without), all in flight at once,
     counted as "OK" or "CODE: details"."""
     metadata = _metadata(traffic_class) if header else (AUTH,)
-    calls = [stub.Predict.future(_request(traffic_class), metadata=metadata, timeout=5) for _ in range(n)]
+    return _settle([stub.Predict.future(_request(traffic_class), metadata=metadata, timeout=5) for _ in range(n)])
+
+
+def _settle(calls: list[Any]) -> Counter[str]:
+    """Wait for every call (grpc futures): each counted as "OK" or "CODE: details"."""
     codes = Counter[str]()
     for call in calls:
         try:
@@ -369,15 +374,7 @@ def _kserve_burst(channel: grpc.Channel, traffic_class: str, n: int) -> Counter[
     request = service_pb2.ModelInferRequest(
         model_name="driver_ranker", inputs=[tensor], raw_input_contents=[np.full((1, 4), 0.5, np.float32).tobytes()]
     )
-    calls = [stub.ModelInfer.future(request, metadata=_metadata(traffic_class), timeout=5) for _ in range(n)]
-    codes = Counter[str]()
-    for call in calls:
-        try:
-            call.result()
-            codes["OK"] += 1
-        except grpc.RpcError as err:
-            codes[f"{err.code().name}: {err.details()}"] += 1
-    return codes
+    return _settle([stub.ModelInfer.future(request, metadata=_metadata(traffic_class), timeout=5) for _ in range(n)])
 
 
 def test_each_front_door_has_an_in_flight_cap_of_its_own(one_door_capped: tuple[str, Gateway]) -> None:

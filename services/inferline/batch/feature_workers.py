@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 from inferline.batch.errors import BatchJobFailed
 from inferline.core.entities import EntityId
+from inferline.core.processes import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -165,21 +166,11 @@ def _watch_job(job: int) -> None:
     try:
         exited = os.pidfd_open(job)  # readable once the process has exited
     except (AttributeError, OSError):  # no pidfd (not Linux ≥ 5.3), or the job is gone already
-        while _running(job):
+        while pid_alive(job):
             time.sleep(JOB_CHECK_S)
     else:
         select.select([exited], [], [])
     os._exit(1)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read(refs: list[str], join_key: str, ids: list[EntityId]) -> npt.NDArray[np.float32]:

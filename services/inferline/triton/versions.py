@@ -47,6 +47,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from inferline.core.config import ClassCopiesConfig, InferlineConfig, TlsClientConfig
+from inferline.core.processes import pid_alive
 from inferline.core.tls import channel_options, tritonclient_kwargs
 from inferline.triton.class_copies import ClassModelMap, write_class_copies
 from inferline.triton.executor import CHANNEL_OPTIONS
@@ -150,19 +151,9 @@ def find_bundled(model_repository: pathlib.Path) -> BundledServer | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if server.model_repository != model_repository.resolve() or not _alive(server.pid):
+    if server.model_repository != model_repository.resolve() or not pid_alive(server.pid):
         return None
     return server
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the model directory and the derived repository --------------------------------------
