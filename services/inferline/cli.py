@@ -608,6 +608,12 @@ def batch_run(
         int | None,
         typer.Option(help="processes for online feature reads (0 or 1: a thread of the job; default: CPUs, at most 4)"),
     ] = None,
+    router_metrics: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a router's metrics URL (http://host:9464/metrics) whose queue wait the job yields to; repeat"
+        ),
+    ] = None,
 ) -> None:
     """Score every row of --input through --route into --output, exactly once; resumable and shardable.
 
@@ -624,6 +630,7 @@ def batch_run(
             chunk_rows=chunk_rows, request_rows=request_rows, concurrency=concurrency,
             max_rows_per_s=max_rows_per_s, yield_queue_ms=yield_queue_ms, yield_interval_s=yield_interval_s,
             publish_cache=publish_cache, tenant=tenant, feature_processes=feature_processes,
+            router_metrics=router_metrics or [],
         )  # fmt: skip
         summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url, metrics_port=metrics_port))
     except BatchInputError as err:

@@ -8,6 +8,7 @@ jobs the latest row at or before each row's time within the view's TTL, by
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import subprocess
@@ -20,12 +21,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from inferline.batch import BatchInputError, BatchJobFailed, BatchJobSpec, run_batch
+from inferline.batch.throttle import QUEUE_WAIT_METRIC
 from inferline.core.config import InferlineConfig, load_config
+from inferline.core.ports import free_port
 from inferline.triton.launcher import TritonLauncher
 from tests.integration.router_fixtures import write_test_config
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.requires_triton, pytest.mark.requires_feast]
 
@@ -240,6 +244,46 @@ async def test_the_job_gives_way_when_the_online_queue_wait_rises(
 
     assert (summary["rows"], summary["errors"]) == (200, 0)
     assert summary["yield"]["intervals"] > 0
+    assert summary["yield"]["throttled_share"] > 0
+
+
+async def test_a_job_outside_the_routers_yields_to_their_queue_wait(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher
+) -> None:
+    """``--router-metrics``: the job reads the routers' queue-wait gauge off their Prometheus
+    endpoint (a real one here, whose value the test sets), pauses while it is over the target,
+    and finishes once it falls."""
+    config = batch_config(tmp_path)
+    pq.write_table(pa.table({"driver_id": pa.array(range(1001, 1401), pa.int64())}), tmp_path / "in.parquet")
+    routers = CollectorRegistry()
+    queue_wait = Gauge(QUEUE_WAIT_METRIC, "the router's queue wait", registry=routers)
+    queue_wait.set(1.0)  # far over any target: the router is drowning
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=routers)
+    options = {"yield_interval_s": 0.02, "request_rows": 8, "concurrency": 4, "max_rows_per_s": 1000}
+    job_registry = CollectorRegistry()
+    limit = {"route": ROUTE}
+    job_spec = spec(
+        tmp_path / "in.parquet", tmp_path / "out", **options, router_metrics=[f"http://127.0.0.1:{port}/metrics"]
+    )
+    try:
+        job = asyncio.create_task(run_batch(config, job_spec, triton_server.grpc_url, registry=job_registry))
+
+        def paused_by_the_router() -> bool:
+            read = job_registry.get_sample_value("inferline_batch_online_queue_wait_seconds", limit)
+            allowed = job_registry.get_sample_value("inferline_batch_concurrency_limit", limit)
+            return read == pytest.approx(1.0) and allowed == 0  # the gauges start at 0: both must be set
+
+        await eventually(lambda: job.done() or paused_by_the_router(), "the job paused on the routers' wait")
+        assert not job.done()
+        queue_wait.set(0.0)
+        summary = await job
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    assert (summary["rows"], summary["errors"]) == (400, 0)
     assert summary["yield"]["throttled_share"] > 0
 
 

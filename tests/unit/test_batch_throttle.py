@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from inferline.batch.throttle import AdjustableGate, OnlineYield, RouterQueueWait, YieldPolicy
+from inferline.batch.errors import BatchInputError
+from inferline.batch.spec import BatchJobSpec
+from inferline.batch.throttle import (
+    QUEUE_WAIT_METRIC,
+    AdjustableGate,
+    OnlineYield,
+    RouterMetricsWait,
+    RouterQueueWait,
+    YieldPolicy,
+)
+from inferline.core.ports import free_port
 from tests.waiting import WITHIN_S
 
 TARGET_S = 0.002
@@ -118,3 +130,43 @@ async def test_the_job_backs_off_when_either_signal_passes_its_own_target() -> N
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+# --- the routers' queue wait read off their metrics endpoints -----------------------------
+
+
+@pytest.fixture
+def router_metrics() -> Iterator[Callable[[float | None], str]]:
+    """Starts real Prometheus endpoints, each with the routers' queue-wait gauge at a value
+    (None: an endpoint without it); returns the URL of each."""
+    servers = []
+
+    def start(wait_s: float | None) -> str:
+        registry = CollectorRegistry()
+        if wait_s is not None:
+            Gauge(QUEUE_WAIT_METRIC, "the router's queue wait", registry=registry).set(wait_s)
+        port = free_port()
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{port}/metrics"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+async def test_the_busiest_router_that_answers_sets_the_wait(router_metrics: Callable[[float | None], str]) -> None:
+    quiet, busy, without = router_metrics(0.001), router_metrics(0.040), router_metrics(None)
+    gone = f"http://127.0.0.1:{free_port()}/metrics"  # nothing listens there
+    assert await RouterMetricsWait([quiet, busy, without, gone]).sample() == pytest.approx(0.040)
+    assert await RouterMetricsWait([quiet, gone]).sample() == pytest.approx(0.001)
+    assert await RouterMetricsWait([gone, without]).sample() is None  # no reading: the job goes on
+
+
+def test_router_metrics_are_urls_named_in_the_error() -> None:
+    with pytest.raises(BatchInputError, match="router_metrics"):
+        BatchJobSpec.build(route="r", input_path="in.parquet", output_dir="out", router_metrics=["10.0.0.1:9464"])
+    with pytest.raises(ValueError, match="at least one"):
+        RouterMetricsWait([])

@@ -31,7 +31,15 @@ from inferline.batch.scoring import BatchScorer, ModelTarget, RateLimit, Scored
 from inferline.batch.source import Chunk
 from inferline.batch.spec import DEFAULT_YIELD_QUEUE_MS
 from inferline.batch.stats import BatchEfficiency
-from inferline.batch.throttle import AdjustableGate, OnlineYield, RouterQueueWait, TritonQueueWait, YieldPolicy
+from inferline.batch.throttle import (
+    AdjustableGate,
+    OnlineYield,
+    RouterMetricsWait,
+    RouterQueueWait,
+    TritonQueueWait,
+    WaitSignal,
+    YieldPolicy,
+)
 from inferline.core.config import InferlineConfig
 from inferline.core.entities import EntityId
 from inferline.triton.class_copies import ClassModelMap
@@ -169,7 +177,9 @@ class BatchJob:
             if cls != spec.traffic_class
         }
         target_ms = spec.yield_queue_ms
-        router = self._router_wait
+        router: WaitSignal | None = self._router_wait
+        if router is None and spec.router_metrics:
+            router = RouterMetricsWait(spec.router_metrics)  # a job outside the routers (batch run)
         router_target_s = self._router_target_s()
         if target_ms is None:
             if target.model in online and router is not None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pathlib
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from inferline.batch.errors import BatchInputError
 from inferline.core.config import format_validation_error
@@ -104,6 +104,10 @@ class BatchJobSpec(BaseModel):
     online model's queue and its statistics: the signal could not tell them apart)."""
     yield_interval_s: float = Field(0.5, gt=0)
     """How often the online queue wait is sampled and the job's concurrency adjusted."""
+    router_metrics: list[Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]] = []
+    """Prometheus endpoints (``http://host:9464/metrics``) of the routers whose queue wait the
+    job yields to besides Triton's queue time (``batch run``; a BatchJobs service job is told
+    its own router's). Operator-given only: never built from a caller's request."""
     feature_processes: int | None = Field(None, ge=0, le=64)
     """Worker processes for the online feature reads (Feast's read is per-entity Python that
     holds the GIL: in worker processes it uses several cores); 0 or 1: one thread of the job's

@@ -18,7 +18,9 @@ A job of the BatchJobs service also yields to the router's own queue wait — th
 admission sheds online requests by (event-loop lag, the gateway calls' wait before their
 handler) — which the router tells its job processes as they run (``RouterQueueWait``).
 It sees what Triton's queue time cannot: online requests waiting for CPU the job takes.
-Each signal has its own target; the job backs off when either passes its target.
+A ``batch run`` job, outside any router, reads the same value off the routers' metrics
+endpoints (``--router-metrics``, ``RouterMetricsWait``). Each signal has its own target;
+the job backs off when either passes its target.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Protocol
 
 from inferline.batch.metrics import BatchMetrics
 from inferline.core.errors import DependencyUnavailable
+from inferline.stats import scrape
 from inferline.triton.executor import TritonExecutor
 from inferline.triton.statistics import ModelTotals, model_totals
 
@@ -140,6 +143,50 @@ class RouterQueueWait:
         """Seconds, or None when the router told nothing since the last sample."""
         peak, self._peak = self._peak, None
         return peak
+
+
+QUEUE_WAIT_METRIC = "inferline_queue_wait_seconds"
+"""The routers' gauge of their queue wait (``core.metrics``): what ``RouterQueueWait`` is told."""
+
+
+class RouterMetricsWait:
+    """The routers' queue wait read off their Prometheus endpoints, for a job that runs outside
+    any router (``batch run --router-metrics URL``: a Kubernetes Job beside the routers, a
+    job on another host): the largest over the URLs, so the busiest router sets the pace.
+
+    An endpoint that does not answer within ``timeout_s``, or has no such gauge, gives no
+    reading (one warning per outage, one line when it is back): a metrics port that is down
+    must not stop a job, which then goes on by Triton's signal alone.
+    """
+
+    def __init__(self, urls: Sequence[str], timeout_s: float = 0.5) -> None:
+        if not urls:
+            raise ValueError("RouterMetricsWait needs at least one metrics URL")
+        self._urls = list(urls)
+        self._timeout_s = timeout_s
+        self._failing: set[str] = set()
+
+    async def sample(self) -> float | None:
+        """Seconds, the largest of the routers that answered; None when none did."""
+        readings = await asyncio.gather(*(asyncio.to_thread(self._read, url) for url in self._urls))
+        values = [r for r in readings if r is not None]
+        return max(values) if values else None
+
+    def _read(self, url: str) -> float | None:
+        try:
+            samples = scrape(url, self._timeout_s)
+            values = [value for (name, _), value in samples.items() if name == QUEUE_WAIT_METRIC]
+            if not values:
+                raise ValueError(f"no {QUEUE_WAIT_METRIC} there")
+        except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors
+            if url not in self._failing:
+                logger.warning("batch: router metrics %s unreadable, not yielding to it: %s", url, err)
+                self._failing.add(url)
+            return None
+        if url in self._failing:
+            logger.info("batch: router metrics %s readable again", url)
+            self._failing.discard(url)
+        return max(values)
 
 
 class WaitSignal(Protocol):
