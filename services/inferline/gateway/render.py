@@ -75,7 +75,7 @@ KSERVE_CLUSTER = "inferline_router_kserve"
 their fixed in-flight cap (``gateway.in_flight.kserve_max_per_router``) is theirs alone: a
 tensor pass-through call costs a router a fraction of a ``Predict`` (no features, no
 post-processing), so the cap that keeps ``Predict``'s critical calls in time holds the KServe
-front door far below what the routers serve in time (measured in the config's comments)."""
+front door far below what the routers serve in time (measured: docs/performance.md)."""
 KSERVE_SERVICE = "inference.GRPCInferenceService"
 STAT_PREFIX = "inferline_ingress"
 """Envoy's stats for the listener live under ``http.<STAT_PREFIX>.`` (e.g. ``...admission_control.rq_rejected``)."""
@@ -503,10 +503,11 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
     The KServe front door's paths come first, to the KServe cluster (``KSERVE_CLUSTER``), then
     the other public services', to ``ROUTER_CLUSTER``: the same routes for each, to clusters
     with caps of their own. Only a class the gateway never sheds (critical), named in the
-    class header, goes at Envoy's HIGH routing priority, where no limit applies and the
-    in-flight limit is off. The shed classes, and calls without the header (or with an
-    unknown class), go at DEFAULT, under the in-flight limit: leaving the header out never
-    buys a way past it, and naming a class the message does not is refused by the router.
+    class header, goes at Envoy's HIGH routing priority, where the in-flight limit is off and
+    no cap applies but the KServe front door's ``kserve_protected_max_per_router``. The shed
+    classes, and calls without the header (or with an unknown class), go at DEFAULT, under
+    the in-flight limit: leaving the header out never buys a way past it, and naming a class
+    the message does not is refused by the router.
     With ``shed_by: success_rate`` each shed class's route also keeps only its own
     success-rate filter on; with ``signal`` the Lua filter reads the class itself.
     """
