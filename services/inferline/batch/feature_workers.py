@@ -35,7 +35,6 @@ import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +42,7 @@ import numpy.typing as npt
 from inferline.batch.errors import BatchJobFailed
 from inferline.core.entities import EntityId
 from inferline.core.processes import pid_alive
+from inferline.features.store import FeastOnlineStore
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ JOB_CHECK_S = 0.5
 CLOSE_WAIT_S = 5.0
 """How long ``close`` waits for a worker to finish its read and exit before it is killed."""
 
-_store: Any = None  # the worker's feast.FeatureStore
+_store: FeastOnlineStore | None = None  # the worker's own store
 
 
 def default_processes() -> int:
@@ -156,9 +156,7 @@ def _start(repo_path: str, job: int) -> None:
     # a worker that died of it first would turn the cancel into a broken pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_job, args=(job,), name="job-watch", daemon=True).start()
-    import feast
-
-    _store = feast.FeatureStore(repo_path=repo_path)
+    _store = FeastOnlineStore(repo_path)
 
 
 def _watch_job(job: int) -> None:
@@ -173,13 +171,17 @@ def _watch_job(job: int) -> None:
     os._exit(1)
 
 
+def as_matrix(refs: list[str], columns: dict[str, list[float | None]]) -> npt.NDArray[np.float32]:
+    """A store read's columns (``OnlineStore.read``) as float32 [ids, refs], None → NaN;
+    contiguous, so a worker's answer pickles without a copy of its own."""
+    return np.ascontiguousarray(np.array([columns[ref] for ref in refs], dtype=np.float32).T)
+
+
 def _read(refs: list[str], join_key: str, ids: list[EntityId]) -> npt.NDArray[np.float32]:
     """In a worker: one Feast read as a float32 matrix (None → NaN)."""
-    from inferline.features.store import _columns
-
+    assert _store is not None, "the pool initializer builds the store"
     try:
-        response = _store.get_online_features(features=refs, entity_rows={join_key: ids}, full_feature_names=True)
-        columns = _columns(refs, response.to_dict())
+        columns = _store.read_blocking(refs, join_key, ids)
     except Exception as err:
         raise FeatureReadError(f"{type(err).__name__}: {err}") from None
-    return np.array([columns[ref] for ref in refs], dtype=np.float32).T.copy()
+    return as_matrix(refs, columns)

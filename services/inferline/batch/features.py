@@ -22,10 +22,10 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from inferline.batch.feature_workers import FeatureReadPool
+from inferline.batch.feature_workers import FeatureReadPool, as_matrix
 from inferline.batch.rows import ParsedChunk
 from inferline.core.config import FeatureStoreConfig, RouteConfig
-from inferline.core.entities import EntityId
+from inferline.core.entities import EntityId, probe_id
 from inferline.features.hot_cache import HotCache, Row
 from inferline.features.store import FeastOnlineStore
 
@@ -59,7 +59,7 @@ class BatchFeatures:
         if not offline and self._refs and processes > 1:
             self._pool = FeatureReadPool(str(store.feast_repo), processes)
             try:
-                self._pool.start(self._refs, route.entity.join_key, 0 if route.entity.type == "int64" else "0")
+                self._pool.start(self._refs, route.entity.join_key, probe_id(route.entity))
             except BaseException:
                 self._pool.close()
                 raise
@@ -124,7 +124,7 @@ class BatchFeatures:
     async def _read_here(self, part: list[EntityId]) -> npt.NDArray[np.float32]:
         assert self._online is not None
         read = await self._online.read(self._refs, self._route.entity.join_key, part)
-        return np.array([read[ref] for ref in self._refs], dtype=np.float32).T  # None → NaN
+        return as_matrix(self._refs, read)
 
     async def _historical_columns(self, chunk: ParsedChunk) -> dict[str, npt.NDArray[np.float32]]:
         # Feast's file offline store answers one row per distinct (entity, time), so ask for

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from inferline.core.config import FeatureStoreConfig, RouteConfig
 from inferline.core.deadline import Clock, Deadline
-from inferline.core.entities import check_entity_ids
+from inferline.core.entities import check_entity_ids, probe_id
 from inferline.core.errors import InvalidInput, RouteNotFound, echo
 from inferline.features.hot_cache import HotCache, Row
 from inferline.features.store import OnlineStore
@@ -263,8 +263,7 @@ class FeaturesService:
                 key = (route.entity.join_key, route.entity.type, refs)
                 if key not in fetchers:
                     cache = HotCache(config.hot_cache_ttl_s, config.hot_cache_max_entities, timer=clock)
-                    probe: EntityId = 0 if route.entity.type == "int64" else ""
-                    fetchers[key] = _Fetcher(store, route.entity.join_key, refs, cache, probe)
+                    fetchers[key] = _Fetcher(store, route.entity.join_key, refs, cache, probe_id(route.entity))
                 fetcher = fetchers[key]
             self._plans[name] = _RoutePlan(route, refs, fetcher)
         self._fetchers = list(fetchers.values())

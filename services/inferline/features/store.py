@@ -68,9 +68,11 @@ class FeastOnlineStore:
             )
             return _columns(refs, response.to_dict())
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._read_sync, refs, join_key, ids)
+        return await loop.run_in_executor(self._executor, self.read_blocking, refs, join_key, ids)
 
-    def _read_sync(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
+    def read_blocking(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
+        """``read`` on the calling thread, blocking it: for the worker thread, and for a process
+        that does nothing else (the batch job's feature read processes)."""
         # The columnar entity_rows form skips building one dict per entity; full feature names
         # keep two views that share a feature name apart.
         response = self._store.get_online_features(features=refs, entity_rows={join_key: ids}, full_feature_names=True)
