@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import pathlib
 import resource
@@ -41,12 +40,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
 
+from inferline.bench.process_tree import TreeMemory
 from inferline.bench.service_jobs import ServiceJobSettings, run_service_jobs, write_input
 from inferline.core.config import load_config
 from inferline.route_check import route_models
@@ -84,7 +83,7 @@ def job(args: argparse.Namespace, url: str, input_path: pathlib.Path, out: pathl
         command += ["--feature-processes", str(args.feature_processes)]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    sampler = TreeRss(process.pid)
+    sampler = TreeMemory(process.pid)
     sampler.start()
     stdout, stderr = process.communicate()
     wall_s = time.perf_counter() - started
@@ -94,51 +93,9 @@ def job(args: argparse.Namespace, url: str, input_path: pathlib.Path, out: pathl
     summary: dict[str, object] = json.loads(stdout)
     summary["wall_s"] = round(wall_s, 2)
     summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
-    summary["peak_tree_rss_mib"] = round(sampler.peak / 2**20, 1)
+    summary["peak_tree_rss_mib"] = round(sampler.peak_rss / 2**20, 1)
     summary["peak_tree_pss_mib"] = round(sampler.peak_pss / 2**20, 1)
     return summary
-
-
-class TreeRss(threading.Thread):
-    """Peak of the summed RSS, and of the summed PSS, of a process and all its descendants
-    (its feature read workers, their fork server), sampled from /proc every 50 ms.
-
-    ``RUSAGE_CHILDREN``'s ``ru_maxrss`` is the largest single process, not the sum, and misses
-    descendants nobody waited for. RSS counts the pages forked workers share with their fork
-    server once per process; PSS splits each shared page between its sharers."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self._root = pid
-        self._stopped = threading.Event()
-        self.peak = 0
-        self.peak_pss = 0
-
-    def run(self) -> None:
-        while not self._stopped.wait(0.05):
-            parents: dict[int, int] = {}
-            for entry in pathlib.Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    with contextlib.suppress(OSError, ValueError, IndexError):
-                        parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            tree, grew = {self._root}, True
-            while grew:
-                more = {pid for pid, parent in parents.items() if parent in tree} - tree
-                tree |= more
-                grew = bool(more)
-            rss = pss = 0
-            for pid in tree:
-                with contextlib.suppress(OSError, ValueError):
-                    for line in pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                        if line.startswith("Rss:"):
-                            rss += int(line.split()[1]) * 1024
-                        elif line.startswith("Pss:"):
-                            pss += int(line.split()[1]) * 1024
-            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join()
 
 
 COPIES = {"models": [MODEL], "classes": {"batch": {"max_queue_delay_us": 20000, "preferred_batch_sizes": [128]}}}

@@ -108,6 +108,7 @@ from inferline.bench.harness import (
 from inferline.bench.loadgen import OK, LoadResult, merge_load_results, percentile, rate_ladder, step_verdict
 from inferline.bench.mix import DEFAULT_MIX
 from inferline.bench.multiproc import MAX_START_LAG_S, START_DELAY_S, Generators, GenResult
+from inferline.bench.process_tree import children
 from inferline.bench.profile import process_cpu_s
 from inferline.bench.recording import TargetSpec
 from inferline.bench.targets import DEFAULT_ZIPF_S, ENTITY_DISTRIBUTIONS, triton_live
@@ -391,14 +392,6 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def _children(pid: int) -> set[int]:
-    out: set[int] = set()
-    for path in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError, ValueError):
-            out.update(int(x) for x in path.read_text().split())
-    return out
-
-
 def cpu_s(pid: int | None, tree: bool = False) -> float | None:
     """CPU seconds (user + system, all threads) used by ``pid`` so far, with its live descendants if ``tree``."""
     if pid is None:
@@ -408,7 +401,7 @@ def cpu_s(pid: int | None, tree: bool = False) -> float | None:
     except (OSError, IndexError):
         return None
     if tree:
-        total += sum(cpu_s(child, tree=True) or 0.0 for child in _children(pid))
+        total += sum(cpu_s(child, tree=True) or 0.0 for child in children(pid))
     return total
 
 
@@ -428,7 +421,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def triton_child(router_pid: int) -> tuple[int, int] | None:
     """(pid, gRPC port) of the tritonserver the router started, None if it has none."""
-    for pid in sorted(_children(router_pid)):
+    for pid in sorted(children(router_pid)):
         argv = _cmdline(pid)
         if argv and argv[0].endswith("/tritonserver"):
             for arg in argv:
@@ -496,7 +489,7 @@ class Router:
         gateway = cpu_s(self.gateway_pid)
         if pid is None or router is None:
             return router, gateway
-        for child in _children(pid):
+        for child in children(pid):
             argv = _cmdline(child)
             if argv and pathlib.Path(argv[0]).name == "envoy":
                 gateway = (gateway or 0.0) + (cpu_s(child) or 0.0)
