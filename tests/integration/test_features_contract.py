@@ -151,3 +151,41 @@ async def test_unknown_route_is_not_found(client: FeatureClient) -> None:
     with pytest.raises(RouteNotFound) as err:
         await client.get("no_such_route", [KNOWN], {}, deadline=deadline())
     assert_status(err.value, grpc.StatusCode.NOT_FOUND)
+
+
+# Reads of plain views go through the online store's online_read (feast_direct), not Feast's
+# get_online_features: they must answer exactly as Feast's full read does.
+
+REFS = [f"driver_hourly_stats:{name}" for name in STORED]
+
+
+def feast_columns(feast_repo: pathlib.Path, refs: list[str], ids: list[int]) -> dict[str, list[float | None]]:
+    import feast
+
+    table = (
+        feast.FeatureStore(repo_path=str(feast_repo))
+        .get_online_features(features=refs, entity_rows={"driver_id": ids}, full_feature_names=True)
+        .to_dict()
+    )
+    return {ref: [None if v is None else float(v) for v in table[ref.replace(":", "__")]] for ref in refs}
+
+
+async def test_direct_reads_answer_as_feasts_full_read(store: FeastOnlineStore, feast_repo: pathlib.Path) -> None:
+    rng = np.random.default_rng(7)
+    # Known drivers, unknown ones, and repeats, in one read; refs in another order than the view's.
+    ids = [*rng.integers(1001, 100_001, 300).tolist(), UNKNOWN, 1, KNOWN, KNOWN]
+    refs = [REFS[2], REFS[0], REFS[1]]
+    assert store.reads_directly(refs, "driver_id")
+    got = await store.read(refs, "driver_id", ids)
+    assert got == feast_columns(feast_repo, refs, ids)
+    assert got[REFS[0]][-1] is not None and got[REFS[0]][300] is None  # both kinds really occur
+    assert store.read_blocking(refs[:1], "driver_id", [KNOWN]) == feast_columns(feast_repo, refs[:1], [KNOWN])
+
+
+async def test_refs_without_a_direct_plan_go_through_feasts_full_read(store: FeastOnlineStore) -> None:
+    # Another join key than the view's, an unknown view or feature: Feast's own read (and errors).
+    assert not store.reads_directly(REFS, "rider_id")
+    assert not store.reads_directly(["no_such_view:conv_rate"], "driver_id")
+    assert not store.reads_directly([*REFS, "driver_hourly_stats:no_such_feature"], "driver_id")
+    with pytest.raises(Exception, match="no_such_feature"):
+        await store.read([*REFS, "driver_hourly_stats:no_such_feature"], "driver_id", [KNOWN])

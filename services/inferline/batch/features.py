@@ -22,11 +22,11 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from inferline.batch.entity_rows import EntityRowCache
 from inferline.batch.feature_workers import FeatureReadPool, as_matrix
 from inferline.batch.rows import ParsedChunk
 from inferline.core.config import FeatureStoreConfig, RouteConfig
 from inferline.core.entities import EntityId, probe_id
-from inferline.features.hot_cache import HotCache, Row
 from inferline.features.store import FeastOnlineStore
 
 ONLINE_READ_ENTITIES = 1000
@@ -65,9 +65,10 @@ class BatchFeatures:
                 raise
         elif not offline and self._refs:
             self._online = FeastOnlineStore(store.feast_repo)
-        # The online path's hot-entity cache and its settings: an entity met again within the
-        # TTL (a file of rows per trip, not per driver) is not read from the store again.
-        self._hot = HotCache(store.hot_cache_ttl_s, store.hot_cache_max_entities)
+        # The online path's hot-cache settings: an entity met again within the TTL (a file of
+        # rows per trip, not per driver) is not read from the store again.
+        self._cache = EntityRowCache(store.hot_cache_ttl_s, store.hot_cache_max_entities, len(self._refs))
+        self._string_ids = route.entity.type == "string"
 
     @property
     def names(self) -> list[str]:
@@ -99,27 +100,27 @@ class BatchFeatures:
         return values, defaulted
 
     async def _online_columns(self, ids: Sequence[EntityId]) -> dict[str, npt.NDArray[np.float32]]:
-        """Latest values: each distinct entity of the chunk looked up once, in the job's hot
-        cache first, the misses read ``ONLINE_READ_ENTITIES`` per read: all at once across
-        the worker processes, or one after another on the in-process thread."""
-        unique = list(dict.fromkeys(ids))
-        rows, _ = self._hot.get_many(unique)
-        missing = [entity for entity, row in zip(unique, rows, strict=True) if row is None]
+        """Latest values: each distinct entity of the chunk looked up once, in the job's cache
+        first, the misses read ``ONLINE_READ_ENTITIES`` per read: all at once across the
+        worker processes, or one after another on the in-process thread."""
+        # One vectorised pass for the distinct ids and each row's position among them.
+        codes, distinct = pd.factorize(np.asarray(ids, dtype=object if self._string_ids else np.int64))
+        unique: list[EntityId] = distinct.tolist()
+        table, hit = self._cache.lookup(unique)
+        missing_at = np.flatnonzero(~hit)
         step = ONLINE_READ_ENTITIES
-        parts = [missing[start : start + step] for start in range(0, len(missing), step)]
-        fetched: dict[EntityId, Row] = {}
+        parts = [missing_at[start : start + step] for start in range(0, len(missing_at), step)]
         if self._pool is not None:
             pool, join_key = self._pool, self._route.entity.join_key
-            matrices = await asyncio.gather(*(pool.read(self._refs, join_key, part) for part in parts))
+            matrices = await asyncio.gather(
+                *(pool.read(self._refs, join_key, [unique[i] for i in part.tolist()]) for part in parts)
+            )
         else:
-            matrices = [await self._read_here(part) for part in parts]
-        for part, matrix in zip(parts, matrices, strict=True):
-            self._hot.put_many(part, list(matrix))
-            fetched.update(zip(part, matrix, strict=True))
-        table = np.stack([row if row is not None else fetched[e] for e, row in zip(unique, rows, strict=True)])
-        position = {entity: i for i, entity in enumerate(unique)}
-        index = np.fromiter((position[e] for e in ids), dtype=np.int64, count=len(ids))
-        return {ref: table[index, j] for j, ref in enumerate(self._refs)}
+            matrices = [await self._read_here([unique[i] for i in part.tolist()]) for part in parts]
+        if parts:
+            table[missing_at] = np.concatenate(matrices)
+            self._cache.store([unique[i] for i in missing_at.tolist()], table[missing_at])
+        return {ref: table[codes, j] for j, ref in enumerate(self._refs)}
 
     async def _read_here(self, part: list[EntityId]) -> npt.NDArray[np.float32]:
         assert self._online is not None

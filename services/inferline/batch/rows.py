@@ -8,6 +8,7 @@ feature does.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,7 +75,7 @@ def parse_chunk(chunk: Chunk, columns: Columns, route: RouteConfig) -> ParsedChu
         features[name] = values
     good = ~bad
     errors.sort(key=lambda e: e.row)
-    kept_ids: list[EntityId] = [v for v, ok in zip(ids_column, good.tolist(), strict=True) if ok]
+    kept_ids: list[EntityId] = list(itertools.compress(ids_column, good.tolist()))
     return ParsedChunk(
         index=chunk.index,
         rows=row_numbers[good],

@@ -6,10 +6,14 @@ import asyncio
 import concurrent.futures
 import logging
 import pathlib
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inferline.features.vector import EntityId
+
+if TYPE_CHECKING:
+    from inferline.features.feast_direct import ReadPlan
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +44,27 @@ class FeastOnlineStore:
     stalled store then ties up one thread, not every thread of a shared pool.
 
     When the configured online store reads natively async (Feast advertises it as
-    ``async_supported.online.read``, e.g. Redis), ``get_online_features_async`` is used instead
-    and no thread is involved.
+    ``async_supported.online.read``, e.g. Redis), its async read is used instead and no
+    thread is involved.
+
+    Refs of plain feature views are read through the online store's ``online_read`` directly
+    (``feast_direct``: a fraction of ``get_online_features``' cost); others through
+    ``get_online_features``.
     """
 
     def __init__(self, repo_path: str | pathlib.Path) -> None:
         import feast  # deferred: importing Feast takes seconds, most modules need only the protocol
 
+        from inferline.features import feast_direct
+
+        self._direct = feast_direct
+
         self._store = feast.FeatureStore(repo_path=str(repo_path))
         # Feast exposes the capability only on its provider; its own feature server reads it the
         # same way (feast/feature_server.py), there is no public accessor in 0.67.
-        self._async_read: bool = bool(self._store._get_provider().async_supported.online.read)
+        self._provider = self._store._get_provider()
+        self._async_read: bool = bool(self._provider.async_supported.online.read)
+        self._plans: dict[tuple[tuple[str, ...], str], tuple[float, ReadPlan | None]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         if not self._async_read:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-read")
@@ -60,9 +74,17 @@ class FeastOnlineStore:
         """True when reads use Feast's native async path rather than the worker thread."""
         return self._async_read
 
+    def reads_directly(self, refs: list[str], join_key: str) -> bool:
+        """True when reads of ``refs`` go through the online store's ``online_read`` (plain
+        views keyed by ``join_key``), False when through ``get_online_features``."""
+        return self._plan(refs, join_key) is not None
+
     async def read(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
         """See ``OnlineStore.read``."""
         if self._executor is None:
+            plan = self._plan(refs, join_key)
+            if plan is not None:
+                return await plan.read_async(self._provider, self._store.config, refs, ids)
             response = await self._store.get_online_features_async(
                 features=refs, entity_rows={join_key: ids}, full_feature_names=True
             )
@@ -73,10 +95,23 @@ class FeastOnlineStore:
     def read_blocking(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
         """``read`` on the calling thread, blocking it: for the worker thread, and for a process
         that does nothing else (the batch job's feature read processes)."""
+        plan = self._plan(refs, join_key)
+        if plan is not None:
+            return plan.read(self._provider, self._store.config, refs, ids)
         # The columnar entity_rows form skips building one dict per entity; full feature names
         # keep two views that share a feature name apart.
         response = self._store.get_online_features(features=refs, entity_rows={join_key: ids}, full_feature_names=True)
         return _columns(refs, response.to_dict())
+
+    def _plan(self, refs: list[str], join_key: str) -> ReadPlan | None:
+        """The direct-read plan of (refs, join key) (None: Feast's full read), resolved again
+        after ``PLAN_TTL_S``."""
+        key = (tuple(refs), join_key)
+        now = time.monotonic()
+        resolved = self._plans.get(key)
+        if resolved is None or now - resolved[0] > self._direct.PLAN_TTL_S:
+            resolved = self._plans[key] = (now, self._direct.plan_read(self._store, refs, join_key))
+        return resolved[1]
 
     async def close(self) -> None:
         """Release the worker thread and Feast's long-lived clients.

@@ -1,0 +1,92 @@
+"""EntityRowCache: the batch job's per-chunk cache of feature rows (TTL, size bound, misses)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inferline.batch.entity_rows import EntityRowCache
+from inferline.batch.job import defaulted_names
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array([[v, v + 0.5] for v in values], dtype=np.float32)
+
+
+def test_stored_rows_come_back_and_others_miss() -> None:
+    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=Clock())
+    cache.store([1, 2], rows(1, 2))
+    got, hit = cache.lookup([2, 3, 1])
+    assert hit.tolist() == [True, False, True]
+    np.testing.assert_array_equal(got[[0, 2]], rows(2, 1))
+    assert np.isnan(got[1]).all()
+
+
+def test_string_ids_and_all_nan_rows_are_cached() -> None:
+    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=Clock())
+    missing = np.full((1, 2), np.nan, dtype=np.float32)
+    cache.store(["a", "unknown"], np.concatenate([rows(1), missing]))
+    _, hit = cache.lookup(["unknown", "a", "b"])
+    assert hit.tolist() == [True, True, False]  # an entity the store lacks is not read again
+
+
+def test_rows_expire_after_the_ttl_and_a_new_read_restarts_it() -> None:
+    clock = Clock()
+    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=clock)
+    cache.store([1, 2], rows(1, 2))
+    clock.now += 20
+    cache.store([2], rows(9))  # re-read: new value, new TTL
+    clock.now += 15
+    got, hit = cache.lookup([1, 2])
+    assert hit.tolist() == [False, True]
+    np.testing.assert_array_equal(got[1], rows(9)[0])
+    assert len(cache) == 2
+
+
+def test_past_the_bound_the_oldest_rows_go() -> None:
+    clock = Clock()
+    cache = EntityRowCache(ttl_s=1000, max_entities=4, width=2, timer=clock)
+    for entity in range(4):
+        cache.store([entity], rows(entity))
+        clock.now += 1
+    cache.store([10, 11], rows(10, 11))
+    assert len(cache) <= 4
+    got, hit = cache.lookup([0, 1, 2, 3, 10, 11])
+    assert hit.tolist() == [False, False, True, True, True, True]
+    np.testing.assert_array_equal(got[2:], rows(2, 3, 10, 11))
+
+
+def test_more_new_rows_than_the_bound_keeps_the_bound() -> None:
+    cache = EntityRowCache(ttl_s=1000, max_entities=3, width=2, timer=Clock())
+    cache.store([1], rows(1))
+    cache.store([5, 6, 7, 8, 9], rows(5, 6, 7, 8, 9))
+    assert len(cache) == 3
+    got, hit = cache.lookup([5, 6, 7])
+    assert hit.all()
+    np.testing.assert_array_equal(got, rows(5, 6, 7))
+
+
+@pytest.mark.parametrize(("ttl_s", "size"), [(0, 10), (30, 0)])
+def test_zero_ttl_or_size_disables_it(ttl_s: float, size: int) -> None:
+    cache = EntityRowCache(ttl_s=ttl_s, max_entities=size, width=2, timer=Clock())
+    cache.store([1], rows(1))
+    assert not cache.enabled and len(cache) == 0
+    assert not cache.lookup([1])[1].any()
+
+
+def test_defaulted_names_per_row() -> None:
+    defaulted = np.array([[0, 1, 0], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
+    assert defaulted_names(defaulted, ["a", "b", "c"]).to_pylist() == ["b", "", "a,b,c", "b"]
+    assert defaulted_names(np.zeros((0, 3), dtype=bool), ["a", "b", "c"]).to_pylist() == []
+    wide = np.random.default_rng(3).random((20, 70)) > 0.8  # past one int64 code per row
+    names = [f"f{i}" for i in range(70)]
+    want = [",".join(n for n, d in zip(names, row, strict=True) if d) for row in wide.tolist()]
+    assert defaulted_names(wide, names).to_pylist() == want
