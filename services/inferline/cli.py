@@ -596,6 +596,10 @@ def batch_run(
     request_rows: Annotated[int, typer.Option(help="rows per Triton request (0: max_batch_size)")] = 0,
     concurrency: Annotated[int, typer.Option(help="Triton requests in flight")] = 4,
     max_rows_per_s: Annotated[float | None, typer.Option(help="cap on the scoring rate")] = None,
+    deadline_s: Annotated[
+        float | None,
+        typer.Option(help="seconds to score the rows in: the cheapest variant whose measured rate keeps it"),
+    ] = None,
     yield_queue_ms: Annotated[
         float | None,
         typer.Option(help="online queue wait to yield above (0: never; default 2 when the class has a model copy)"),
@@ -630,7 +634,7 @@ def batch_run(
             chunk_rows=chunk_rows, request_rows=request_rows, concurrency=concurrency,
             max_rows_per_s=max_rows_per_s, yield_queue_ms=yield_queue_ms, yield_interval_s=yield_interval_s,
             publish_cache=publish_cache, tenant=tenant, feature_processes=feature_processes,
-            router_metrics=router_metrics or [],
+            router_metrics=router_metrics or [], deadline_s=deadline_s,
         )  # fmt: skip
         summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url, metrics_port=metrics_port))
     except BatchInputError as err:

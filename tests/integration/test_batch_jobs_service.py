@@ -454,6 +454,9 @@ BAD_INPUTS: list[tuple[str, dict[str, object], str, str]] = [
     ("inf-yield", {"yield_queue_ms": math.inf}, "spec.yield_queue_ms", "finite"),
     ("negative-yield", {"yield_queue_ms": -1.0}, "spec.yield_queue_ms", "finite"),
     ("tiny-interval", {"yield_interval_s": 1e-9}, "spec.yield_interval_s", "within"),
+    ("nan-deadline", {"deadline_s": math.nan}, "spec.deadline_s", "finite"),
+    ("negative-deadline", {"deadline_s": -5.0}, "spec.deadline_s", "within"),
+    ("year-deadline", {"deadline_s": 365 * 86400.0}, "spec.deadline_s", "within"),
     ("publish-memory-cache", {"publish_cache": True}, "spec.publish_cache", "score_cache.backend: redis"),
 ]
 

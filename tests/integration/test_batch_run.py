@@ -317,3 +317,23 @@ async def test_a_feast_error_stops_the_job_part_way_with_feasts_message(
     job = spec(tmp_path / "in.parquet", tmp_path / "out", feature_processes=processes)
     with pytest.raises(BatchJobFailed, match=r"stopped part-way: .*FeatureViewNotFoundException"):
         await run_batch(config, job, triton_server.grpc_url)
+
+
+@pytest.mark.parametrize(("deadline_s", "met"), [(3600.0, True), (1e-3, False)], ids=["an-hour", "a-millisecond"])
+async def test_a_deadline_measures_the_variant_on_triton_and_says_whether_it_keeps_it(
+    tmp_path: pathlib.Path, triton_server: TritonLauncher, deadline_s: float, met: bool
+) -> None:
+    config = batch_config(tmp_path)
+    n = 600
+    rows = pd.DataFrame({"driver_id": (1001 + np.arange(n) % 50).astype(np.int64), "trip_distance_km": 3.0})
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "in.parquet")
+
+    summary = await run_batch(config, spec(tmp_path / "in.parquet", tmp_path / "out", deadline_s=deadline_s),
+                              triton_server.grpc_url)  # fmt: skip
+
+    assert (summary["status"], summary["rows"]) == ("complete", n)  # a deadline it cannot keep still runs
+    choice = summary["variant_choice"]
+    assert (choice["variant"], choice["deadline_met"]) == ("driver_ranker", met)
+    rate = choice["measured_rows_per_s"]["driver_ranker"]  # measured on the real Triton
+    assert rate > 0
+    assert ("no variant keeps" in choice["reason"]) is not met

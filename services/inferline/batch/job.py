@@ -103,7 +103,11 @@ class BatchJob:
         features: BatchFeatures | None = None
         publisher: CachePublisher | None = None
         try:
-            target = await choose_target(self._config, plan, executor)
+            already = sum(r.input_rows for r in done.values())
+            total = self._shard_rows(plan.input.num_rows)
+            choice = await choose_target(self._config, plan, executor, None if total is None else total - already)
+            target = choice.target
+            logger.info("batch %s: variant %s: %s", spec.shard.label, target.variant, choice.reason)
             efficiency = BatchEfficiency(executor, target.model)
             await efficiency.start()
             processes = spec.feature_processes
@@ -140,8 +144,6 @@ class BatchJob:
                 spec.shard.label, spec.route, target.model, target.priority, target.request_rows,
                 "offline point-in-time" if plan.offline else "online", len(done),
             )  # fmt: skip
-            already = sum(r.input_rows for r in done.values())
-            total = self._shard_rows(plan.input.num_rows)
             if self._observer is not None:
                 self._observer.started(total, done)
             yielding = None
@@ -157,6 +159,7 @@ class BatchJob:
                     await asyncio.gather(yielding, return_exceptions=True)
             summary = await self._summary(records, progress, scorer, efficiency, publisher)
             summary["yield"] = None if controller is None else controller.summary()
+            summary["variant_choice"] = choice.summary()
             await asyncio.to_thread(self._out.finish, records, summary)
             return summary
         finally:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from inferline.batch.errors import BatchInputError, BatchJobFailed
 from inferline.batch.scoring import ModelTarget
 from inferline.batch.source import InputFile
 from inferline.batch.spec import BatchJobSpec
+from inferline.batch.variant_choice import Candidate, Choice, DeadlineChoice, measure_rate
 from inferline.core.config import InferlineConfig, RouteConfig
 from inferline.core.errors import DependencyUnavailable
 from inferline.triton.class_copies import ClassModelMap
@@ -80,8 +83,12 @@ def _check_publish(config: InferlineConfig, spec: BatchJobSpec) -> None:
         )
 
 
-async def choose_target(config: InferlineConfig, plan: JobPlan, executor: TritonExecutor) -> ModelTarget:
-    """The cheapest full-quality variant Triton has ready (its copy for the job's class, if any).
+async def choose_target(
+    config: InferlineConfig, plan: JobPlan, executor: TritonExecutor, rows: int | None = None
+) -> Choice:
+    """The variant that scores the job (``variant_choice``): among the full-quality variants
+    Triton has ready (each through its copy for the job's class, if any), the cheapest, or
+    with ``--deadline-s`` the cheapest whose measured rate scores ``rows`` in time.
 
     Raises:
         BatchJobFailed: Triton does not answer, or no variant of the route is ready.
@@ -89,11 +96,10 @@ async def choose_target(config: InferlineConfig, plan: JobPlan, executor: Triton
     spec, route = plan.spec, plan.route
     priority = config.traffic_classes[spec.traffic_class].priority
     copies = ClassModelMap(config.triton.class_copies)
-    ranked = sorted(
-        enumerate(route.full_variants), key=lambda iv: (config.device_classes[iv[1].device].cost_per_hour, iv[0])
-    )
+    candidates: list[Candidate] = []
     tried = []
-    for _, variant in ranked:
+    by_cost = sorted(route.full_variants, key=lambda v: config.device_classes[v.device].cost_per_hour)
+    for variant in by_cost:
         model = copies.resolve(variant.model, spec.traffic_class)
         try:
             if not await executor.model_ready(model):
@@ -102,17 +108,28 @@ async def choose_target(config: InferlineConfig, plan: JobPlan, executor: Triton
             max_batch = int((await executor.model_config(model)).config.max_batch_size)
         except DependencyUnavailable as err:
             raise BatchJobFailed(f"Triton did not answer: {err}") from err
-        rows = spec.request_rows or max(max_batch, 1)
+        request_rows = spec.request_rows or max(max_batch, 1)
         if max_batch > 0:
-            rows = min(rows, max_batch)
-        return ModelTarget(
+            request_rows = min(request_rows, max_batch)
+        target = ModelTarget(
             variant=variant.model,
             model=model,
             input_name=variant.input_name,
             output_name=variant.output_name,
             features=tuple(variant.features),
             priority=priority,
-            request_rows=rows,
+            request_rows=request_rows,
             device=variant.device,
         )
-    raise BatchJobFailed(f"route {spec.route}: no variant ready on Triton (tried {', '.join(tried)})")
+        candidates.append(Candidate(target, config.device_classes[variant.device].cost_per_hour))
+        if spec.deadline_s is None:
+            break  # the cheapest is all that is needed: stop asking Triton about the rest
+    if not candidates:
+        raise BatchJobFailed(f"route {spec.route}: no variant ready on Triton (tried {', '.join(tried)})")
+    defaults = {f.name: f.default for f in route.features}
+
+    async def measure(target: ModelTarget) -> float:
+        row = np.array([defaults[name] for name in target.features], dtype=np.float32)
+        return await measure_rate(executor, target, row, spec.concurrency)
+
+    return await DeadlineChoice().choose(candidates, rows, spec.deadline_s, measure)

@@ -95,6 +95,10 @@ class BatchJobSpec(BaseModel):
     """Triton's queue timeout and the wait for one request; a late request is retried."""
     attempts: int = Field(6, ge=1)
     """Tries of one Triton request (exponential backoff between) before the job stops, resumable."""
+    deadline_s: float | None = Field(None, gt=0)
+    """Seconds this run has to score its rows: the variant is the cheapest whose measured rate
+    keeps it (``variant_choice``); None: the cheapest ready one. Counted from each run's start
+    (a resumed run gets it again for what is left); not part of the job's identity."""
     max_rows_per_s: float | None = Field(None, gt=0)
     """Upper bound of the job's scoring rate (a shared Triton's fair share); None: as fast as allowed."""
     yield_queue_ms: float | None = Field(None, ge=0)

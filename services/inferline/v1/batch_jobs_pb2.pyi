@@ -102,6 +102,7 @@ class BatchJobSpec(_message.Message):
     YIELD_QUEUE_MS_FIELD_NUMBER: _builtins.int
     YIELD_INTERVAL_S_FIELD_NUMBER: _builtins.int
     PUBLISH_CACHE_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
     route: _builtins.str
     """Route whose features, model variants and post-processing score the rows; the
     tenant must be allowed it (PERMISSION_DENIED), and it must exist (NOT_FOUND).
@@ -146,6 +147,11 @@ class BatchJobSpec(_message.Message):
     """Write the scores into the calling tenant's score cache (needs online features and
     score_cache.backend redis).
     """
+    deadline_s: _builtins.float
+    """Seconds each run of the job has to score its rows: the job takes the cheapest
+    full-quality variant whose rate, measured on Triton when the run starts, keeps it
+    (0: the cheapest ready variant). At most 30 days.
+    """
     def __init__(
         self,
         *,
@@ -165,10 +171,11 @@ class BatchJobSpec(_message.Message):
         yield_queue_ms: _builtins.float | None = ...,
         yield_interval_s: _builtins.float = ...,
         publish_cache: _builtins.bool = ...,
+        deadline_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms", "yield_queue_ms", b"yield_queue_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms", "chunk_rows", b"chunk_rows", "concurrency", b"concurrency", "features", b"features", "input", b"input", "max_rows_per_s", b"max_rows_per_s", "output", b"output", "publish_cache", b"publish_cache", "request_rows", b"request_rows", "resume", b"resume", "route", b"route", "shard_count", b"shard_count", "shard_index", b"shard_index", "timestamp_column", b"timestamp_column", "traffic_class", b"traffic_class", "yield_interval_s", b"yield_interval_s", "yield_queue_ms", b"yield_queue_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms", "chunk_rows", b"chunk_rows", "concurrency", b"concurrency", "deadline_s", b"deadline_s", "features", b"features", "input", b"input", "max_rows_per_s", b"max_rows_per_s", "output", b"output", "publish_cache", b"publish_cache", "request_rows", b"request_rows", "resume", b"resume", "route", b"route", "shard_count", b"shard_count", "shard_index", b"shard_index", "timestamp_column", b"timestamp_column", "traffic_class", b"traffic_class", "yield_interval_s", b"yield_interval_s", "yield_queue_ms", b"yield_queue_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__yield_queue_ms: _TypeAlias = _typing.Literal["yield_queue_ms"]  # noqa: Y015
     _WhichOneofArgType__yield_queue_ms: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms"]  # noqa: Y015

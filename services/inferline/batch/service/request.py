@@ -37,6 +37,7 @@ MAX_CONCURRENCY = 256
 MAX_YIELD_QUEUE_MS = 60_000.0
 YIELD_INTERVAL_S = (0.05, 60.0)
 MIN_ROWS_PER_S = 1.0
+DEADLINE_S = (1.0, 30 * 24 * 3600.0)
 DEFAULT_CLASS = "batch"
 _FEATURES = {
     pb.BATCH_FEATURE_SOURCE_UNSPECIFIED: "auto",
@@ -135,6 +136,9 @@ def check_options(
     if spec.max_rows_per_s:
         _finite("spec.max_rows_per_s", spec.max_rows_per_s, MIN_ROWS_PER_S, math.inf)
         options["max_rows_per_s"] = spec.max_rows_per_s
+    if spec.deadline_s:
+        _finite("spec.deadline_s", spec.deadline_s, *DEADLINE_S)
+        options["deadline_s"] = spec.deadline_s
     if spec.HasField("yield_queue_ms"):
         _finite("spec.yield_queue_ms", spec.yield_queue_ms, 0.0, MAX_YIELD_QUEUE_MS)
         options["yield_queue_ms"] = spec.yield_queue_ms
