@@ -57,7 +57,7 @@ LEASE_S = 2.0
 COMPARED = ["input_row", "driver_id", "score", "decision", "model", "model_version", "defaulted_features"]
 
 
-JOB_NICE = 10
+JOB_NICE = 19
 """``batch_jobs.process_nice``'s default."""
 
 
