@@ -168,3 +168,28 @@ async def test_stalled_online_store_degrades_features_then_recovers(
     assert primary_share(settled) >= RECOVERED_RATIO * primary_share(before), (
         f"after recovery: {summarize(settled)}; before the stall: {summarize(before)}"
     )
+
+
+async def test_direct_reads_from_redis_answer_as_feasts_full_read(feast_repo: pathlib.Path) -> None:
+    """The Redis online store reads natively async: its direct read (``online_read_async``,
+    ``feast_direct``) must answer as Feast's own ``get_online_features`` does."""
+    import feast
+
+    from inferline.features import FeastOnlineStore
+
+    refs = [f"driver_hourly_stats:{name}" for name in ("avg_daily_trips", "conv_rate", "acc_rate")]
+    ids = [*(int(i) for i in driver_ids()[:50]), 99_999_999, int(driver_ids()[0])]  # known, unknown, repeated
+    store = FeastOnlineStore(feast_repo)
+    try:
+        assert store.async_read and store.reads_directly(refs, "driver_id")
+        got = await store.read(refs, "driver_id", ids)
+    finally:
+        await store.close()
+    table = await asyncio.to_thread(
+        lambda: feast.FeatureStore(repo_path=str(feast_repo))
+        .get_online_features(features=refs, entity_rows={"driver_id": ids}, full_feature_names=True)
+        .to_dict()
+    )
+    want = {ref: [None if v is None else float(v) for v in table[ref.replace(":", "__")]] for ref in refs}
+    assert got == want
+    assert got[refs[0]][0] is not None and got[refs[0]][50] is None  # both kinds really occur
