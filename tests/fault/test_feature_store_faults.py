@@ -186,9 +186,11 @@ async def test_direct_reads_from_redis_answer_as_feasts_full_read(feast_repo: pa
     finally:
         await store.close()
     table = await asyncio.to_thread(
-        lambda: feast.FeatureStore(repo_path=str(feast_repo))
-        .get_online_features(features=refs, entity_rows={"driver_id": ids}, full_feature_names=True)
-        .to_dict()
+        lambda: (
+            feast.FeatureStore(repo_path=str(feast_repo))
+            .get_online_features(features=refs, entity_rows={"driver_id": ids}, full_feature_names=True)
+            .to_dict()
+        )
     )
     want = {ref: [None if v is None else float(v) for v in table[ref.replace(":", "__")]] for ref in refs}
     assert got == want
