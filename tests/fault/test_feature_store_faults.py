@@ -11,6 +11,7 @@ score cache answering; once it resumes, PRIMARY again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import pathlib
 import random
 import shutil
@@ -185,6 +186,8 @@ async def test_direct_reads_from_redis_answer_as_feasts_full_read(feast_repo: pa
         got = await store.read(refs, "driver_id", ids)
     finally:
         await store.close()
+    del store
+    gc.collect()  # a connection close() left open warns here (ResourceWarning), failing this test
     table = await asyncio.to_thread(
         lambda: (
             feast.FeatureStore(repo_path=str(feast_repo))

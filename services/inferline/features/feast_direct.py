@@ -40,8 +40,6 @@ _KEY_VALUES: dict[ValueType, Callable[[Any], ValueProto]] = {
     ValueType.INT32: lambda v: ValueProto(int32_val=v),
     ValueType.STRING: lambda v: ValueProto(string_val=v),
 }
-# Value kinds read as numbers; "null_val" (and an unset value) is a missing value.
-_NUMBER_KINDS = frozenset({"double_val", "float_val", "int64_val", "int32_val", "bool_val"})
 
 Columns = dict[str, list[float | None]]
 
@@ -136,9 +134,7 @@ def fill_columns(out: Columns, view: _ViewRead, rows: Sequence[tuple[Any, dict[s
             if value is None:
                 continue
             kind = value.WhichOneof("val")
-            if kind in _NUMBER_KINDS:
-                column[i] = float(getattr(value, kind))
-            elif kind is not None and kind != "null_val":
+            if kind is not None and kind != "null_val":  # unset or null: missing
                 column[i] = float(getattr(value, kind))  # raises for a non-numeric value, as Feast's read did
 
 

@@ -122,6 +122,13 @@ class FeastOnlineStore:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         await self._store.close()
+        # Feast 0.67's Redis online store keeps the async client of its async reads but has no
+        # close of its own (OnlineStore.close is a no-op there): close it, or its connections
+        # outlive the store (unclosed-socket warnings at interpreter exit or in a test process).
+        if self._async_read:
+            client = getattr(self._provider.online_store, "_client_async", None)
+            if client is not None and hasattr(client, "aclose"):
+                await client.aclose()
 
 
 def _columns(refs: Sequence[str], table: Mapping[str, Sequence[Any]]) -> dict[str, list[float | None]]:
