@@ -108,18 +108,18 @@ class BatchFeatures:
         unique: list[EntityId] = distinct.tolist()
         table, hit = self._cache.lookup(unique)
         missing_at = np.flatnonzero(~hit)
+        missing = [unique[i] for i in missing_at.tolist()]
         step = ONLINE_READ_ENTITIES
-        parts = [missing_at[start : start + step] for start in range(0, len(missing_at), step)]
+        parts = [missing[start : start + step] for start in range(0, len(missing), step)]
         if self._pool is not None:
             pool, join_key = self._pool, self._route.entity.join_key
-            matrices = await asyncio.gather(
-                *(pool.read(self._refs, join_key, [unique[i] for i in part.tolist()]) for part in parts)
-            )
+            matrices = await asyncio.gather(*(pool.read(self._refs, join_key, part) for part in parts))
         else:
-            matrices = [await self._read_here([unique[i] for i in part.tolist()]) for part in parts]
+            matrices = [await self._read_here(part) for part in parts]
         if parts:
-            table[missing_at] = np.concatenate(matrices)
-            self._cache.store([unique[i] for i in missing_at.tolist()], table[missing_at])
+            fetched = np.concatenate(matrices)
+            table[missing_at] = fetched
+            self._cache.store(missing, fetched)
         return {ref: table[codes, j] for j, ref in enumerate(self._refs)}
 
     async def _read_here(self, part: list[EntityId]) -> npt.NDArray[np.float32]:
