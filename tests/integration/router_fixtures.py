@@ -58,16 +58,24 @@ machine's speed. Admission is tested apart (tests/unit, tests/fault, the gateway
 overrides)."""
 
 
+FUNCTIONAL_ADMISSION = {"protected_miss_rate": None}
+"""Every route's admission for the same tests: a test that makes critical calls miss on purpose
+(a deadline shorter than the fallback reserve) would otherwise have the router shed the lower
+classes of the next tests for a second or two (``AdmissionConfig.protected_miss_rate``)."""
+
+
 def write_test_config(
     path: pathlib.Path,
     *,
     budgets: Mapping[str, float] | None = None,
     queue_wait_target_ms: float | None = None,
+    admission: Mapping[str, object] | None = None,
     **server: object,
 ) -> pathlib.Path:
     """The default config with absolute paths, a second, limited tenant, every route's ``budgets``
-    patched (e.g. ``FUNCTIONAL_BUDGETS``), every class's ``queue_wait_target_ms`` if given (e.g.
-    ``FUNCTIONAL_QUEUE_WAIT_MS``) and server overrides."""
+    and ``admission`` patched (e.g. ``FUNCTIONAL_BUDGETS``, ``FUNCTIONAL_ADMISSION``), every
+    class's ``queue_wait_target_ms`` if given (e.g. ``FUNCTIONAL_QUEUE_WAIT_MS``) and server
+    overrides."""
     raw = yaml.safe_load((ROOT / "deploy/local/inferline.yaml").read_text())
     raw["triton"]["model_repository"] = str(ROOT / "triton_models")
     raw["triton"]["server_env"] = str(ROOT / ".venv-triton")
@@ -75,6 +83,7 @@ def write_test_config(
     raw["server"].update(server)
     for route in raw["routes"].values():
         route["budgets"].update(budgets or {})
+        route["admission"].update(admission or {})
     if queue_wait_target_ms is not None:
         for traffic_class in raw["traffic_classes"].values():
             traffic_class["queue_wait_target_ms"] = queue_wait_target_ms
@@ -138,6 +147,7 @@ def router_config(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         tmp_path_factory.mktemp("router") / "inferline.yaml",
         budgets=FUNCTIONAL_BUDGETS,
         queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS,
+        admission=FUNCTIONAL_ADMISSION,
         max_message_bytes=65536,
     )
 

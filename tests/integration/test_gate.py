@@ -35,6 +35,7 @@ from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.redis_fixtures import RedisServer
 from tests.integration.router_fixtures import (
     DEMO_KEY,
+    FUNCTIONAL_ADMISSION,
     FUNCTIONAL_BUDGETS,
     FUNCTIONAL_QUEUE_WAIT_MS,
     ServerProcess,
@@ -93,7 +94,12 @@ def _tenant(key: str | None, routes: list[str], quota: tuple[float, int] | None 
 def _write_config(path: pathlib.Path, public_key: pathlib.Path, **top: Any) -> pathlib.Path:
     """The test config plus this module's tenants, a second route, a ``jwt:`` section and ``top`` sections."""
     raw = yaml.safe_load(
-        write_test_config(path, budgets=FUNCTIONAL_BUDGETS, queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS).read_text()
+        write_test_config(
+            path,
+            budgets=FUNCTIONAL_BUDGETS,
+            queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS,
+            admission=FUNCTIONAL_ADMISSION,
+        ).read_text()
     )
     raw["routes"][OTHER_ROUTE] = raw["routes"][ROUTE]
     raw["tenants"]["demo"]["routes"] = [ROUTE, OTHER_ROUTE]  # the copy route works: a refusal is the gate's

@@ -30,7 +30,14 @@ from inferline.gateway.render import (
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.gateway_fixtures import Gateway, start_gateway
-from tests.integration.router_fixtures import DEMO_KEY, ServerProcess, start_router
+from tests.integration.router_fixtures import (
+    DEMO_KEY,
+    FUNCTIONAL_BUDGETS,
+    FUNCTIONAL_QUEUE_WAIT_MS,
+    ServerProcess,
+    start_router,
+    write_test_config,
+)
 
 pytestmark = pytest.mark.requires_triton
 
@@ -211,6 +218,58 @@ def test_router_answers_through_the_gateway_carry_its_overload_signal(
             _request("critical"), metadata=_metadata("critical"), timeout=2
         )
     assert _overloaded_trailer(direct) is None
+
+
+@pytest.fixture(scope="module")
+def protecting_router(triton_server: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A router with the default ``admission.protected_miss_rate`` (the functional config turns it off)."""
+    tmp_path = tmp_path_factory.mktemp("protecting-router")
+    config = write_test_config(
+        tmp_path / "inferline.yaml", budgets=FUNCTIONAL_BUDGETS, queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS
+    )
+    server = start_router(triton_server, config, tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def protecting_gateway(
+    protecting_router: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    shed = {"shed_by": "signal", "shed": {"batch": {}, "standard": {}}}
+    tmp_path = tmp_path_factory.mktemp("protecting-gateway")
+    with start_gateway(shed, router_config, protecting_router.address, tmp_path) as gateway:
+        yield gateway
+
+
+def test_critical_calls_missing_their_deadline_make_the_router_shed_every_lower_class(
+    protecting_gateway: Gateway, protecting_router: ServerProcess
+) -> None:
+    with grpc.insecure_channel(protecting_gateway.address) as channel:
+        _, before = pb_grpc.InferenceStub(channel).Predict.with_call(
+            _request("critical"), metadata=_metadata("critical"), timeout=2
+        )
+    assert _overloaded_trailer(before) == ""
+    with grpc.insecure_channel(protecting_router.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        assert stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2).predictions
+        # 4 ms: less than the route's fallback reserve (5 ms), so not even a degraded answer
+        # can come in time. Every one is a miss of the class that may not be shed.
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=0.004)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.RpcError) as shed:
+            stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2)
+        # The protected class itself is still served.
+        assert stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2).predictions
+    with grpc.insecure_channel(protecting_gateway.address) as channel:
+        _, during = pb_grpc.InferenceStub(channel).Predict.with_call(
+            _request("critical"), metadata=_metadata("critical"), timeout=2
+        )
+    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "overloaded for traffic class 'standard'" in (shed.value.details() or "")
+    assert _overloaded_trailer(during) == "batch,standard"  # the gateway is told to shed both
 
 
 def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(

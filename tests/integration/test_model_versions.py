@@ -41,6 +41,7 @@ from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.owner_models import LIGHT_ONNX, onnx_config, onnx_model
 from tests.integration.router_fixtures import (
     DEMO_KEY,
+    FUNCTIONAL_ADMISSION,
     FUNCTIONAL_BUDGETS,
     FUNCTIONAL_QUEUE_WAIT_MS,
     ROOT,
@@ -149,7 +150,12 @@ def stack(triton_config: TritonConfig, tmp_path_factory: pytest.TempPathFactory)
     owner_model(repository, "ranker")
     owner_model(repository, "scorer", KEEP_TWO)
     onnx_model(repository, "light", LIGHT_ONNX, width=2)
-    config = write_test_config(root / "inferline.yaml", budgets=BUDGETS, queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS)
+    config = write_test_config(
+        root / "inferline.yaml",
+        budgets=BUDGETS,
+        queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS,
+        admission=FUNCTIONAL_ADMISSION,
+    )
     raw = yaml.safe_load(config.read_text())
     raw["triton"]["model_repository"] = str(repository)
     raw["triton"]["coalesce_max_batch_rows"] = 64  # the owner's configs' max_batch_size

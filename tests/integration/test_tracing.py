@@ -14,6 +14,7 @@ from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import (
     DEMO_KEY,
+    FUNCTIONAL_ADMISSION,
     FUNCTIONAL_BUDGETS,
     FUNCTIONAL_QUEUE_WAIT_MS,
     start_inferline,
@@ -41,7 +42,10 @@ def test_router_exports_a_span_tree_per_request_under_the_callers_trace(
     triton_server: object, tmp_path: pathlib.Path
 ) -> None:
     config = write_test_config(
-        tmp_path / "inferline.yaml", budgets=FUNCTIONAL_BUDGETS, queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS
+        tmp_path / "inferline.yaml",
+        budgets=FUNCTIONAL_BUDGETS,
+        queue_wait_target_ms=FUNCTIONAL_QUEUE_WAIT_MS,
+        admission=FUNCTIONAL_ADMISSION,
     )
     url = triton_server.grpc_url  # type: ignore[attr-defined]
     server = start_inferline(

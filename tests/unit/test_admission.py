@@ -9,7 +9,13 @@ import pytest
 
 from inferline.core.config import AdmissionConfig, TrafficClassConfig
 from inferline.core.errors import Shed
-from inferline.router.admission import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, AdmissionController, Verdict
+from inferline.router.admission import (
+    MAX_RETRY_AFTER_S,
+    MIN_RETRY_AFTER_S,
+    AdmissionController,
+    ProtectedMisses,
+    Verdict,
+)
 from inferline.router.limits import AimdLimit, GradientLimit, build_limit
 from inferline.router.loop_lag import LoopLagMonitor
 
@@ -206,6 +212,58 @@ def test_retry_hint_is_bounded() -> None:
 def test_disabled_admission_admits_everything() -> None:
     ctl, _ = controller(limit=1, queue_wait_s=10.0, enabled=False)
     assert all(p.verdict is Verdict.ADMIT for p in fill(ctl, "batch", 50))  # type: ignore[attr-defined]
+
+
+def test_protected_misses_shed_every_sheddable_class_until_critical_is_in_time_again() -> None:
+    ctl, _ = controller(limit=100)
+    ctl.admit("critical").release(missed=False)
+    ctl.admit("critical").release(missed=True)  # one miss: a share of 0.02, at the threshold, not over it
+    assert not ctl.protecting and ctl.overloaded() == ""
+    ctl.admit("critical").release(missed=True)
+    assert ctl.protecting
+    assert ctl.overloaded() == "batch,standard"  # the gateway is told, lowest first
+    with pytest.raises(Shed):
+        ctl.admit("standard")
+    # A gateway call of a class the gateway bounds has waited already: the gateway sheds the
+    # rest of its class on the signal, fast, and this one is served.
+    assert ctl.admit("batch", queue_wait=False).verdict is Verdict.ADMIT
+    assert ctl.admit("critical").verdict is Verdict.ADMIT  # the protected class itself runs on
+    for _ in range(60):
+        ctl.admit("critical").release(missed=False)
+    assert not ctl.protecting and ctl.overloaded() == ""
+    assert ctl.admit("standard").verdict is Verdict.ADMIT
+
+
+def test_a_dropped_protected_answer_is_a_miss_and_a_lower_class_miss_is_not() -> None:
+    ctl, _ = controller(limit=100)
+    for _ in range(5):
+        ctl.admit("standard").release(dropped=True)  # the lower classes' misses never protect anyone
+    assert not ctl.protecting
+    for _ in range(2):
+        ctl.admit("critical").release(dropped=True)  # missed defaults to dropped
+    assert ctl.protecting
+
+
+def test_protection_off_leaves_shedding_to_the_queue_wait_and_shares() -> None:
+    ctl, _ = controller(limit=100, protected_miss_rate=None)
+    for _ in range(10):
+        ctl.admit("critical").release(missed=True)
+    assert ctl.protected_misses.rate > 0.1
+    assert not ctl.protecting and ctl.overloaded() == ""
+    assert ctl.admit("batch").verdict is Verdict.ADMIT
+
+
+def test_protected_miss_rate_decays_when_no_answer_comes() -> None:
+    now = [0.0]
+    misses = ProtectedMisses(alpha=0.5, half_life_s=1.0, clock=lambda: now[0])
+    misses.observe(True)
+    assert misses.rate == pytest.approx(0.5)
+    now[0] = 2.0  # two half-lives without an answer
+    assert misses.rate == pytest.approx(0.125)
+    misses.observe(False)
+    assert misses.rate == pytest.approx(0.0625)
+    with pytest.raises(ValueError):
+        ProtectedMisses(alpha=0.0)
 
 
 # --- the limits -------------------------------------------------------------------------

@@ -325,6 +325,12 @@ class AdmissionConfig(_Model):
     degrade_over_limit: bool = True
     """A request of a class that may not be shed, over the limit, gets a degraded answer (OVERLOAD)
     instead of RESOURCE_EXHAUSTED."""
+    protected_miss_rate: float | None = Field(0.02, gt=0, le=1)
+    """While more than this share of the route's recent answers to classes that may not be shed
+    missed their deadline (degraded for it, or DEADLINE_EXCEEDED; an average over about the
+    last 50 such answers), every sheddable class is shed: by the gateway on its signal, and by
+    the router for direct calls. None: off, only the queue-wait targets and the limit's shares
+    shed."""
 
     @model_validator(mode="after")
     def _limits_ordered(self) -> AdmissionConfig:

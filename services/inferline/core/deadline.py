@@ -47,3 +47,13 @@ class Deadline:
     def split(self, reserve_s: float) -> Deadline:
         """A deadline that expires ``reserve_s`` earlier, keeping that reserve for later steps."""
         return Deadline(self.expires_at - reserve_s, self.clock)
+
+
+def deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the caller's gRPC deadline has run out (False when it set none).
+
+    A cancelled handler whose deadline has passed was cancelled by that deadline: no answer
+    came in time. One whose deadline has not passed was cancelled by its caller.
+    """
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0

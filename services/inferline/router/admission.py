@@ -19,6 +19,17 @@ instead: the operator said the class is never shed, the lower classes' smaller s
 already made room for it, and refusing it would only turn an answer that may still come in
 time into a certain failure. Its model's in-flight bound (``max_in_flight``) still caps it.
 
+When the route fails the classes that may not be shed — more than
+``protected_miss_rate`` of their recent answers missed the deadline (a degraded answer for
+it, or DEADLINE_EXCEEDED: ``ProtectedMisses``) — every sheddable class is over, whatever the
+queue wait says: in the gateway's signal, and for direct calls. The queue-wait targets hold
+the queue where the lower classes' own deadlines are safe; the critical class shares that
+queue (the transport is first come, first served), and when it alone is most of the load the
+same queue's tail is past its deadline. Then the lower classes yield until it is answered in
+time again. A gateway call of a class the gateway bounds is not shed for it: it has already
+waited in the transport, so the router's shed would be a slow one (measured: shed p99 60–130 ms
+at 2×–3× of the knee), while the gateway turns the rest of its class away at once.
+
 Through the gateway the shares count only while the path is *saturated* (the limit saw
 queuing or drops in its last window, ``ConcurrencyLimit.saturated``): the gateway bounds the
 shed classes' in-flight requests itself, so in flight over a share while latency stays flat
@@ -55,23 +66,63 @@ class Verdict(enum.Enum):
     """Answer from the degradation path at once (reason OVERLOAD)."""
 
 
+class ProtectedMisses:
+    """The share of a route's recent answers to protected classes (never shed) that missed their deadline.
+
+    An average over answers (each miss counts 1, each answer in time 0; weight ``alpha``)
+    that decays toward 0 with time when no answer comes (``half_life_s``): a few misses
+    before a quiet minute must not keep the lower classes shed after it.
+    """
+
+    def __init__(
+        self, alpha: float = 0.02, half_life_s: float = 0.5, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        if not 0 < alpha <= 1 or half_life_s <= 0:
+            raise ValueError("alpha must be in (0, 1] and half_life_s positive")
+        self._alpha = alpha
+        self._half_life_s = half_life_s
+        self._clock = clock
+        self._rate = 0.0
+        self._at = clock()
+
+    @property
+    def rate(self) -> float:
+        """The recent share of misses, decayed for the time since the last answer."""
+        if self._rate == 0.0:
+            return 0.0
+        return self._rate * float(0.5 ** ((self._clock() - self._at) / self._half_life_s))
+
+    def observe(self, missed: bool) -> None:
+        """Fold one protected answer in."""
+        current = self.rate
+        self._rate = current + self._alpha * ((1.0 if missed else 0.0) - current)
+        self._at = self._clock()
+
+
 class Permit:
     """An admitted request's slot; ``release`` it exactly once when the answer is sent."""
 
-    __slots__ = ("_controller", "_in_flight", "_started", "verdict")
+    __slots__ = ("_controller", "_in_flight", "_protected", "_started", "verdict")
 
-    def __init__(self, controller: AdmissionController | None, verdict: Verdict, in_flight: int) -> None:
+    def __init__(
+        self, controller: AdmissionController | None, verdict: Verdict, in_flight: int, protected: bool = False
+    ) -> None:
         self._controller = controller
         self.verdict = verdict
         self._in_flight = in_flight
+        self._protected = protected
         self._started = time.perf_counter()
 
-    def release(self, dropped: bool = False, sample: bool = True) -> None:
+    def release(self, dropped: bool = False, sample: bool = True, missed: bool | None = None) -> None:
         """Give the slot back. ``dropped``: the main path timed out or had no capacity;
         ``sample=False``: the latency says nothing about the path's capacity (an answer
-        degraded before any model work)."""
+        degraded before any model work); ``missed``: the answer missed its deadline (a
+        degraded answer for it, or none at all; default ``dropped``), which for a class that
+        may not be shed counts toward ``protected_miss_rate``."""
         controller, self._controller = self._controller, None
         if controller is not None:
+            if self._protected:
+                controller.protected_misses.observe(dropped if missed is None else missed)
             controller._release(time.perf_counter() - self._started, self._in_flight, dropped, sample)
 
 
@@ -96,6 +147,8 @@ class AdmissionController:
         self._queue_wait_s = queue_wait_s
         self._limiter = limit if limit is not None else build_limit(config)
         self._in_flight = 0
+        self.protected_misses = ProtectedMisses()
+        """Misses of the classes that may not be shed (``AdmissionConfig.protected_miss_rate``)."""
         self.shed_count = 0
         self.degraded_count = 0
         self.over_limit_count = 0
@@ -138,14 +191,14 @@ class AdmissionController:
         cls = self._classes[traffic_class]
         limit = self._limiter.limit
         queue_wait_s = max(self._queue_wait_s(), waited_s) if queue_wait else 0.0
-        if not self._over(cls, limit, queue_wait_s, sustained=not queue_wait):
+        if not self._over(cls, limit, queue_wait_s, sustained=not queue_wait, protect=queue_wait):
             self._in_flight += 1
-            return Permit(self, Verdict.ADMIT, self._in_flight)
+            return Permit(self, Verdict.ADMIT, self._in_flight, not cls.sheddable)
         if not cls.sheddable and self._config.degrade_over_limit:
             if not degradable:
                 self.over_limit_count += 1
                 self._in_flight += 1
-                return Permit(self, Verdict.ADMIT, self._in_flight)
+                return Permit(self, Verdict.ADMIT, self._in_flight, True)
             self.degraded_count += 1
             return _DEGRADED
         self.shed_count += 1
@@ -166,12 +219,26 @@ class AdmissionController:
         if not self._config.enabled:
             return ""
         limit, queue_wait_s = self._limiter.limit, self._queue_wait_s()
-        return ",".join(name for name, c in self._sheddable if self._over(c, limit, queue_wait_s, sustained=True))
+        return ",".join(
+            name for name, c in self._sheddable if self._over(c, limit, queue_wait_s, sustained=True, protect=True)
+        )
 
-    def _over(self, cls: TrafficClassConfig, limit: int, queue_wait_s: float, *, sustained: bool) -> bool:
+    @property
+    def protecting(self) -> bool:
+        """Whether the protected classes miss too often (``protected_miss_rate``): every
+        sheddable class is over while they do."""
+        threshold = self._config.protected_miss_rate
+        return threshold is not None and self.protected_misses.rate > threshold
+
+    def _over(
+        self, cls: TrafficClassConfig, limit: int, queue_wait_s: float, *, sustained: bool, protect: bool
+    ) -> bool:
         """Whether the route is over ``cls``'s queue-wait target, or over its share of the limit
-        (with ``sustained``: only while the limit says the path is saturated)."""
+        (with ``sustained``: only while the limit says the path is saturated), or, for a
+        sheddable class and with ``protect``, the protected classes miss too often."""
         if queue_wait_s * 1000 >= cls.queue_wait_target_ms:
+            return True
+        if protect and cls.sheddable and self.protecting:
             return True
         over_share = self._in_flight >= max(1, int(limit * cls.limit_share))
         return over_share and (not sustained or self._limiter.saturated)

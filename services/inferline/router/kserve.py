@@ -19,6 +19,7 @@ callers may not change or inspect the model server through the router.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import time
 from typing import Any
@@ -27,7 +28,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inferline.core.config import InferlineConfig, KServeModelConfig, TenantConfig
-from inferline.core.deadline import Deadline
+from inferline.core.deadline import Deadline, deadline_passed
 from inferline.core.errors import (
     DeadlineExceeded,
     InferlineError,
@@ -158,7 +159,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
     async def _forward(self, request: Any, entry: Entry, context: Context) -> Any:
         """Run an admitted request; release its permit exactly once, telling admission how it went."""
         permit = entry.permit
-        dropped = sample = False
+        dropped = sample = missed = False
         try:
             cls = entry.class_config
             model_entry = self._entries.get(request.model_name)
@@ -168,6 +169,9 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             deadline = Deadline.from_context(context, default_ms / 1000).split(RESPONSE_RESERVE_S)
             try:
                 response = await self._forwarder.forward(request, deadline=deadline, priority=cls.priority)
+            except asyncio.CancelledError:
+                missed = deadline_passed(context)  # gRPC cancels a call whose deadline went first
+                raise
             except ModelBudgetExceeded as err:
                 dropped = sample = True
                 raise DeadlineExceeded(f"no answer from model {request.model_name!r} within the deadline") from err
@@ -177,7 +181,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             sample = True
             return response
         finally:
-            permit.release(dropped=dropped, sample=sample)
+            permit.release(dropped=dropped, sample=sample, missed=missed or dropped)
 
     def _authorize(self, model: str, context: Context) -> tuple[str, TenantRules]:
         """(tenant, its rules) of an authenticated caller that may use ``model``.

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from inferline.core.config import InferlineConfig
-from inferline.core.deadline import Deadline
+from inferline.core.deadline import Deadline, deadline_passed
 from inferline.core.entities import parse_entity_ids
 from inferline.core.errors import InferlineError, InvalidInput, PermissionDenied, RouteNotFound, rpc_method
 from inferline.core.metrics import ServingMetrics
@@ -76,6 +76,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         permit = entry.permit
         outcome: PredictOutcome | None = None
+        missed = False  # no answer in time: counts against the protected classes (admission)
         try:
             call = self._call(request, tenant, rules, plan, entry)
             deadline = Deadline.from_context(context, entry.class_config.default_deadline_ms / 1000)
@@ -83,11 +84,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 call, deadline, started_at, overloaded=permit.verdict is Verdict.DEGRADE
             )
         except InferlineError as err:
+            missed = err.code is grpc.StatusCode.DEADLINE_EXCEEDED  # too late on arrival, or no answer in time
             self._failed(request, err, started_at, context)
+            raise
+        except asyncio.CancelledError:
+            missed = deadline_passed(context)  # gRPC cancels a call whose deadline went first
             raise
         finally:
             reason = outcome.reason if outcome is not None else None
-            permit.release(dropped=reason in _DROPPED, sample=outcome is not None and reason not in _NOT_SAMPLED)
+            dropped = reason in _DROPPED
+            sample = outcome is not None and reason not in _NOT_SAMPLED
+            permit.release(dropped=dropped, sample=sample, missed=missed or dropped)
         t = outcome.timings
         self._metrics.observe_success(
             call.route.name,
