@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,6 +22,7 @@ from inferline.core.deadline import Deadline
 from inferline.core.errors import InferlineError, InvalidInput, RouteNotFound
 from inferline.features import FeastOnlineStore, FeatureClient, FeaturesService, GrpcFeatureClient, LocalFeatureClient
 from inferline.features.servicer import FeaturesServicer
+from inferline.features.store import INLINE_MAX_ENTITIES
 from inferline.internal.v1 import features_pb2_grpc
 
 pytestmark = pytest.mark.requires_feast
@@ -189,3 +192,36 @@ async def test_refs_without_a_direct_plan_go_through_feasts_full_read(store: Fea
     assert not store.reads_directly([*REFS, "driver_hourly_stats:no_such_feature"], "driver_id")
     with pytest.raises(Exception, match="no_such_feature"):
         await store.read([*REFS, "driver_hourly_stats:no_such_feature"], "driver_id", [KNOWN])
+
+
+async def test_small_direct_reads_run_on_the_calling_thread_and_large_ones_on_the_read_thread(
+    store: FeastOnlineStore, feast_repo: pathlib.Path
+) -> None:
+    assert store.reads_inline(REFS, "driver_id", INLINE_MAX_ENTITIES)
+    assert not store.reads_inline(REFS, "driver_id", INLINE_MAX_ENTITIES + 1)
+    assert not store.reads_inline(REFS, "rider_id", 1)  # Feast's full read: always on the thread
+    ids = [KNOWN, UNKNOWN, 1002]
+    assert await store.read(REFS, "driver_id", ids) == feast_columns(feast_repo, REFS, ids)
+    bulk = FeastOnlineStore(feast_repo, inline_small_reads=False)  # a batch job's: never on its loop
+    try:
+        assert not bulk.reads_inline(REFS, "driver_id", 1)
+        assert await bulk.read(REFS, "driver_id", ids) == feast_columns(feast_repo, REFS, ids)
+    finally:
+        await bulk.close()
+
+
+async def test_an_inline_read_fails_at_once_while_a_writer_holds_the_store_and_reads_again_after(
+    store: FeastOnlineStore, feast_repo: pathlib.Path
+) -> None:
+    writer = sqlite3.connect(feast_repo / "data" / "online_store.db", timeout=0)
+    try:
+        writer.execute("BEGIN EXCLUSIVE")  # as a committing `feast materialize` does
+        started = time.perf_counter()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await store.read(REFS, "driver_id", [KNOWN])
+        # Python's own wait would be 5 s; the loop is held for INLINE_BUSY_TIMEOUT_MS (2 ms).
+        assert time.perf_counter() - started < 1.0
+    finally:
+        writer.rollback()
+        writer.close()
+    assert await store.read(REFS, "driver_id", [KNOWN]) == feast_columns(feast_repo, REFS, [KNOWN])

@@ -156,7 +156,7 @@ def _start(repo_path: str, job: int) -> None:
     # a worker that died of it first would turn the cancel into a broken pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_job, args=(job,), name="job-watch", daemon=True).start()
-    _store = FeastOnlineStore(repo_path)
+    _store = FeastOnlineStore(repo_path, inline_small_reads=False)
 
 
 def _watch_job(job: int) -> None:

@@ -64,7 +64,7 @@ class BatchFeatures:
                 self._pool.close()
                 raise
         elif not offline and self._refs:
-            self._online = FeastOnlineStore(store.feast_repo)
+            self._online = FeastOnlineStore(store.feast_repo, inline_small_reads=False)
         # The online path's hot-cache settings: an entity met again within the TTL (a file of
         # rows per trip, not per driver) is not read from the store again.
         self._cache = EntityRowCache(store.hot_cache_ttl_s, store.hot_cache_max_entities, len(self._refs))

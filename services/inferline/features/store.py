@@ -17,6 +17,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+INLINE_MAX_ENTITIES = 32
+"""A direct read of a local SQLite online store of at most this many entities runs on the
+calling (event-loop) thread: ~40 µs an entity, so at most ~1.3 ms. Handing it to the read thread
+costs more than that under load: the read takes and drops the GIL several times (the query,
+each row), and each time it waits for the busy loop thread to let go of it (up to the 5 ms
+switch interval). Measured through ``inferline up`` at 0.5× / 1× of a 390 req/s knee, two
+interleaved rounds: 19 and 0 of ~2,000, 132 and 37 of ~3,900 answers degraded for a feature
+read over its 20 ms budget on the thread, none on the loop (docs/performance.md)."""
+INLINE_BUSY_TIMEOUT_MS = 2
+"""How long an inline read waits for a SQLite lock (a ``feast materialize`` committing) before
+it fails, and the request degrades to defaults like any failed read: the event loop must not
+wait out SQLite's default 5 s."""
+
 
 class OnlineStore(Protocol):
     """Reads the latest values of features for a set of entities."""
@@ -45,14 +58,19 @@ class FeastOnlineStore:
 
     When the configured online store reads natively async (Feast advertises it as
     ``async_supported.online.read``, e.g. Redis), its async read is used instead and no
-    thread is involved.
+    thread is involved. A small direct read of a local SQLite store runs on the calling thread
+    (``INLINE_MAX_ENTITIES``): it costs less than the hop, and a writer's lock fails it in
+    ``INLINE_BUSY_TIMEOUT_MS`` instead of stalling the loop.
 
     Refs of plain feature views are read through the online store's ``online_read`` directly
     (``feast_direct``: a fraction of ``get_online_features``' cost); others through
     ``get_online_features``.
     """
 
-    def __init__(self, repo_path: str | pathlib.Path) -> None:
+    def __init__(self, repo_path: str | pathlib.Path, *, inline_small_reads: bool = True) -> None:
+        """``inline_small_reads``: False keeps every read off the calling thread, and SQLite's own
+        lock wait: for a batch job's bulk reads, which may wait out a writer, and whose loop is
+        not an online one."""
         import feast  # deferred: importing Feast takes seconds, most modules need only the protocol
 
         from inferline.features import feast_direct
@@ -68,6 +86,11 @@ class FeastOnlineStore:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         if not self._async_read:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-read")
+        self._inline = (
+            inline_small_reads
+            and not self._async_read
+            and _bound_local_sqlite_waits(self._provider, self._store.config)
+        )
 
     @property
     def async_read(self) -> bool:
@@ -79,8 +102,15 @@ class FeastOnlineStore:
         views keyed by ``join_key``), False when through ``get_online_features``."""
         return self._plan(refs, join_key) is not None
 
+    def reads_inline(self, refs: list[str], join_key: str, entities: int) -> bool:
+        """True when a read of ``entities`` entities of ``refs`` runs on the calling thread
+        (a small direct read of a local SQLite store), False when on the read thread or async."""
+        return self._inline and entities <= INLINE_MAX_ENTITIES and self._plan(refs, join_key) is not None
+
     async def read(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
         """See ``OnlineStore.read``."""
+        if self.reads_inline(refs, join_key, len(ids)):
+            return self.read_blocking(refs, join_key, ids)
         if self._executor is None:
             plan = self._plan(refs, join_key)
             if plan is not None:
@@ -140,3 +170,20 @@ def _columns(refs: Sequence[str], table: Mapping[str, Sequence[Any]]) -> dict[st
             raise KeyError(f"Feast returned no column for {ref!r}")
         out[ref] = [None if v is None else float(v) for v in column]
     return out
+
+
+def _bound_local_sqlite_waits(provider: Any, config: Any) -> bool:
+    """Whether the online store is Feast's local SQLite store; if so, its connection's lock wait
+    is cut to ``INLINE_BUSY_TIMEOUT_MS`` so that a read may run on the event loop.
+
+    Feast opens the connection itself (``SqliteOnlineStore._get_conn``, with Python's 5 s
+    default wait) and has no setting for it; the pragma is per connection, so the store's file
+    and its writers are untouched.
+    """
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore
+
+    store = getattr(provider, "online_store", None)
+    if not isinstance(store, SqliteOnlineStore):
+        return False
+    store._get_conn(config).execute(f"PRAGMA busy_timeout = {INLINE_BUSY_TIMEOUT_MS}")
+    return True
