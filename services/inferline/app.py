@@ -295,6 +295,8 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
         controller = AdmissionController(name, admission_config, config.traffic_classes, queue_wait_s)
         metrics.admission_limit.labels(name).set_function(functools.partial(getattr, controller, "limit"))
         metrics.admission_in_flight.labels(name).set_function(functools.partial(getattr, controller, "in_flight"))
+        misses = controller.protected_misses
+        metrics.admission_protected_misses.labels(name).set_function(functools.partial(getattr, misses, "rate"))
         admission[name] = controller
     refused = {tenant: metrics.quota_exceeded.labels(tenant) for tenant in config.tenants}
     rate_limiter = CountingRateLimiter(build_rate_limiter(config), lambda tenant: refused[tenant].inc())

@@ -268,8 +268,17 @@ def test_critical_calls_missing_their_deadline_make_the_router_shed_every_lower_
             _request("critical"), metadata=_metadata("critical"), timeout=2
         )
     assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "overloaded for traffic class 'standard'" in (shed.value.details() or "")
+    assert "yielding to classes that miss their deadline" in (shed.value.details() or "")
     assert _overloaded_trailer(during) == "batch,standard"  # the gateway is told to shed both
+    url = f"http://127.0.0.1:{protecting_router.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    rates = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('inferline_protected_miss_rate{route="driver_ranking"}')
+    ]
+    assert rates and rates[0] > 0.02  # the operator sees why
 
 
 def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(

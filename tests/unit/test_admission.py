@@ -222,7 +222,7 @@ def test_protected_misses_shed_every_sheddable_class_until_critical_is_in_time_a
     ctl.admit("critical").release(missed=True)
     assert ctl.protecting
     assert ctl.overloaded() == "batch,standard"  # the gateway is told, lowest first
-    with pytest.raises(Shed):
+    with pytest.raises(Shed, match="yielding to classes that miss their deadline"):
         ctl.admit("standard")
     # A gateway call of a class the gateway bounds has waited already: the gateway sheds the
     # rest of its class on the signal, fast, and this one is served.

@@ -81,6 +81,13 @@ class ServingMetrics:
         self.admission_in_flight = Gauge(
             "inferline_in_flight", "Requests of the route admitted and not yet answered", ["route"], registry=registry
         )
+        self.admission_protected_misses = Gauge(
+            "inferline_protected_miss_rate",
+            "Recent share of the route's answers to classes that may not be shed that missed their deadline; "
+            "over admission.protected_miss_rate every sheddable class is shed",
+            ["route"],
+            registry=registry,
+        )
         self.queue_wait = Gauge(
             "inferline_queue_wait_seconds",
             "The router's queue wait: average lateness of its event loop, or of gateway requests' wait "

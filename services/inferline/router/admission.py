@@ -202,9 +202,10 @@ class AdmissionController:
             self.degraded_count += 1
             return _DEGRADED
         self.shed_count += 1
+        protecting = ", yielding to classes that miss their deadline" if cls.sheddable and self.protecting else ""
         raise Shed(
             f"route {self._route!r} is overloaded for traffic class {traffic_class!r} "
-            f"({self._in_flight} in flight, limit {limit}, queue wait {queue_wait_s * 1000:.1f} ms)",
+            f"({self._in_flight} in flight, limit {limit}, queue wait {queue_wait_s * 1000:.1f} ms{protecting})",
             self._retry_after_s(queue_wait_s),
         )
 
