@@ -60,14 +60,22 @@ def _check_tls(
 
 
 def _run(coro: Any) -> Any:
-    """Run ``coro``; a ``ConfigError`` found while starting (a missing secret, say) is one line and exit 2."""
+    """Run ``coro``; a ``ConfigError`` found while starting (a missing secret, say) is one line and
+    exit 2, a bundled Triton that would not start is one line and its log and exit 1."""
     import uvloop
+
+    from inferline.triton.launcher import TritonStartError
 
     try:
         return uvloop.run(coro)
     except ConfigError as err:
         typer.echo(f"cannot start: {err}", err=True)
         raise typer.Exit(2) from err
+    except TritonStartError as err:
+        typer.echo(f"the bundled Triton did not start: {str(err).splitlines()[0]}", err=True)
+        if err.log_tail:
+            typer.echo(f"--- the end of its log ---\n{err.log_tail}", err=True)
+        raise typer.Exit(1) from err
 
 
 @cli.command()

@@ -33,7 +33,7 @@ from inferline.triton.launcher import TritonLauncher
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.owner_models import GOOD, owner_repository
-from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_inferline
+from tests.integration.router_fixtures import DEMO_KEY, ROOT, ServerProcess, start_inferline, write_test_config
 
 pytestmark = pytest.mark.requires_triton
 
@@ -190,6 +190,20 @@ def test_startup_refuses_mismatched_routes_in_one_line_each(
         assert line in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert "owners" not in done.stderr.replace("owners_python", "")
+
+
+def test_startup_without_a_bundled_triton_says_so_in_one_line(tmp_path: pathlib.Path) -> None:
+    config = write_test_config(tmp_path / "inferline.yaml")
+    raw = yaml.safe_load(config.read_text())
+    raw["triton"]["server_env"] = str(tmp_path / "no-such-venv")
+    config.write_text(yaml.safe_dump(raw))
+    port, metrics_port = free_ports(2)
+    done = run_cli(
+        ["up", "--no-gateway", "--config", str(config), "--port", str(port), "--metrics-port", str(metrics_port)]
+    )
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "the bundled Triton did not start: tritonserver not found" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
 
 
 def test_models_check_prints_every_mismatch_and_passes_a_good_config(

@@ -8,6 +8,7 @@ import pathlib
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from inferline.core.deadline import Deadline
 from inferline.core.errors import DependencyUnavailable
 from inferline.demo.driver_data import PRIMARY_FEATURES
 from inferline.triton.executor import TritonExecutor
-from inferline.triton.launcher import TritonLauncher
+from inferline.triton.launcher import START_ATTEMPTS, TritonLauncher, TritonStartError
 from inferline.triton.supervisor import TritonSupervisor
 
 pytestmark = pytest.mark.requires_triton
@@ -125,3 +126,49 @@ async def wait_for_score(executor: TritonExecutor, until: float) -> float:
         assert time.monotonic() < until, "the executor's channel did not reconnect in time"
         await asyncio.sleep(0.05)
     return time.monotonic()
+
+
+class CrashesOnceDuringStartup(TritonLauncher):
+    """Kills its first server before it is ready, as the python backend's rare abort while
+    loading does; every later server starts untouched."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.killed: list[int] = []
+
+    def _wait_ready(self, deadline: float) -> None:
+        if not self.killed:
+            assert self._proc is not None
+            self.killed.append(self._proc.pid)
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        super()._wait_ready(deadline)
+
+
+def test_a_server_that_dies_during_startup_is_started_once_more(
+    triton_config: TritonConfig, tmp_path: pathlib.Path
+) -> None:
+    launcher = CrashesOnceDuringStartup(triton_config, log_path=tmp_path / "tritonserver.log", models=[MODEL])
+    try:
+        launcher.start()
+        assert launcher.is_running() and launcher.pid not in launcher.killed
+        assert launcher.models == (MODEL,)
+        log = (tmp_path / "tritonserver.log").read_text()
+        assert log.count("=== inferline: starting") == 2  # both starts, in the one kept log
+    finally:
+        launcher.stop()
+
+
+def test_a_server_that_keeps_dying_during_startup_is_reported_after_the_second_start(
+    triton_config: TritonConfig, tmp_path: pathlib.Path
+) -> None:
+    class AlwaysCrashes(CrashesOnceDuringStartup):
+        def _wait_ready(self, deadline: float) -> None:
+            self.killed.clear()
+            super()._wait_ready(deadline)
+
+    launcher = AlwaysCrashes(triton_config, log_path=tmp_path / "tritonserver.log", models=[MODEL])
+    with pytest.raises(TritonStartError, match="exited with code") as failed:
+        launcher.start()
+    assert failed.value.exited and not launcher.is_running()
+    assert (tmp_path / "tritonserver.log").read_text().count("=== inferline: starting") == START_ATTEMPTS

@@ -74,12 +74,21 @@ _LOAD_THREADS = 8
 _REASON_CHARS = 400
 
 
-class TritonStartError(RuntimeError):
-    """The bundled server exited or was not ready in time; ``log_tail`` holds its last output."""
+START_ATTEMPTS = 2
+"""Starts of the server in one ``start`` when it dies during startup. Triton 2.51's python
+backend now and then aborts while loading its models (``boost::interprocess::lock_exception``,
+seen once in ~30 starts on a loaded 2-core machine); the next start loads them. A server that
+is not ready in time, or a model that fails to load, is not tried again."""
 
-    def __init__(self, message: str, log_tail: str = "") -> None:
+
+class TritonStartError(RuntimeError):
+    """The bundled server exited or was not ready in time; ``log_tail`` holds its last output,
+    ``exited`` whether the server process died during startup."""
+
+    def __init__(self, message: str, log_tail: str = "", *, exited: bool = False) -> None:
         super().__init__(f"{message}\n--- tritonserver log tail ---\n{log_tail}" if log_tail else message)
         self.log_tail = log_tail
+        self.exited = exited
 
 
 @dataclass(frozen=True)
@@ -321,16 +330,28 @@ class TritonLauncher:
             install = _find_install(self._config.server_env)
             if install is None:
                 raise TritonStartError(f"tritonserver not found in {self._config.server_env} (install nvidia-pytriton)")
-            try:
-                command = self._command(install, _prepare_backends(install))
-                self._spawn(command, _server_environ(install))
-                deadline = time.monotonic() + self._config.startup_timeout_s
-                self._wait_ready(deadline)
-                self._load_models(deadline)
-            except BaseException:
-                self._failed_run = True
-                self.stop()
-                raise
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    command = self._command(install, _prepare_backends(install))
+                    self._spawn(command, _server_environ(install))
+                    deadline = time.monotonic() + self._config.startup_timeout_s
+                    self._wait_ready(deadline)
+                    self._load_models(deadline)
+                    break
+                except TritonStartError as err:
+                    self._failed_run = True
+                    self.stop()
+                    if not err.exited or attempt == START_ATTEMPTS:
+                        raise
+                    logger.warning(
+                        "tritonserver died during startup (%s; log kept at %s): starting it again",
+                        str(err).partition("\n")[0],
+                        self._log_path,
+                    )
+                except BaseException:
+                    self._failed_run = True
+                    self.stop()
+                    raise
             self._publish()
             logger.info("tritonserver ready (pid %s, grpc %s, models %s)", self.pid, self.grpc_url, self._models)
 
@@ -482,7 +503,9 @@ class TritonLauncher:
         except InferenceServerException as err:
             if self._proc is not None and self._proc.poll() is not None:
                 raise TritonStartError(
-                    f"tritonserver exited with code {self._proc.returncode} while loading {name}", self._tail()
+                    f"tritonserver exited with code {self._proc.returncode} while loading {name}",
+                    self._tail(),
+                    exited=True,
                 ) from err
             return one_line(err.message() or str(err))
         return None
@@ -523,7 +546,9 @@ class TritonLauncher:
                 assert self._proc is not None
                 code = self._proc.poll()
                 if code is not None:
-                    raise TritonStartError(f"tritonserver exited with code {code} during startup", self._tail())
+                    raise TritonStartError(
+                        f"tritonserver exited with code {code} during startup", self._tail(), exited=True
+                    )
                 if time.monotonic() >= deadline:
                     timeout = self._config.startup_timeout_s
                     raise TritonStartError(f"tritonserver not ready within {timeout:g} s", self._tail())
