@@ -296,7 +296,7 @@ def _gate(config: InferlineConfig, app: App, metrics: ServingMetrics) -> Request
         metrics.admission_limit.labels(name).set_function(functools.partial(getattr, controller, "limit"))
         metrics.admission_in_flight.labels(name).set_function(functools.partial(getattr, controller, "in_flight"))
         misses = controller.protected_misses
-        metrics.admission_protected_misses.labels(name).set_function(functools.partial(getattr, misses, "rate"))
+        metrics.admission_protected_misses.labels(name).set_function(functools.partial(getattr, misses, "value"))
         admission[name] = controller
     refused = {tenant: metrics.quota_exceeded.labels(tenant) for tenant in config.tenants}
     rate_limiter = CountingRateLimiter(build_rate_limiter(config), lambda tenant: refused[tenant].inc())

@@ -8,12 +8,12 @@ import time
 import pytest
 
 from inferline.core.config import AdmissionConfig, TrafficClassConfig
+from inferline.core.decaying import DecayingAverage
 from inferline.core.errors import Shed
 from inferline.router.admission import (
     MAX_RETRY_AFTER_S,
     MIN_RETRY_AFTER_S,
     AdmissionController,
-    ProtectedMisses,
     Verdict,
 )
 from inferline.router.limits import AimdLimit, GradientLimit, build_limit
@@ -248,22 +248,22 @@ def test_protection_off_leaves_shedding_to_the_queue_wait_and_shares() -> None:
     ctl, _ = controller(limit=100, protected_miss_rate=None)
     for _ in range(10):
         ctl.admit("critical").release(missed=True)
-    assert ctl.protected_misses.rate > 0.1
+    assert ctl.protected_misses.value > 0.1
     assert not ctl.protecting and ctl.overloaded() == ""
     assert ctl.admit("batch").verdict is Verdict.ADMIT
 
 
-def test_protected_miss_rate_decays_when_no_answer_comes() -> None:
+def test_protected_miss_share_decays_when_no_answer_comes() -> None:
     now = [0.0]
-    misses = ProtectedMisses(alpha=0.5, half_life_s=1.0, clock=lambda: now[0])
-    misses.observe(True)
-    assert misses.rate == pytest.approx(0.5)
+    misses = DecayingAverage(alpha=0.5, half_life_s=1.0, clock=lambda: now[0])
+    misses.observe(1.0)
+    assert misses.value == pytest.approx(0.5)
     now[0] = 2.0  # two half-lives without an answer
-    assert misses.rate == pytest.approx(0.125)
-    misses.observe(False)
-    assert misses.rate == pytest.approx(0.0625)
+    assert misses.value == pytest.approx(0.125)
+    misses.observe(0.0)
+    assert misses.value == pytest.approx(0.0625)
     with pytest.raises(ValueError):
-        ProtectedMisses(alpha=0.0)
+        DecayingAverage(alpha=0.0, half_life_s=1.0)
 
 
 # --- the limits -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ time into a certain failure. Its model's in-flight bound (``max_in_flight``) sti
 
 When the route fails the classes that may not be shed — more than
 ``protected_miss_rate`` of their recent answers missed the deadline (a degraded answer for
-it, or DEADLINE_EXCEEDED: ``ProtectedMisses``) — every sheddable class is over, whatever the
+it, or DEADLINE_EXCEEDED; ``protected_misses``) — every sheddable class is over, whatever the
 queue wait says: in the gateway's signal, and for direct calls. The queue-wait targets hold
 the queue where the lower classes' own deadlines are safe; the critical class shares that
 queue (the transport is first come, first served), and when it alone is most of the load the
@@ -51,9 +51,15 @@ import time
 from collections.abc import Callable, Mapping
 
 from inferline.core.config import AdmissionConfig, TrafficClassConfig
+from inferline.core.decaying import DecayingAverage
 from inferline.core.errors import Shed
 from inferline.router.limits import ConcurrencyLimit, GradientLimit, build_limit
 
+PROTECTED_ALPHA = 0.02
+"""Weight of one protected answer in ``protected_misses``: the share is over about the last 50."""
+PROTECTED_HALF_LIFE_S = 0.5
+"""How fast the share fades with no protected answer: misses before a quiet spell must not
+keep the lower classes shed after it."""
 # Bounds of the retry hint sent with a shed request.
 MIN_RETRY_AFTER_S = 0.01
 MAX_RETRY_AFTER_S = 1.0
@@ -64,39 +70,6 @@ class Verdict(enum.Enum):
     """Run the main path."""
     DEGRADE = "degrade"
     """Answer from the degradation path at once (reason OVERLOAD)."""
-
-
-class ProtectedMisses:
-    """The share of a route's recent answers to protected classes (never shed) that missed their deadline.
-
-    An average over answers (each miss counts 1, each answer in time 0; weight ``alpha``)
-    that decays toward 0 with time when no answer comes (``half_life_s``): a few misses
-    before a quiet minute must not keep the lower classes shed after it.
-    """
-
-    def __init__(
-        self, alpha: float = 0.02, half_life_s: float = 0.5, clock: Callable[[], float] = time.perf_counter
-    ) -> None:
-        if not 0 < alpha <= 1 or half_life_s <= 0:
-            raise ValueError("alpha must be in (0, 1] and half_life_s positive")
-        self._alpha = alpha
-        self._half_life_s = half_life_s
-        self._clock = clock
-        self._rate = 0.0
-        self._at = clock()
-
-    @property
-    def rate(self) -> float:
-        """The recent share of misses, decayed for the time since the last answer."""
-        if self._rate == 0.0:
-            return 0.0
-        return self._rate * float(0.5 ** ((self._clock() - self._at) / self._half_life_s))
-
-    def observe(self, missed: bool) -> None:
-        """Fold one protected answer in."""
-        current = self.rate
-        self._rate = current + self._alpha * ((1.0 if missed else 0.0) - current)
-        self._at = self._clock()
 
 
 class Permit:
@@ -122,7 +95,7 @@ class Permit:
         controller, self._controller = self._controller, None
         if controller is not None:
             if self._protected:
-                controller.protected_misses.observe(dropped if missed is None else missed)
+                controller.protected_misses.observe(1.0 if (dropped if missed is None else missed) else 0.0)
             controller._release(time.perf_counter() - self._started, self._in_flight, dropped, sample)
 
 
@@ -147,8 +120,9 @@ class AdmissionController:
         self._queue_wait_s = queue_wait_s
         self._limiter = limit if limit is not None else build_limit(config)
         self._in_flight = 0
-        self.protected_misses = ProtectedMisses()
-        """Misses of the classes that may not be shed (``AdmissionConfig.protected_miss_rate``)."""
+        self.protected_misses = DecayingAverage(alpha=PROTECTED_ALPHA, half_life_s=PROTECTED_HALF_LIFE_S)
+        """The recent share of the protected classes' answers that missed their deadline
+        (``AdmissionConfig.protected_miss_rate``)."""
         self.shed_count = 0
         self.degraded_count = 0
         self.over_limit_count = 0
@@ -229,7 +203,7 @@ class AdmissionController:
         """Whether the protected classes miss too often (``protected_miss_rate``): every
         sheddable class is over while they do."""
         threshold = self._config.protected_miss_rate
-        return threshold is not None and self.protected_misses.rate > threshold
+        return threshold is not None and self.protected_misses.value > threshold
 
     def _over(
         self, cls: TrafficClassConfig, limit: int, queue_wait_s: float, *, sustained: bool, protect: bool

@@ -24,10 +24,10 @@ in Envoy's C++ before they cost the router a shed of its own.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 
+from inferline.core.decaying import DecayingAverage
 from inferline.core.headers import INGRESS_TIMEOUT
 
 _GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -51,7 +51,7 @@ def parse_grpc_timeout(value: str | bytes) -> float | None:
     return int(digits) * _GRPC_TIMEOUT_UNITS[unit]
 
 
-class IngressWait:
+class IngressWait(DecayingAverage):
     """Measures each gateway request's wait before its handler and keeps a recent average.
 
     The average is exponential over requests (``alpha``) and decays with time when no
@@ -62,26 +62,16 @@ class IngressWait:
     def __init__(
         self, alpha: float = 0.1, half_life_s: float = 0.1, clock: Callable[[], float] = time.perf_counter
     ) -> None:
-        if not 0 < alpha <= 1 or half_life_s <= 0:
-            raise ValueError("alpha must be in (0, 1] and half_life_s positive")
-        self._alpha = alpha
-        self._half_life_s = half_life_s
-        self._clock = clock
-        self._value_s = 0.0
-        self._at = clock()
+        super().__init__(alpha, half_life_s, clock)
 
     @property
     def recent_s(self) -> float:
         """The recent average wait (seconds), decayed for the time since the last reading."""
-        if self._value_s == 0.0:
-            return 0.0
-        return self._value_s * math.exp(-math.log(2.0) * (self._clock() - self._at) / self._half_life_s)
+        return self.value
 
     def observe(self, waited_s: float) -> None:
         """Fold one request's wait in."""
-        current = self.recent_s
-        self._value_s = current + self._alpha * (max(0.0, waited_s) - current)
-        self._at = self._clock()
+        super().observe(max(0.0, waited_s))
 
     def measure(
         self, metadata: Sequence[tuple[str, str | bytes]] | None, time_remaining_s: float | None
