@@ -318,6 +318,7 @@ class TritonLauncher:
 
     def start(self) -> None:
         """Start the server and wait until it and all its models are ready; no-op if running.
+        A server that dies before it is ready is started again, ``START_ATTEMPTS`` starts in all.
 
         Raises:
             TritonStartError: the server is not installed, exited during startup, or was not
