@@ -281,6 +281,34 @@ def test_critical_calls_missing_their_deadline_make_the_router_shed_every_lower_
     assert rates and rates[0] > 0.02  # the operator sees why
 
 
+def test_kserve_critical_calls_missing_their_deadline_make_the_front_door_shed_the_lower_classes(
+    protecting_router: ServerProcess,
+) -> None:
+    rows = np.array([[0.5, 0.8, 500, 3]], np.float32)
+
+    def infer(traffic_class: str, timeout_s: float) -> Any:
+        tensor = triton_grpc.InferInput("features", list(rows.shape), "FP32")
+        tensor.set_data_from_numpy(rows)
+        headers = {"authorization": f"Bearer {DEMO_KEY}", TRAFFIC_CLASS_HEADER: traffic_class}
+        return client.infer("driver_ranker", [tensor], headers=headers, client_timeout=timeout_s)
+
+    client = triton_grpc.InferenceServerClient(protecting_router.address)
+    try:
+        assert infer("standard", 5).as_numpy("score").shape == (1, 1)
+        # 1 ms: no more than the front door keeps for its answer, so no model call fits.
+        for _ in range(20):
+            with pytest.raises(InferenceServerException) as late:
+                infer("critical", 0.001)
+            assert str(late.value.status()) == "StatusCode.DEADLINE_EXCEEDED"
+        with pytest.raises(InferenceServerException) as shed:
+            infer("standard", 5)
+        assert infer("critical", 5).as_numpy("score").shape == (1, 1)  # the protected class is served
+    finally:
+        client.close()
+    assert str(shed.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "yielding to classes that miss their deadline" in (shed.value.message() or "")
+
+
 def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(
     signal_gateway: Gateway, overloaded_router: ServerProcess
 ) -> None:
