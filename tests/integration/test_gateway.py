@@ -43,6 +43,8 @@ pytestmark = pytest.mark.requires_triton
 
 AUTH = ("authorization", f"Bearer {DEMO_KEY}")
 REJECTED = f"http.{STAT_PREFIX}.admission_control.rq_rejected"
+SIGNAL_SHED = {"shed_by": "signal", "shed": {"batch": {}, "standard": {}}}
+"""Gateway settings: shed batch and standard on the routers' overload signal."""
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +192,15 @@ def signal_gateway(
     overloaded_router: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """Envoy in front of ``overloaded_router``, shedding batch and standard on the router's signal."""
-    shed = {"shed_by": "signal", "shed": {"batch": {}, "standard": {}}}
     tmp_path = tmp_path_factory.mktemp("signal-gateway")
-    with start_gateway(shed, router_config, overloaded_router.address, tmp_path) as gateway:
+    with start_gateway(SIGNAL_SHED, router_config, overloaded_router.address, tmp_path) as gateway:
         yield gateway
+
+
+def _metrics_text(server: ServerProcess) -> str:
+    """The router's Prometheus exposition."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
 
 
 def _overloaded_trailer(call: grpc.Call) -> str | bytes | None:
@@ -236,9 +243,9 @@ def protecting_router(triton_server: object, tmp_path_factory: pytest.TempPathFa
 def protecting_gateway(
     protecting_router: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    shed = {"shed_by": "signal", "shed": {"batch": {}, "standard": {}}}
+    """Envoy in front of ``protecting_router``, shedding batch and standard on the router's signal."""
     tmp_path = tmp_path_factory.mktemp("protecting-gateway")
-    with start_gateway(shed, router_config, protecting_router.address, tmp_path) as gateway:
+    with start_gateway(SIGNAL_SHED, router_config, protecting_router.address, tmp_path) as gateway:
         yield gateway
 
 
@@ -270,12 +277,9 @@ def test_critical_calls_missing_their_deadline_make_the_router_shed_every_lower_
     assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "yielding to classes that miss their deadline" in (shed.value.details() or "")
     assert _overloaded_trailer(during) == "batch,standard"  # the gateway is told to shed both
-    url = f"http://127.0.0.1:{protecting_router.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
     rates = [
         float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
+        for line in _metrics_text(protecting_router).splitlines()
         if line.startswith('inferline_protected_miss_rate{route="driver_ranking"}')
     ]
     assert rates and rates[0] > 0.02  # the operator sees why
@@ -557,12 +561,9 @@ def pair_gateway(
 
 
 def _predictions_served(server: ServerProcess) -> float:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
+        for line in _metrics_text(server).splitlines()
         if line.startswith("inferline_requests_total{") and 'route="driver_ranking"' in line and 'code="OK"' in line
     )
 

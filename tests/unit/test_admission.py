@@ -240,7 +240,7 @@ def test_a_dropped_protected_answer_is_a_miss_and_a_lower_class_miss_is_not() ->
         ctl.admit("standard").release(dropped=True)  # the lower classes' misses never protect anyone
     assert not ctl.protecting
     for _ in range(2):
-        ctl.admit("critical").release(dropped=True)  # missed defaults to dropped
+        ctl.admit("critical").release(dropped=True)  # a dropped answer is a miss too
     assert ctl.protecting
 
 

@@ -86,16 +86,16 @@ class Permit:
         self._protected = protected
         self._started = time.perf_counter()
 
-    def release(self, dropped: bool = False, sample: bool = True, missed: bool | None = None) -> None:
+    def release(self, dropped: bool = False, sample: bool = True, missed: bool = False) -> None:
         """Give the slot back. ``dropped``: the main path timed out or had no capacity;
         ``sample=False``: the latency says nothing about the path's capacity (an answer
-        degraded before any model work); ``missed``: the answer missed its deadline (a
-        degraded answer for it, or none at all; default ``dropped``), which for a class that
-        may not be shed counts toward ``protected_miss_rate``."""
+        degraded before any model work); ``missed``: no answer came in time (DEADLINE_EXCEEDED,
+        or cancelled past the deadline). For a class that may not be shed, a dropped or missed
+        answer counts toward ``protected_miss_rate``."""
         controller, self._controller = self._controller, None
         if controller is not None:
             if self._protected:
-                controller.protected_misses.observe(1.0 if (dropped if missed is None else missed) else 0.0)
+                controller.protected_misses.observe(1.0 if dropped or missed else 0.0)
             controller._release(time.perf_counter() - self._started, self._in_flight, dropped, sample)
 
 

@@ -181,7 +181,7 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             sample = True
             return response
         finally:
-            permit.release(dropped=dropped, sample=sample, missed=missed or dropped)
+            permit.release(dropped=dropped, sample=sample, missed=missed)
 
     def _authorize(self, model: str, context: Context) -> tuple[str, TenantRules]:
         """(tenant, its rules) of an authenticated caller that may use ``model``.

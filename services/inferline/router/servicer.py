@@ -94,7 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             reason = outcome.reason if outcome is not None else None
             dropped = reason in _DROPPED
             sample = outcome is not None and reason not in _NOT_SAMPLED
-            permit.release(dropped=dropped, sample=sample, missed=missed or dropped)
+            permit.release(dropped=dropped, sample=sample, missed=missed)
         t = outcome.timings
         self._metrics.observe_success(
             call.route.name,

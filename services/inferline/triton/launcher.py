@@ -339,20 +339,16 @@ class TritonLauncher:
                     self._wait_ready(deadline)
                     self._load_models(deadline)
                     break
-                except TritonStartError as err:
+                except BaseException as err:
                     self._failed_run = True
                     self.stop()
-                    if not err.exited or attempt == START_ATTEMPTS:
+                    if not (isinstance(err, TritonStartError) and err.exited and attempt < START_ATTEMPTS):
                         raise
                     logger.warning(
                         "tritonserver died during startup (%s; log kept at %s): starting it again",
                         str(err).partition("\n")[0],
                         self._log_path,
                     )
-                except BaseException:
-                    self._failed_run = True
-                    self.stop()
-                    raise
             self._publish()
             logger.info("tritonserver ready (pid %s, grpc %s, models %s)", self.pid, self.grpc_url, self._models)
 
