@@ -7,20 +7,32 @@ FeastOnlineStore, and both must answer (and fail) the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inferline.core.config import InferlineConfig, load_config
 from inferline.core.deadline import Deadline
 from inferline.core.errors import InferlineError, InvalidInput, RouteNotFound
-from inferline.features import FeastOnlineStore, FeatureClient, FeaturesService, GrpcFeatureClient, LocalFeatureClient
+from inferline.features import (
+    FeastOnlineStore,
+    FeatureClient,
+    FeaturesService,
+    GrpcFeatureClient,
+    LocalFeatureClient,
+    feast_direct,
+)
 from inferline.features.servicer import FeaturesServicer
 from inferline.features.store import INLINE_MAX_ENTITIES
 from inferline.internal.v1 import features_pb2_grpc
@@ -225,3 +237,69 @@ async def test_an_inline_read_fails_at_once_while_a_writer_holds_the_store_and_r
         writer.rollback()
         writer.close()
     assert await store.read(REFS, "driver_id", [KNOWN]) == feast_columns(feast_repo, REFS, [KNOWN])
+
+
+# On Feast's SQLite store a planned read queries the view's table itself (feast_direct.SqliteView):
+# it must answer exactly as the online store's own online_read does, and step aside when the
+# table is not there or not laid out as read.
+
+
+def planned(feast_repo: pathlib.Path, refs: list[str]) -> tuple[feast_direct.ReadPlan, Any, Any]:
+    import feast
+
+    fs = feast.FeatureStore(repo_path=str(feast_repo))
+    plan = feast_direct.plan_read(fs, refs, "driver_id")
+    assert plan is not None
+    return plan, fs._get_provider(), fs.config
+
+
+def through_online_read(plan: feast_direct.ReadPlan) -> feast_direct.ReadPlan:
+    return dataclasses.replace(plan, views=[dataclasses.replace(v, sqlite=None) for v in plan.views])
+
+
+@pytest.mark.parametrize("refs", [REFS, [REFS[2], REFS[0]]], ids=["every-feature", "some-features"])
+def test_sqlite_table_reads_answer_as_online_read(feast_repo: pathlib.Path, refs: list[str]) -> None:
+    plan, provider, config = planned(feast_repo, refs)
+    where = plan.views[0].sqlite
+    assert where is not None and where.int64_key_prefix is not None  # the table path, keys built here
+    rng = np.random.default_rng(11)
+    ids = [*rng.integers(1001, 100_001, 500).tolist(), UNKNOWN, KNOWN, KNOWN, -1, 2**63 - 1]
+    got = plan.read(provider, config, refs, ids)
+    assert got == through_online_read(plan).read(provider, config, refs, ids)
+    assert got[refs[0]][0] is not None and got[refs[0]][500] is None and got[refs[0]][501] == got[refs[0]][502]
+    assert plan.read(provider, config, refs, []) == {ref: [] for ref in refs}
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.integers(min_value=-(2**63), max_value=2**63 - 1))
+def test_int64_keys_built_here_are_feasts_serialisation(value: int) -> None:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    prefix = feast_direct._int64_key_prefix("driver_id", 3)  # Feast 0.67 writes no other version
+    assert prefix is not None
+    key = EntityKey(join_keys=["driver_id"], entity_values=[Value(int64_val=value)])
+    assert prefix + value.to_bytes(8, "little", signed=True) == serialize_entity_key(
+        key, entity_key_serialization_version=3
+    )
+
+
+@pytest.mark.parametrize("table", ["absent", "other-layout"])
+def test_a_store_without_the_read_table_layout_is_read_through_online_read(
+    feast_repo: pathlib.Path, tmp_path: pathlib.Path, table: str
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    shutil.copy(feast_repo / "feature_store.yaml", repo)
+    shutil.copy(feast_repo / "data" / "registry.db", repo / "data")
+    online = sqlite3.connect(repo / "data" / "online_store.db")
+    if table == "other-layout":  # a layout this code does not know: no `value` column
+        online.execute("CREATE TABLE inferline_demo_driver_hourly_stats (entity_key BLOB, feature_name TEXT, v BLOB)")
+        online.commit()
+    online.close()
+    plan, provider, config = planned(repo, REFS)
+    assert plan.views[0].sqlite is None
+    # Feast's own read, and so Feast's own error naming the problem.
+    with pytest.raises(sqlite3.OperationalError, match=r"no such (table|column)"):
+        plan.read(provider, config, REFS, [KNOWN])

@@ -16,10 +16,22 @@ directly. Anything else (an on-demand view, a view keyed by several entities or 
 key) has no plan and goes through ``get_online_features``, as does everything when the
 registry cannot be read. A plan is resolved again after ``PLAN_TTL_S``, so a view
 redefined with ``feast apply`` is picked up as Feast's own registry cache would.
+
+On Feast's SQLite online store (the embedded default) a planned read goes one step further
+and queries the view's table itself (``SqliteView``): the same rows ``online_read`` selects,
+without what it adds per row that a feature vector does not use — each row's timestamp
+converted to a datetime by ``sqlite3``'s declared-type converter, a sort by key, a regrouping
+into one dict of protos per entity. Measured on the demo store (100,000 drivers, 3 features,
+1,000 entities a read): 32.5 ms through ``online_read`` and the decoding here, 13.4 ms
+straight (``docs/performance.md``). It is a read only of the table layout Feast's SQLite store
+writes (``entity_key``, ``feature_name``, ``value``: a serialised ``ValueProto``; keys
+serialised by Feast's own ``serialize_entity_key``); a table without those columns, or none
+yet, is read through ``online_read``, whose errors then name the problem.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +44,10 @@ from inferline.features.vector import EntityId
 
 PLAN_TTL_S = 60.0
 """How long a read plan is used before the registry is asked again."""
+SQLITE_KEYS_PER_QUERY = 10_000
+"""Keys per query of a SQLite table read: well under SQLite's bound on a statement's
+parameters (32,766 since 3.32), which ``online_read``'s one query per read can pass."""
+_SQLITE_COLUMNS = {"entity_key", "feature_name", "value"}
 
 # The proto field of each entity value type the route's entity may have (config: int64 or
 # string); other types go through Feast's converter.
@@ -45,12 +61,41 @@ Columns = dict[str, list[float | None]]
 
 
 @dataclass(frozen=True)
+class SqliteView:
+    """Where a view's rows lie in Feast's SQLite online store, read with the store's connection."""
+
+    connection: sqlite3.Connection
+    """The online store's own (``SqliteOnlineStore._get_conn``): its lock wait, its thread."""
+    table: str
+    """The table's name, quoted."""
+    key_version: int
+    """``entity_key_serialization_version`` of the repository: how its keys were written."""
+    int64_key_prefix: bytes | None = None
+    """For an int64 entity: the bytes Feast's serialisation puts before the value's 8 bytes
+    (little-endian), checked against Feast's own output when planned (``_int64_key_prefix``);
+    None: keys are serialised by Feast."""
+
+    def serialize(self, plan: ReadPlan, ids: Sequence[EntityId]) -> list[bytes]:
+        """The table's keys of ``ids``. Building an ``EntityKeyProto`` and serialising it through
+        Feast costs ~4.4 µs a key, a third of a planned read; joining the checked prefix and the
+        integer's bytes ~0.3 µs."""
+        if self.int64_key_prefix is not None:
+            prefix = self.int64_key_prefix
+            return [prefix + int(v).to_bytes(8, "little", signed=True) for v in ids]
+        from feast.infra.key_encoding_utils import serialize_entity_key
+
+        return [serialize_entity_key(k, entity_key_serialization_version=self.key_version) for k in plan.keys(ids)]
+
+
+@dataclass(frozen=True)
 class _ViewRead:
     view: Any
     """The ``feast.FeatureView``."""
     features: list[str]
     refs: list[str]
     """The ``view:feature`` refs, aligned with ``features``."""
+    sqlite: SqliteView | None = None
+    """Set when the view is read from Feast's SQLite table directly."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +108,14 @@ class ReadPlan:
 
     def read(self, provider: Any, config: Any, refs: Sequence[str], ids: Sequence[EntityId]) -> Columns:
         """One column per ref (aligned with ``ids``, None where missing), through ``provider.online_read``."""
-        keys, out = self.keys(ids), empty_columns(refs, len(ids))
+        keys: list[EntityKeyProto] | None = None
+        out = empty_columns(refs, len(ids))
         for view in self.views:
+            if view.sqlite is not None:
+                read_sqlite(view, view.sqlite.serialize(self, ids), out)
+                continue
+            if keys is None:
+                keys = self.keys(ids)
             # A copy of the names: Feast's Redis store appends its timestamp key to the list.
             rows = provider.online_read(
                 config=config, table=view.view, entity_keys=keys, requested_features=list(view.features)
@@ -117,10 +168,87 @@ def plan_read(store: Any, refs: Sequence[str], join_key: str) -> ReadPlan | None
         known = {f.name for f in view.features}
         if not set(features) <= known:
             return None  # let Feast name the unknown feature in its error
-        views.append(_ViewRead(view, features, [f"{view_name}:{f}" for f in features]))
+        sqlite = _sqlite_view(store, view, join_key, entity.value_type)
+        views.append(_ViewRead(view, features, [f"{view_name}:{f}" for f in features], sqlite))
     if key_type is None:
         return None
     return ReadPlan(join_key, key_type, views)
+
+
+def _sqlite_view(store: Any, view: Any, join_key: str, key_type: ValueType) -> SqliteView | None:
+    """Where ``view`` lies when the online store is Feast's SQLite store and its table has the
+    layout read here; None otherwise (the read then goes through ``online_read``)."""
+    from feast.infra.online_stores import sqlite as feast_sqlite
+
+    online_store = getattr(store._get_provider(), "online_store", None)
+    if not isinstance(online_store, feast_sqlite.SqliteOnlineStore):
+        return None
+    config = store.config
+    versioning = bool(getattr(config.registry, "enable_online_feature_view_versioning", False))
+    table = feast_sqlite._quote_id(feast_sqlite._table_id(config.project, view, versioning))
+    connection = online_store._get_conn(config)
+    try:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+    except sqlite3.Error:
+        return None
+    if not columns >= _SQLITE_COLUMNS:  # no table yet, or another layout
+        return None
+    version = config.entity_key_serialization_version
+    prefix = _int64_key_prefix(join_key, version) if key_type == ValueType.INT64 else None
+    return SqliteView(connection, table, version, prefix)
+
+
+def _int64_key_prefix(join_key: str, version: int) -> bytes | None:
+    """What Feast's ``serialize_entity_key`` puts before an int64 value's 8 little-endian bytes
+    (the key's name and type), if its output is that for every probe; None otherwise (another
+    layout, an older version), and keys are then serialised by Feast itself."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+
+    def feast_key(v: int) -> bytes:
+        proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(int64_val=v)])
+        return bytes(serialize_entity_key(proto, entity_key_serialization_version=version))
+
+    prefix = feast_key(0)[:-8]
+    probes = (0, 1, -1, 1001, 2**40 + 7, -(2**63), 2**63 - 1)
+    if all(feast_key(v) == prefix + v.to_bytes(8, "little", signed=True) for v in probes):
+        return prefix
+    return None
+
+
+def read_sqlite(view: _ViewRead, serialized: Sequence[bytes], out: Columns) -> None:
+    """One view's features for the keys ``serialized`` straight from Feast's SQLite table, into
+    ``out``'s columns: one query per ``SQLITE_KEYS_PER_QUERY`` keys, the values decoded as
+    ``fill_columns`` decodes them."""
+    where = view.sqlite
+    assert where is not None
+    first: dict[bytes, int] = {}
+    for i, key in enumerate(serialized):
+        first.setdefault(key, i)
+    columns = {feature: out[ref] for feature, ref in zip(view.features, view.refs, strict=True)}
+    # All of a view's features: one index range per key, cheaper than a probe per (key, feature).
+    every = len(columns) == len(view.view.features)
+    names = "" if every else f" AND feature_name IN ({','.join('?' * len(view.features))})"
+    distinct = list(first)
+    for start in range(0, len(distinct), SQLITE_KEYS_PER_QUERY):
+        part = distinct[start : start + SQLITE_KEYS_PER_QUERY]
+        rows = where.connection.execute(
+            f"SELECT entity_key, feature_name, value FROM {where.table} "
+            f"WHERE entity_key IN ({','.join('?' * len(part))}){names}",
+            part if every else [*part, *view.features],
+        ).fetchall()
+        for key, feature, blob in rows:
+            column = columns.get(feature)
+            if column is None or blob is None:  # a feature the view no longer has; no value
+                continue
+            value = ValueProto.FromString(blob)
+            kind = value.WhichOneof("val")
+            if kind is not None and kind != "null_val":  # unset or null: missing
+                column[first[key]] = float(getattr(value, kind))  # raises for a non-numeric value
+    if len(first) < len(serialized):  # repeated ids: each gets its first occurrence's values
+        for i, key in enumerate(serialized):
+            if (j := first[key]) != i:
+                for column in columns.values():
+                    column[i] = column[j]
 
 
 def fill_columns(out: Columns, view: _ViewRead, rows: Sequence[tuple[Any, dict[str, ValueProto] | None]]) -> None:
