@@ -19,6 +19,7 @@ ELSEWHERE = (
     "inferline_device_",
     "inferline_admission_limit",
     "inferline_in_flight",
+    "inferline_protected_miss_rate",
 )
 """Series of the Triton statistics collector (from Triton's own figures) and the admission gauges (bound to
 the app's controllers): tests/integration/test_metrics_values.py checks those on a real router."""
