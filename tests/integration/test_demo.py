@@ -27,3 +27,6 @@ def test_the_demo_serves_sheds_the_lower_classes_never_critical_and_stops_cleanl
     # Critical is never shed, by the gateway or the router: its sheds column reads "0 (0)".
     cells = [cell.strip() for cell in rows["critical"].split("│")]
     assert cells[3] == "0 (0)", rows["critical"]
+    # The 10 ms phase: every call answered by the fallback path, none shed. Its critical calls
+    # miss the main path by their own deadline, not by queueing: no reason to shed anyone.
+    assert re.search(r"deadline 10 ms: 100 answers, 0\s+errors", out), out[-4000:]

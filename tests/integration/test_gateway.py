@@ -249,43 +249,37 @@ def protecting_gateway(
         yield gateway
 
 
-def test_critical_calls_missing_their_deadline_make_the_router_shed_every_lower_class(
+def test_critical_calls_with_deadlines_too_short_for_any_router_never_make_it_shed_the_lower_classes(
     protecting_gateway: Gateway, protecting_router: ServerProcess
 ) -> None:
-    with grpc.insecure_channel(protecting_gateway.address) as channel:
-        _, before = pb_grpc.InferenceStub(channel).Predict.with_call(
-            _request("critical"), metadata=_metadata("critical"), timeout=2
-        )
-    assert _overloaded_trailer(before) == ""
+    # What the demo does, and what any tenant allowed critical could do on purpose: deadlines
+    # the main path cannot meet on an idle router. Every one misses; none is the lower classes'
+    # doing (nothing queued), so no other tenant's standard or batch call may be shed for them.
+    # (AdmissionController's own tests count misses that queueing explains.)
     with grpc.insecure_channel(protecting_router.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
-        assert stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2).predictions
-        # 4 ms: less than the route's fallback reserve (5 ms), so not even a degraded answer
-        # can come in time. Every one is a miss of the class that may not be shed.
+        # 4 ms: less than the route's fallback reserve (5 ms), so not even a degraded answer comes.
         for _ in range(20):
             with pytest.raises(grpc.RpcError) as late:
                 stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=0.004)
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.RpcError) as shed:
-            stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2)
-        # The protected class itself is still served.
-        assert stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2).predictions
+        assert stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2).predictions
     with grpc.insecure_channel(protecting_gateway.address) as channel:
-        _, during = pb_grpc.InferenceStub(channel).Predict.with_call(
-            _request("critical"), metadata=_metadata("critical"), timeout=2
-        )
-    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "yielding to classes that miss their deadline" in (shed.value.details() or "")
-    assert _overloaded_trailer(during) == "batch,standard"  # the gateway is told to shed both
+        stub = pb_grpc.InferenceStub(channel)
+        for _ in range(20):  # and through the gateway: 10 ms, answered from the cache for the deadline
+            stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=0.010)
+        _, after = stub.Predict.with_call(_request("critical"), metadata=_metadata("critical"), timeout=2)
+        assert stub.Predict(_request("batch"), metadata=_metadata("batch"), timeout=2).predictions
+    assert _overloaded_trailer(after) == ""  # the gateway is told to shed nothing
     rates = [
         float(line.rsplit(" ", 1)[1])
         for line in _metrics_text(protecting_router).splitlines()
         if line.startswith('inferline_protected_miss_rate{route="driver_ranking"}')
     ]
-    assert rates and rates[0] > 0.02  # the operator sees why
+    assert rates == [0.0]
 
 
-def test_kserve_critical_calls_missing_their_deadline_make_the_front_door_shed_the_lower_classes(
+def test_kserve_critical_calls_with_deadlines_too_short_for_any_router_never_make_it_shed_the_lower_classes(
     protecting_router: ServerProcess,
 ) -> None:
     rows = np.array([[0.5, 0.8, 500, 3]], np.float32)
@@ -298,19 +292,15 @@ def test_kserve_critical_calls_missing_their_deadline_make_the_front_door_shed_t
 
     client = triton_grpc.InferenceServerClient(protecting_router.address)
     try:
-        assert infer("standard", 5).as_numpy("score").shape == (1, 1)
         # 1 ms: no more than the front door keeps for its answer, so no model call fits.
         for _ in range(20):
             with pytest.raises(InferenceServerException) as late:
                 infer("critical", 0.001)
             assert str(late.value.status()) == "StatusCode.DEADLINE_EXCEEDED"
-        with pytest.raises(InferenceServerException) as shed:
-            infer("standard", 5)
-        assert infer("critical", 5).as_numpy("score").shape == (1, 1)  # the protected class is served
+        assert infer("standard", 5).as_numpy("score").shape == (1, 1)
+        assert infer("batch", 5).as_numpy("score").shape == (1, 1)
     finally:
         client.close()
-    assert str(shed.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
-    assert "yielding to classes that miss their deadline" in (shed.value.message() or "")
 
 
 def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(

@@ -13,6 +13,7 @@ from inferline.core.errors import Shed
 from inferline.router.admission import (
     MAX_RETRY_AFTER_S,
     MIN_RETRY_AFTER_S,
+    PROTECTED_MISS_MIN_WAIT_S,
     AdmissionController,
     Verdict,
 )
@@ -214,12 +215,16 @@ def test_disabled_admission_admits_everything() -> None:
     assert all(p.verdict is Verdict.ADMIT for p in fill(ctl, "batch", 50))  # type: ignore[attr-defined]
 
 
+QUEUED_S = PROTECTED_MISS_MIN_WAIT_S
+"""A wait before the handler that makes a protected request's miss count."""
+
+
 def test_protected_misses_shed_every_sheddable_class_until_critical_is_in_time_again() -> None:
     ctl, _ = controller(limit=100)
     ctl.admit("critical").release(missed=False)
-    ctl.admit("critical").release(missed=True)  # one miss: a share of 0.02, at the threshold, not over it
+    ctl.admit("critical", QUEUED_S).release(missed=True)  # one miss: a share of 0.02, at the threshold
     assert not ctl.protecting and ctl.overloaded() == ""
-    ctl.admit("critical").release(missed=True)
+    ctl.admit("critical", QUEUED_S).release(missed=True)
     assert ctl.protecting
     assert ctl.overloaded() == "batch,standard"  # the gateway is told, lowest first
     with pytest.raises(Shed, match="yielding to classes that miss their deadline"):
@@ -237,17 +242,38 @@ def test_protected_misses_shed_every_sheddable_class_until_critical_is_in_time_a
 def test_a_dropped_protected_answer_is_a_miss_and_a_lower_class_miss_is_not() -> None:
     ctl, _ = controller(limit=100)
     for _ in range(5):
-        ctl.admit("standard").release(dropped=True)  # the lower classes' misses never protect anyone
+        ctl.admit("standard", QUEUED_S).release(dropped=True)  # the lower classes' misses never protect anyone
     assert not ctl.protecting
     for _ in range(2):
-        ctl.admit("critical").release(dropped=True)  # a dropped answer is a miss too
+        ctl.admit("critical", QUEUED_S).release(dropped=True)  # a dropped answer is a miss too
     assert ctl.protecting
+
+
+def test_misses_no_queueing_explains_never_make_the_router_shed_the_lower_classes() -> None:
+    # Short deadlines on an idle router: every protected answer misses (degraded for the
+    # deadline, or DEADLINE_EXCEEDED), and none of it is the lower classes' doing.
+    ctl, _ = controller(limit=100, queue_wait_s=0.0004)
+    for _ in range(50):
+        ctl.admit("critical", 0.0002).release(dropped=True)
+        ctl.admit("critical").release(missed=True)
+    assert ctl.protected_misses.value == 0.0 and not ctl.protecting
+    assert ctl.overloaded() == "" and ctl.admit("standard").verdict is Verdict.ADMIT
+    # A gateway call's own measured wait decides for it, whatever the route's average says
+    # (which stays up for a while after a cold router's first calls).
+    ctl, _ = controller(limit=100, queue_wait_s=QUEUED_S)
+    for _ in range(50):
+        ctl.admit("critical", 0.0002).release(dropped=True)
+    assert not ctl.protecting
+    # A direct call's wait is unknown: the route's queue wait when it came decides.
+    for _ in range(2):
+        ctl.admit("critical").release(missed=True)
+    assert ctl.protecting and ctl.overloaded() == "batch,standard"
 
 
 def test_protection_off_leaves_shedding_to_the_queue_wait_and_shares() -> None:
     ctl, _ = controller(limit=100, protected_miss_rate=None)
     for _ in range(10):
-        ctl.admit("critical").release(missed=True)
+        ctl.admit("critical", QUEUED_S).release(missed=True)
     assert ctl.protected_misses.value > 0.1
     assert not ctl.protecting and ctl.overloaded() == ""
     assert ctl.admit("batch").verdict is Verdict.ADMIT

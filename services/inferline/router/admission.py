@@ -30,6 +30,14 @@ time again. A gateway call of a class the gateway bounds is not shed for it: it 
 waited in the transport, so the router's shed would be a slow one (measured: shed p99 60–130 ms
 at 2×–3× of the knee), while the gateway turns the rest of its class away at once.
 
+Only a miss that queueing can explain counts: one whose request waited at least
+``PROTECTED_MISS_MIN_WAIT_S`` before its handler (a gateway call, whose wait is measured), or
+for a direct call arrived while the router's queue wait was that long. A deadline too short
+for the main path even on an idle router (the demo's 10 ms critical calls answered from the
+cache) is the caller's choice, not the lower classes' doing, and shedding them would not help
+it; counting it let any caller allowed a protected class make the router shed every other
+tenant's lower classes by sending short deadlines.
+
 Through the gateway the shares count only while the path is *saturated* (the limit saw
 queuing or drops in its last window, ``ConcurrencyLimit.saturated``): the gateway bounds the
 shed classes' in-flight requests itself, so in flight over a share while latency stays flat
@@ -57,6 +65,10 @@ from inferline.router.limits import ConcurrencyLimit, GradientLimit, build_limit
 
 PROTECTED_ALPHA = 0.02
 """Weight of one protected answer in ``protected_misses``: the share is over about the last 50."""
+PROTECTED_MISS_MIN_WAIT_S = 0.005
+"""A protected answer that missed counts toward ``protected_misses`` only if its request waited
+at least this long in the router's queue (its own wait before the handler, or for a direct
+call the route's queue wait when it arrived): an idle router's wait is well under a millisecond."""
 PROTECTED_HALF_LIFE_S = 0.5
 """How fast the share fades with no protected answer: misses before a quiet spell must not
 keep the lower classes shed after it."""
@@ -75,27 +87,39 @@ class Verdict(enum.Enum):
 class Permit:
     """An admitted request's slot; ``release`` it exactly once when the answer is sent."""
 
-    __slots__ = ("_controller", "_in_flight", "_protected", "_started", "verdict")
+    __slots__ = ("_controller", "_in_flight", "_protected", "_queued", "_started", "verdict")
 
     def __init__(
-        self, controller: AdmissionController | None, verdict: Verdict, in_flight: int, protected: bool = False
+        self,
+        controller: AdmissionController | None,
+        verdict: Verdict,
+        in_flight: int,
+        protected: bool = False,
+        queued: bool = False,
     ) -> None:
+        """``protected``: the class may not be shed, so its misses count (``protected_misses``);
+        ``queued``: the request waited ``PROTECTED_MISS_MIN_WAIT_S`` or more, which a miss needs
+        to count."""
         self._controller = controller
         self.verdict = verdict
         self._in_flight = in_flight
         self._protected = protected
+        self._queued = queued
         self._started = time.perf_counter()
 
     def release(self, dropped: bool = False, sample: bool = True, missed: bool = False) -> None:
         """Give the slot back. ``dropped``: the main path timed out or had no capacity;
         ``sample=False``: the latency says nothing about the path's capacity (an answer
         degraded before any model work); ``missed``: no answer came in time (DEADLINE_EXCEEDED,
-        or cancelled past the deadline). For a class that may not be shed, a dropped or missed
-        answer counts toward ``protected_miss_rate``."""
+        or cancelled past the deadline). For a class that may not be shed, an answer in time
+        counts toward ``protected_miss_rate`` as a success, a dropped or missed one as a miss if
+        the request queued (``queued``); a miss without queueing is not counted either way."""
         controller, self._controller = self._controller, None
         if controller is not None:
-            if self._protected:
-                controller.protected_misses.observe(1.0 if dropped or missed else 0.0)
+            if self._protected and not (dropped or missed):
+                controller.protected_misses.observe(0.0)
+            elif self._protected and self._queued:
+                controller.protected_misses.observe(1.0)
             controller._release(time.perf_counter() - self._started, self._in_flight, dropped, sample)
 
 
@@ -141,11 +165,12 @@ class AdmissionController:
         return self._in_flight
 
     def admit(
-        self, traffic_class: str, waited_s: float = 0.0, *, queue_wait: bool = True, degradable: bool = True
+        self, traffic_class: str, waited_s: float | None = None, *, queue_wait: bool = True, degradable: bool = True
     ) -> Permit:
         """Decide for one request of ``traffic_class`` (a configured class).
 
-        ``waited_s``: how long this request waited before its handler ran (0 when unknown).
+        ``waited_s``: how long this request waited before its handler ran (None when unknown:
+        a call that did not come through the gateway).
         ``queue_wait``: False when something upstream already bounds this request's queue
         (the gateway's in-flight limit): only the class's share of the limit can shed it
         then, and only while the path is saturated. A shed for queue wait comes after the
@@ -164,15 +189,19 @@ class AdmissionController:
             return Permit(None, Verdict.ADMIT, 0)
         cls = self._classes[traffic_class]
         limit = self._limiter.limit
-        queue_wait_s = max(self._queue_wait_s(), waited_s) if queue_wait else 0.0
+        route_wait_s = self._queue_wait_s()
+        queue_wait_s = max(route_wait_s, waited_s or 0.0) if queue_wait else 0.0
+        # Whether a miss of this request counts: its own wait where the gateway measured it
+        # (the route's average stays up for a while after a cold start's first calls), else the route's.
+        queued = (route_wait_s if waited_s is None else waited_s) >= PROTECTED_MISS_MIN_WAIT_S
         if not self._over(cls, limit, queue_wait_s, sustained=not queue_wait, protect=queue_wait):
             self._in_flight += 1
-            return Permit(self, Verdict.ADMIT, self._in_flight, not cls.sheddable)
+            return Permit(self, Verdict.ADMIT, self._in_flight, not cls.sheddable, queued)
         if not cls.sheddable and self._config.degrade_over_limit:
             if not degradable:
                 self.over_limit_count += 1
                 self._in_flight += 1
-                return Permit(self, Verdict.ADMIT, self._in_flight, True)
+                return Permit(self, Verdict.ADMIT, self._in_flight, True, queued)
             self.degraded_count += 1
             return _DEGRADED
         self.shed_count += 1

@@ -180,6 +180,6 @@ class RequestGate:
             raise QuotaExceeded(f"tenant {tenant!r} is over its request quota", decision.retry_after_s)
         bounded = waited_s is not None and traffic_class in self._gateway_bounded
         permit = self._admission[admission_key].admit(
-            traffic_class, waited_s or 0.0, queue_wait=not bounded, degradable=degradable
+            traffic_class, waited_s, queue_wait=not bounded, degradable=degradable
         )
         return Entry(tenant, traffic_class, self._classes[traffic_class], permit)
