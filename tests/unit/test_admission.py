@@ -258,15 +258,16 @@ def test_misses_no_queueing_explains_never_make_the_router_shed_the_lower_classe
         ctl.admit("critical").release(missed=True)
     assert ctl.protected_misses.value == 0.0 and not ctl.protecting
     assert ctl.overloaded() == "" and ctl.admit("standard").verdict is Verdict.ADMIT
-    # A gateway call's own measured wait decides for it, whatever the route's average says
-    # (which stays up for a while after a cold router's first calls).
+    # While the route queues, a deadline shorter than an idle router's need still never counts:
+    # 1 ms short of it once the call's wait (a direct call's: the route's) is given back.
     ctl, _ = controller(limit=100, queue_wait_s=QUEUED_S)
     for _ in range(50):
-        ctl.admit("critical", 0.0002).release(dropped=True)
+        ctl.admit("critical", slack_s=-(QUEUED_S + 0.001)).release(dropped=True)
+        ctl.admit("critical", 0.010, slack_s=-0.011).release(missed=True)
     assert not ctl.protecting
-    # A direct call's wait is unknown: the route's queue wait when it came decides.
-    for _ in range(2):
-        ctl.admit("critical").release(missed=True)
+    # One whose deadline was long enough before it waited counts: queueing made it miss.
+    ctl.admit("critical", 0.010, slack_s=-0.009).release(missed=True)
+    ctl.admit("critical", slack_s=0.0).release(missed=True)
     assert ctl.protecting and ctl.overloaded() == "batch,standard"
 
 

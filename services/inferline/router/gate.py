@@ -159,6 +159,7 @@ class RequestGate:
         waited_s: float | None = None,
         *,
         degradable: bool = True,
+        slack_s: float | None = None,
     ) -> Entry:
         """Quota, then admission, for an authenticated, authorized request.
 
@@ -169,7 +170,9 @@ class RequestGate:
         route's limit still sheds it, and the queue wait still goes to the gateway in the
         overload signal. ``degradable``: False for a request with no degraded answer (the
         KServe front door's): a class that may not be shed then runs over the limit
-        (``AdmissionController.admit``).
+        (``AdmissionController.admit``). ``slack_s``: its time left beyond what the main path
+        needs on an idle router (None: no deadline), which a miss needs to count against the
+        lower classes.
 
         Raises:
             QuotaExceeded: the tenant is over its quota.
@@ -180,6 +183,6 @@ class RequestGate:
             raise QuotaExceeded(f"tenant {tenant!r} is over its request quota", decision.retry_after_s)
         bounded = waited_s is not None and traffic_class in self._gateway_bounded
         permit = self._admission[admission_key].admit(
-            traffic_class, waited_s, queue_wait=not bounded, degradable=degradable
+            traffic_class, waited_s, queue_wait=not bounded, degradable=degradable, slack_s=slack_s
         )
         return Entry(tenant, traffic_class, self._classes[traffic_class], permit)

@@ -42,6 +42,7 @@ from inferline.core.errors import (
 )
 from inferline.core.metrics import ServingMetrics, front_door_route
 from inferline.router.gate import Entry, RequestGate, TenantRules
+from inferline.router.plan import IDLE_MODEL_NEED_S
 from inferline.router.quota import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from inferline.triton.executor import ModelBudgetExceeded, ModelOverloaded, ModelUnavailable, TritonExecutor
 from inferline.triton.tensor_coalescer import TensorCoalescer
@@ -53,6 +54,10 @@ TRAFFIC_CLASS_PARAMETER = "traffic_class"
 OVERLOAD_RETRY_AFTER_S = 0.05
 # Kept back from the caller's deadline so that our own answer (even DEADLINE_EXCEEDED) leaves in time.
 RESPONSE_RESERVE_S = 0.001
+IDLE_NEED_S = RESPONSE_RESERVE_S + IDLE_MODEL_NEED_S
+"""The least time a call needs on an idle router: the answer's reserve and the smallest model
+call worth making. A critical call arriving with less misses by its own deadline, and its miss
+does not count against the lower classes (``AdmissionController``)."""
 STREAM_NOT_SERVED = (
     "ModelStreamInfer is not served by the inferline router: a stream (decoupled models) answers "
     "any number of requests with any number of responses, which the router's gate cannot hold to one "
@@ -145,7 +150,8 @@ class KServeFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: i
             traffic_class = self._traffic_class(model, tenant, rules, self._requested_class(request, context))
             check_request(request)
             await self._check_model_quota(tenant, model)
-            entry = await self._gate.admit(tenant, route, traffic_class, waited, degradable=False)
+            slack = None if remaining_s is None else remaining_s - IDLE_NEED_S
+            entry = await self._gate.admit(tenant, route, traffic_class, waited, degradable=False, slack_s=slack)
             response = await self._forward(request, entry, context)
         except InferlineError as err:
             self._metrics.observe_failure(route, traffic_class if traffic_class in self._classes else "unknown", err)

@@ -13,6 +13,8 @@ from inferline.router.selection import RouteSelector, StatsRegistry, VariantStat
 MODEL_NEED_FACTOR = 3.0
 """The features may leave the model this many times its predicted latency (``RoutePlan.features_deadline``)."""
 MIN_MODEL_NEED_S = 0.005
+IDLE_MODEL_NEED_S = 0.001
+"""The smallest model call worth making: a shorter model budget degrades at once (``MIN_MODEL_BUDGET_S``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,13 @@ class RoutePlan:
     @property
     def primary(self) -> VariantConfig:
         return self.config.primary
+
+    @property
+    def idle_need_s(self) -> float:
+        """The least time the main path needs on an idle router: its post-processing and
+        fallback reserves and the smallest model call worth making. A request of a protected
+        class that arrives with less misses by its own deadline (``AdmissionController``)."""
+        return self.post_budget_s + self.fallback_reserve_s + IDLE_MODEL_NEED_S
 
     def features_deadline(self, deadline: Deadline) -> Deadline:
         """The features layer's deadline: its budget, stretched to the time the model will not need.

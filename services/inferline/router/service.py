@@ -35,7 +35,7 @@ from inferline.features.vector import FeatureVector
 from inferline.postprocess.client import PostprocessClient
 from inferline.postprocess.service import PostprocessService, RankedScore
 from inferline.router.breaker import BreakerRegistry, CircuitBreaker
-from inferline.router.plan import RoutePlan
+from inferline.router.plan import IDLE_MODEL_NEED_S, RoutePlan
 from inferline.router.recovery import RecoveryTracker
 from inferline.router.selection import Choice, VariantStats
 from inferline.triton.executor import InferResult, ModelCallFailed, ModelExecutor, ModelNotLoaded
@@ -43,7 +43,7 @@ from inferline.triton.executor import InferResult, ModelCallFailed, ModelExecuto
 logger = logging.getLogger(__name__)
 
 # A model call needs at least this long to be worth starting.
-MIN_MODEL_BUDGET_S = 0.001
+MIN_MODEL_BUDGET_S = IDLE_MODEL_NEED_S
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             waited = self._gate.waited(context.invocation_metadata(), remaining_s)  # type: ignore[arg-type]
             if waited is not None:
                 self._gate.signal_overload(context, plan.name)
-            entry = await self._gate.admit(tenant, plan.name, traffic_class, waited)
+            slack = None if remaining_s is None else remaining_s - plan.idle_need_s
+            entry = await self._gate.admit(tenant, plan.name, traffic_class, waited, slack_s=slack)
         except InferlineError as err:
             self._failed(request, err, started_at, context)
             raise
