@@ -330,9 +330,10 @@ class AdmissionConfig(_Model):
     missed their deadline (degraded for it, or DEADLINE_EXCEEDED; an average over about the
     last 50 such answers), every sheddable class is shed: by the gateway on its signal, and by
     the router for direct calls. A miss counts only when its request queued (5 ms or more
-    before its handler, or the router's queue wait that high when it came): a deadline too
-    short even for an idle router is not the lower classes' doing. None: off, only the
-    queue-wait targets and the limit's shares shed."""
+    before its handler, or the router's queue wait that high when it came) and its deadline
+    was long enough for the main path on an idle router: a deadline too short for any router
+    is not the lower classes' doing. None: off, only the queue-wait targets and the limit's
+    shares shed."""
 
     @model_validator(mode="after")
     def _limits_ordered(self) -> AdmissionConfig:
