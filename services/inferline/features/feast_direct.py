@@ -22,8 +22,8 @@ and queries the view's table itself (``SqliteView``): the same rows ``online_rea
 without what it adds per row that a feature vector does not use — each row's timestamp
 converted to a datetime by ``sqlite3``'s declared-type converter, a sort by key, a regrouping
 into one dict of protos per entity. Measured on the demo store (100,000 drivers, 3 features,
-1,000 entities a read): 32.5 ms through ``online_read`` and the decoding here, 13.4 ms
-straight (``docs/performance.md``). It is a read only of the table layout Feast's SQLite store
+1,000 random entities a read, medians, alternated): 20 ms through ``online_read`` and the
+decoding here, 8.7 ms straight (``docs/performance.md``). It is a read only of the table layout Feast's SQLite store
 writes (``entity_key``, ``feature_name``, ``value``: a serialised ``ValueProto``; keys
 serialised by Feast's own ``serialize_entity_key``); a table without those columns, or none
 yet, is read through ``online_read``, whose errors then name the problem.

@@ -90,7 +90,7 @@ class Verdict(enum.Enum):
 class Permit:
     """An admitted request's slot; ``release`` it exactly once when the answer is sent."""
 
-    __slots__ = ("_controller", "_in_flight", "_protected", "_queued", "_started", "verdict")
+    __slots__ = ("_controller", "_counts_miss", "_in_flight", "_protected", "_started", "verdict")
 
     def __init__(
         self,
@@ -98,16 +98,16 @@ class Permit:
         verdict: Verdict,
         in_flight: int,
         protected: bool = False,
-        queued: bool = False,
+        counts_miss: bool = False,
     ) -> None:
         """``protected``: the class may not be shed, so its answers count (``protected_misses``);
-        ``queued``: queueing can explain a miss of this request (see the module docstring),
-        which a miss needs to count."""
+        ``counts_miss``: queueing can explain a miss of this request (see the module
+        docstring), which a miss needs to count."""
         self._controller = controller
         self.verdict = verdict
         self._in_flight = in_flight
         self._protected = protected
-        self._queued = queued
+        self._counts_miss = counts_miss
         self._started = time.perf_counter()
 
     def release(self, dropped: bool = False, sample: bool = True, missed: bool = False) -> None:
@@ -116,12 +116,12 @@ class Permit:
         degraded before any model work); ``missed``: no answer came in time (DEADLINE_EXCEEDED,
         or cancelled past the deadline). For a class that may not be shed, an answer in time
         counts toward ``protected_miss_rate`` as a success, a dropped or missed one as a miss if
-        the request queued (``queued``); a miss without queueing is not counted either way."""
+        queueing can explain it (``counts_miss``); any other miss is not counted either way."""
         controller, self._controller = self._controller, None
         if controller is not None:
             if self._protected and not (dropped or missed):
                 controller.protected_misses.observe(0.0)
-            elif self._protected and self._queued:
+            elif self._protected and self._counts_miss:
                 controller.protected_misses.observe(1.0)
             controller._release(time.perf_counter() - self._started, self._in_flight, dropped, sample)
 
@@ -207,15 +207,15 @@ class AdmissionController:
         # main path could have kept without it (for a direct call the route's wait stands in
         # for its own, which nobody measured).
         own_wait_s = route_wait_s if waited_s is None else waited_s
-        queued = wait_s >= PROTECTED_MISS_MIN_WAIT_S and (slack_s is None or slack_s + own_wait_s >= 0)
+        counts_miss = wait_s >= PROTECTED_MISS_MIN_WAIT_S and (slack_s is None or slack_s + own_wait_s >= 0)
         if not self._over(cls, limit, queue_wait_s, sustained=not queue_wait, protect=queue_wait):
             self._in_flight += 1
-            return Permit(self, Verdict.ADMIT, self._in_flight, not cls.sheddable, queued)
+            return Permit(self, Verdict.ADMIT, self._in_flight, not cls.sheddable, counts_miss)
         if not cls.sheddable and self._config.degrade_over_limit:
             if not degradable:
                 self.over_limit_count += 1
                 self._in_flight += 1
-                return Permit(self, Verdict.ADMIT, self._in_flight, True, queued)
+                return Permit(self, Verdict.ADMIT, self._in_flight, True, counts_miss)
             self.degraded_count += 1
             return _DEGRADED
         self.shed_count += 1
