@@ -217,8 +217,8 @@ def _int64_key_prefix(join_key: str, version: int) -> bytes | None:
 
 def read_sqlite(view: _ViewRead, serialized: Sequence[bytes], out: Columns) -> None:
     """One view's features for the keys ``serialized`` straight from Feast's SQLite table, into
-    ``out``'s columns: one query per ``SQLITE_KEYS_PER_QUERY`` keys, the values decoded as
-    ``fill_columns`` decodes them."""
+    ``out``'s columns: one query per ``SQLITE_KEYS_PER_QUERY`` keys, the values decoded by
+    ``_number`` as ``fill_columns`` decodes them."""
     where = view.sqlite
     assert where is not None
     first: dict[bytes, int] = {}
@@ -240,10 +240,9 @@ def read_sqlite(view: _ViewRead, serialized: Sequence[bytes], out: Columns) -> N
             column = columns.get(feature)
             if column is None or blob is None:  # a feature the view no longer has; no value
                 continue
-            value = ValueProto.FromString(blob)
-            kind = value.WhichOneof("val")
-            if kind is not None and kind != "null_val":  # unset or null: missing
-                column[first[key]] = float(getattr(value, kind))  # raises for a non-numeric value
+            number = _number(ValueProto.FromString(blob))
+            if number is not None:
+                column[first[key]] = number
     if len(first) < len(serialized):  # repeated ids: each gets its first occurrence's values
         for i, key in enumerate(serialized):
             if (j := first[key]) != i:
@@ -261,9 +260,18 @@ def fill_columns(out: Columns, view: _ViewRead, rows: Sequence[tuple[Any, dict[s
             value = values.get(feature)
             if value is None:
                 continue
-            kind = value.WhichOneof("val")
-            if kind is not None and kind != "null_val":  # unset or null: missing
-                column[i] = float(getattr(value, kind))  # raises for a non-numeric value, as Feast's read did
+            number = _number(value)
+            if number is not None:
+                column[i] = number
+
+
+def _number(value: ValueProto) -> float | None:
+    """A stored value as a float; None when unset or null (missing). Raises for a non-numeric
+    value, as Feast's own read did."""
+    kind = value.WhichOneof("val")
+    if kind is None or kind == "null_val":
+        return None
+    return float(getattr(value, kind))
 
 
 def empty_columns(refs: Sequence[str], n: int) -> Columns:
