@@ -21,13 +21,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry
 
 from inferline.batch import BatchInputError, BatchJobFailed, BatchJobSpec, run_batch
-from inferline.batch.throttle import QUEUE_WAIT_METRIC
 from inferline.core.config import InferlineConfig, load_config
-from inferline.core.ports import free_port
 from inferline.triton.launcher import TritonLauncher
+from tests.integration.batch_fixtures import paused_by_the_routers, routers_queue_wait
 from tests.integration.router_fixtures import write_test_config
 from tests.waiting import eventually
 
@@ -255,33 +254,17 @@ async def test_a_job_outside_the_routers_yields_to_their_queue_wait(
     and finishes once it falls."""
     config = batch_config(tmp_path)
     pq.write_table(pa.table({"driver_id": pa.array(range(1001, 1401), pa.int64())}), tmp_path / "in.parquet")
-    routers = CollectorRegistry()
-    queue_wait = Gauge(QUEUE_WAIT_METRIC, "the router's queue wait", registry=routers)
-    queue_wait.set(1.0)  # far over any target: the router is drowning
-    port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=routers)
     options = {"yield_interval_s": 0.02, "request_rows": 8, "concurrency": 4, "max_rows_per_s": 1000}
     job_registry = CollectorRegistry()
-    limit = {"route": ROUTE}
-    job_spec = spec(
-        tmp_path / "in.parquet", tmp_path / "out", **options, router_metrics=[f"http://127.0.0.1:{port}/metrics"]
-    )
-    try:
+    with routers_queue_wait(1.0) as (queue_wait, url):  # far over any target: the router is drowning
+        job_spec = spec(tmp_path / "in.parquet", tmp_path / "out", **options, router_metrics=[url])
         job = asyncio.create_task(run_batch(config, job_spec, triton_server.grpc_url, registry=job_registry))
-
-        def paused_by_the_router() -> bool:
-            read = job_registry.get_sample_value("inferline_batch_online_queue_wait_seconds", limit)
-            allowed = job_registry.get_sample_value("inferline_batch_concurrency_limit", limit)
-            return read == pytest.approx(1.0) and allowed == 0  # the gauges start at 0: both must be set
-
-        await eventually(lambda: job.done() or paused_by_the_router(), "the job paused on the routers' wait")
+        await eventually(
+            lambda: job.done() or paused_by_the_routers(job_registry, ROUTE, 1.0), "the job paused on the routers' wait"
+        )
         assert not job.done()
         queue_wait.set(0.0)
         summary = await job
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
     assert (summary["rows"], summary["errors"]) == (400, 0)
     assert summary["yield"]["throttled_share"] > 0

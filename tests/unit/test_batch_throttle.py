@@ -170,3 +170,20 @@ def test_router_metrics_are_urls_named_in_the_error() -> None:
         BatchJobSpec.build(route="r", input_path="in.parquet", output_dir="out", router_metrics=["10.0.0.1:9464"])
     with pytest.raises(ValueError, match="at least one"):
         RouterMetricsWait([])
+
+
+async def test_the_gate_counts_the_time_it_admitted_nobody() -> None:
+    now = [10.0]
+    gate = AdjustableGate(2, clock=lambda: now[0])
+    await gate.set_limit(0)
+    now[0] = 12.0
+    assert gate.paused_s == 2.0  # still paused: counted up to now
+    await gate.set_limit(0)  # paused again while paused: no new start
+    now[0] = 13.0
+    await gate.set_limit(1)
+    now[0] = 20.0
+    assert gate.paused_s == 3.0
+    await gate.set_limit(0)
+    now[0] = 20.5
+    assert gate.paused_s == 3.5
+    assert AdjustableGate(0, clock=lambda: now[0]).paused_s == 0.0  # a gate made shut starts counting at once

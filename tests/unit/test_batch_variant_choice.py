@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from inferline.batch.scoring import ModelTarget
-from inferline.batch.variant_choice import Candidate, DeadlineChoice
+from inferline.batch.variant_choice import Candidate, Course, DeadlineChoice
 
 
 def candidate(model: str, cost: float) -> Candidate:
@@ -66,3 +66,55 @@ async def test_unknown_row_count_takes_the_cheapest_unmeasured() -> None:
     rates = Rates(cpu=1.0, gpu=1.0)
     choice = await DeadlineChoice().choose([GPU, CPU], None, 60.0, rates)
     assert choice.target.model == "cpu" and choice.deadline_met is None and rates.measured == []
+
+
+# --- a running job behind its deadline (DeadlineChoice.recheck) -----------------------------
+
+
+async def test_a_job_on_course_keeps_its_variant_and_measures_nothing() -> None:
+    rates = Rates(gpu=10_000.0)
+    course = Course(rate=1_000.0, rows_left=50_000, time_left_s=60.0)  # 50 s of 60
+    assert not course.behind
+    assert await DeadlineChoice().recheck([CPU, GPU], CPU.target, course, {"cpu": 1_000.0}, rates) is None
+    assert rates.measured == []
+
+
+async def test_behind_it_takes_the_cheapest_variant_whose_projected_rate_keeps_the_deadline() -> None:
+    # Scoring-bound: the job runs at its variant's measured rate, so nothing else takes time and
+    # a variant's rate is the job's on it. 30,000 rows in 20 s, 80 %: at least 1,875 rows/s.
+    course = Course(rate=1_000.0, rows_left=30_000, time_left_s=20.0)
+    rates = Rates(gpu=2_000.0, tpu=50_000.0)
+    known = {"cpu": 1_000.0}
+    switch = await DeadlineChoice().recheck([TPU, GPU, CPU], CPU.target, course, known, rates)
+    assert switch is not None and switch.target.model == "gpu" and switch.deadline_met
+    assert rates.measured == ["gpu"]  # the dearer TPU is not probed
+    assert known == {"cpu": 1_000.0, "gpu": 2_000.0}  # kept for the next look: measured once a run
+    assert "behind the deadline at 1,000 rows/s" in switch.reason
+
+
+async def test_time_spent_outside_scoring_stays_on_any_variant() -> None:
+    # The variant scores 10,000 rows/s but the job commits 1,000: 0.9 ms of every row's 1 ms is
+    # feature reads and writing. A variant 100x faster takes the job to ~1,110 rows/s only.
+    course = Course(rate=1_000.0, rows_left=100_000, time_left_s=60.0)
+    switch = await DeadlineChoice().recheck([CPU, GPU], CPU.target, course, {"cpu": 10_000.0}, Rates(gpu=1e6))
+    assert switch is None
+
+
+async def test_when_none_keeps_it_the_fastest_if_it_is_worth_switching() -> None:
+    course = Course(rate=1_000.0, rows_left=1_000_000, time_left_s=60.0)
+    rates = Rates(gpu=3_000.0, tpu=math.nan)
+    switch = await DeadlineChoice().recheck([CPU, GPU, TPU], CPU.target, course, {"cpu": 1_000.0}, rates)
+    assert switch is not None and switch.target.model == "gpu" and not switch.deadline_met
+    assert "no variant keeps it" in switch.reason
+
+
+async def test_variants_left_this_run_and_the_current_one_are_never_taken() -> None:
+    course = Course(rate=1_000.0, rows_left=100_000, time_left_s=10.0)
+    known = {"cpu": 1_000.0, "gpu": 1_000.0, "tpu": 1e6}
+    switch = await DeadlineChoice().recheck([CPU, GPU, TPU], GPU.target, course, known, Rates(), left={"tpu"})
+    assert switch is None  # the CPU is no faster; the TPU was left already
+
+
+def test_a_course_with_no_time_left_is_behind_and_one_with_no_rows_left_is_not() -> None:
+    assert Course(rate=1e9, rows_left=1, time_left_s=-1.0).behind
+    assert not Course(rate=0.0, rows_left=0, time_left_s=-1.0).behind

@@ -19,12 +19,13 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from inferline.batch.course import DeadlineCourse
 from inferline.batch.errors import BatchJobFailed
 from inferline.batch.feature_workers import default_processes
 from inferline.batch.features import BatchFeatures
 from inferline.batch.metrics import BatchMetrics
 from inferline.batch.output import ChunkRecord, OutputDir, part_name
-from inferline.batch.plan import JobPlan, choose_target
+from inferline.batch.plan import JobPlan, JobVariants
 from inferline.batch.progress import JobProgress
 from inferline.batch.publish import CachePublisher
 from inferline.batch.rows import ParsedChunk, RowError, parse_chunk
@@ -32,6 +33,7 @@ from inferline.batch.scoring import BatchScorer, ModelTarget, RateLimit, Scored
 from inferline.batch.source import Chunk
 from inferline.batch.spec import DEFAULT_YIELD_QUEUE_MS
 from inferline.batch.stats import BatchEfficiency
+from inferline.batch.switching import VariantSwitcher
 from inferline.batch.throttle import (
     AdjustableGate,
     OnlineYield,
@@ -41,6 +43,7 @@ from inferline.batch.throttle import (
     WaitSignal,
     YieldPolicy,
 )
+from inferline.batch.variant_choice import DeadlineChoice
 from inferline.core.config import InferlineConfig
 from inferline.core.entities import EntityId
 from inferline.triton.class_copies import ClassModelMap
@@ -98,6 +101,7 @@ class BatchJob:
             asyncio.CancelledError: cancelled (SIGINT/SIGTERM); committed chunks stay.
         """
         spec, plan = self._plan.spec, self._plan
+        started = time.monotonic()  # the deadline counts from here
         done = self._out.open(plan.identity(), resume=spec.resume)
         executor = TritonExecutor(self._url, default_max_in_flight=spec.concurrency, tls=self._config.triton.tls)
         features: BatchFeatures | None = None
@@ -105,11 +109,14 @@ class BatchJob:
         try:
             already = sum(r.input_rows for r in done.values())
             total = self._shard_rows(plan.input.num_rows)
-            choice = await choose_target(self._config, plan, executor, None if total is None else total - already)
+            rows_left = None if total is None else total - already
+            variants = JobVariants(self._config, plan, executor)
+            candidates = await variants.ready(first_only=spec.deadline_s is None)
+            choice = await DeadlineChoice().choose(candidates, rows_left, spec.deadline_s, variants.measure)
             target = choice.target
             logger.info("batch %s: variant %s: %s", spec.shard.label, target.variant, choice.reason)
-            efficiency = BatchEfficiency(executor, target.model)
-            await efficiency.start()
+            efficiency = BatchEfficiency(executor)
+            await efficiency.track(target.model)
             processes = spec.feature_processes
             if processes is None:
                 processes = default_processes()
@@ -136,6 +143,13 @@ class BatchJob:
                 gate=gate,
             )
             controller = self._online_yield(executor, gate, target)
+            switcher = None
+            if spec.deadline_s is not None and rows_left is not None:
+                course = DeadlineCourse(
+                    spec.deadline_s, rows_left, target.model, lambda: gate.paused_s, started=started
+                )
+                cost = self._config.device_classes[target.device].cost_per_hour
+                switcher = VariantSwitcher(course, variants, scorer, efficiency, choice.rates, cost, spec.shard.label)
             if self._metrics is not None:
                 scorer.on_retry = self._metrics.retries.inc
                 self._metrics.concurrency_limit.set(spec.concurrency)
@@ -152,14 +166,17 @@ class BatchJob:
                 yielding = asyncio.create_task(controller.run(), name="batch-yield")
             try:
                 with JobProgress(total, already, interactive=self._interactive) as progress:
-                    records = await self._pipeline(done, features, scorer, publisher, progress)
+                    records = await self._pipeline(done, features, scorer, publisher, progress, switcher)
             finally:
                 if yielding is not None:
                     yielding.cancel()
                     await asyncio.gather(yielding, return_exceptions=True)
-            summary = await self._summary(records, progress, scorer, efficiency, publisher)
+            cost_per_hour = None if switcher is None else switcher.cost_per_hour()
+            summary = await self._summary(records, progress, scorer, efficiency, publisher, cost_per_hour)
             summary["yield"] = None if controller is None else controller.summary()
             summary["variant_choice"] = choice.summary()
+            if switcher is not None and spec.deadline_s is not None:
+                summary["variant_choice"] |= switcher.summary(spec.deadline_s)
             await asyncio.to_thread(self._out.finish, records, summary)
             return summary
         finally:
@@ -233,6 +250,7 @@ class BatchJob:
         scorer: BatchScorer,
         publisher: CachePublisher | None,
         progress: JobProgress,
+        switcher: VariantSwitcher | None,
     ) -> dict[int, ChunkRecord]:
         records = dict(done)
         queue: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=WORKERS)
@@ -246,13 +264,15 @@ class BatchJob:
 
         async def work() -> None:
             while (chunk := await queue.get()) is not None:
-                record = await self._chunk(chunk, features, scorer, publisher)
+                record, model = await self._chunk(chunk, features, scorer, publisher)
                 records[record.chunk] = record
                 progress.advance(record.rows, record.errors)
                 if self._metrics is not None:
                     self._metrics.committed(record.rows, record.errors)
                 if self._observer is not None:
                     self._observer.committed(record)
+                if switcher is not None:
+                    await switcher.committed(record.input_rows, model)
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -269,14 +289,16 @@ class BatchJob:
 
     async def _chunk(
         self, chunk: Chunk, features: BatchFeatures, scorer: BatchScorer, publisher: CachePublisher | None
-    ) -> ChunkRecord:
+    ) -> tuple[ChunkRecord, str]:
+        """Score and commit one chunk: its record, and the model that scored it."""
         plan = self._plan
         parsed = parse_chunk(chunk, plan.input.columns, plan.route)
         values, defaulted = await features.matrix(parsed)
-        columns = [features.names.index(name) for name in scorer.target.features]
-        scored = await scorer.score(values[:, columns])
+        target = scorer.target  # the chunk keeps it if the job changes variant meanwhile
+        columns = [features.names.index(name) for name in target.features]
+        scored = await scorer.score(values[:, columns], target)
         computed_ms = time.time_ns() // 1_000_000  # whole ms: the part column and the cache entries agree exactly
-        table, errors = self._part(parsed, scored, defaulted[:, columns], scorer, computed_ms)
+        table, errors = self._part(parsed, scored, defaulted[:, columns], target, computed_ms)
         if publisher is not None:
             # Before the commit: a crash in between republishes on resume (idempotent), never skips.
             ok = scored.valid
@@ -291,18 +313,18 @@ class BatchJob:
             part=part_name(chunk.index),
             part_bytes=0,
         )
-        return await asyncio.to_thread(self._out.commit, record, table, errors)
+        return await asyncio.to_thread(self._out.commit, record, table, errors), target.model
 
     def _part(
         self,
         parsed: ParsedChunk,
         scored: Scored,
         defaulted: np.ndarray,
-        scorer: BatchScorer,
+        target: ModelTarget,
         computed_ms: int,
     ) -> tuple[pa.Table, list[RowError]]:
         """The part table of the valid scores, and the chunk's row errors plus the invalid scores."""
-        plan, target = self._plan, scorer.target
+        plan = self._plan
         ok = scored.valid
         errors = list(parsed.errors)
         if not ok.all():
@@ -337,11 +359,14 @@ class BatchJob:
         scorer: BatchScorer,
         efficiency: BatchEfficiency,
         publisher: CachePublisher | None,
+        cost_per_hour: float | None,
     ) -> dict[str, Any]:
+        """``cost_per_hour``: the run's device cost per hour over its variants (None: the last one's)."""
         spec, target = self._plan.spec, scorer.target
         elapsed_s = progress.elapsed_s
         this_run = progress.rows + progress.errors
-        cost_per_hour = self._config.device_classes[target.device].cost_per_hour
+        if cost_per_hour is None:
+            cost_per_hour = self._config.device_classes[target.device].cost_per_hour
         rows_per_execution = await efficiency.rows_per_execution()
         return {
             "status": "complete",

@@ -11,7 +11,7 @@ from inferline.batch.errors import BatchInputError, BatchJobFailed
 from inferline.batch.scoring import ModelTarget
 from inferline.batch.source import InputFile
 from inferline.batch.spec import BatchJobSpec
-from inferline.batch.variant_choice import Candidate, Choice, DeadlineChoice, measure_rate
+from inferline.batch.variant_choice import Candidate, measure_rate
 from inferline.core.config import InferlineConfig, RouteConfig
 from inferline.core.errors import DependencyUnavailable
 from inferline.triton.class_copies import ClassModelMap
@@ -83,53 +83,58 @@ def _check_publish(config: InferlineConfig, spec: BatchJobSpec) -> None:
         )
 
 
-async def choose_target(
-    config: InferlineConfig, plan: JobPlan, executor: TritonExecutor, rows: int | None = None
-) -> Choice:
-    """The variant that scores the job (``variant_choice``): among the full-quality variants
-    Triton has ready (each through its copy for the job's class, if any), the cheapest, or
-    with ``--deadline-s`` the cheapest whose measured rate scores ``rows`` in time.
+class JobVariants:
+    """A job's view of its route's full-quality variants: which Triton has ready now (each
+    through its copy for the job's class, if any) and how fast one scores for the job."""
 
-    Raises:
-        BatchJobFailed: Triton does not answer, or no variant of the route is ready.
-    """
-    spec, route = plan.spec, plan.route
-    priority = config.traffic_classes[spec.traffic_class].priority
-    copies = ClassModelMap(config.triton.class_copies)
-    candidates: list[Candidate] = []
-    tried = []
-    by_cost = sorted(route.full_variants, key=lambda v: config.device_classes[v.device].cost_per_hour)
-    for variant in by_cost:
-        model = copies.resolve(variant.model, spec.traffic_class)
-        try:
-            if not await executor.model_ready(model):
-                tried.append(model)
-                continue
-            max_batch = int((await executor.model_config(model)).config.max_batch_size)
-        except DependencyUnavailable as err:
-            raise BatchJobFailed(f"Triton did not answer: {err}") from err
-        request_rows = spec.request_rows or max(max_batch, 1)
-        if max_batch > 0:
-            request_rows = min(request_rows, max_batch)
-        target = ModelTarget(
-            variant=variant.model,
-            model=model,
-            input_name=variant.input_name,
-            output_name=variant.output_name,
-            features=tuple(variant.features),
-            priority=priority,
-            request_rows=request_rows,
-            device=variant.device,
-        )
-        candidates.append(Candidate(target, config.device_classes[variant.device].cost_per_hour))
-        if spec.deadline_s is None:
-            break  # the cheapest is all that is needed: stop asking Triton about the rest
-    if not candidates:
-        raise BatchJobFailed(f"route {spec.route}: no variant ready on Triton (tried {', '.join(tried)})")
-    defaults = {f.name: f.default for f in route.features}
+    def __init__(self, config: InferlineConfig, plan: JobPlan, executor: TritonExecutor) -> None:
+        self._config = config
+        self._plan = plan
+        self._executor = executor
+        self._defaults = {f.name: f.default for f in plan.route.features}
 
-    async def measure(target: ModelTarget) -> float:
-        row = np.array([defaults[name] for name in target.features], dtype=np.float32)
-        return await measure_rate(executor, target, row, spec.concurrency)
+    async def ready(self, *, first_only: bool = False) -> list[Candidate]:
+        """The ready variants, cheapest first (``first_only``: stop at the first).
 
-    return await DeadlineChoice().choose(candidates, rows, spec.deadline_s, measure)
+        Raises:
+            BatchJobFailed: Triton does not answer, or no variant of the route is ready.
+        """
+        config, spec, route = self._config, self._plan.spec, self._plan.route
+        priority = config.traffic_classes[spec.traffic_class].priority
+        copies = ClassModelMap(config.triton.class_copies)
+        candidates: list[Candidate] = []
+        tried = []
+        by_cost = sorted(route.full_variants, key=lambda v: config.device_classes[v.device].cost_per_hour)
+        for variant in by_cost:
+            model = copies.resolve(variant.model, spec.traffic_class)
+            try:
+                if not await self._executor.model_ready(model):
+                    tried.append(model)
+                    continue
+                max_batch = int((await self._executor.model_config(model)).config.max_batch_size)
+            except DependencyUnavailable as err:
+                raise BatchJobFailed(f"Triton did not answer: {err}") from err
+            request_rows = spec.request_rows or max(max_batch, 1)
+            if max_batch > 0:
+                request_rows = min(request_rows, max_batch)
+            target = ModelTarget(
+                variant=variant.model,
+                model=model,
+                input_name=variant.input_name,
+                output_name=variant.output_name,
+                features=tuple(variant.features),
+                priority=priority,
+                request_rows=request_rows,
+                device=variant.device,
+            )
+            candidates.append(Candidate(target, config.device_classes[variant.device].cost_per_hour))
+            if first_only:
+                break  # the cheapest is all that is needed: stop asking Triton about the rest
+        if not candidates:
+            raise BatchJobFailed(f"route {spec.route}: no variant ready on Triton (tried {', '.join(tried)})")
+        return candidates
+
+    async def measure(self, target: ModelTarget) -> float:
+        """Rows/s ``target`` scores at now for the job (``measure_rate``, the job's concurrency)."""
+        row = np.array([self._defaults[name] for name in target.features], dtype=np.float32)
+        return await measure_rate(self._executor, target, row, self._plan.spec.concurrency)

@@ -102,24 +102,30 @@ class BatchScorer:
 
     @property
     def target(self) -> ModelTarget:
+        """The variant chunks are scored on from now (a chunk keeps the one it started with)."""
         return self._target
 
-    async def score(self, values: npt.NDArray[np.float32]) -> Scored:
-        """Scores of every row of ``values`` ([rows, len(target.features)] float32), in order.
+    def retarget(self, target: ModelTarget) -> None:
+        """Score the chunks that start from now on ``target`` (a switch of variant mid-run)."""
+        self._target = target
+
+    async def score(self, values: npt.NDArray[np.float32], target: ModelTarget | None = None) -> Scored:
+        """Scores of every row of ``values`` ([rows, len(target.features)] float32), in order,
+        on ``target`` (default: ``self.target``).
 
         Raises:
             BatchJobFailed: a request still failed after ``attempts`` tries.
         """
-        size = self._target.request_rows
+        target = target or self._target
+        size = target.request_rows
         slices = [values[i : i + size] for i in range(0, values.shape[0], size)]
-        results = await asyncio.gather(*(self._one(part) for part in slices))
+        results = await asyncio.gather(*(self._one(part, target) for part in slices))
         scores = np.concatenate([r[0] for r in results]) if results else np.empty(0, np.float32)
         version = results[0][1] if results else ""
         valid = np.isfinite(scores) & (scores >= self._post.score_min) & (scores <= self._post.score_max)
         return Scored(scores.astype(np.float32), valid, version)
 
-    async def _one(self, rows: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], str]:
-        target = self._target
+    async def _one(self, rows: npt.NDArray[np.float32], target: ModelTarget) -> tuple[npt.NDArray[np.float32], str]:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(ModelCallFailed),
             stop=stop_after_attempt(self._attempts),
@@ -149,4 +155,4 @@ class BatchScorer:
     def _count_retry(self, state: object) -> None:
         self.retries += 1
         self.on_retry()
-        logger.debug("retrying a request to %s", self._target.model)
+        logger.debug("retrying a request of the batch job")

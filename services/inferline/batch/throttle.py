@@ -28,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Protocol
 
@@ -45,10 +46,13 @@ class AdjustableGate:
     """A semaphore whose limit may change while permits are held (a lower limit takes effect
     as permits come back; 0 admits nothing)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._limit = limit
         self._held = 0
         self._changed: asyncio.Condition | None = None
+        self._clock = clock
+        self._paused_since: float | None = clock() if limit == 0 else None
+        self._paused_total_s = 0.0
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:  # made inside the running loop, not in __init__
@@ -63,7 +67,20 @@ class AdjustableGate:
     def held(self) -> int:
         return self._held
 
+    @property
+    def paused_s(self) -> float:
+        """Seconds this gate has admitted nothing (limit 0) so far: a job's time yielding to
+        online traffic, which says nothing about how fast it runs."""
+        since = self._paused_since
+        return self._paused_total_s + (0.0 if since is None else self._clock() - since)
+
     async def set_limit(self, limit: int) -> None:
+        now = self._clock()
+        if limit == 0 and self._paused_since is None:
+            self._paused_since = now
+        elif limit > 0 and self._paused_since is not None:
+            self._paused_total_s += now - self._paused_since
+            self._paused_since = None
         changed = self._condition()
         async with changed:
             self._limit = limit

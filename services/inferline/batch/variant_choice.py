@@ -10,6 +10,16 @@ whose rate finishes the job's rows within ``DEADLINE_SHARE`` of the deadline is 
 the job yields to). When none does, the fastest measured is taken and the summary says
 the deadline is not expected to be met (the job still runs: a late refresh beats none).
 A probe that fails counts the variant out.
+
+While the job runs, ``DeadlineChoice.recheck`` looks again whenever the run falls behind: at
+its recent rate on its variant (pauses for online traffic left out) the rows left would not be
+scored in the time left. The job's time per row is split into its variant's scoring (the
+rate measured for it) and the rest (feature reads, writing, Triton's other traffic), which a
+variant does not change; each other ready variant's measured rate gives the job's rate on it.
+The cheapest whose projected rate keeps the deadline is taken; when none does, the fastest if
+it is at least ``SWITCH_GAIN`` faster than the job now is — a switch that would not speed the
+job up (the time goes elsewhere) is not made. A variant is measured at most once a run and
+never taken again once left, so a job switches at most once per variant.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +45,9 @@ PROBE_REQUESTS = 8
 """Measured requests per variant (after one unmeasured warm-up request)."""
 PROBE_TIMEOUT_S = 10.0
 """Wait for one probe request (Triton's queue timeout too)."""
+SWITCH_GAIN = 1.2
+"""When no variant keeps the deadline, the fastest replaces the running one only if the job's
+projected rate on it is at least this many times its rate now."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,31 @@ class Choice:
 
 Measure = Callable[[ModelTarget], Awaitable[float]]
 """Rows/s a variant scores at now; NaN when it could not be measured."""
+
+
+@dataclass(frozen=True)
+class Course:
+    """Where a running job stands against its deadline."""
+
+    rate: float
+    """Rows/s the job committed recently on its variant, time paused for online traffic left out."""
+    rows_left: int
+    time_left_s: float
+
+    @property
+    def behind(self) -> bool:
+        """At ``rate`` the rows left would not be done in the time left."""
+        return self.rows_left > 0 and (self.rate <= 0 or self.rows_left / self.rate > self.time_left_s)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A variant the running job changes to, and why."""
+
+    target: ModelTarget
+    reason: str
+    deadline_met: bool
+    """Whether the projected rate on it scores the rows left in the time left."""
 
 
 class DeadlineChoice:
@@ -104,6 +142,60 @@ class DeadlineChoice:
             f"needs {rows / rate:,.1f} s for {rows:,} rows",
             False,
             rates,
+        )
+
+    async def recheck(
+        self,
+        candidates: Sequence[Candidate],
+        current: ModelTarget,
+        course: Course,
+        rates: dict[str, float],
+        measure: Measure,
+        left: Collection[str] = (),
+    ) -> Switch | None:
+        """The variant a job that is ``course.behind`` changes to, or None (stay).
+
+        ``candidates``: the variants ready now; ``rates``: the rows/s measured so far this
+        run, by model (the current variant's among them), completed here for the variants
+        measured now; ``left``: models the run has left already (never taken again).
+        """
+        if not course.behind or course.rate <= 0:
+            return None
+        # Per row: the current variant's scoring (unmeasured: none, so all of it is the rest)
+        # and the rest, which no variant changes.
+        scoring_s = 1 / rates[current.model] if rates.get(current.model, 0) > 0 else 0.0
+        rest_s = max(0.0, 1 / course.rate - scoring_s)
+        projected: list[tuple[Candidate, float]] = []
+        for candidate in sorted(candidates, key=lambda c: c.cost_per_hour):
+            model = candidate.target.model
+            if model == current.model or model in left:
+                continue
+            if model not in rates:
+                rates[model] = await measure(candidate.target)
+            rate = rates[model]
+            if not rate > 0:
+                continue
+            job_rate = 1 / (rest_s + 1 / rate)
+            if course.rows_left / job_rate <= self._share * course.time_left_s:
+                return Switch(
+                    candidate.target,
+                    f"behind the deadline at {course.rate:,.0f} rows/s ({course.rows_left:,} rows, "
+                    f"{course.time_left_s:,.1f} s left): {model} measured {rate:,.0f} rows/s, the job "
+                    f"about {job_rate:,.0f} on it, within {self._share:.0%} of the time left",
+                    True,
+                )
+            projected.append((candidate, job_rate))
+        if not projected:
+            return None
+        fastest, job_rate = max(projected, key=lambda p: p[1])
+        if job_rate < SWITCH_GAIN * course.rate:
+            return None  # the time goes elsewhere: another variant would not speed the job up
+        return Switch(
+            fastest.target,
+            f"behind the deadline at {course.rate:,.0f} rows/s ({course.rows_left:,} rows, "
+            f"{course.time_left_s:,.1f} s left) and no variant keeps it: the fastest, "
+            f"{fastest.target.model}, about {job_rate:,.0f} rows/s for the job",
+            False,
         )
 
 
