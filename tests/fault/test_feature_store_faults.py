@@ -11,6 +11,7 @@ score cache answering; once it resumes, PRIMARY again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import pathlib
 import random
@@ -198,3 +199,31 @@ async def test_direct_reads_from_redis_answer_as_feasts_full_read(feast_repo: pa
     want = {ref: [None if v is None else float(v) for v in table[ref.replace(":", "__")]] for ref in refs}
     assert got == want
     assert got[refs[0]][0] is not None and got[refs[0]][50] is None  # both kinds really occur
+
+
+async def test_reads_of_feasts_redis_hashes_answer_as_online_read(feast_repo: pathlib.Path) -> None:
+    """The planned read asks Redis for the features' hash fields itself (``RedisView``), keys
+    built from a checked prefix, blocking (the batch read processes) and async (the router):
+    it must answer as the store's ``online_read`` does, for all or some of a view's features
+    in any order, known, unknown and repeated drivers."""
+    import feast
+
+    from inferline.features import feast_direct
+
+    store = feast.FeatureStore(repo_path=str(feast_repo))
+    provider, config = store._get_provider(), store.config
+    ids = [*(int(i) for i in driver_ids()[:40]), 99_999_999, int(driver_ids()[3]), -1]
+    for names in (("conv_rate", "acc_rate", "avg_daily_trips"), ("avg_daily_trips", "conv_rate")):
+        refs = [f"driver_hourly_stats:{name}" for name in names]
+        plan = feast_direct.plan_read(store, refs, "driver_id")
+        assert plan is not None and plan.views[0].redis is not None
+        assert plan.views[0].redis.int64_key_prefix is not None  # keys joined, not serialised by Feast
+        through_feast = dataclasses.replace(plan, views=[dataclasses.replace(v, redis=None) for v in plan.views])
+        want = await asyncio.to_thread(through_feast.read, provider, config, refs, ids)
+        assert await asyncio.to_thread(plan.read, provider, config, refs, ids) == want
+        assert await plan.read_async(provider, config, refs, ids) == want
+        assert want[refs[0]][0] is not None and want[refs[0]][40] is None  # both kinds really occur
+        assert want[refs[1]][41] == want[refs[1]][3]  # a repeated driver gets the same values
+    online_store = provider.online_store  # Feast 0.67 closes neither client itself (FeastOnlineStore.close)
+    await online_store._client_async.aclose()
+    online_store._client.close()
