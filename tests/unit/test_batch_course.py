@@ -62,3 +62,12 @@ def test_nothing_to_look_at_once_every_row_is_done() -> None:
     now[0] += RECHECK_S
     watch.committed(100, "cpu")
     assert watch.due() is None
+
+
+def test_the_deadline_is_kept_while_the_run_is_within_it() -> None:
+    now, paused = [0.0], [0.0]
+    watch = course(now, paused)  # started 5 s ago, 60 s deadline
+    now[0] = 55.0
+    assert watch.kept
+    now[0] = 55.001
+    assert not watch.kept

@@ -71,3 +71,8 @@ class DeadlineCourse:
     @property
     def elapsed_s(self) -> float:
         return self._clock() - self._started
+
+    @property
+    def kept(self) -> bool:
+        """Whether the run is still within its deadline."""
+        return self.elapsed_s <= self._deadline_s

@@ -175,8 +175,8 @@ class BatchJob:
             summary = await self._summary(records, progress, scorer, efficiency, publisher, cost_per_hour)
             summary["yield"] = None if controller is None else controller.summary()
             summary["variant_choice"] = choice.summary()
-            if switcher is not None and spec.deadline_s is not None:
-                summary["variant_choice"] |= switcher.summary(spec.deadline_s)
+            if switcher is not None:
+                summary["variant_choice"] |= switcher.summary()
             await asyncio.to_thread(self._out.finish, records, summary)
             return summary
         finally:

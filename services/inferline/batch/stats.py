@@ -43,9 +43,9 @@ class BatchEfficiency:
         inferences = executions = 0
         for model, start in self._start.items():
             assert start is not None
-            now = end.get(model, start)
-            inferences += now[0] - start[0]
-            executions += now[1] - start[1]
+            counts = end.get(model, start)
+            inferences += counts[0] - start[0]
+            executions += counts[1] - start[1]
         if executions <= 0:
             return None
         return round(inferences / executions, 2)

@@ -107,9 +107,5 @@ class VariantSwitcher:
         total = sum(span for _, span in spans)
         return sum(cost * span for cost, span in spans) / total if total > 0 else self._segments[-1][0]
 
-    def summary(self, deadline_s: float) -> dict[str, Any]:
-        return {
-            "looks": self.looks,
-            "switches": self.switches,
-            "deadline_kept": self._course.elapsed_s <= deadline_s,
-        }
+    def summary(self) -> dict[str, Any]:
+        return {"looks": self.looks, "switches": self.switches, "deadline_kept": self._course.kept}
