@@ -32,7 +32,10 @@ configuration with N router processes behind its gateway (``inferline up --worke
 ``--server-cpus 1 --generator-cpus 0`` pins the router and its Triton (and Envoy, unless
 ``--gateway-cpus``) to CPU 1 and the load to CPU 0, as if the clients ran elsewhere; without
 it, on a small machine the generators take the server's CPU and every configuration
-measures the machine's saturation. ``--gateway-nice`` runs Envoy at another niceness;
+measures the machine's saturation. ``--generator-nice -10`` keeps the generators on the
+shared cores but schedules them first, so that they send on time and read answers as they
+come (as clients on machines of their own would) while still taking their CPU from the
+servers. ``--gateway-nice`` runs Envoy at another niceness;
 ``--gateway-in-flight`` sets its in-flight limit on the shed classes (``gateway.in_flight``).
 
 The load comes from ``--generators`` processes (``inferline.bench.multiproc``, the same
@@ -199,6 +202,8 @@ class Settings:
     """CPUs of Envoy (None: the server's)."""
     gateway_nice: int = 0
     """Niceness of Envoy (negative: scheduled ahead of the router and Triton on a shared CPU)."""
+    generator_nice: int | None = None
+    """Niceness of the load generators (None: this process's)."""
     signal_step_down: float | None = None
     """``gateway.signal.step_down`` of the ``gateway`` configuration (None: the config's default)."""
     gateway_settings: dict[str, Any] = field(default_factory=dict)
@@ -257,6 +262,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         type=int,
         default=0,
         help="run Envoy at this niceness, e.g. -10: a sidecar's own CPU share when it shares the server's CPUs",
+    )
+    p.add_argument(
+        "--generator-nice",
+        type=int,
+        default=None,
+        help="run the load generators at this niceness, e.g. -10: they send on time and read answers as they "
+        "come, as clients on machines of their own would, while still taking their CPU from the shared cores",
     )
     p.add_argument(
         "--signal-step-down", type=float, default=None, help="gateway.signal.step_down (default: the config's)"
@@ -358,6 +370,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         generator_cpus=cpus["--generator-cpus"],
         gateway_cpus=cpus["--gateway-cpus"] or cpus["--server-cpus"],
         gateway_nice=a.gateway_nice,
+        generator_nice=a.generator_nice,
         signal_step_down=a.signal_step_down,
         gateway_settings=gateway_settings,
         front_door=a.front_door,
@@ -1153,7 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("INFERLINE_GATEWAY_SECRET", secrets.token_urlsafe(24))
     if s.generator_cpus:
         os.sched_setaffinity(0, s.generator_cpus)
-    gens = Generators(s.generators, name="overload-gen", cpus=s.generator_cpus)
+    gens = Generators(s.generators, name="overload-gen", cpus=s.generator_cpus, nice=s.generator_nice)
     try:
         gens.start()
         report = uvloop.run(run(s, gens, log_dir))

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import pathlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -107,15 +108,30 @@ async def generate(job: GenJob) -> GenResult:
     return GenResult(result, classes, log.served_by, details, round(late * 1000.0, 3), job.warmup_s, gateway_shed)
 
 
-def generator_main(conn: Connection, cpus: frozenset[int] | None = None) -> None:
+def generator_main(conn: Connection, cpus: frozenset[int] | None = None, nice: int | None = None) -> None:
     """Body of a generator process: run each job received on ``conn``, send back its result.
 
     ``cpus``: the only CPUs this process may run on (``os.sched_setaffinity``), so that a
-    benchmark can keep its load off the cores of the server it measures.
+    benchmark can keep its load off the cores of the server it measures. ``nice``: this
+    process's niceness, set before any thread starts (threads inherit it): a negative one
+    schedules the generators ahead of the servers on shared cores, so that they send on time
+    and read answers when they come, as a client on a machine of its own would, while still
+    paying their CPU on the cores the servers use.
+
+    With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on
+    in most distributions and on the development VM) niceness orders only the processes of
+    one session: sessions share the CPU as equals, and ``inferline up`` (started by the
+    benchmarks in a session of its own) is one. So with ``nice`` the generator takes a session
+    of its own and gives its autogroup the niceness too.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     if cpus:
         os.sched_setaffinity(0, cpus)
+    if nice is not None:
+        os.setsid()
+        with contextlib.suppress(OSError):  # no autogroups: the process's niceness alone orders it
+            pathlib.Path("/proc/self/autogroup").write_text(f"{nice}\n")
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
     while True:
         try:
             job = conn.recv()
@@ -143,8 +159,11 @@ def _recv(conn: Connection, timeout_s: float) -> GenResult | str:
 class Generators:
     """A pool of generator processes, reused across runs; use as a context manager or start/close."""
 
-    def __init__(self, count: int, name: str = "bench-gen", cpus: frozenset[int] | None = None) -> None:
-        """``count`` processes, pinned to ``cpus`` when given (None: wherever the OS puts them)."""
+    def __init__(
+        self, count: int, name: str = "bench-gen", cpus: frozenset[int] | None = None, nice: int | None = None
+    ) -> None:
+        """``count`` processes, pinned to ``cpus`` when given (None: wherever the OS puts them),
+        at niceness ``nice`` when given (``generator_main``)."""
         if count < 1:
             raise ValueError("need at least one generator")
         ctx = multiprocessing.get_context("spawn")
@@ -152,7 +171,7 @@ class Generators:
         self.procs: list[Any] = []
         for k in range(count):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=generator_main, args=(child, cpus), name=f"{name}-{k}", daemon=True)
+            proc = ctx.Process(target=generator_main, args=(child, cpus, nice), name=f"{name}-{k}", daemon=True)
             self.conns.append(parent)
             self.procs.append(proc)
         self.executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="gen-recv")
