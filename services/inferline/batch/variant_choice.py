@@ -165,6 +165,10 @@ class DeadlineChoice:
         # and the rest, which no variant changes.
         scoring_s = 1 / rates[current.model] if rates.get(current.model, 0) > 0 else 0.0
         rest_s = max(0.0, 1 / course.rate - scoring_s)
+        behind = (
+            f"behind the deadline at {course.rate:,.0f} rows/s "
+            f"({course.rows_left:,} rows, {course.time_left_s:,.1f} s left)"
+        )
         projected: list[tuple[Candidate, float]] = []
         for candidate in sorted(candidates, key=lambda c: c.cost_per_hour):
             model = candidate.target.model
@@ -179,9 +183,8 @@ class DeadlineChoice:
             if course.rows_left / job_rate <= self._share * course.time_left_s:
                 return Switch(
                     candidate.target,
-                    f"behind the deadline at {course.rate:,.0f} rows/s ({course.rows_left:,} rows, "
-                    f"{course.time_left_s:,.1f} s left): {model} measured {rate:,.0f} rows/s, the job "
-                    f"about {job_rate:,.0f} on it, within {self._share:.0%} of the time left",
+                    f"{behind}: {model} measured {rate:,.0f} rows/s, the job about {job_rate:,.0f} on it, "
+                    f"within {self._share:.0%} of the time left",
                     True,
                 )
             projected.append((candidate, job_rate))
@@ -192,9 +195,8 @@ class DeadlineChoice:
             return None  # the time goes elsewhere: another variant would not speed the job up
         return Switch(
             fastest.target,
-            f"behind the deadline at {course.rate:,.0f} rows/s ({course.rows_left:,} rows, "
-            f"{course.time_left_s:,.1f} s left) and no variant keeps it: the fastest, "
-            f"{fastest.target.model}, about {job_rate:,.0f} rows/s for the job",
+            f"{behind} and no variant keeps it: the fastest, {fastest.target.model}, "
+            f"about {job_rate:,.0f} rows/s for the job",
             False,
         )
 

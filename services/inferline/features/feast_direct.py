@@ -175,9 +175,9 @@ class ReadPlan:
                 read_sqlite(view, view.sqlite.serialize(self, ids), out)
                 continue
             if view.redis is not None:
-                keys_of = view.redis.keys(self, ids)
-                distinct = list(dict.fromkeys(keys_of))
-                fill_redis(view, keys_of, distinct, view.redis.hmget(distinct), out)
+                keyed = view.redis.keys(self, ids)
+                distinct = list(dict.fromkeys(keyed))
+                fill_redis(view, keyed, distinct, view.redis.hmget(distinct), out)
                 continue
             if keys is None:
                 keys = self.keys(ids)
@@ -194,9 +194,9 @@ class ReadPlan:
         out = empty_columns(refs, len(ids))
         for view in self.views:
             if view.redis is not None:
-                keys_of = view.redis.keys(self, ids)
-                distinct = list(dict.fromkeys(keys_of))
-                fill_redis(view, keys_of, distinct, await view.redis.hmget_async(distinct), out)
+                keyed = view.redis.keys(self, ids)
+                distinct = list(dict.fromkeys(keyed))
+                fill_redis(view, keyed, distinct, await view.redis.hmget_async(distinct), out)
                 continue
             if keys is None:
                 keys = self.keys(ids)
@@ -296,9 +296,8 @@ def _redis_view(store: Any, view: Any, features: Sequence[str], join_key: str, k
     if list(fields) != online_store._generate_hset_keys_for_features(view, list(features), fv_name)[1][:-1]:
         return None
     redis_view = RedisView(online_store, store_config, version, suffix, fields, prefix)
-    make = _KEY_VALUES.get(key_type)
-    if make is None:
-        return redis_view
+    if key_type not in _KEY_VALUES:
+        return redis_view  # keys built by Feast's own converter and serialisation: nothing to check
     probes = [0, 1, 1001] if key_type != ValueType.STRING else ["", "a", "driver-1001"]
     plan = ReadPlan(join_key, key_type, [])
     feast_keys = online_store._generate_redis_keys_for_entities(config, plan.keys(probes))
