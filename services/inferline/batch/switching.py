@@ -17,7 +17,7 @@ from inferline.batch.errors import BatchJobFailed
 from inferline.batch.plan import JobVariants
 from inferline.batch.scoring import BatchScorer, ModelTarget
 from inferline.batch.stats import BatchEfficiency
-from inferline.batch.variant_choice import Candidate, DeadlineChoice
+from inferline.batch.variant_choice import DeadlineChoice, Switch
 
 logger = logging.getLogger(__name__)
 
@@ -75,30 +75,28 @@ class VariantSwitcher:
             )
             if switch is None:
                 return
-            await self._switch(current, switch.target, switch.reason, switch.deadline_met, candidates)
+            await self._switch(current, switch)
         finally:
             self._looking = False
 
-    async def _switch(
-        self, current: ModelTarget, target: ModelTarget, reason: str, deadline_met: bool, candidates: list[Candidate]
-    ) -> None:
+    async def _switch(self, current: ModelTarget, switch: Switch) -> None:
+        target = switch.target
         self._left.add(current.model)
         self._scorer.retarget(target)
         self._course.switched(target.model)
         await self._efficiency.track(target.model)
-        cost = next(c.cost_per_hour for c in candidates if c.target.model == target.model)
-        self._segments.append((cost, time.monotonic()))
+        self._segments.append((switch.candidate.cost_per_hour, time.monotonic()))
         self.switches.append(
             {
                 "after_rows": self._rows,
                 "after_s": round(self._course.elapsed_s, 3),
                 "from": current.variant,
                 "to": target.variant,
-                "reason": reason,
-                "deadline_met": deadline_met,
+                "reason": switch.reason,
+                "deadline_met": switch.deadline_met,
             }
         )
-        logger.info("batch %s: variant %s -> %s: %s", self._label, current.variant, target.variant, reason)
+        logger.info("batch %s: variant %s -> %s: %s", self._label, current.variant, target.variant, switch.reason)
 
     def cost_per_hour(self) -> float:
         """The run's device cost per hour so far: each variant's, weighted by the time it scored."""

@@ -99,10 +99,14 @@ class Course:
 class Switch:
     """A variant the running job changes to, and why."""
 
-    target: ModelTarget
+    candidate: Candidate
     reason: str
     deadline_met: bool
     """Whether the projected rate on it scores the rows left in the time left."""
+
+    @property
+    def target(self) -> ModelTarget:
+        return self.candidate.target
 
 
 class DeadlineChoice:
@@ -182,7 +186,7 @@ class DeadlineChoice:
             job_rate = 1 / (rest_s + 1 / rate)
             if course.rows_left / job_rate <= self._share * course.time_left_s:
                 return Switch(
-                    candidate.target,
+                    candidate,
                     f"{behind}: {model} measured {rate:,.0f} rows/s, the job about {job_rate:,.0f} on it, "
                     f"within {self._share:.0%} of the time left",
                     True,
@@ -194,7 +198,7 @@ class DeadlineChoice:
         if job_rate < SWITCH_GAIN * course.rate:
             return None  # the time goes elsewhere: another variant would not speed the job up
         return Switch(
-            fastest.target,
+            fastest,
             f"{behind} and no variant keeps it: the fastest, {fastest.target.model}, "
             f"about {job_rate:,.0f} rows/s for the job",
             False,

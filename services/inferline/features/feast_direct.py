@@ -119,8 +119,13 @@ class RedisView:
     int64_key_prefix: bytes | None = None
     """As ``SqliteView.int64_key_prefix``."""
 
-    def keys(self, plan: ReadPlan, ids: Sequence[EntityId]) -> list[bytes]:
-        """The hash keys of ``ids`` (checked against Feast's own when planned)."""
+    def keys(self, plan: ReadPlan, ids: Sequence[EntityId]) -> tuple[list[bytes], list[bytes]]:
+        """The hash keys of ``ids`` (checked against Feast's own when planned), and the
+        distinct ones among them, which are all a read asks for."""
+        keyed = self._keys(plan, ids)
+        return keyed, list(dict.fromkeys(keyed))
+
+    def _keys(self, plan: ReadPlan, ids: Sequence[EntityId]) -> list[bytes]:
         if self.int64_key_prefix is not None:
             prefix, suffix = self.int64_key_prefix, self.suffix
             return [prefix + int(v).to_bytes(8, "little", signed=True) + suffix for v in ids]
@@ -175,8 +180,7 @@ class ReadPlan:
                 read_sqlite(view, view.sqlite.serialize(self, ids), out)
                 continue
             if view.redis is not None:
-                keyed = view.redis.keys(self, ids)
-                distinct = list(dict.fromkeys(keyed))
+                keyed, distinct = view.redis.keys(self, ids)
                 fill_redis(view, keyed, distinct, view.redis.hmget(distinct), out)
                 continue
             if keys is None:
@@ -194,8 +198,7 @@ class ReadPlan:
         out = empty_columns(refs, len(ids))
         for view in self.views:
             if view.redis is not None:
-                keyed = view.redis.keys(self, ids)
-                distinct = list(dict.fromkeys(keyed))
+                keyed, distinct = view.redis.keys(self, ids)
                 fill_redis(view, keyed, distinct, await view.redis.hmget_async(distinct), out)
                 continue
             if keys is None:
@@ -301,7 +304,7 @@ def _redis_view(store: Any, view: Any, features: Sequence[str], join_key: str, k
     probes = [0, 1, 1001] if key_type != ValueType.STRING else ["", "a", "driver-1001"]
     plan = ReadPlan(join_key, key_type, [])
     feast_keys = online_store._generate_redis_keys_for_entities(config, plan.keys(probes))
-    return redis_view if redis_view.keys(plan, probes) == feast_keys else None
+    return redis_view if redis_view.keys(plan, probes)[0] == feast_keys else None
 
 
 def _int64_key_prefix(join_key: str, version: int) -> bytes | None:
