@@ -7,20 +7,27 @@ measured rate scores the few rows well within 80 % of the deadline. Then the job
 by the routers' queue wait (a real Prometheus endpoint whose value the test sets) until the
 deadline has passed; once let go, the job must see it is behind and, no variant keeping a
 deadline already gone, score the rest on the fastest. Each part names the variant of its rows,
-and every input row is in the output once.
+and every input row is in the output once. The same through a BatchJobs service job's child
+process, whose switch reaches the router's counter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from prometheus_client import CollectorRegistry
 
 from inferline.batch import run_batch
-from inferline.core.config import load_config
+from inferline.batch.metrics import BatchMetrics
+from inferline.batch.output import ChunkRecord
+from inferline.batch.service.process import JobProcess
+from inferline.core.config import InferlineConfig, load_config
 from inferline.triton.launcher import TritonLauncher
 from tests.fault.conftest import BASE_ROUTE, NARROW_MODEL, Routers
 from tests.integration.batch_fixtures import paused_by_the_routers, routers_queue_wait
@@ -36,8 +43,64 @@ HELD_S = DEADLINE_S + 0.5
 FEATURES = ["conv_rate", "acc_rate", "avg_daily_trips", "trip_distance_km"]
 
 
+async def hold_past_the_deadline_then_run_batch(
+    config: InferlineConfig, job_options: dict[str, object], paths: tuple[pathlib.Path, pathlib.Path], url: str
+) -> tuple[dict[str, Any], CollectorRegistry]:
+    """``batch run``: held back by a real routers' metrics endpoint."""
+    job_registry = CollectorRegistry()
+    with routers_queue_wait(1.0) as (queue_wait, metrics_url):  # the routers are drowning: the job must wait
+        job_spec = spec(*paths, **job_options, router_metrics=[metrics_url])
+        job = asyncio.create_task(run_batch(config, job_spec, url, registry=job_registry))
+        await held_past_the_deadline(job, job_registry)
+        queue_wait.set(0.0)
+        return await job, job_registry
+
+
+async def hold_past_the_deadline_then_run_service_job(
+    config: InferlineConfig, job_options: dict[str, object], paths: tuple[pathlib.Path, pathlib.Path], url: str
+) -> tuple[dict[str, Any], CollectorRegistry]:
+    """A BatchJobs service job in its child process: held back by the router's queue wait it is
+    told through the pipe; its metrics (the variant switch among them) relayed to this registry."""
+    router_registry = CollectorRegistry()
+    router_wait_s = [1.0]
+    job_process = JobProcess(
+        config,
+        spec(*paths, **job_options),
+        url,
+        observer=NoProgress(),
+        metrics=BatchMetrics(router_registry, BASE_ROUTE),
+        online_wait_s=lambda: router_wait_s[0],
+    )
+    job = asyncio.create_task(job_process.run())
+    await held_past_the_deadline(job, router_registry)
+    router_wait_s[0] = 0.0
+    return await job, router_registry
+
+
+async def held_past_the_deadline(job: asyncio.Task[dict[str, Any]], registry: CollectorRegistry) -> None:
+    await eventually(
+        lambda: job.done() or paused_by_the_routers(registry, BASE_ROUTE, 1.0), "the job held back", within_s=60
+    )
+    assert not job.done()
+    # The deadline is time: the job is held until it has passed, then let go.
+    await asyncio.sleep(HELD_S)
+
+
+class NoProgress:
+    def started(self, total_rows: int | None, done: Mapping[int, ChunkRecord]) -> None:
+        pass
+
+    def committed(self, record: ChunkRecord) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "hold_then_run",
+    [hold_past_the_deadline_then_run_batch, hold_past_the_deadline_then_run_service_job],
+    ids=["batch-run", "service-job-process"],
+)
 async def test_a_job_behind_its_deadline_scores_the_rest_on_a_faster_variant(
-    routers: Routers, fault_triton: TritonLauncher, tmp_path: pathlib.Path
+    routers: Routers, fault_triton: TritonLauncher, tmp_path: pathlib.Path, hold_then_run: Any
 ) -> None:
     fault_triton.start()  # no-op while it runs (another fault test may have stopped it)
     route = {
@@ -47,18 +110,8 @@ async def test_a_job_behind_its_deadline_scores_the_rest_on_a_faster_variant(
     config = load_config(routers.write_config("batch-switch", routes={BASE_ROUTE: route}))
     pq.write_table(pa.table({"driver_id": pa.array(range(1001, 1001 + ROWS), pa.int64())}), tmp_path / "in.parquet")
     options = {"deadline_s": DEADLINE_S, "chunk_rows": CHUNK_ROWS, "concurrency": 4, "yield_interval_s": 0.02}
-    job_registry = CollectorRegistry()
-    with routers_queue_wait(1.0) as (queue_wait, url):  # the routers are drowning: the job must wait
-        job_spec = spec(tmp_path / "in.parquet", tmp_path / "out", **options, router_metrics=[url])
-        job = asyncio.create_task(run_batch(config, job_spec, fault_triton.grpc_url, registry=job_registry))
-        await eventually(
-            lambda: job.done() or paused_by_the_routers(job_registry, BASE_ROUTE, 1.0), "the job held back"
-        )
-        assert not job.done()
-        # The deadline is time: the job is held until it has passed, then let go.
-        await asyncio.sleep(HELD_S)
-        queue_wait.set(0.0)
-        summary = await job
+    paths = (tmp_path / "in.parquet", tmp_path / "out")
+    summary, registry = await hold_then_run(config, options, paths, fault_triton.grpc_url)
 
     assert (summary["status"], summary["rows"], summary["errors"]) == ("complete", ROWS, 0)
     choice = summary["variant_choice"]
@@ -77,3 +130,5 @@ async def test_a_job_behind_its_deadline_scores_the_rest_on_a_faster_variant(
     assert by_variant["driver_ranker"] >= ROWS - switch["after_rows"] - CHUNK_ROWS
     assert summary["model"] == "driver_ranker"
     assert summary["this_run"]["cost_per_1k_rows"] > 0
+    switches = {"route": BASE_ROUTE, "from_variant": NARROW_MODEL, "to_variant": "driver_ranker"}
+    assert registry.get_sample_value("inferline_batch_variant_switches_total", switches) == 1

@@ -94,8 +94,10 @@ async def test_the_routers_wait_is_its_peak_since_the_last_sample() -> None:
     for told in (0.001, 0.009, 0.002):
         wait.push(told)
     assert await wait.sample() == 0.009  # a spike between two samples still counts
-    assert await wait.sample() is None
+    # Sampled again before the router's next word: its latest, not "no online traffic".
+    assert await wait.sample() == 0.002
     wait.push(0.0)
+    assert await wait.sample() == 0.0
     assert await wait.sample() == 0.0
 
 

@@ -149,7 +149,10 @@ class BatchJob:
                     spec.deadline_s, rows_left, target.model, lambda: gate.paused_s, started=started
                 )
                 cost = self._config.device_classes[target.device].cost_per_hour
-                switcher = VariantSwitcher(course, variants, scorer, efficiency, choice.rates, cost, spec.shard.label)
+                on_switch = None if self._metrics is None else self._metrics.switched
+                switcher = VariantSwitcher(
+                    course, variants, scorer, efficiency, choice.rates, cost, spec.shard.label, on_switch
+                )
             if self._metrics is not None:
                 scorer.on_retry = self._metrics.retries.inc
                 self._metrics.concurrency_limit.set(spec.concurrency)

@@ -30,6 +30,12 @@ class BatchMetricFamilies:
         self.retries = Counter(
             "inferline_batch_retries_total", "Triton requests of the job tried again", ["route"], registry=registry
         )
+        self.variant_switches = Counter(
+            "inferline_batch_variant_switches_total",
+            "Times a job behind its deadline moved the rest of its rows to another variant",
+            ["route", "from_variant", "to_variant"],
+            registry=registry,
+        )
         self.concurrency_limit = Gauge(
             "inferline_batch_concurrency_limit",
             "Triton requests the job may have in flight now (lowered while online traffic waits)",
@@ -59,6 +65,8 @@ class BatchMetrics:
         self.errors = families.rows.labels(route, "error")
         self.chunks = families.chunks.labels(route)
         self.retries = families.retries.labels(route)
+        self._route = route
+        self._variant_switches = families.variant_switches
         self.concurrency_limit = families.concurrency_limit.labels(route)
         self.online_queue_wait = families.online_queue_wait.labels(route)
 
@@ -66,3 +74,7 @@ class BatchMetrics:
         self.scored.inc(rows)
         self.errors.inc(errors)
         self.chunks.inc()
+
+    def switched(self, from_variant: str, to_variant: str) -> None:
+        """The job moved to another variant (``VariantSwitcher``)."""
+        self._variant_switches.labels(self._route, from_variant, to_variant).inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from inferline.batch.course import DeadlineCourse
@@ -34,9 +35,10 @@ class VariantSwitcher:
         rates: dict[str, float],
         cost_per_hour: float,
         label: str,
+        on_switch: Callable[[str, str], None] | None = None,
     ) -> None:
         """``rates``: the rows/s measured for the first choice, by model; ``cost_per_hour``:
-        the first variant's device cost."""
+        the first variant's device cost; ``on_switch``: told each switch (from, to variant)."""
         self._course = course
         self._variants = variants
         self._scorer = scorer
@@ -44,6 +46,7 @@ class VariantSwitcher:
         self._rates = dict(rates)
         self._policy = DeadlineChoice()
         self._label = label
+        self._on_switch = on_switch
         self._left: set[str] = set()
         self._looking = False
         self._rows = 0
@@ -97,6 +100,8 @@ class VariantSwitcher:
             }
         )
         logger.info("batch %s: variant %s -> %s: %s", self._label, current.variant, target.variant, switch.reason)
+        if self._on_switch is not None:
+            self._on_switch(current.variant, target.variant)
 
     def cost_per_hour(self) -> float:
         """The run's device cost per hour so far: each variant's, weighted by the time it scored."""

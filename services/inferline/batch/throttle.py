@@ -148,18 +148,23 @@ class TritonQueueWait:
 
 class RouterQueueWait:
     """The router's queue wait, as the router pushes it to its job's process (``push``): the
-    largest value pushed since the previous sample, so a spike between samples still counts."""
+    largest value pushed since the previous sample, so a spike between samples still counts;
+    the last one pushed when none came since. The router tells it at its own pace (every 0.1 s)
+    for as long as the job runs, so a job sampling faster (``yield_interval_s``) reads the
+    router's latest word, not an absence of online traffic that would let it run flat out."""
 
     def __init__(self) -> None:
         self._peak: float | None = None
+        self._last: float | None = None
 
     def push(self, wait_s: float) -> None:
         self._peak = wait_s if self._peak is None else max(self._peak, wait_s)
+        self._last = wait_s
 
     async def sample(self) -> float | None:
-        """Seconds, or None when the router told nothing since the last sample."""
+        """Seconds, or None when the router has told nothing yet."""
         peak, self._peak = self._peak, None
-        return peak
+        return self._last if peak is None else peak
 
 
 QUEUE_WAIT_METRIC = "inferline_queue_wait_seconds"

@@ -15,6 +15,7 @@ The child answers with JSON lines on stdout, one object each, ``event`` naming i
 * ``started``: ``total_rows`` and ``done`` (the chunks earlier runs committed);
 * ``committed``: one more chunk (a ``ChunkRecord``);
 * ``metrics``: the job's retries so far and its concurrency and yield gauges, every second;
+* ``switched``: the job moved to another variant (``from_variant``, ``to_variant``), at once;
 * ``summary``: the job ended; its summary;
 * ``error``: the job ended without a summary; ``kind`` is ``busy`` (another run holds the
   output), ``input`` (refused before any work), ``failed`` (stopped part-way) or
@@ -84,6 +85,19 @@ class _Observer:
         self._events.send("committed", record=dataclasses.asdict(record))
 
 
+class _RelayedMetrics(BatchMetrics):
+    """The job's metrics in this process; a variant switch is also told to the parent at once
+    (the router serves the counter: there is no other running total to send)."""
+
+    def __init__(self, registry: CollectorRegistry, route: str, events: _Events) -> None:
+        super().__init__(registry, route)
+        self._events = events
+
+    def switched(self, from_variant: str, to_variant: str) -> None:
+        super().switched(from_variant, to_variant)
+        self._events.send("switched", from_variant=from_variant, to_variant=to_variant)
+
+
 async def _send_metrics(events: _Events, registry: CollectorRegistry, route: str) -> None:
     labels = {"route": route}
     while True:
@@ -101,7 +115,7 @@ async def _run(
 ) -> dict[str, Any]:
     plan = await asyncio.to_thread(plan_job, config, spec)
     registry = CollectorRegistry()
-    metrics = BatchMetrics(registry, spec.route)
+    metrics = _RelayedMetrics(registry, spec.route, events)
     observer = _Observer(events)
     job = BatchJob(
         config, plan, triton_url, interactive=False, metrics=metrics, observer=observer, router_wait=router_wait

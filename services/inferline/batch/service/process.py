@@ -147,6 +147,8 @@ class JobProcess:
             self._observer.committed(record)
             if self._metrics is not None:
                 self._metrics.committed(record.rows, record.errors)
+        elif kind == "switched" and self._metrics is not None:
+            self._metrics.switched(event["from_variant"], event["to_variant"])
         elif kind == "metrics" and self._metrics is not None:
             retries = float(event["retries"])
             self._metrics.retries.inc(max(0.0, retries - self._retries_seen))
