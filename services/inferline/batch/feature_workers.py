@@ -11,7 +11,8 @@ Processes come from the ``forkserver`` context, never ``fork``: the job's proces
 gRPC channels and threads (Triton's client, the reader thread), and gRPC's state does not
 survive a fork. The fork server imports Feast once (``set_forkserver_preload``; the import
 is seconds of CPU, Feast instruments itself with typeguard) and every worker is forked from
-it with Feast already loaded. Workers inherit the job's CPU niceness (the fork server is
+it with Feast already loaded (``inferline.feast_import``: without typeguard's instrumentation,
+which was most of that import). Workers inherit the job's CPU niceness (the fork server is
 started by the job, after a service job has lowered its priority).
 
 Workers end with the job: ``close`` on completion, failure or cancel; and if the job dies
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 MAX_DEFAULT_PROCESSES = 4
 """The default number of read processes is the CPUs the job may use, at most this many."""
 PRELOAD = [
+    "inferline",  # first: Feast then loads without its typeguard instrumentation (inferline.feast_import)
     "feast",
     "feast.infra.passthrough_provider",
     "feast.infra.offline_stores.dask",
