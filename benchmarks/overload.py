@@ -203,6 +203,7 @@ class Settings:
     gateway_nice: int = 0
     """Niceness of Envoy (negative: scheduled ahead of the router and Triton on a shared CPU)."""
     generator_nice: int | None = None
+    connections: int = 1
     """Niceness of the load generators (None: this process's)."""
     signal_step_down: float | None = None
     """``gateway.signal.step_down`` of the ``gateway`` configuration (None: the config's default)."""
@@ -269,6 +270,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=None,
         help="run the load generators at this niceness, e.g. -10: they send on time and read answers as they "
         "come, as clients on machines of their own would, while still taking their CPU from the shared cores",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections each load generator spreads its calls over (default 1): many stand for many callers; "
+        "Envoy answers the streams one read of a connection brings after its pass over them all",
     )
     p.add_argument(
         "--signal-step-down", type=float, default=None, help="gateway.signal.step_down (default: the config's)"
@@ -371,6 +379,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         gateway_cpus=cpus["--gateway-cpus"] or cpus["--server-cpus"],
         gateway_nice=a.gateway_nice,
         generator_nice=a.generator_nice,
+        connections=a.connections,
         signal_step_down=a.signal_step_down,
         gateway_settings=gateway_settings,
         front_door=a.front_door,
@@ -385,8 +394,11 @@ def predict_target(url: str, s: Settings) -> TargetSpec:
     """``Predict`` on the route with the demo key, one entity per request drawn over the demo store's drivers;
     or, with ``--front-door kserve``, ModelInfer of the route's primary model through the router."""
     if s.front_door == "kserve":
-        return TargetSpec("kserve", url, "router", model=PRIMARY_MODEL)
-    return TargetSpec("predict", url, "router", route=ROUTE, join_key=JOIN_KEY, entities=s.entities, zipf_s=s.zipf_s)
+        return TargetSpec("kserve", url, "router", model=PRIMARY_MODEL, connections=s.connections)
+    return TargetSpec(
+        "predict", url, "router", route=ROUTE, join_key=JOIN_KEY, entities=s.entities, zipf_s=s.zipf_s,
+        connections=s.connections,
+    )  # fmt: skip
 
 
 # --- router and Triton --------------------------------------------------------------------

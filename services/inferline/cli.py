@@ -529,6 +529,9 @@ def bench(
     mix: Annotated[str, typer.Option(help="class=share,...")] = "critical=0.3,standard=0.35,batch=0.35",
     tenant_key: Annotated[list[str] | None, typer.Option(help="API key, repeatable (round robin)")] = None,
     generators: Annotated[int, typer.Option(help="generator processes (0: one per 1500 req/s)")] = 0,
+    connections: Annotated[
+        int, typer.Option(help="connections each generator spreads its calls over (many callers: many)")
+    ] = 1,
     route: Annotated[str, typer.Option(help="Predict route")] = "driver_ranking",
     model: Annotated[str, typer.Option(help="KServe v2 model")] = "driver_ranker",
     seed: Annotated[int, typer.Option(help="seed of arrivals and classes")] = 1,
@@ -560,7 +563,7 @@ def bench(
         ids = (int(low), int(high)) if entity_ids else DEMO_ENTITY_IDS
         specs = make_targets(
             target, route=route, model=model, api_keys=keys, priorities=priorities,
-            entity_ids=ids, entities=entities, zipf_s=zipf_s, metrics=metrics,
+            entity_ids=ids, entities=entities, zipf_s=zipf_s, metrics=metrics, connections=connections,
         )  # fmt: skip
         settings = BenchSettings(
             targets=specs, mix=TrafficMix.parse(mix), mode=mode, rate=rate, start_rate=start, factor=factor,

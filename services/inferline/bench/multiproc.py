@@ -79,12 +79,18 @@ async def generate(job: GenJob) -> GenResult:
     """Run one generator's open-loop share (in a generator process)."""
     n = len(poisson_schedule(job.rate, job.warmup_s + job.duration_s, job.seed))  # run_open_loop's own schedule
     classes = job.mix.draw(n, job.seed)
-    async with grpc.aio.insecure_channel(job.target.url, options=CHANNEL_OPTIONS) as channel:
+    # A subchannel pool per channel: channels to one address otherwise share one connection.
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(grpc.aio.insecure_channel(job.target.url, options=options))
+            for _ in range(job.target.connections)
+        ]
         call, log = recording_call(
-            job.target, channel, job.mix.classes, classes, deadline_s=job.deadline_s, seed=job.seed
+            job.target, channels, job.mix.classes, classes, deadline_s=job.deadline_s, seed=job.seed
         )
         try:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), CONNECT_TIMEOUT_S)
         except TimeoutError:
             raise ConnectionError(f"{job.target.name}: no connection to {job.target.url}") from None
         wait = job.start_at - time.perf_counter()

@@ -81,6 +81,11 @@ class TargetSpec:
     pool_size: int = 0
     """``predict``: pre-built requests per class, used cyclically; 0 (default): one per request, none
     reused. KServe targets: per class, at most 64 (0: 64)."""
+    connections: int = 1
+    """Connections each generator spreads its calls over, round robin. A server reads a
+    connection's streams in one go and answers them after its pass (Envoy does), so a whole
+    load over one or two connections times that pass in every answer, a shed's included;
+    many connections stand for many callers."""
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
@@ -93,6 +98,8 @@ class TargetSpec:
             )
         if not self.zipf_s > 0:
             raise ValueError(f"the Zipf exponent must be > 0, got {self.zipf_s}")
+        if self.connections < 1:
+            raise ValueError(f"a generator needs at least one connection, got {self.connections}")
         if not self.name:
             object.__setattr__(self, "name", self.kind)
 
@@ -183,14 +190,15 @@ def _infer_pools(spec: TargetSpec, classes: Sequence[str], deadline_s: float, se
 
 def recording_call(
     spec: TargetSpec,
-    channel: grpc.aio.Channel,
+    channels: Sequence[grpc.aio.Channel],
     class_names: Sequence[str],
     classes: Sequence[int],
     *,
     deadline_s: float,
     seed: int,
 ) -> tuple[CallFn, CallLog]:
-    """A call of ``spec``'s kind over ``channel`` for request ``i`` of class ``class_names[classes[i]]``.
+    """A call of ``spec``'s kind for request ``i`` of class ``class_names[classes[i]]``, over
+    ``channels[i % len(channels)]``.
 
     Returns the call and the log it fills. ``classes`` must cover every request number.
     """
@@ -201,7 +209,7 @@ def recording_call(
     n_tenants = len(tenants)
     if spec.kind == "predict":
         requests = _predict_requests(spec, class_names, classes, seed)
-        method = inference_pb2_grpc.InferenceStub(channel).Predict
+        methods = [inference_pb2_grpc.InferenceStub(channel).Predict for channel in channels]
         # The class travels in the body for the router and as metadata for Envoy, which
         # sheds lower classes by this header before the router sees them (gateway.shed).
         metadata: list[list[tuple[tuple[str, str], ...]]] = [
@@ -210,18 +218,19 @@ def recording_call(
     else:
         pools = _infer_pools(spec, class_names, deadline_s, seed)
         requests = [pools[c][i % len(pools[c])] for i, c in enumerate(classes)]
-        method = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        methods = [service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer for channel in channels]
         if spec.kind == "kserve":
             metadata = [[(t, (TRAFFIC_CLASS, cls)) for t in tenants] for cls in class_names]
         else:
             metadata = [[()] for _ in class_names]
             n_tenants = 1
     record_served = spec.has_served_by
+    n_methods = len(methods)
 
     async def call(i: int) -> None:
         c = classes[i]
         try:
-            response = await method(requests[i], metadata=metadata[c][i % n_tenants], timeout=timeout)
+            response = await methods[i % n_methods](requests[i], metadata=metadata[c][i % n_tenants], timeout=timeout)
         except Exception as exc:
             details[i] = _detail_key(exc)
             raise
