@@ -11,7 +11,7 @@ no-op" in optimised mode, "not meant to be run in production"); Feast never catc
 errors to decide anything.
 
 ``install`` (called when the ``inferline`` package is imported) puts a finder first on
-``sys.meta_path`` that does nothing until ``feast`` is first imported; then, before Feast's
+``sys.meta_path`` that does nothing until ``feast`` is imported; then, before Feast's
 modules bind ``from typeguard import typechecked``, it wraps that decorator so that it
 returns Feast's own classes and functions as they are. Anything else decorated in the
 process — the caller's own code, other libraries — is instrumented as before. Not running
@@ -38,7 +38,10 @@ def _is_feasts(target: Any) -> bool:
 
 
 def _leave_feast_unchecked() -> None:
-    import typeguard
+    try:
+        import typeguard
+    except ImportError:  # a Feast that no longer needs it: nothing to leave out
+        return
 
     checked = typeguard.typechecked
     if getattr(checked, "_inferline_leaves_feast", False):
@@ -54,13 +57,16 @@ def _leave_feast_unchecked() -> None:
 
 
 class _BeforeFeast(importlib.abc.MetaPathFinder):
-    """Finds nothing; on the first import of ``feast`` it wraps typeguard's decorator first."""
+    """Finds nothing; on an import of ``feast`` it wraps typeguard's decorator first.
+
+    It stays on ``sys.meta_path`` (a string comparison per import): the import system walks
+    that very list while it asks this finder, so taking it out there would skip the next one.
+    """
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname == _FEAST:
-            uninstall()
             _leave_feast_unchecked()
         return None  # the usual finders find Feast
 
@@ -73,8 +79,3 @@ def install() -> None:
     if _FEAST in sys.modules or _finder in sys.meta_path:
         return
     sys.meta_path.insert(0, _finder)
-
-
-def uninstall() -> None:
-    if _finder in sys.meta_path:
-        sys.meta_path.remove(_finder)
