@@ -21,6 +21,7 @@ client sharing a busy 2-core machine with the router and Triton sees.
 from __future__ import annotations
 
 import asyncio
+import math
 import pathlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -57,9 +58,12 @@ DEADLINE_S = 0.1
 MIX = {"critical": 0.3, "standard": 0.35, "batch": 0.35}
 SHED_COST_RATIO = 0.5
 """A shed call costs the router a few comparisons, an answered one a model call: the median
-shed call must come back in at most this share of the median answered critical call's time,
-both seen by the same client in the same run (measured: 0.1-0.2, also under ``stress-ng``;
-the benchmark's absolute target, 5 ms p99, is for an unshared machine)."""
+shed call must come back in at most this share of the median critical call answered by the
+model (PRIMARY), both seen by the same client in the same run (measured: 0.1-0.2, also under
+``stress-ng``; the benchmark's absolute target, 5 ms p99, is for an unshared machine). Not
+against every answer: while the model's breaker is open most answers come from the
+in-process light model in a millisecond or two, as fast as a shed (a CI run: 484 of 892
+critical answers LIGHT/CIRCUIT_OPEN, answered p50 2.1 ms, shed p50 1.1 ms)."""
 LIMIT_METRIC = f'inferline_admission_limit{{route="{ROUTE}"}}'
 RSS_GROWTH_MB = 64
 """Most the router's resident memory may grow between the first third of the run and its end."""
@@ -122,7 +126,7 @@ async def test_overload_sheds_lowest_classes_and_answers_the_rest_in_time(
     shed = {cls: [s for s in ss if s.code is grpc.StatusCode.RESOURCE_EXHAUSTED] for cls, ss in samples.items()}
     shed_share = {cls: len(shed[cls]) / len(samples[cls]) for cls in samples}
     shed_latency = [s.latency_s for ss in shed.values() for s in ss]
-    answered_latency = [s.latency_s for s in samples["critical"] if s.ok]
+    model_latency = [s.latency_s for s in samples["critical"] if s.ok and s.served_by == "PRIMARY"]
     accounts = {
         cls: router_account(start, metrics, route=ROUTE, deadline_s=DEADLINE_S, traffic_classes=[cls]) for cls in MIX
     }
@@ -136,8 +140,8 @@ async def test_overload_sheds_lowest_classes_and_answers_the_rest_in_time(
         print(f"{cls}: {summarize(ss)}; {accounts[cls]}")
     p50, p99 = percentile(shed_latency, 50) * 1000, percentile(shed_latency, 99) * 1000
     print(
-        f"shed latency ms p50 {p50:.1f} p99 {p99:.1f}; answered critical p50 "
-        f"{percentile(answered_latency, 50) * 1000:.1f} ms"
+        f"shed latency ms p50 {p50:.1f} p99 {p99:.1f}; critical answered by the model p50 "
+        f"{percentile(model_latency, 50) * 1000 if model_latency else math.nan:.1f} ms"
     )
 
     assert fault_triton.pid == triton_pid, "Triton died under the overload"
@@ -161,7 +165,8 @@ async def test_overload_sheds_lowest_classes_and_answers_the_rest_in_time(
     # holds either way: batch is shed, and before standard.
     assert shed_share["batch"] > 0, f"admission shed no batch traffic: {shed_share}"
     assert shed_share["batch"] >= shed_share["standard"], f"batch must be shed first: {shed_share}"
-    assert percentile(shed_latency, 50) <= SHED_COST_RATIO * percentile(answered_latency, 50)
+    assert model_latency, f"no critical call answered by the model: {summarize(samples['critical'])}"
+    assert percentile(shed_latency, 50) <= SHED_COST_RATIO * percentile(model_latency, 50)
     # The model's capacity goes to the highest class first (Triton serves critical's priority
     # first): of the calls each class got answered, critical's are the likeliest to come from
     # the primary, then standard's, then batch's. Counted on the router's answers; the shares
