@@ -86,7 +86,7 @@ from inferline.bench.targets import (
     triton_target,
 )
 from inferline.core.config import load_config
-from inferline.core.ports import free_port
+from inferline.core.ports import free_port, free_ports
 from inferline.triton.launcher import TritonLauncher
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -254,7 +254,7 @@ async def start_servers(stack: Stack, s: Settings, log_dir: pathlib.Path) -> str
         await wait_until(lambda: triton_ready(server.url), "passthrough", server, s.ready_timeout_s)
         console.print(f"passthrough ready at {server.url}")
     if ROUTER_TARGETS & set(s.targets):
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port = free_ports(2)
         stack.router_metrics = f"127.0.0.1:{metrics_port}"
         server = ServerProcess(
             "router",

@@ -116,7 +116,7 @@ from inferline.bench.profile import process_cpu_s
 from inferline.bench.recording import TargetSpec
 from inferline.bench.targets import DEFAULT_ZIPF_S, ENTITY_DISTRIBUTIONS, triton_live
 from inferline.core.config import parse_config
-from inferline.core.ports import free_port
+from inferline.core.ports import free_ports
 from inferline.gateway import render_envoy
 from inferline.stats import scrape as scrape_samples
 
@@ -849,7 +849,7 @@ async def run_configuration(
     name: str, s: Settings, gens: Generators, log_dir: pathlib.Path, knee: float | None, report: dict[str, Any]
 ) -> float | None:
     """Start a fresh router for configuration ``name``; sweep (if no knee yet) and run the multipliers."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     server = ServerProcess(
         f"router-admission-{name}",
         f"127.0.0.1:{port}",
@@ -959,7 +959,7 @@ async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathli
     if s.signal_step_down is not None:
         raw["gateway"]["signal"] = {"step_down": s.signal_step_down}
     config = parse_config(raw, s.config.resolve().parent, str(s.config))
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     envoy_yaml = log_dir / "envoy.yaml"
     rendered = render_envoy(config, port=port, admin_port=admin_port, routers=[router_url])
     envoy_yaml.write_text(yaml.safe_dump(rendered, sort_keys=False))

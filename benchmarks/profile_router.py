@@ -24,7 +24,7 @@ from rich.table import Table
 
 from inferline.bench.harness import ServerProcess, health_serving, inferline_up, wait_until
 from inferline.bench.profile import fold, process_cpu_s
-from inferline.core.ports import free_port
+from inferline.core.ports import free_ports
 from inferline.stats import scrape, total
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ async def profile(a: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     a.results_dir.mkdir(parents=True, exist_ok=True)
     raw = a.results_dir / f"profile-{a.front_door}-{stamp}.txt"
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     command = inferline_up(a.config, port, metrics_port, gateway=not a.no_gateway)
     router = ServerProcess("router", f"127.0.0.1:{port}", command, raw.with_suffix(".log"), cwd=ROOT)
     router.start()

@@ -83,7 +83,7 @@ from inferline.bench.harness import (
 )
 from inferline.bench.loadgen import OK, LoadResult, percentile, poisson_schedule, run_open_loop
 from inferline.bench.targets import DEFAULT_ZIPF_S, ENTITY_DISTRIBUTIONS, entity_sampler
-from inferline.core.ports import free_port
+from inferline.core.ports import free_ports
 from inferline.triton.supervisor import RESTART_BACKOFF_INITIAL_S, RESTART_BACKOFF_MAX_S
 from inferline.v1 import inference_pb2
 
@@ -902,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     s.results_dir.mkdir(parents=True, exist_ok=True)
     log_dir = s.results_dir / f"triton_outage-{stamp}-logs"
-    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
+    port, metrics_port, grpc_port = free_ports(3)
     router = ServerProcess(
         "router",
         f"127.0.0.1:{port}",

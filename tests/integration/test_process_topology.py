@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from inferline.core.health_wait import wait_until_serving
-from inferline.core.ports import free_port
+from inferline.core.ports import free_port, free_ports
 from inferline.stats import scrape, total
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
@@ -127,7 +127,7 @@ def test_bad_config_stops_start_up_naming_the_key(tmp_path: pathlib.Path, router
 
 
 def test_triton_command_serves_until_sigterm(tmp_path: pathlib.Path, router_config: pathlib.Path) -> None:
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     command = [
         sys.executable, "-m", "inferline.cli", "triton", "--config", str(router_config),
         "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from inferline.bench.harness import ServerProcess, health_serving, inferline_up, wait_until
 from inferline.bench.loadgen import LoadResult, run_open_loop
 from inferline.bench.targets import DEMO_API_KEY, predict_target
-from inferline.core.ports import free_port
+from inferline.core.ports import free_ports
 from inferline.demo.driver_data import driver_ids
 from inferline.v1 import batch_jobs_pb2 as pb
 from inferline.v1 import batch_jobs_pb2_grpc as pb_grpc
@@ -124,7 +124,7 @@ async def run_service_jobs(settings: ServiceJobSettings) -> dict[str, Any]:
         }
         if settings.process_nice is not None:
             env["INFERLINE_BATCH_JOBS__PROCESS_NICE"] = str(settings.process_nice)
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port = free_ports(2)
         server = ServerProcess(
             "inferline up",
             f"127.0.0.1:{port}",
