@@ -26,6 +26,7 @@ import tritonclient.grpc.aio as aioclient
 
 from inferline.core.config import ClassBatchingConfig, ClassCopiesConfig, TritonConfig
 from inferline.triton.launcher import TritonLauncher
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.requires_triton
 
@@ -86,9 +87,15 @@ async def send(url: str, model: str, n: int, interval_s: float) -> None:
 
 
 def average_batch(client: grpcclient.InferenceServerClient, url: str, model: str, interval_s: float) -> float:
-    """Average rows per execution of ``model`` while serving ``REQUESTS`` requests (warm-up excluded)."""
+    """Average rows per execution of ``model`` while serving ``REQUESTS`` requests (warm-up excluded).
+
+    Triton counts an execution in its statistics after the answers have left, so the counters
+    are read once they hold every request answered (a CI run read them right after a burst of
+    200 answers and found 91).
+    """
     rows_before, runs_before = batch_counters(client, model)
     asyncio.run(send(url, model, REQUESTS, interval_s))
+    wait_until(lambda: batch_counters(client, model)[0] - rows_before >= REQUESTS, f"{model}'s statistics")
     rows, runs = batch_counters(client, model)
     assert rows - rows_before == REQUESTS
     return (rows - rows_before) / (runs - runs_before)
