@@ -81,6 +81,7 @@ def job(args: argparse.Namespace, url: str, input_path: pathlib.Path, out: pathl
     command += ["--chunk-rows", str(args.chunk_rows), "--concurrency", str(args.concurrency)]
     if args.feature_processes is not None:
         command += ["--feature-processes", str(args.feature_processes)]
+    command += ["--view-scan", args.view_scan]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     sampler = TreeMemory(process.pid)
@@ -182,6 +183,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument(
         "--feature-processes", type=int, default=None, help="the job's --feature-processes (default: the job's own)"
+    )
+    parser.add_argument(
+        "--view-scan", choices=["auto", "always", "never"], default="auto", help="the job's --view-scan"
     )
     parser.add_argument("--interference", action="store_true", help="online p99 alone and beside a job")
     parser.add_argument("--online-rate", type=float, default=200.0)

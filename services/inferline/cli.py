@@ -629,6 +629,10 @@ def batch_run(
             help="a router's metrics URL (http://host:9464/metrics) whose queue wait the job yields to; repeat"
         ),
     ] = None,
+    view_scan: Annotated[
+        str,
+        typer.Option(help="read the feature views whole: auto (rows >= 2x the store's entities) | always | never"),
+    ] = "auto",
 ) -> None:
     """Score every row of --input through --route into --output, exactly once; resumable and shardable.
 
@@ -645,7 +649,7 @@ def batch_run(
             chunk_rows=chunk_rows, request_rows=request_rows, concurrency=concurrency,
             max_rows_per_s=max_rows_per_s, yield_queue_ms=yield_queue_ms, yield_interval_s=yield_interval_s,
             publish_cache=publish_cache, tenant=tenant, feature_processes=feature_processes,
-            router_metrics=router_metrics or [], deadline_s=deadline_s,
+            router_metrics=router_metrics or [], deadline_s=deadline_s, view_scan=view_scan,
         )  # fmt: skip
         summary = _run(run_until_signal(cfg, spec, triton_url or cfg.triton.url, metrics_port=metrics_port))
     except BatchInputError as err:

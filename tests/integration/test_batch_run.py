@@ -99,10 +99,16 @@ def spec(input_path: pathlib.Path, output: pathlib.Path, **options: object) -> B
     return BatchJobSpec.build(route=ROUTE, input_path=input_path, output_dir=output, **{"chunk_rows": 300, **options})
 
 
-@pytest.mark.parametrize("processes", [0, 2], ids=["in-process", "2-read-processes"])
+@pytest.mark.parametrize(
+    ("processes", "view_scan"),
+    [(0, "never"), (2, "never"), (0, "always"), (2, "always")],
+    ids=["in-process", "2-read-processes", "in-process-view-scan", "2-read-processes-view-scan"],
+)
 async def test_online_features_scores_match_the_oracle(
-    tmp_path: pathlib.Path, triton_server: TritonLauncher, processes: int
+    tmp_path: pathlib.Path, triton_server: TritonLauncher, processes: int, view_scan: str
 ) -> None:
+    """Scores as the model gives them for Feast's values, whether the job reads its entities
+    a thousand at a time or reads the store whole first (``--view-scan``)."""
     config = batch_config(tmp_path)
     source = feast_source(config)
     n = 1000
@@ -116,10 +122,14 @@ async def test_online_features_scores_match_the_oracle(
     rows.loc[10, "trip_distance_km"] = np.nan  # a missing request-time feature: its default
     pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "in.parquet", row_group_size=128)
 
-    job = spec(tmp_path / "in.parquet", tmp_path / "out", feature_processes=processes)
+    job = spec(tmp_path / "in.parquet", tmp_path / "out", feature_processes=processes, view_scan=view_scan)
     summary = await run_batch(config, job, triton_server.grpc_url)
 
     assert (summary["status"], summary["rows"], summary["errors"], summary["chunks"]) == ("complete", n, 0, 4)
+    if view_scan == "always":  # every driver from the scan; driver 5, which it did not find, is not read
+        assert summary["this_run"]["features"] == {"entities_read": 0, "view_scans": 1, "entities_scanned": 100_000}
+    else:  # 1,000 rows of 100,000 drivers: the default would not scan either
+        assert summary["this_run"]["features"] == {"entities_read": 1000, "view_scans": 0, "entities_scanned": 0}
     out = read_output(tmp_path / "out")
     assert out["input_row"].tolist() == list(range(n))
     assert out["driver_id"].tolist() == rows["driver_id"].tolist()

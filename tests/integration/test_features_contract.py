@@ -303,3 +303,42 @@ def test_a_store_without_the_read_table_layout_is_read_through_online_read(
     # Feast's own read, and so Feast's own error naming the problem.
     with pytest.raises(sqlite3.OperationalError, match=r"no such (table|column)"):
         plan.read(provider, config, REFS, [KNOWN])
+
+
+# A batch job that meets most of the store reads the views whole (ReadPlan.scan): the scan
+# must hold exactly what reads of the same entities answer.
+
+
+def scanned(plan: feast_direct.ReadPlan, refs: list[str], parts: int) -> dict[object, list[float | None]]:
+    """Every scanned entity's values, one per ref (None where the scan found none)."""
+    from inferline.batch.view_scan import scan_matrix
+
+    ids, matrix = scan_matrix([plan.scan(refs, part, parts) for part in range(parts)], len(refs))
+    return {e: [None if np.isnan(v) else float(v) for v in row] for e, row in zip(ids, matrix.tolist(), strict=True)}
+
+
+@pytest.mark.parametrize("keys", ["int64-keys-decoded-here", "keys-decoded-by-feast"])
+def test_a_whole_view_scan_holds_what_reads_answer(feast_repo: pathlib.Path, keys: str) -> None:
+    refs = [REFS[2], REFS[0]]  # some of the view's features, in another order
+    plan, provider, config = planned(feast_repo, refs)
+    assert plan.scannable and plan.entities() == 100_000
+    if keys == "keys-decoded-by-feast":
+        where = plan.views[0].sqlite
+        assert where is not None
+        feast_keys = dataclasses.replace(where, int64_key_prefix=None)
+        plan = dataclasses.replace(plan, views=[dataclasses.replace(plan.views[0], sqlite=feast_keys)])
+    whole = scanned(plan, refs, parts=3)
+    assert len(whole) == 100_000 and KNOWN in whole and UNKNOWN not in whole
+    sample = [KNOWN, *np.random.default_rng(5).choice(sorted(whole), 300, replace=False).tolist()]
+    read = plan.read(provider, config, refs, sample)
+    assert [whole[e] for e in sample] == [[read[ref][i] for ref in refs] for i in range(len(sample))]
+    if keys == "int64-keys-decoded-here":
+        assert scanned(plan, refs, parts=1) == whole  # slices change nothing but who reads what
+
+
+async def test_views_read_through_feast_cannot_be_scanned(store: FeastOnlineStore) -> None:
+    assert store.scan_entities_blocking(REFS, "rider_id") is None  # no direct plan
+    with pytest.raises(ValueError, match="cannot be read whole"):
+        store.scan_blocking(REFS, "rider_id", 0, 1)
+    with pytest.raises(ValueError, match="part 2 is not one of 2"):
+        store.scan_blocking(REFS, "driver_id", 2, 2)

@@ -34,8 +34,10 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +46,9 @@ from inferline.batch.errors import BatchJobFailed
 from inferline.core.entities import EntityId
 from inferline.core.processes import pid_alive
 from inferline.features.store import FeastOnlineStore
+
+if TYPE_CHECKING:
+    from inferline.features.scan import ScanPart
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ CLOSE_WAIT_S = 5.0
 """How long ``close`` waits for a worker to finish its read and exit before it is killed."""
 
 _store: FeastOnlineStore | None = None  # the worker's own store
+_T = TypeVar("_T")
 
 
 def default_processes() -> int:
@@ -140,9 +146,24 @@ class FeatureReadPool:
             BatchJobFailed: a worker process died (killed, out of memory): the pool is
                 broken, the job stops part-way and ``--resume`` continues.
         """
+        return await self._run(_read, refs, join_key, ids)
+
+    async def scan_entities(self, refs: list[str], join_key: str) -> int | None:
+        """``FeastOnlineStore.scan_entities_blocking`` in a worker."""
+        return await self._run(_scan_entities, refs, join_key)
+
+    async def scan(self, refs: list[str], join_key: str) -> list[ScanPart]:
+        """Every stored value of ``refs``, read whole in one slice per worker, side by side
+        (``FeastOnlineStore.scan_blocking``).
+
+        Raises:
+            FeatureReadError, BatchJobFailed: as ``read``.
+        """
+        return list(await asyncio.gather(*(self._run(_scan, refs, join_key, i, self._size) for i in range(self._size))))
+
+    async def _run(self, task: Callable[..., _T], *args: Any) -> _T:
         try:
-            future = self._executor.submit(_read, refs, join_key, ids)
-            result: npt.NDArray[np.float32] = await asyncio.wrap_future(future)
+            result: _T = await asyncio.wrap_future(self._executor.submit(task, *args))
         except BrokenProcessPool as err:
             raise BatchJobFailed(f"a feature read process died: {err}") from err
         return result
@@ -196,3 +217,21 @@ def _read(refs: list[str], join_key: str, ids: list[EntityId]) -> npt.NDArray[np
     except Exception as err:
         raise FeatureReadError(f"{type(err).__name__}: {err}") from None
     return as_matrix(refs, columns)
+
+
+def _scan_entities(refs: list[str], join_key: str) -> int | None:
+    """In a worker: how many entities a whole read of ``refs`` reads (None: it cannot be read whole)."""
+    assert _store is not None, "the pool initializer builds the store"
+    try:
+        return _store.scan_entities_blocking(refs, join_key)
+    except Exception as err:
+        raise FeatureReadError(f"{type(err).__name__}: {err}") from None
+
+
+def _scan(refs: list[str], join_key: str, part: int, parts: int) -> ScanPart:
+    """In a worker: one slice of a whole read of ``refs``."""
+    assert _store is not None, "the pool initializer builds the store"
+    try:
+        return _store.scan_blocking(refs, join_key, part, parts)
+    except Exception as err:
+        raise FeatureReadError(f"{type(err).__name__}: {err}") from None

@@ -6,6 +6,9 @@ history would have seen them. Otherwise the latest values, from the online store
 entities per read. Request-time features come from the input's columns. A value that is
 missing either way takes the feature's default and is flagged, as on the online path.
 
+A job that meets most of the store's entities reads the route's views whole instead, into the
+same cache (``view_scan``).
+
 Online reads run in ``processes`` worker processes (``feature_workers.py``) when it is 2 or
 more: Feast's read is mostly per-entity Python, and on the job's one read thread it held
 the GIL for most of a run and capped the job's rate far below Triton's. With 0 or 1 they
@@ -15,6 +18,8 @@ run on one thread of the job's process (``FeastOnlineStore``).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +30,12 @@ import pandas as pd
 from inferline.batch.entity_rows import EntityRowCache
 from inferline.batch.feature_workers import FeatureReadPool, as_matrix
 from inferline.batch.rows import ParsedChunk
+from inferline.batch.view_scan import ScanMode, ScanPolicy, scan_matrix
 from inferline.core.config import FeatureStoreConfig, RouteConfig
 from inferline.core.entities import EntityId, probe_id
 from inferline.features.store import FeastOnlineStore
+
+logger = logging.getLogger(__name__)
 
 ONLINE_READ_ENTITIES = 1000
 """Entities per online read (the online path's own bound on one store read)."""
@@ -37,10 +45,21 @@ _ROW_ID = "__inferline_row"
 class BatchFeatures:
     """Fetches a route's features for parsed chunks; ``offline`` picks the point-in-time path."""
 
-    def __init__(self, route: RouteConfig, store: FeatureStoreConfig, *, offline: bool, processes: int = 0) -> None:
+    def __init__(
+        self,
+        route: RouteConfig,
+        store: FeatureStoreConfig,
+        *,
+        offline: bool,
+        processes: int = 0,
+        scan: ScanMode = "auto",
+        rows: int | None = None,
+    ) -> None:
         """``store``: the Feast repository, and the hot cache's TTL and size. ``processes``:
-        worker processes for online reads; 0 or 1: a thread of this process. Blocking (it
-        starts the workers, or imports Feast): run it in a thread."""
+        worker processes for online reads; 0 or 1: a thread of this process. ``scan``: when the
+        route's views are read whole (``view_scan``); ``rows``: the rows the job will ask
+        features of (None: unknown). Blocking (it starts the workers, or imports Feast): run it
+        in a thread."""
         self._route = route
         self._offline = offline
         self._names = [f.name for f in route.features]
@@ -69,6 +88,14 @@ class BatchFeatures:
         # rows per trip, not per driver) is not read from the store again.
         self._cache = EntityRowCache(store.hot_cache_ttl_s, store.hot_cache_max_entities, len(self._refs))
         self._string_ids = route.entity.type == "string"
+        self._scan_policy = ScanPolicy(scan, store.hot_cache_ttl_s, store.hot_cache_max_entities)
+        self._scan_lock = asyncio.Lock()
+        self._rows_left = rows
+        self._scan_entities: int | None = None
+        self._scan_checked = False
+        self._scans = 0
+        self._scanned = 0
+        self._read = 0
 
     @property
     def names(self) -> list[str]:
@@ -82,6 +109,10 @@ class BatchFeatures:
     def read_pids(self) -> list[int]:
         """The feature read processes (none when reads run in this process)."""
         return [] if self._pool is None else self._pool.pids
+
+    def summary(self) -> dict[str, int]:
+        """Entities read one by one (a thousand a read) and by whole-view scans, and the scans."""
+        return {"entities_read": self._read, "view_scans": self._scans, "entities_scanned": self._scanned}
 
     async def matrix(self, chunk: ParsedChunk) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """``values`` float32 [rows, features] (route order) and ``defaulted`` bool of the same shape."""
@@ -103,11 +134,17 @@ class BatchFeatures:
         """Latest values: each distinct entity of the chunk looked up once, in the job's cache
         first, the misses read ``ONLINE_READ_ENTITIES`` per read: all at once across the
         worker processes, or one after another on the in-process thread."""
+        if self._scan_policy.possible:
+            await self._scan_if_due()
+        if self._rows_left is not None:
+            self._rows_left -= len(ids)
         # One vectorised pass for the distinct ids and each row's position among them.
         codes, distinct = pd.factorize(np.asarray(ids, dtype=object if self._string_ids else np.int64))
         unique: list[EntityId] = distinct.tolist()
         table, hit = self._cache.lookup(unique)
         missing_at = np.flatnonzero(~hit)
+        if self._scan_policy.fresh():  # the store was read whole: what it did not hold, it does not hold
+            missing_at = missing_at[:0]
         missing = [unique[i] for i in missing_at.tolist()]
         step = ONLINE_READ_ENTITIES
         parts = [missing[start : start + step] for start in range(0, len(missing), step)]
@@ -120,7 +157,39 @@ class BatchFeatures:
             fetched = np.concatenate(matrices)
             table[missing_at] = fetched
             self._cache.store(missing, fetched)
+            self._read += len(missing)
         return {ref: table[codes, j] for j, ref in enumerate(self._refs)}
+
+    async def _scan_if_due(self) -> None:
+        """Read the route's views whole into the cache when ``ScanPolicy`` says so. Under a
+        lock: the chunks being fetched meanwhile wait for the scan rather than read alone."""
+        async with self._scan_lock:
+            refs, join_key = self._refs, self._route.entity.join_key
+            if not self._scan_checked:
+                self._scan_checked = True
+                if self._pool is not None:
+                    self._scan_entities = await self._pool.scan_entities(refs, join_key)
+                elif self._online is not None:
+                    self._scan_entities = await self._online.on_read_thread(
+                        self._online.scan_entities_blocking, refs, join_key
+                    )
+            if not self._scan_policy.due(self._rows_left, self._scan_entities):
+                return
+            started = time.monotonic()
+            if self._pool is not None:
+                parts = await self._pool.scan(refs, join_key)
+            else:
+                assert self._online is not None
+                parts = [await self._online.on_read_thread(self._online.scan_blocking, refs, join_key, 0, 1)]
+            ids, rows = scan_matrix(parts, len(refs))
+            self._cache.store(ids, rows)
+            self._scan_policy.scanned(started)
+            self._scans += 1
+            self._scanned += len(ids)
+            logger.info(
+                "read %d entities of %s whole in %.2f s (%d rows still to score)",
+                len(ids), ", ".join(refs), time.monotonic() - started, self._rows_left or 0,
+            )  # fmt: skip
 
     async def _read_here(self, part: list[EntityId]) -> npt.NDArray[np.float32]:
         assert self._online is not None

@@ -10,6 +10,7 @@ uncommitted chunks, which ``--resume`` redoes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -121,8 +122,11 @@ class BatchJob:
             if processes is None:
                 processes = default_processes()
             features = await asyncio.to_thread(
-                BatchFeatures, plan.route, self._config.feature_store, offline=plan.offline, processes=processes
-            )
+                functools.partial(
+                    BatchFeatures, plan.route, self._config.feature_store, offline=plan.offline,
+                    processes=processes, scan=spec.view_scan, rows=rows_left,
+                )
+            )  # fmt: skip
             if features.read_pids:
                 logger.info(
                     "batch %s: %d feature read processes (pids %s)",
@@ -176,6 +180,7 @@ class BatchJob:
                     await asyncio.gather(yielding, return_exceptions=True)
             cost_per_hour = None if switcher is None else switcher.cost_per_hour()
             summary = await self._summary(records, progress, scorer, efficiency, publisher, cost_per_hour)
+            summary["this_run"]["features"] = features.summary()
             summary["yield"] = None if controller is None else controller.summary()
             summary["variant_choice"] = choice.summary()
             if switcher is not None:

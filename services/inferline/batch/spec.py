@@ -118,6 +118,10 @@ class BatchJobSpec(BaseModel):
     process. None: the default of where the job runs (``batch run``: the job's CPUs, at most
     4; a BatchJobs service job: ``batch_jobs.feature_processes``). Not part of the job's
     identity: a resumed run may use another number."""
+    view_scan: Literal["auto", "always", "never"] = "auto"
+    """When the route's feature views are read whole rather than a thousand entities a read
+    (online features only; ``inferline.batch.view_scan``): ``auto`` when the rows to score are
+    at least twice the store's entities, ``always``, or ``never``. Not part of the job's identity."""
     publish_cache: bool = False
     """Write every score to the route's score cache (Redis) with its computation time."""
     tenant: str | None = None

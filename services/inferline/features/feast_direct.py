@@ -28,6 +28,11 @@ writes (``entity_key``, ``feature_name``, ``value``: a serialised ``ValueProto``
 serialised by Feast's own ``serialize_entity_key``); a table without those columns, or none
 yet, is read through ``online_read``, whose errors then name the problem.
 
+A plan whose views all lie in SQLite tables can also be read whole (``ReadPlan.scan``): every
+stored value of its features, in slices of the tables' rows that processes can read side by
+side. A batch job that meets most of the store's entities reads them so, once, instead of a
+query per thousand entities (``inferline.batch.view_scan``).
+
 On Feast's Redis online store (redis-py client) a planned read pipelines the ``HMGET``s
 itself (``RedisView``): only the features' hash fields, once per distinct key, with the keys
 and fields built as Feast builds them (checked against Feast's own builders when planned);
@@ -38,15 +43,20 @@ and fields built as Feast builds them (checked against Feast's own builders when
 
 from __future__ import annotations
 
+import itertools
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
 
+from inferline.features.scan import ScanPart
 from inferline.features.vector import EntityId
 
 PLAN_TTL_S = 60.0
@@ -208,6 +218,97 @@ class ReadPlan:
             )
             fill_columns(out, view, rows)
         return out
+
+    @property
+    def scannable(self) -> bool:
+        """True when every view lies in a SQLite table read here, so ``scan`` can read it whole."""
+        return bool(self.views) and all(view.sqlite is not None for view in self.views)
+
+    def entities(self) -> int:
+        """How many entities the largest view holds rows of (``scannable`` plans only): a scan
+        reads that many, and at least the union of the views' entities fits a table that size
+        per view."""
+        counts = []
+        for view in self.views:
+            where = view.sqlite
+            assert where is not None, "scannable plans only"
+            (count,) = where.connection.execute(f"SELECT COUNT(DISTINCT entity_key) FROM {where.table}").fetchone()
+            counts.append(int(count))
+        return max(counts, default=0)
+
+    def scan(self, refs: Sequence[str], part: int, parts: int) -> ScanPart:
+        """Every stored value of ``refs`` in slice ``part`` of ``parts`` of each view's rows (by
+        rowid; ``scannable`` plans only). The slices together hold each value once; one entity's
+        values may lie in several slices. A key that is not the join key's (another layout) is
+        skipped, so is a null value.
+
+        Column-wise (the keys, the features, the values each in one pass) rather than a loop
+        over the rows: the scan runs once per job over the whole store."""
+        if not 0 <= part < parts:
+            raise ValueError(f"part {part} is not one of {parts}")
+        column_of = {ref: i for i, ref in enumerate(refs)}
+        found: list[ScanPart] = []
+        for view in self.views:
+            where = view.sqlite
+            assert where is not None, "scannable plans only"
+            column = {f: column_of[ref] for f, ref in zip(view.features, view.refs, strict=True) if ref in column_of}
+            low, high = where.connection.execute(f"SELECT MIN(rowid), MAX(rowid) FROM {where.table}").fetchone()
+            if low is None:
+                continue  # an empty table
+            span = high - low + 1
+            first, end = low + span * part // parts, low + span * (part + 1) // parts
+            rows = where.connection.execute(
+                f"SELECT entity_key, feature_name, value FROM {where.table} WHERE rowid >= ? AND rowid < ?",
+                (first, end),
+            ).fetchall()
+            if not rows:
+                continue
+            n = len(rows)
+            columns = np.fromiter(map(column.get, (r[1] for r in rows), itertools.repeat(-1)), np.int32, n)
+            values = np.fromiter((_number_or_nan(r[2]) for r in rows), np.float32, n)
+            ids, known = self._entity_ids(where, [r[0] for r in rows])
+            keep = known & (columns >= 0) & ~np.isnan(values)
+            found.append(ScanPart(ids[keep], columns[keep], values[keep]))
+        if not found:
+            return ScanPart(np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float32))
+        return ScanPart(
+            *(np.concatenate(arrays) for arrays in zip(*((p.ids, p.columns, p.values) for p in found), strict=True))
+        )
+
+    def _entity_ids(self, where: SqliteView, keys: Sequence[bytes]) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
+        """The entity id of each stored key (int64 ids as an int64 array, others as objects) and
+        which keys are of this join key at all."""
+        prefix = where.int64_key_prefix
+        if prefix is not None:
+            size = len(prefix) + 8
+            if all(len(key) == size for key in keys):
+                raw = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), size)
+                known = (raw[:, : len(prefix)] == np.frombuffer(prefix, np.uint8)).all(axis=1)
+                return raw[:, len(prefix) :].copy().view("<i8").reshape(-1), known
+        decoded = [self._entity_id(where, key) for key in keys]
+        known = np.array([entity is not None for entity in decoded], dtype=bool)
+        if prefix is not None:
+            return np.array([0 if entity is None else entity for entity in decoded], np.int64), known
+        return np.array(decoded, dtype=object), known
+
+    def _entity_id(self, where: SqliteView, key: bytes) -> EntityId | None:
+        """One stored key's entity id; None when it is not a key of this join key."""
+        prefix = where.int64_key_prefix
+        if prefix is not None:
+            if len(key) != len(prefix) + 8 or not key.startswith(prefix):
+                return None
+            return int.from_bytes(key[-8:], "little", signed=True)
+        from feast.infra.key_encoding_utils import deserialize_entity_key
+
+        try:
+            proto = deserialize_entity_key(key, entity_key_serialization_version=where.key_version)
+        except Exception:  # another layout: not a key of this view's entity
+            return None
+        if list(proto.join_keys) != [self.join_key] or len(proto.entity_values) != 1:
+            return None
+        kind = proto.entity_values[0].WhichOneof("val")
+        value = None if kind is None else getattr(proto.entity_values[0], kind)
+        return value if isinstance(value, (int, str)) else None
 
     def keys(self, ids: Sequence[EntityId]) -> list[EntityKeyProto]:
         join_keys = [self.join_key]
@@ -401,6 +502,14 @@ def _number(value: ValueProto) -> float | None:
     if kind is None or kind == "null_val":
         return None
     return float(getattr(value, kind))
+
+
+def _number_or_nan(blob: bytes | None) -> float:
+    """A stored serialised value as ``_number`` decodes it, NaN where that is None (or no value)."""
+    if blob is None:
+        return math.nan
+    number = _number(ValueProto.FromString(blob))
+    return math.nan if number is None else number
 
 
 def empty_columns(refs: Sequence[str], n: int) -> Columns:

@@ -7,13 +7,16 @@ import concurrent.futures
 import logging
 import pathlib
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from inferline.features.vector import EntityId
 
 if TYPE_CHECKING:
     from inferline.features.feast_direct import ReadPlan
+    from inferline.features.scan import ScanPart
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,30 @@ class FeastOnlineStore:
         # keep two views that share a feature name apart.
         response = self._store.get_online_features(features=refs, entity_rows={join_key: ids}, full_feature_names=True)
         return _columns(refs, response.to_dict())
+
+    def scan_entities_blocking(self, refs: list[str], join_key: str) -> int | None:
+        """How many entities a whole read of ``refs`` (``scan_blocking``) reads; None when they
+        cannot be read whole (views read through Feast, or another store than its SQLite one)."""
+        plan = self._plan(refs, join_key)
+        return plan.entities() if plan is not None and plan.scannable else None
+
+    def scan_blocking(self, refs: list[str], join_key: str, part: int, parts: int) -> ScanPart:
+        """Slice ``part`` of ``parts`` of every stored value of ``refs`` (``ReadPlan.scan``).
+
+        Raises:
+            ValueError: ``refs`` cannot be read whole (``scan_entities_blocking`` is None).
+        """
+        plan = self._plan(refs, join_key)
+        if plan is None or not plan.scannable:
+            raise ValueError(f"the views of {', '.join(refs)} cannot be read whole")
+        return plan.scan(refs, part, parts)
+
+    async def on_read_thread(self, blocking: Callable[..., _T], *args: Any) -> _T:
+        """``blocking(*args)`` on the read thread (where the store's connection is used), or on
+        a thread of its own when reads are async."""
+        if self._executor is None:
+            return await asyncio.to_thread(blocking, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, blocking, *args)
 
     def _plan(self, refs: list[str], join_key: str) -> ReadPlan | None:
         """The direct-read plan of (refs, join key) (None: Feast's full read), resolved again
