@@ -90,3 +90,25 @@ def test_defaulted_names_per_row() -> None:
     names = [f"f{i}" for i in range(70)]
     want = [",".join(n for n, d in zip(names, row, strict=True) if d) for row in wide.tolist()]
     assert defaulted_names(wide, names).to_pylist() == want
+
+
+def test_a_whole_store_read_replaces_every_row_and_keeps_all_of_its_own() -> None:
+    clock = Clock()
+    cache = EntityRowCache(ttl_s=30, max_entities=4, width=2, timer=clock)
+    cache.store([1, 2, 3], rows(1, 2, 3))
+    clock.now += 10
+    # Four rows into a cache of four that holds three: store() would drop the older half at once.
+    assert cache.replace([3, 4, 5, 6], rows(30, 4, 5, 6))
+    got, hit = cache.lookup([1, 2, 3, 4, 5, 6])
+    assert hit.tolist() == [False, False, True, True, True, True] and len(cache) == 4
+    np.testing.assert_array_equal(got[2:], rows(30, 4, 5, 6))
+    clock.now += 29.9
+    assert cache.lookup([6])[1].tolist() == [True]  # a new TTL from the replace
+
+
+def test_a_whole_store_read_larger_than_the_cache_leaves_it_as_it_was() -> None:
+    cache = EntityRowCache(ttl_s=30, max_entities=2, width=2, timer=Clock())
+    cache.store([1], rows(1))
+    assert not cache.replace([2, 3, 4], rows(2, 3, 4))
+    assert cache.lookup([1, 2])[1].tolist() == [True, False]
+    assert not EntityRowCache(ttl_s=0, max_entities=2, width=2).replace([1], rows(1))  # caching off

@@ -60,6 +60,18 @@ class EntityRowCache:
         rows[hit] = self._rows[slots[hit]]
         return rows, hit
 
+    def replace(self, ids: Sequence[EntityId], rows: npt.NDArray[np.float32]) -> bool:
+        """Hold exactly ``ids``' ``rows`` (distinct ids), each starting a new TTL: a read of the
+        whole store supersedes every row read before it. False, and the cache unchanged, when
+        they are more than it may hold (storing them would drop some at once)."""
+        if not self.enabled or len(ids) > self._max:
+            return False
+        self._slots, self._entities = {}, []
+        self._rows = self._rows[:0]
+        self._stored_at = self._stored_at[:0]
+        self.store(ids, rows)
+        return True
+
     def store(self, ids: Sequence[EntityId], rows: npt.NDArray[np.float32]) -> None:
         """Keep freshly read ``rows`` (aligned with ``ids``, which are distinct); each starts a new TTL."""
         n = len(ids)

@@ -182,7 +182,10 @@ class BatchFeatures:
                 assert self._online is not None
                 parts = [await self._online.on_read_thread(self._online.scan_blocking, refs, join_key, 0, 1)]
             ids, rows = scan_matrix(parts, len(refs))
-            self._cache.store(ids, rows)
+            self._scan_entities = len(ids)  # what the next decision goes by: the store may have grown
+            if not self._cache.replace(ids, rows):
+                logger.info("the store now holds %d entities, more than the cache: read as needed", len(ids))
+                return
             self._scan_policy.scanned(started)
             self._scans += 1
             self._scanned += len(ids)
