@@ -181,3 +181,11 @@ def test_a_service_job_gets_the_services_feature_processes_unless_it_names_its_o
     assert spec.feature_processes is None
     assert _with_processes(spec, config).feature_processes == 3
     assert _with_processes(spec.model_copy(update={"feature_processes": 0}), config).feature_processes == 0
+
+
+def test_an_unknown_view_scan_mode_is_refused_by_name(tmp_path: pathlib.Path) -> None:
+    from inferline.batch.spec import BatchJobSpec
+
+    with pytest.raises(BatchInputError, match=r"view_scan.*'auto', 'always' or 'never'"):
+        BatchJobSpec.build(route="r", input_path=tmp_path, output_dir=tmp_path, view_scan="sometimes")
+    assert BatchJobSpec.build(route="r", input_path=tmp_path, output_dir=tmp_path).view_scan == "auto"
