@@ -209,29 +209,25 @@ def as_matrix(refs: list[str], columns: dict[str, list[float | None]]) -> npt.ND
     return np.ascontiguousarray(np.array([columns[ref] for ref in refs], dtype=np.float32).T)
 
 
-def _read(refs: list[str], join_key: str, ids: list[EntityId]) -> npt.NDArray[np.float32]:
-    """In a worker: one Feast read as a float32 matrix (None → NaN)."""
+def _with_store(call: Callable[[FeastOnlineStore], _T]) -> _T:
+    """In a worker: ``call`` on the worker's store, a Feast error raised as ``FeatureReadError``."""
     assert _store is not None, "the pool initializer builds the store"
     try:
-        columns = _store.read_blocking(refs, join_key, ids)
+        return call(_store)
     except Exception as err:
         raise FeatureReadError(f"{type(err).__name__}: {err}") from None
-    return as_matrix(refs, columns)
+
+
+def _read(refs: list[str], join_key: str, ids: list[EntityId]) -> npt.NDArray[np.float32]:
+    """In a worker: one Feast read as a float32 matrix (None → NaN)."""
+    return as_matrix(refs, _with_store(lambda store: store.read_blocking(refs, join_key, ids)))
 
 
 def _scan_entities(refs: list[str], join_key: str) -> int | None:
     """In a worker: how many entities a whole read of ``refs`` reads (None: it cannot be read whole)."""
-    assert _store is not None, "the pool initializer builds the store"
-    try:
-        return _store.scan_entities_blocking(refs, join_key)
-    except Exception as err:
-        raise FeatureReadError(f"{type(err).__name__}: {err}") from None
+    return _with_store(lambda store: store.scan_entities_blocking(refs, join_key))
 
 
 def _scan(refs: list[str], join_key: str, part: int, parts: int) -> ScanPart:
     """In a worker: one slice of a whole read of ``refs``."""
-    assert _store is not None, "the pool initializer builds the store"
-    try:
-        return _store.scan_blocking(refs, join_key, part, parts)
-    except Exception as err:
-        raise FeatureReadError(f"{type(err).__name__}: {err}") from None
+    return _with_store(lambda store: store.scan_blocking(refs, join_key, part, parts))

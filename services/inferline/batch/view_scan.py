@@ -71,11 +71,9 @@ class ScanPolicy:
     def due(self, rows_left: int | None, entities: int | None) -> bool:
         """Scan now? ``rows_left``: rows still to score (None: unknown, a CSV not yet counted);
         ``entities``: how many a scan would read (None: the store cannot be scanned)."""
-        if self._mode == "never" or entities is None or entities == 0:
+        if not self.possible or not entities or entities > self._max_entities:
             return False
-        if self._ttl_s <= 0 or entities > self._max_entities:
-            return False
-        if self._last is not None and self._timer() - self._last < self._ttl_s:
+        if self.fresh():
             return False  # the last scan's rows are still in the cache
         if self._mode == "always":
             return True
