@@ -123,8 +123,7 @@ class FeastOnlineStore:
                 features=refs, entity_rows={join_key: ids}, full_feature_names=True
             )
             return _columns(refs, response.to_dict())
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.read_blocking, refs, join_key, ids)
+        return await self.on_read_thread(self.read_blocking, refs, join_key, ids)
 
     def read_blocking(self, refs: list[str], join_key: str, ids: list[EntityId]) -> dict[str, list[float | None]]:
         """``read`` on the calling thread, blocking it: for the worker thread, and for a process
