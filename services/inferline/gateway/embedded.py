@@ -32,7 +32,6 @@ import yaml
 
 from inferline.core.config import InferlineConfig
 from inferline.core.health_wait import wait_until_serving_async
-from inferline.core.processes import at_base_priority
 from inferline.gateway.render import render_envoy
 
 logger = logging.getLogger(__name__)
@@ -116,10 +115,7 @@ class EmbeddedGateway:
             "--admin-address-path", str(self._dir / "admin-address"), "-l", "warning",
         ]  # fmt: skip
         # Envoy's own log lines go to this process's stderr, beside the router's.
-        # Its boost is over the router's own priority, not over the event loop's (at_base_priority).
-        process = subprocess.Popen(
-            [*self._boost(), *command], env=self._environ, stdin=subprocess.DEVNULL, preexec_fn=at_base_priority
-        )
+        process = subprocess.Popen([*self._boost(), *command], env=self._environ, stdin=subprocess.DEVNULL)
         logger.info("started envoy pid %d on %s (config %s)", process.pid, self.address, self._config_path)
         return process
 

@@ -54,7 +54,6 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.core.config import TlsServerConfig, TritonConfig
 from inferline.core.ports import free_ports
-from inferline.core.processes import at_base_priority
 from inferline.core.tls import channel_options, tritonclient_kwargs
 from inferline.triton.class_copies import ClassModelMap, write_class_copies
 from inferline.triton.executor import CHANNEL_OPTIONS
@@ -534,7 +533,6 @@ class TritonLauncher:
                 stderr=subprocess.STDOUT,
                 env=environ,
                 start_new_session=True,
-                preexec_fn=at_base_priority,  # not the event loop's boosted priority
             )
         logger.info("started tritonserver pid %s, log %s", self._proc.pid, self._log_path)
 

@@ -27,7 +27,6 @@ from inferline.batch.metrics import BatchMetrics
 from inferline.batch.output import ChunkRecord
 from inferline.batch.spec import BatchJobSpec
 from inferline.core.config import InferlineConfig
-from inferline.core.processes import at_base_priority
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +92,6 @@ class JobProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=EVENT_LINE_LIMIT,
-            preexec_fn=at_base_priority,  # its nice is relative to the router's own, not the loop's boost
         )
         self.pid = child.pid
         assert child.stdin is not None and child.stdout is not None
