@@ -15,6 +15,7 @@ from inferline.app import App, Role, build_app
 from inferline.core.config import ConfigError, InferlineConfig
 from inferline.core.grpc_server import start_server
 from inferline.core.ports import free_port
+from inferline.core.processes import boost_this_thread
 from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret
 from inferline.route_check import CheckReport, route_models, run_check
 from inferline.triton.autoscaler import OwnedAutoscaler
@@ -189,6 +190,12 @@ async def serve_process(
             f" through the gateway (routers {', '.join(routers)})" if gateway else "",
             triton_url,
         )
+        boost = config.server.loop_priority_boost
+        if boost and not boost_this_thread(boost):
+            logger.warning(
+                "server.loop_priority_boost: the event loop keeps the process's CPU priority "
+                "(raising it needs CAP_SYS_NICE); set it to 0 to silence this"
+            )
         received = await stop
         logger.info("%s received: draining", received)
         if app.route_health is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from inferline.core.health_wait import wait_until_serving_async
 from inferline.core.ports import free_ports
+from inferline.core.processes import nice_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class RouterWorkers:
         # Loopback only: the gateway is the front door. The rest of the environment (the gateway
         # and service secrets, INFERLINE_* overrides) is this process's.
         environ = {**os.environ, "INFERLINE_SERVER__HOST": "127.0.0.1"}
-        process = subprocess.Popen(command, env=environ, stdin=subprocess.DEVNULL)
+        # At the supervisor's own priority, not its event loop's (each worker boosts its own).
+        process = subprocess.Popen([*nice_prefix(), *command], env=environ, stdin=subprocess.DEVNULL)
         logger.info(
             "started router worker pid %d on %s (metrics port %d)", process.pid, worker.address, worker.metrics_port
         )

@@ -14,7 +14,8 @@ import pytest
 
 from inferline.core.config import load_config
 from inferline.core.ports import free_port
-from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret, may_raise_priority
+from inferline.core.processes import may_raise_priority
+from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import DEMO_KEY, ServerProcess

@@ -88,6 +88,13 @@ class ServerConfig(_Model):
     tls: TlsServerConfig | None = None
     """TLS on the gRPC port of every inferline process (the router's public port, and an
     internal service's own port in the suite); None: plain text."""
+    loop_priority_boost: int = Field(5, ge=0, le=19)
+    """Once serving, the event loop's thread runs this many steps of CPU niceness above the
+    process's other threads (gRPC's I/O threads) and the processes it starts
+    (``inferline.core.processes``): on cores shared with Envoy, Triton and others the loop
+    otherwise waited for a CPU about as long as it ran under overload. Needs CAP_SYS_NICE
+    (root, or the capability in a container); without it the loop keeps the process's
+    priority, with one warning line. 0: no boost."""
 
 
 class ClassBatchingConfig(_Model):

@@ -1,8 +1,35 @@
-"""Whether a process is still there, by its pid."""
+"""Whether a process is still there, by its pid; and the CPU priority of the event loop's
+thread and of the processes a router starts.
+
+**The event loop's priority** (``server.loop_priority_boost``). A router's event loop runs
+every handler; gRPC's own threads (its event engine's and the completion-queue poller) only
+move bytes and events to and from it. On cores shared with Envoy, Triton and other
+processes, the loop waited for a CPU about as long as it ran (at 2× the KServe front door's
+knee on 2 cores: 8.4–8.8 s run and 8.0–8.6 s runnable-but-waiting in 18 s, its threads'
+``/proc/<pid>/task/<tid>/schedstat``), and calls waited in gRPC's transport meanwhile. So
+once serving, the loop's thread alone takes a few steps of niceness up
+(``boost_this_thread``): a thread's niceness is its own on Linux, so gRPC's threads, already
+started, keep theirs.
+
+**Children.** A process (and a thread) starts at the niceness of the thread that creates it,
+so a process the router starts after the boost (a Triton its supervisor restarts, Envoy, a
+BatchJobs child, ``--workers`` processes) would inherit the loop's. Each is started with
+``nice_prefix`` before its command instead: ``nice -n K`` puts it back at the process's own
+niceness (or ``gateway.priority_boost`` above it, for Envoy) at exec. Not a ``preexec_fn``:
+one makes ``subprocess`` fork() instead of vfork(), which runs gRPC's fork handlers in a
+process full of gRPC threads, and a child could die before exec (seen in CI: Envoy's
+``epoll_wait error: Bad file descriptor``).
+"""
 
 from __future__ import annotations
 
 import os
+import resource
+import shutil
+import threading
+
+_base_niceness: int | None = None
+"""The niceness the process ran at before ``boost_this_thread`` (None: no thread was boosted)."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -15,3 +42,61 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def thread_niceness() -> int:
+    """The calling thread's niceness (``getpriority`` of ``PRIO_PROCESS, 0`` is the thread's on Linux)."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def base_niceness() -> int:
+    """The process's own niceness: what it ran at before a thread of it was boosted."""
+    return thread_niceness() if _base_niceness is None else _base_niceness
+
+
+def may_raise_priority(niceness: int) -> bool:
+    """Whether this process may give a thread or child the (lower, stronger) ``niceness``:
+    RLIMIT_NICE allows it, or CAP_SYS_NICE, probed by raising this thread's priority and
+    putting it back."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or 20 - soft <= niceness:
+        return True
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except PermissionError:
+        return False
+    os.setpriority(os.PRIO_PROCESS, 0, current)
+    return True
+
+
+def boost_this_thread(steps: int) -> bool:
+    """Lower the calling thread's niceness by ``steps`` (a stronger CPU priority; at most -20).
+
+    Returns False, changing nothing, when ``steps`` is 0 or the process may not raise a
+    priority (it needs CAP_SYS_NICE, or an RLIMIT_NICE that allows it)."""
+    global _base_niceness
+    if steps <= 0:
+        return False
+    thread = threading.get_native_id()
+    base = os.getpriority(os.PRIO_PROCESS, thread)
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, max(-20, base - steps))
+    except PermissionError:
+        return False
+    if _base_niceness is None:
+        _base_niceness = base
+    return True
+
+
+def nice_prefix(above_base: int = 0) -> list[str]:
+    """The command prefix that starts a child ``above_base`` steps of niceness above (stronger
+    than) the process's own: ``["nice", "-n", str(K)]`` with K relative to the calling
+    thread's niceness, which the child inherits; nothing when K is 0 (or no ``nice`` is on
+    the PATH). The caller checks a stronger priority is permitted (``may_raise_priority``):
+    GNU ``nice`` runs the command anyway when it is not."""
+    adjustment = base_niceness() - above_base - thread_niceness()
+    nice = shutil.which("nice")
+    if adjustment == 0 or nice is None:
+        return []
+    return [nice, "-n", str(adjustment)]

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import pathlib
-import resource
 import secrets
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ import yaml
 
 from inferline.core.config import InferlineConfig
 from inferline.core.health_wait import wait_until_serving_async
+from inferline.core.processes import base_niceness, may_raise_priority, nice_prefix
 from inferline.gateway.render import render_envoy
 
 logger = logging.getLogger(__name__)
@@ -55,21 +55,6 @@ def ensure_gateway_secret(config: InferlineConfig, environ: dict[str, str] | os.
     """Make sure ``gateway.secret_env`` is set: one random secret for this process's router and its Envoy."""
     if not environ.get(config.gateway.secret_env):
         environ[config.gateway.secret_env] = secrets.token_urlsafe(32)
-
-
-def may_raise_priority(niceness: int) -> bool:
-    """Whether this process may give a child the (lower, stronger) ``niceness``: RLIMIT_NICE
-    allows it, or CAP_SYS_NICE, probed by raising a thread's priority and putting it back."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
-    if soft == resource.RLIM_INFINITY or 20 - soft <= niceness:
-        return True
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    except PermissionError:
-        return False
-    os.setpriority(os.PRIO_PROCESS, 0, current)
-    return True
 
 
 class EmbeddedGateway:
@@ -98,7 +83,6 @@ class EmbeddedGateway:
         self._config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
         self._tls = config.gateway.tls is not None
         self._priority_boost = config.gateway.priority_boost
-        self._nice = shutil.which("nice")
         self._warned = False
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -120,17 +104,18 @@ class EmbeddedGateway:
         return process
 
     def _boost(self) -> list[str]:
-        """``nice -n -N`` before Envoy's command (``gateway.priority_boost``), or nothing.
+        """``nice -n K`` before Envoy's command: ``gateway.priority_boost`` steps above the
+        router's own niceness (``inferline.core.processes.nice_prefix``: also when the calling
+        thread is the router's boosted event loop), or at it.
 
         Set by ``nice`` at exec, before Envoy starts its worker threads (a thread's niceness is
         its own on Linux: changing the process's afterwards would miss them). GNU ``nice`` runs
         the command even when it may not raise the priority, so the check is made here first:
         one warning, then Envoy at the router's priority.
         """
-        if self._priority_boost == 0 or self._nice is None:
-            return []
-        target = os.getpriority(os.PRIO_PROCESS, 0) - self._priority_boost
-        if not may_raise_priority(target):
+        if self._priority_boost == 0:
+            return nice_prefix()
+        if not may_raise_priority(base_niceness() - self._priority_boost):
             if not self._warned:
                 self._warned = True
                 logger.warning(
@@ -138,8 +123,8 @@ class EmbeddedGateway:
                     "router's CPU priority",
                     self._priority_boost,
                 )
-            return []
-        return [self._nice, "-n", str(-self._priority_boost)]
+            return nice_prefix()
+        return nice_prefix(self._priority_boost)
 
     async def start(self) -> None:
         """Start Envoy and wait until it forwards health checks to a router; then watch it."""

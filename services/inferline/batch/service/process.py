@@ -27,6 +27,7 @@ from inferline.batch.metrics import BatchMetrics
 from inferline.batch.output import ChunkRecord
 from inferline.batch.spec import BatchJobSpec
 from inferline.core.config import InferlineConfig
+from inferline.core.processes import nice_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ class JobProcess:
             asyncio.CancelledError: cancelled; the child is stopped first.
         """
         # The config goes through a pipe, never argv or the environment: it holds tenants' key hashes.
+        # Started by the router's boosted event loop: nice_prefix puts it back at the router's own
+        # priority, below which the child then sets the job's own.
         child = await asyncio.create_subprocess_exec(
+            *nice_prefix(),
             sys.executable,
             "-m",
             "inferline.batch.service.job_process",
