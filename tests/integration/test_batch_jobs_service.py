@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import os
 import pathlib
@@ -33,6 +34,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from inferline.batch import BatchJobSpec, run_batch
+from inferline.batch.output import OutputDir
+from inferline.batch.spec import Shard
 from inferline.core.config import load_config
 from inferline.core.processes import may_raise_priority
 from inferline.triton.launcher import TritonLauncher
@@ -287,6 +290,27 @@ def test_a_submitted_job_writes_what_batch_run_writes(
     assert_oracle_output(service.output_dir() / "first", oracle)
 
 
+@pytest.mark.parametrize(
+    ("view_scan", "scans"),
+    [(pb.BATCH_VIEW_SCAN_ALWAYS, 1), (pb.BATCH_VIEW_SCAN_NEVER, 0)],
+    ids=["always", "never"],
+)
+def test_a_job_reads_the_store_whole_as_its_spec_says(
+    service: Service, oracle: tuple[pd.DataFrame, str], view_scan: int, scans: int
+) -> None:
+    output = f"view-scan-{pb.BatchViewScan.Name(view_scan).lower()}"
+    submitted = submit(service, job_spec(output, view_scan=view_scan))
+    assert submitted.spec.view_scan == view_scan
+    job = wait_for_state(service, submitted.job_id, pb.BATCH_JOB_STATE_SUCCEEDED, pb.BATCH_JOB_STATE_FAILED)
+    assert job.state == pb.BATCH_JOB_STATE_SUCCEEDED, job.error
+    assert_oracle_output(service.output_dir() / output, oracle)  # the same scores either way
+    summary = json.loads(OutputDir(service.output_dir() / output, Shard().label, False).summary_path.read_text())
+    features = summary["this_run"]["features"]
+    assert features["view_scans"] == scans
+    assert (features["entities_scanned"] > 0) == bool(scans)
+    assert (features["entities_read"] > 0) == (not scans)  # a scanned store leaves nothing to read
+
+
 def test_tenants_see_and_cancel_only_their_own_jobs(service: Service) -> None:
     mine = submit(service, job_spec("mine", max_rows_per_s=SLOW_ROWS_PER_S))
     theirs = submit(service, job_spec("theirs", max_rows_per_s=SLOW_ROWS_PER_S), metadata=OTHER)
@@ -459,6 +483,7 @@ BAD_INPUTS: list[tuple[str, dict[str, object], str, str]] = [
     ("negative-deadline", {"deadline_s": -5.0}, "spec.deadline_s", "within"),
     ("year-deadline", {"deadline_s": 365 * 86400.0}, "spec.deadline_s", "within"),
     ("publish-memory-cache", {"publish_cache": True}, "spec.publish_cache", "score_cache.backend: redis"),
+    ("view-scan", {"view_scan": 9}, "spec.view_scan", "unknown view scan mode 9"),
 ]
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/batch_jobs.proto\x12\x0cinferline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x03\n\x0c\x42\x61tchJobSpec\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x15\n\rtraffic_class\x18\x07 \x01(\t\x12\x32\n\x08\x66\x65\x61tures\x18\x08 \x01(\x0e\x32 .inferline.v1.BatchFeatureSource\x12\x18\n\x10timestamp_column\x18\t \x01(\t\x12\x12\n\nchunk_rows\x18\n \x01(\r\x12\x14\n\x0crequest_rows\x18\x0b \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x0c \x01(\r\x12\x16\n\x0emax_rows_per_s\x18\r \x01(\x01\x12\x1b\n\x0eyield_queue_ms\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10yield_interval_s\x18\x0f \x01(\x01\x12\x15\n\rpublish_cache\x18\x10 \x01(\x08\x12\x12\n\ndeadline_s\x18\x11 \x01(\x01\x42\x11\n\x0f_yield_queue_ms\"\xb2\x03\n\x08\x42\x61tchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.inferline.v1.BatchJobSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.inferline.v1.BatchJobState\x12\x12\n\nrows_total\x18\x04 \x01(\x03\x12\x11\n\trows_done\x18\x05 \x01(\x03\x12\x13\n\x0brows_scored\x18\x06 \x01(\x03\x12\x12\n\nrow_errors\x18\x07 \x01(\x03\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x13\n\x0b\x65rrors_file\x18\t \x01(\t\x12\x0c\n\x04runs\x18\n \x01(\r\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x15SubmitBatchJobRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.inferline.v1.BatchJobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x16SubmitBatchJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.inferline.v1.BatchJob\"$\n\x12GetBatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x13GetBatchJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.inferline.v1.BatchJob\"j\n\x14ListBatchJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12+\n\x06states\x18\x03 \x03(\x0e\x32\x1b.inferline.v1.BatchJobState\"V\n\x15ListBatchJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.inferline.v1.BatchJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x15\x43\x61ncelBatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x16\x43\x61ncelBatchJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.inferline.v1.BatchJob*}\n\x12\x42\x61tchFeatureSource\x12$\n BATCH_FEATURE_SOURCE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42\x41TCH_FEATURE_SOURCE_ONLINE\x10\x01\x12 \n\x1c\x42\x41TCH_FEATURE_SOURCE_OFFLINE\x10\x02*\xc3\x01\n\rBatchJobState\x12\x1f\n\x1b\x42\x41TCH_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41TCH_JOB_STATE_QUEUED\x10\x01\x12\x1b\n\x17\x42\x41TCH_JOB_STATE_RUNNING\x10\x02\x12\x1d\n\x19\x42\x41TCH_JOB_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16\x42\x41TCH_JOB_STATE_FAILED\x10\x04\x12\x1d\n\x19\x42\x41TCH_JOB_STATE_CANCELLED\x10\x05\x32\xf3\x02\n\tBatchJobs\x12[\n\x0eSubmitBatchJob\x12#.inferline.v1.SubmitBatchJobRequest\x1a$.inferline.v1.SubmitBatchJobResponse\x12R\n\x0bGetBatchJob\x12 .inferline.v1.GetBatchJobRequest\x1a!.inferline.v1.GetBatchJobResponse\x12X\n\rListBatchJobs\x12\".inferline.v1.ListBatchJobsRequest\x1a#.inferline.v1.ListBatchJobsResponse\x12[\n\x0e\x43\x61ncelBatchJob\x12#.inferline.v1.CancelBatchJobRequest\x1a$.inferline.v1.CancelBatchJobResponseB\x97\x01\n\x0fio.inferline.v1B\x0e\x42\x61tchJobsProtoP\x01Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\xa2\x02\x03IXX\xaa\x02\x0cInferline.V1\xca\x02\x0cInferline\\V1\xea\x02\rInferline::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/batch_jobs.proto\x12\x0cinferline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x03\n\x0c\x42\x61tchJobSpec\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x15\n\rtraffic_class\x18\x07 \x01(\t\x12\x32\n\x08\x66\x65\x61tures\x18\x08 \x01(\x0e\x32 .inferline.v1.BatchFeatureSource\x12\x18\n\x10timestamp_column\x18\t \x01(\t\x12\x12\n\nchunk_rows\x18\n \x01(\r\x12\x14\n\x0crequest_rows\x18\x0b \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x0c \x01(\r\x12\x16\n\x0emax_rows_per_s\x18\r \x01(\x01\x12\x1b\n\x0eyield_queue_ms\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10yield_interval_s\x18\x0f \x01(\x01\x12\x15\n\rpublish_cache\x18\x10 \x01(\x08\x12\x12\n\ndeadline_s\x18\x11 \x01(\x01\x12.\n\tview_scan\x18\x12 \x01(\x0e\x32\x1b.inferline.v1.BatchViewScanB\x11\n\x0f_yield_queue_ms\"\xb2\x03\n\x08\x42\x61tchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.inferline.v1.BatchJobSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.inferline.v1.BatchJobState\x12\x12\n\nrows_total\x18\x04 \x01(\x03\x12\x11\n\trows_done\x18\x05 \x01(\x03\x12\x13\n\x0brows_scored\x18\x06 \x01(\x03\x12\x12\n\nrow_errors\x18\x07 \x01(\x03\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x13\n\x0b\x65rrors_file\x18\t \x01(\t\x12\x0c\n\x04runs\x18\n \x01(\r\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x15SubmitBatchJobRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.inferline.v1.BatchJobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x16SubmitBatchJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.inferline.v1.BatchJob\"$\n\x12GetBatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x13GetBatchJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.inferline.v1.BatchJob\"j\n\x14ListBatchJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12+\n\x06states\x18\x03 \x03(\x0e\x32\x1b.inferline.v1.BatchJobState\"V\n\x15ListBatchJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.inferline.v1.BatchJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x15\x43\x61ncelBatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x16\x43\x61ncelBatchJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.inferline.v1.BatchJob*}\n\x12\x42\x61tchFeatureSource\x12$\n BATCH_FEATURE_SOURCE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42\x41TCH_FEATURE_SOURCE_ONLINE\x10\x01\x12 \n\x1c\x42\x41TCH_FEATURE_SOURCE_OFFLINE\x10\x02*\x81\x01\n\rBatchViewScan\x12\x1f\n\x1b\x42\x41TCH_VIEW_SCAN_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TCH_VIEW_SCAN_AUTO\x10\x01\x12\x1a\n\x16\x42\x41TCH_VIEW_SCAN_ALWAYS\x10\x02\x12\x19\n\x15\x42\x41TCH_VIEW_SCAN_NEVER\x10\x03*\xc3\x01\n\rBatchJobState\x12\x1f\n\x1b\x42\x41TCH_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41TCH_JOB_STATE_QUEUED\x10\x01\x12\x1b\n\x17\x42\x41TCH_JOB_STATE_RUNNING\x10\x02\x12\x1d\n\x19\x42\x41TCH_JOB_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16\x42\x41TCH_JOB_STATE_FAILED\x10\x04\x12\x1d\n\x19\x42\x41TCH_JOB_STATE_CANCELLED\x10\x05\x32\xf3\x02\n\tBatchJobs\x12[\n\x0eSubmitBatchJob\x12#.inferline.v1.SubmitBatchJobRequest\x1a$.inferline.v1.SubmitBatchJobResponse\x12R\n\x0bGetBatchJob\x12 .inferline.v1.GetBatchJobRequest\x1a!.inferline.v1.GetBatchJobResponse\x12X\n\rListBatchJobs\x12\".inferline.v1.ListBatchJobsRequest\x1a#.inferline.v1.ListBatchJobsResponse\x12[\n\x0e\x43\x61ncelBatchJob\x12#.inferline.v1.CancelBatchJobRequest\x1a$.inferline.v1.CancelBatchJobResponseB\x97\x01\n\x0fio.inferline.v1B\x0e\x42\x61tchJobsProtoP\x01Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\xa2\x02\x03IXX\xaa\x02\x0cInferline.V1\xca\x02\x0cInferline\\V1\xea\x02\rInferline::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferline.v1.batch_jobs_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017io.inferline.v1B\016BatchJobsProtoP\001Z>github.com/inferline/inferline/gen/go/inferline/v1;inferlinev1\242\002\003IXX\252\002\014Inferline.V1\312\002\014Inferline\\V1\352\002\rInferline::V1'
-  _globals['_BATCHFEATURESOURCE']._serialized_start=1491
-  _globals['_BATCHFEATURESOURCE']._serialized_end=1616
-  _globals['_BATCHJOBSTATE']._serialized_start=1619
-  _globals['_BATCHJOBSTATE']._serialized_end=1814
+  _globals['_BATCHFEATURESOURCE']._serialized_start=1539
+  _globals['_BATCHFEATURESOURCE']._serialized_end=1664
+  _globals['_BATCHVIEWSCAN']._serialized_start=1667
+  _globals['_BATCHVIEWSCAN']._serialized_end=1796
+  _globals['_BATCHJOBSTATE']._serialized_start=1799
+  _globals['_BATCHJOBSTATE']._serialized_end=1994
   _globals['_BATCHJOBSPEC']._serialized_start=81
-  _globals['_BATCHJOBSPEC']._serialized_end=504
-  _globals['_BATCHJOB']._serialized_start=507
-  _globals['_BATCHJOB']._serialized_end=941
-  _globals['_SUBMITBATCHJOBREQUEST']._serialized_start=943
-  _globals['_SUBMITBATCHJOBREQUEST']._serialized_end=1028
-  _globals['_SUBMITBATCHJOBRESPONSE']._serialized_start=1030
-  _globals['_SUBMITBATCHJOBRESPONSE']._serialized_end=1091
-  _globals['_GETBATCHJOBREQUEST']._serialized_start=1093
-  _globals['_GETBATCHJOBREQUEST']._serialized_end=1129
-  _globals['_GETBATCHJOBRESPONSE']._serialized_start=1131
-  _globals['_GETBATCHJOBRESPONSE']._serialized_end=1189
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=1191
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=1297
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=1299
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=1385
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=1387
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=1426
-  _globals['_CANCELBATCHJOBRESPONSE']._serialized_start=1428
-  _globals['_CANCELBATCHJOBRESPONSE']._serialized_end=1489
-  _globals['_BATCHJOBS']._serialized_start=1817
-  _globals['_BATCHJOBS']._serialized_end=2188
+  _globals['_BATCHJOBSPEC']._serialized_end=552
+  _globals['_BATCHJOB']._serialized_start=555
+  _globals['_BATCHJOB']._serialized_end=989
+  _globals['_SUBMITBATCHJOBREQUEST']._serialized_start=991
+  _globals['_SUBMITBATCHJOBREQUEST']._serialized_end=1076
+  _globals['_SUBMITBATCHJOBRESPONSE']._serialized_start=1078
+  _globals['_SUBMITBATCHJOBRESPONSE']._serialized_end=1139
+  _globals['_GETBATCHJOBREQUEST']._serialized_start=1141
+  _globals['_GETBATCHJOBREQUEST']._serialized_end=1177
+  _globals['_GETBATCHJOBRESPONSE']._serialized_start=1179
+  _globals['_GETBATCHJOBRESPONSE']._serialized_end=1237
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=1239
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=1345
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=1347
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=1433
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=1435
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=1474
+  _globals['_CANCELBATCHJOBRESPONSE']._serialized_start=1476
+  _globals['_CANCELBATCHJOBRESPONSE']._serialized_end=1537
+  _globals['_BATCHJOBS']._serialized_start=1997
+  _globals['_BATCHJOBS']._serialized_end=2368
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,38 @@ BATCH_FEATURE_SOURCE_OFFLINE: BatchFeatureSource.ValueType  # 2
 """The offline store as of each row's event time (needs an event-time column)."""
 Global___BatchFeatureSource: _TypeAlias = BatchFeatureSource  # noqa: Y015
 
+class _BatchViewScan:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchViewScanEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchViewScan.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_VIEW_SCAN_UNSPECIFIED: _BatchViewScan.ValueType  # 0
+    """As AUTO."""
+    BATCH_VIEW_SCAN_AUTO: _BatchViewScan.ValueType  # 1
+    """When the rows still to score are at least twice the entities the views hold."""
+    BATCH_VIEW_SCAN_ALWAYS: _BatchViewScan.ValueType  # 2
+    """Whenever the views can be read so."""
+    BATCH_VIEW_SCAN_NEVER: _BatchViewScan.ValueType  # 3
+    """Never: entities are read as the rows ask for them."""
+
+class BatchViewScan(_BatchViewScan, metaclass=_BatchViewScanEnumTypeWrapper):
+    """BatchViewScan says when a job with online features reads its route's feature views
+    whole (each view's table straight through) instead of a thousand entities a read.
+    Only views on Feast's SQLite store, of no more entities than the server's job cache
+    holds, can be read so; others are read a thousand entities at a time whatever is set.
+    """
+
+BATCH_VIEW_SCAN_UNSPECIFIED: BatchViewScan.ValueType  # 0
+"""As AUTO."""
+BATCH_VIEW_SCAN_AUTO: BatchViewScan.ValueType  # 1
+"""When the rows still to score are at least twice the entities the views hold."""
+BATCH_VIEW_SCAN_ALWAYS: BatchViewScan.ValueType  # 2
+"""Whenever the views can be read so."""
+BATCH_VIEW_SCAN_NEVER: BatchViewScan.ValueType  # 3
+"""Never: entities are read as the rows ask for them."""
+Global___BatchViewScan: _TypeAlias = BatchViewScan  # noqa: Y015
+
 class _BatchJobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -103,6 +135,7 @@ class BatchJobSpec(_message.Message):
     YIELD_INTERVAL_S_FIELD_NUMBER: _builtins.int
     PUBLISH_CACHE_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
+    VIEW_SCAN_FIELD_NUMBER: _builtins.int
     route: _builtins.str
     """Route whose features, model variants and post-processing score the rows; the
     tenant must be allowed it (PERMISSION_DENIED), and it must exist (NOT_FOUND).
@@ -152,6 +185,8 @@ class BatchJobSpec(_message.Message):
     full-quality variant whose rate, measured on Triton when the run starts, keeps it
     (0: the cheapest ready variant). At most 30 days.
     """
+    view_scan: Global___BatchViewScan.ValueType
+    """When the route's feature views are read whole (`--view-scan`); unspecified: AUTO."""
     def __init__(
         self,
         *,
@@ -172,10 +207,11 @@ class BatchJobSpec(_message.Message):
         yield_interval_s: _builtins.float = ...,
         publish_cache: _builtins.bool = ...,
         deadline_s: _builtins.float = ...,
+        view_scan: Global___BatchViewScan.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms", "yield_queue_ms", b"yield_queue_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms", "chunk_rows", b"chunk_rows", "concurrency", b"concurrency", "deadline_s", b"deadline_s", "features", b"features", "input", b"input", "max_rows_per_s", b"max_rows_per_s", "output", b"output", "publish_cache", b"publish_cache", "request_rows", b"request_rows", "resume", b"resume", "route", b"route", "shard_count", b"shard_count", "shard_index", b"shard_index", "timestamp_column", b"timestamp_column", "traffic_class", b"traffic_class", "yield_interval_s", b"yield_interval_s", "yield_queue_ms", b"yield_queue_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms", "chunk_rows", b"chunk_rows", "concurrency", b"concurrency", "deadline_s", b"deadline_s", "features", b"features", "input", b"input", "max_rows_per_s", b"max_rows_per_s", "output", b"output", "publish_cache", b"publish_cache", "request_rows", b"request_rows", "resume", b"resume", "route", b"route", "shard_count", b"shard_count", "shard_index", b"shard_index", "timestamp_column", b"timestamp_column", "traffic_class", b"traffic_class", "view_scan", b"view_scan", "yield_interval_s", b"yield_interval_s", "yield_queue_ms", b"yield_queue_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__yield_queue_ms: _TypeAlias = _typing.Literal["yield_queue_ms"]  # noqa: Y015
     _WhichOneofArgType__yield_queue_ms: _TypeAlias = _typing.Literal["_yield_queue_ms", b"_yield_queue_ms"]  # noqa: Y015

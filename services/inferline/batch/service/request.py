@@ -44,6 +44,12 @@ _FEATURES = {
     pb.BATCH_FEATURE_SOURCE_ONLINE: "online",
     pb.BATCH_FEATURE_SOURCE_OFFLINE: "offline",
 }
+_VIEW_SCAN = {
+    pb.BATCH_VIEW_SCAN_UNSPECIFIED: "auto",
+    pb.BATCH_VIEW_SCAN_AUTO: "auto",
+    pb.BATCH_VIEW_SCAN_ALWAYS: "always",
+    pb.BATCH_VIEW_SCAN_NEVER: "never",
+}
 _FIELD_OF_MESSAGE = (
     ("--features offline", "spec.features"),
     ("--publish-cache", "spec.publish_cache"),
@@ -119,6 +125,8 @@ def check_options(
     _text("spec.timestamp_column", spec.timestamp_column, MAX_NAME_CHARS)
     if spec.features not in _FEATURES:
         raise InvalidInput("spec.features", f"unknown feature source {spec.features}")
+    if spec.view_scan not in _VIEW_SCAN:
+        raise InvalidInput("spec.view_scan", f"unknown view scan mode {spec.view_scan}")
     options: dict[str, Any] = {
         "route": spec.route,
         "shard": Shard(index=spec.shard_index, count=count),
@@ -126,6 +134,7 @@ def check_options(
         "traffic_class": traffic_class,
         "features_from": _FEATURES[spec.features],
         "timestamp_column": spec.timestamp_column or None,
+        "view_scan": _VIEW_SCAN[spec.view_scan],
     }
     if spec.chunk_rows:
         options["chunk_rows"] = spec.chunk_rows
