@@ -83,6 +83,17 @@ async def test_failed_requests_are_retried() -> None:
     scorer = BatchScorer(executor, TARGET, PostprocessConfig(), concurrency=1, timeout_s=5, attempts=3)
     await scorer.score(rows(3))
     assert scorer.retries == 2
+    assert len(executor.calls) == 3  # the bare first attempt and two by tenacity
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_a_request_is_tried_exactly_attempts_times(attempts: int) -> None:
+    executor = FakeExecutor(failures=10)
+    scorer = BatchScorer(executor, TARGET, PostprocessConfig(), concurrency=1, timeout_s=5, attempts=attempts)
+    plural = "attempt" if attempts == 1 else "attempts"
+    with pytest.raises(BatchJobFailed, match=f"{attempts} {plural} failed, last: queue full"):
+        await scorer.score(rows(3))
+    assert (len(executor.calls), scorer.retries) == (attempts, attempts - 1)
 
 
 async def test_the_job_stops_when_the_attempts_run_out() -> None:

@@ -88,6 +88,56 @@ async def test_a_lower_limit_takes_effect_as_permits_come_back() -> None:
     assert inside == [1, 2, 1]
 
 
+async def test_permits_go_to_waiters_first_come_first_served() -> None:
+    gate = AdjustableGate(1)
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        async with gate:
+            order.append(i)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(take(i) for i in range(20)))
+    assert order == list(range(20))
+    assert gate.held == 0
+
+
+async def test_a_cancelled_waiter_takes_no_permit_and_one_granted_as_it_is_cancelled_passes_it_on() -> None:
+    gate = AdjustableGate(1)
+    release = asyncio.Event()
+    entered: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with gate:
+            entered.append(name)
+            await release.wait()
+
+    async def hold_then_cancel_the_next() -> None:
+        async with gate:
+            entered.append("holder")
+            await release.wait()
+        # The permit was just handed to "granted-then-cancelled", which has not run yet.
+        waiting[1].cancel()
+
+    holder = asyncio.create_task(hold_then_cancel_the_next())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    waiting = [asyncio.create_task(hold(name)) for name in ("cancelled", "granted-then-cancelled", "last")]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    waiting[0].cancel()  # still queued: it leaves the queue
+    await asyncio.gather(waiting[0], return_exceptions=True)
+    assert gate.held == 1
+    release.set()
+    await holder
+    await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)  # "last" got the permit
+    assert [task.cancelled() for task in waiting] == [True, True, False]
+    assert entered == ["holder", "last"]
+    assert gate.held == 0
+    async with gate:  # nothing leaked: the one permit is free
+        assert gate.held == 1
+
+
 async def test_the_routers_wait_is_its_peak_since_the_last_sample() -> None:
     wait = RouterQueueWait()
     assert await wait.sample() is None  # nothing told yet

@@ -29,6 +29,10 @@ from inferline.triton.executor import ModelCallFailed, ModelExecutor
 
 logger = logging.getLogger(__name__)
 
+RETRY_WAIT_S = 0.1
+"""Wait before a failed request's first retry; it doubles each retry after."""
+MAX_RETRY_WAIT_S = 5.0
+
 
 @dataclass(frozen=True)
 class ModelTarget:
@@ -126,31 +130,47 @@ class BatchScorer:
         return Scored(scores.astype(np.float32), valid, version)
 
     async def _one(self, rows: npt.NDArray[np.float32], target: ModelTarget) -> tuple[npt.NDArray[np.float32], str]:
+        # The first attempt runs bare, tenacity only once it has failed: nearly every request
+        # succeeds first time, and tenacity's state per request cost ~8 % of a batch job's
+        # event-loop time (py-spy, 1M rows), which is what feeds Triton.
+        try:
+            return await self._attempt(rows, target)
+        except ModelCallFailed as err:
+            if self._attempts <= 1:
+                raise BatchJobFailed(f"model {target.model}: 1 attempt failed, last: {err}") from err
+        self._count_retry(None)
+        await asyncio.sleep(RETRY_WAIT_S)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(ModelCallFailed),
-            stop=stop_after_attempt(self._attempts),
-            wait=wait_exponential(multiplier=0.1, max=5.0),
+            stop=stop_after_attempt(self._attempts - 1),
+            # Waits of 0.1 s (above), then 0.2, 0.4, … s, at most 5 s.
+            wait=wait_exponential(multiplier=2 * RETRY_WAIT_S, max=MAX_RETRY_WAIT_S),
             reraise=True,
             before_sleep=self._count_retry,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._rate.acquire(rows.shape[0])
-                    async with self._slots:
-                        self.requests += 1
-                        result = await self._executor.infer(
-                            target.model,
-                            rows,
-                            deadline=Deadline.after(self._timeout_s),
-                            priority=target.priority,
-                            input_name=target.input_name,
-                            output_name=target.output_name,
-                        )
-                    return np.asarray(result.scores, dtype=np.float32), result.model_version
+                    return await self._attempt(rows, target)
         except ModelCallFailed as err:
             raise BatchJobFailed(f"model {target.model}: {self._attempts} attempts failed, last: {err}") from err
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _attempt(
+        self, rows: npt.NDArray[np.float32], target: ModelTarget
+    ) -> tuple[npt.NDArray[np.float32], str]:
+        await self._rate.acquire(rows.shape[0])
+        async with self._slots:
+            self.requests += 1
+            result = await self._executor.infer(
+                target.model,
+                rows,
+                deadline=Deadline.after(self._timeout_s),
+                priority=target.priority,
+                input_name=target.input_name,
+                output_name=target.output_name,
+            )
+        return np.asarray(result.scores, dtype=np.float32), result.model_version
 
     def _count_retry(self, state: object) -> None:
         self.retries += 1
