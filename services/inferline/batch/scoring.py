@@ -156,9 +156,7 @@ class BatchScorer:
             raise BatchJobFailed(f"model {target.model}: {self._attempts} attempts failed, last: {err}") from err
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    async def _attempt(
-        self, rows: npt.NDArray[np.float32], target: ModelTarget
-    ) -> tuple[npt.NDArray[np.float32], str]:
+    async def _attempt(self, rows: npt.NDArray[np.float32], target: ModelTarget) -> tuple[npt.NDArray[np.float32], str]:
         await self._rate.acquire(rows.shape[0])
         async with self._slots:
             self.requests += 1
