@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inferline.batch.entity_rows import EntityRowCache
 from inferline.batch.job import defaulted_names
@@ -17,12 +19,17 @@ class Clock:
         return self.now
 
 
+INDEXES = pytest.mark.parametrize("int_ids", [True, False], ids=["int-ids", "any-ids"])
+"""Int64 ids found by binary search (``_IntSlots``), or any ids through a dict."""
+
+
 def rows(*values: float) -> np.ndarray:
     return np.array([[v, v + 0.5] for v in values], dtype=np.float32)
 
 
-def test_stored_rows_come_back_and_others_miss() -> None:
-    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=Clock())
+@INDEXES
+def test_stored_rows_come_back_and_others_miss(int_ids: bool) -> None:
+    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=Clock(), int_ids=int_ids)
     cache.store([1, 2], rows(1, 2))
     got, hit = cache.lookup([2, 3, 1])
     assert hit.tolist() == [True, False, True]
@@ -38,9 +45,10 @@ def test_string_ids_and_all_nan_rows_are_cached() -> None:
     assert hit.tolist() == [True, True, False]  # an entity the store lacks is not read again
 
 
-def test_rows_expire_after_the_ttl_and_a_new_read_restarts_it() -> None:
+@INDEXES
+def test_rows_expire_after_the_ttl_and_a_new_read_restarts_it(int_ids: bool) -> None:
     clock = Clock()
-    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=clock)
+    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=clock, int_ids=int_ids)
     cache.store([1, 2], rows(1, 2))
     clock.now += 20
     cache.store([2], rows(9))  # re-read: new value, new TTL
@@ -51,9 +59,10 @@ def test_rows_expire_after_the_ttl_and_a_new_read_restarts_it() -> None:
     assert len(cache) == 2
 
 
-def test_past_the_bound_the_oldest_rows_go() -> None:
+@INDEXES
+def test_past_the_bound_the_oldest_rows_go(int_ids: bool) -> None:
     clock = Clock()
-    cache = EntityRowCache(ttl_s=1000, max_entities=4, width=2, timer=clock)
+    cache = EntityRowCache(ttl_s=1000, max_entities=4, width=2, timer=clock, int_ids=int_ids)
     for entity in range(4):
         cache.store([entity], rows(entity))
         clock.now += 1
@@ -64,8 +73,9 @@ def test_past_the_bound_the_oldest_rows_go() -> None:
     np.testing.assert_array_equal(got[2:], rows(2, 3, 10, 11))
 
 
-def test_more_new_rows_than_the_bound_keeps_the_bound() -> None:
-    cache = EntityRowCache(ttl_s=1000, max_entities=3, width=2, timer=Clock())
+@INDEXES
+def test_more_new_rows_than_the_bound_keeps_the_bound(int_ids: bool) -> None:
+    cache = EntityRowCache(ttl_s=1000, max_entities=3, width=2, timer=Clock(), int_ids=int_ids)
     cache.store([1], rows(1))
     cache.store([5, 6, 7, 8, 9], rows(5, 6, 7, 8, 9))
     assert len(cache) == 3
@@ -92,9 +102,10 @@ def test_defaulted_names_per_row() -> None:
     assert defaulted_names(wide, names).to_pylist() == want
 
 
-def test_a_whole_store_read_replaces_every_row_and_keeps_all_of_its_own() -> None:
+@INDEXES
+def test_a_whole_store_read_replaces_every_row_and_keeps_all_of_its_own(int_ids: bool) -> None:
     clock = Clock()
-    cache = EntityRowCache(ttl_s=30, max_entities=4, width=2, timer=clock)
+    cache = EntityRowCache(ttl_s=30, max_entities=4, width=2, timer=clock, int_ids=int_ids)
     cache.store([1, 2, 3], rows(1, 2, 3))
     clock.now += 10
     # Four rows into a cache of four that holds three: store() would drop the older half at once.
@@ -106,9 +117,54 @@ def test_a_whole_store_read_replaces_every_row_and_keeps_all_of_its_own() -> Non
     assert cache.lookup([6])[1].tolist() == [True]  # a new TTL from the replace
 
 
-def test_a_whole_store_read_larger_than_the_cache_leaves_it_as_it_was() -> None:
-    cache = EntityRowCache(ttl_s=30, max_entities=2, width=2, timer=Clock())
+@INDEXES
+def test_a_whole_store_read_larger_than_the_cache_leaves_it_as_it_was(int_ids: bool) -> None:
+    cache = EntityRowCache(ttl_s=30, max_entities=2, width=2, timer=Clock(), int_ids=int_ids)
     cache.store([1], rows(1))
     assert not cache.replace([2, 3, 4], rows(2, 3, 4))
     assert cache.lookup([1, 2])[1].tolist() == [True, False]
-    assert not EntityRowCache(ttl_s=0, max_entities=2, width=2).replace([1], rows(1))  # caching off
+    assert not EntityRowCache(ttl_s=0, max_entities=2, width=2, int_ids=int_ids).replace([1], rows(1))  # caching off
+
+
+def test_int_ids_from_arrays_lists_and_either_end_of_int64() -> None:
+    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=Clock(), int_ids=True)
+    extremes = np.array([2**63 - 1, -(2**63), 0, -5], dtype=np.int64)
+    cache.store(extremes, rows(1, 2, 3, 4))
+    got, hit = cache.lookup([-5, 7, 2**63 - 1, -(2**63) + 1])  # a list: ids as the job's callers pass them too
+    assert hit.tolist() == [True, False, True, False]
+    np.testing.assert_array_equal(got[[0, 2]], rows(4, 1))
+    assert not cache.lookup(np.array([], dtype=np.int64))[1].size
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["store", "replace", "lookup", "tick"]),
+            st.lists(st.integers(-50, 50), max_size=12, unique=True),
+        ),
+        max_size=30,
+    )
+)
+def test_int_ids_answer_as_the_dict_does(operations: list[tuple[str, list[int]]]) -> None:
+    """Any sequence of stores, replaces, lookups and time passing: both indexes agree."""
+    clocks = Clock(), Clock()
+    caches = [
+        EntityRowCache(ttl_s=5, max_entities=16, width=2, timer=c, int_ids=i)
+        for c, i in zip(clocks, (True, False), strict=True)
+    ]
+    for step, (operation, ids) in enumerate(operations):
+        values = rows(*(float(step * 100 + i) for i in ids)) if ids else np.empty((0, 2), np.float32)
+        if operation == "tick":
+            for clock in clocks:
+                clock.now += 1
+            continue
+        answers = []
+        for cache in caches:
+            if operation == "store":
+                cache.store(ids, values)
+            elif operation == "replace":
+                answers.append(cache.replace(ids, values))
+            got, hit = cache.lookup(ids)
+            answers.append((hit.tolist(), np.nan_to_num(got, nan=-1).tolist(), len(cache)))
+        assert answers[: len(answers) // 2] == answers[len(answers) // 2 :]

@@ -86,8 +86,10 @@ class BatchFeatures:
             self._online = FeastOnlineStore(store.feast_repo, inline_small_reads=False)
         # The online path's hot-cache settings: an entity met again within the TTL (a file of
         # rows per trip, not per driver) is not read from the store again.
-        self._cache = EntityRowCache(store.hot_cache_ttl_s, store.hot_cache_max_entities, len(self._refs))
         self._string_ids = route.entity.type == "string"
+        self._cache = EntityRowCache(
+            store.hot_cache_ttl_s, store.hot_cache_max_entities, len(self._refs), int_ids=not self._string_ids
+        )
         self._scan_policy = ScanPolicy(scan, store.hot_cache_ttl_s, store.hot_cache_max_entities)
         self._scan_lock = asyncio.Lock()
         self._rows_left = rows
@@ -140,12 +142,11 @@ class BatchFeatures:
             self._rows_left -= len(ids)
         # One vectorised pass for the distinct ids and each row's position among them.
         codes, distinct = pd.factorize(np.asarray(ids, dtype=object if self._string_ids else np.int64))
-        unique: list[EntityId] = distinct.tolist()
-        table, hit = self._cache.lookup(unique)
+        table, hit = self._cache.lookup(distinct)
         missing_at = np.flatnonzero(~hit)
         if self._scan_policy.fresh():  # the store was read whole: what it did not hold, it does not hold
             missing_at = missing_at[:0]
-        missing = [unique[i] for i in missing_at.tolist()]
+        missing: list[EntityId] = distinct[missing_at].tolist()
         step = ONLINE_READ_ENTITIES
         parts = [missing[start : start + step] for start in range(0, len(missing), step)]
         if self._pool is not None:
