@@ -43,3 +43,35 @@ def test_descendants_reach_the_grandchildren_and_memory_sums_over_them() -> None
         child.wait(timeout=WITHIN_S)
         child.stdout.close()
     assert descendants(child.pid) == {child.pid}  # gone: nothing below it
+
+
+# A child that, told on stdin, takes 200 MB (touched, so resident), says so, and waits.
+_GROWER = (
+    "import sys; sys.stdin.readline(); block = bytearray(200 * 2**20); "
+    "block[:: 4096] = b'x' * len(block[:: 4096]); print('grown', flush=True); sys.stdin.read()"
+)
+
+
+def test_pss_is_read_again_when_the_tree_grows_not_only_on_its_interval() -> None:
+    child = subprocess.Popen([sys.executable, "-c", _GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdin is not None
+    memory = TreeMemory(child.pid, interval_s=0.01, pss_interval_s=3600)  # by its interval: the first reading only
+    try:
+        memory.start()
+        deadline = time.monotonic() + WITHIN_S
+        while not memory.peak_pss:
+            assert time.monotonic() < deadline, "no first PSS reading within the wait"
+            memory.join(0.01)
+        before = memory.peak_pss
+        child.stdin.write("grow\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "grown"
+        while memory.peak_pss < before + 150 * 2**20:
+            assert time.monotonic() < deadline, f"PSS {memory.peak_pss} never read again after 200 MB more"
+            memory.join(0.01)
+        assert memory.peak_rss >= memory.peak_pss
+    finally:
+        memory.stop()
+        child.stdin.close()
+        child.wait(timeout=WITHIN_S)
+        child.stdout.close()
