@@ -69,7 +69,9 @@ def test_pss_is_read_again_when_the_tree_grows_not_only_on_its_interval() -> Non
         while memory.peak_pss < before + 150 * 2**20:
             assert time.monotonic() < deadline, f"PSS {memory.peak_pss} never read again after 200 MB more"
             memory.join(0.01)
-        assert memory.peak_rss >= memory.peak_pss
+        # RSS saw the growth too (not compared with PSS: statm's counters lag the page walk's
+        # by up to a few pages per thread, so a reading of one may pass the other's).
+        assert memory.peak_rss >= before + 150 * 2**20
     finally:
         memory.stop()
         child.stdin.close()
