@@ -32,6 +32,11 @@ Ids = Sequence[EntityId] | npt.NDArray[Any]
 """A chunk's entity ids: a list, or an array (int64, or object for strings)."""
 
 
+def _as_list(ids: Ids) -> Sequence[EntityId]:
+    """``ids`` as Python objects, as a dict is keyed (an array's items would be NumPy scalars)."""
+    return ids.tolist() if isinstance(ids, np.ndarray) else ids
+
+
 class _DictSlots:
     """Slots by id in a dict, for ids of any kind (strings): one Python lookup per id, through
     ``map`` (no Python frame per id)."""
@@ -43,16 +48,15 @@ class _DictSlots:
         return len(self._slots)
 
     def find(self, ids: Ids) -> npt.NDArray[np.int64]:
-        keys = ids.tolist() if isinstance(ids, np.ndarray) else ids
+        keys = _as_list(ids)
         return np.fromiter(map(self._slots.get, keys, itertools.repeat(_ABSENT)), dtype=np.int64, count=len(keys))
 
     def add(self, ids: Ids, slots: npt.NDArray[np.int64]) -> None:
-        keys = ids.tolist() if isinstance(ids, np.ndarray) else ids
-        self._slots.update(zip(keys, slots.tolist(), strict=True))
+        self._slots.update(zip(_as_list(ids), slots.tolist(), strict=True))
 
     def reset(self, ids: Ids) -> None:
         """Hold exactly ``ids``, at slots 0, 1, …"""
-        keys = ids.tolist() if isinstance(ids, np.ndarray) else ids
+        keys = _as_list(ids)
         self._slots = dict(zip(keys, range(len(keys)), strict=True))
 
 
@@ -82,8 +86,9 @@ class _IntSlots:
         """``ids``: distinct, none held yet."""
         new = np.asarray(ids, dtype=np.int64)
         order = np.argsort(new, kind="stable")
-        at = np.searchsorted(self._keys, new[order])
-        self._keys = np.insert(self._keys, at, new[order])
+        new_sorted = new[order]
+        at = np.searchsorted(self._keys, new_sorted)
+        self._keys = np.insert(self._keys, at, new_sorted)
         self._slots = np.insert(self._slots, at, slots[order])
 
     def reset(self, ids: Ids) -> None:

@@ -72,11 +72,12 @@ class TreeMemory(threading.Thread):
         tree: set[int] = set()
         while not self._stopped.wait(self._interval_s):
             now = time.monotonic()
-            if now - pss_at >= self._pss_interval_s or not tree:
+            pss_due = now - pss_at >= self._pss_interval_s
+            if pss_due or not tree:
                 tree = descendants(self._root)  # a walk of every thread's children: as seldom as PSS
             rss = sum(_rss(pid) for pid in tree)
             self.peak_rss = max(self.peak_rss, rss)
-            if now - pss_at >= self._pss_interval_s or rss > pss_rss * (1 + self._pss_on_growth):
+            if pss_due or rss > pss_rss * (1 + self._pss_on_growth):
                 pss_at, pss_rss = now, rss
                 self.peak_pss = max(self.peak_pss, sum(_pss(pid) for pid in tree))
 

@@ -61,7 +61,7 @@ def may_raise_priority(niceness: int) -> bool:
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     if soft == resource.RLIM_INFINITY or 20 - soft <= niceness:
         return True
-    current = os.getpriority(os.PRIO_PROCESS, 0)
+    current = thread_niceness()
     try:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
     except PermissionError:
@@ -78,10 +78,9 @@ def boost_this_thread(steps: int) -> bool:
     global _base_niceness
     if steps <= 0:
         return False
-    thread = threading.get_native_id()
-    base = os.getpriority(os.PRIO_PROCESS, thread)
+    base = thread_niceness()
     try:
-        os.setpriority(os.PRIO_PROCESS, thread, max(-20, base - steps))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(-20, base - steps))
     except PermissionError:
         return False
     if _base_niceness is None:
