@@ -420,6 +420,10 @@ def gateway_render(
     router: Annotated[
         list[str] | None, typer.Option(help="router host:port, repeatable (default gateway.routers)")
     ] = None,
+    protected_router: Annotated[
+        list[str] | None,
+        typer.Option(help="host:port of a protected lane's router, repeatable (default gateway.protected_routers)"),
+    ] = None,
 ) -> None:
     """Render the Envoy bootstrap (envoy -c FILE) that sheds gateway.shed classes before the router."""
     import yaml
@@ -427,7 +431,10 @@ def gateway_render(
     from inferline.gateway import render_envoy
 
     try:
-        rendered = render_envoy(_load(config), port=port, admin_port=admin_port, routers=router or None)
+        rendered = render_envoy(
+            _load(config), port=port, admin_port=admin_port, routers=router or None,
+            protected_routers=protected_router or None,
+        )  # fmt: skip
     except ValueError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from err

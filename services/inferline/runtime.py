@@ -109,6 +109,10 @@ def _supervised_app(
     return app, supervisor
 
 
+def _lane_note(lane_routers: list[str]) -> str:
+    return f"; protected lane {', '.join(lane_routers)}" if lane_routers else ""
+
+
 async def serve_process(
     config: InferlineConfig,
     roles: set[Role],
@@ -135,6 +139,9 @@ async def serve_process(
     if workers > 1 and (not gateway or config_path is None):
         raise ValueError("several router workers need the embedded gateway and the config file's path")
     gateway = gateway and "router" in roles
+    lane = gateway and config.gateway.protected_lane
+    if lane and config_path is None:
+        raise ValueError("gateway.protected_lane needs the config file's path (the lane's process loads it)")
     if gateway:
         ensure_gateway_secret(config)  # before the router reads it
     stop = _stop_signal()
@@ -173,21 +180,26 @@ async def serve_process(
             start_http_server(config.server.metrics_port, addr=config.server.host, registry=app.registry)
         public_port = running.port
         routers = [f"127.0.0.1:{running.port}"]
-        if workers > 1:
+        lane_routers: list[str] = []
+        if workers > 1 or lane:
             assert config_path is not None and triton_url is not None
             tls = config.server.tls is not None
-            others = RouterWorkers(config_path, workers - 1, triton_url, config.server.metrics_port, not tls)
+            others = RouterWorkers(
+                config_path, workers - 1, triton_url, config.server.metrics_port, not tls,
+                lane=lane, lane_boost=config.gateway.protected_lane_boost,
+            )  # fmt: skip
             await others.start()
             routers += others.addresses
+            lane_routers = others.lane_addresses
         if gateway:
             public_port = config.server.port or free_port()
-            front = EmbeddedGateway(config, config.server.host, public_port, routers)
+            front = EmbeddedGateway(config, config.server.host, public_port, routers, protected_routers=lane_routers)
             await front.start()
         logger.info(
             "serving %s on port %d%s (triton %s)",
             ",".join(sorted(roles)),
             public_port,
-            f" through the gateway (routers {', '.join(routers)})" if gateway else "",
+            f" through the gateway (routers {', '.join(routers)}{_lane_note(lane_routers)})" if gateway else "",
             triton_url,
         )
         boost = config.server.loop_priority_boost

@@ -7,6 +7,13 @@ balances calls (not connections) over all N. Each worker hosts features, post-pr
 and degradation in-process like the first. Workers that die are started again on the same
 port; Envoy's health checks keep calls off a worker until it is SERVING.
 
+With ``gateway.protected_lane`` one more process is the lane of the classes the gateway never
+sheds (``gateway.protected_routers``): the gateway sends their calls there (and to the
+others only while the lane is down), so under overload they do not queue behind the lower
+classes in one router's gRPC transport. The lane runs ``gateway.protected_lane_boost`` steps
+of CPU niceness above the other routers, so on shared cores it does not wait behind them
+for a core either.
+
 Per-process state is per worker: with ``rate_limit.backend: memory`` each worker has its own
 token buckets (a tenant gets up to N times its quota), and with ``score_cache.backend:
 memory`` its own cache of recent scores. Use the Redis backends to share them.
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 
 from inferline.core.health_wait import wait_until_serving_async
 from inferline.core.ports import free_ports
-from inferline.core.processes import nice_prefix
+from inferline.core.processes import base_niceness, may_raise_priority, nice_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,8 @@ STOP_TIMEOUT_S = 30.0
 class _Worker:
     port: int
     metrics_port: int
+    lane: bool = False
+    """The protected lane's process (``gateway.protected_routers``)."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,22 +66,43 @@ class RouterWorkers:
             serves its own on a free port (logged with its address).
         wait_ready: wait for each worker's health check (off when the router port serves TLS,
             whose client credentials this process may not hold; Envoy's checks still gate traffic).
+        lane: also start the protected lane's process (``lane_addresses``), ``lane_boost``
+            steps of niceness above the others.
     """
 
     def __init__(
-        self, config_path: pathlib.Path, count: int, triton_url: str, metrics_port: int, wait_ready: bool = True
+        self,
+        config_path: pathlib.Path,
+        count: int,
+        triton_url: str,
+        metrics_port: int,
+        wait_ready: bool = True,
+        *,
+        lane: bool = False,
+        lane_boost: int = 0,
     ) -> None:
         self._config_path = config_path
         self._triton_url = triton_url
         self._wait_ready = wait_ready
-        ports = free_ports(count * 2)
-        self._workers = [_Worker(ports[2 * i], ports[2 * i + 1] if metrics_port else 0) for i in range(count)]
+        self._lane_boost = lane_boost
+        self._lane_warned = False
+        total = count + lane
+        ports = free_ports(total * 2)
+        self._workers = [
+            _Worker(ports[2 * i], ports[2 * i + 1] if metrics_port else 0, lane=i == count) for i in range(total)
+        ]
         self._watch: list[asyncio.Task[None]] = []
         self._stopping = False
 
     @property
     def addresses(self) -> list[str]:
-        return [w.address for w in self._workers]
+        """The workers that take every class (the lane's process not among them)."""
+        return [w.address for w in self._workers if not w.lane]
+
+    @property
+    def lane_addresses(self) -> list[str]:
+        """The protected lane's process, if started."""
+        return [w.address for w in self._workers if w.lane]
 
     def _spawn(self, worker: _Worker) -> subprocess.Popen[bytes]:
         command = [
@@ -82,12 +112,31 @@ class RouterWorkers:
         # Loopback only: the gateway is the front door. The rest of the environment (the gateway
         # and service secrets, INFERLINE_* overrides) is this process's.
         environ = {**os.environ, "INFERLINE_SERVER__HOST": "127.0.0.1"}
-        # At the supervisor's own priority, not its event loop's (each worker boosts its own).
-        process = subprocess.Popen([*nice_prefix(), *command], env=environ, stdin=subprocess.DEVNULL)
+        # At the supervisor's own priority, not its event loop's (each worker boosts its own);
+        # the lane above it.
+        boost = self._boost() if worker.lane else nice_prefix()
+        process = subprocess.Popen([*boost, *command], env=environ, stdin=subprocess.DEVNULL)
         logger.info(
-            "started router worker pid %d on %s (metrics port %d)", process.pid, worker.address, worker.metrics_port
-        )
+            "started %s pid %d on %s (metrics port %d)",
+            "protected lane router" if worker.lane else "router worker",
+            process.pid, worker.address, worker.metrics_port,
+        )  # fmt: skip
         return process
+
+    def _boost(self) -> list[str]:
+        """``nice -n K`` before the lane's command: ``lane_boost`` steps above the other routers,
+        or at their priority with one warning where raising it is not permitted (as Envoy's
+        ``gateway.priority_boost``; GNU ``nice`` runs the command either way)."""
+        if self._lane_boost and not may_raise_priority(base_niceness() - self._lane_boost):
+            if not self._lane_warned:
+                self._lane_warned = True
+                logger.warning(
+                    "gateway.protected_lane_boost %d: not permitted here (needs CAP_SYS_NICE); the protected "
+                    "lane runs at the other routers' CPU priority",
+                    self._lane_boost,
+                )
+            return nice_prefix()
+        return nice_prefix(self._lane_boost)
 
     async def start(self) -> None:
         """Start every worker, wait until each is SERVING, then watch them."""

@@ -75,12 +75,15 @@ def write_test_config(
     """The default config with absolute paths, a second, limited tenant, every route's ``budgets``
     and ``admission`` patched (e.g. ``FUNCTIONAL_BUDGETS``, ``FUNCTIONAL_ADMISSION``), every
     class's ``queue_wait_target_ms`` if given (e.g. ``FUNCTIONAL_QUEUE_WAIT_MS``) and server
-    overrides."""
+    overrides; no protected lane."""
     raw = yaml.safe_load((ROOT / "deploy/local/inferline.yaml").read_text())
     raw["triton"]["model_repository"] = str(ROOT / "triton_models")
     raw["triton"]["server_env"] = str(ROOT / ".venv-triton")
     raw["feature_store"]["feast_repo"] = str(ROOT / "deploy/feast/feature_repo")
     raw["server"].update(server)
+    # One router process per server, so that a test's scrape of its metrics sees every call; the
+    # protected lane (gateway.protected_lane) has tests of its own (test_process_topology).
+    raw["gateway"]["protected_lane"] = False
     for route in raw["routes"].values():
         route["budgets"].update(budgets or {})
         route["admission"].update(admission or {})

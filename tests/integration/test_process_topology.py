@@ -184,6 +184,72 @@ def test_workers_balance_calls_over_every_router_process(
     assert code == 0, server.log_tail()
 
 
+def _by_class(metrics_port: int, traffic_class: str) -> float:
+    samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    return total(samples, "inferline_requests_total", code="OK", traffic_class=traffic_class)
+
+
+def test_the_protected_lane_takes_critical_calls_and_the_other_routers_take_over_while_it_is_away(
+    triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    import yaml
+
+    raw = yaml.safe_load(router_config.read_text())
+    raw["gateway"]["protected_lane"] = True
+    raw["gateway"]["protected_lane_boost"] = 3
+    config = tmp_path / "lane.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    url = triton_server.grpc_url  # type: ignore[attr-defined]
+    server = start_inferline(["up", "--config", str(config), "--triton-url", url], tmp_path / "up.log", timeout_s=180)
+    lane_pid = 0
+    try:
+        log = server.log_tail(50_000)
+        assert "; protected lane 127.0.0.1:" in log
+        started = log.split("started protected lane router pid ")[1]
+        lane_pid = int(started.split(" ")[0])
+        lane_metrics = int(started.split("(metrics port ")[1].split(")")[0])
+        # The lane runs 3 steps of niceness above the router that started it (root may raise
+        # it): each one's event loop (its main thread) boosted from there alike.
+        up_pid = server.server.pid
+        assert up_pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, lane_pid) == os.getpriority(os.PRIO_PROCESS, up_pid) - 3
+
+        def calls(traffic_class: str, n: int) -> None:
+            request = pb.PredictRequest(route=REQUEST.route, entities=REQUEST.entities, traffic_class=traffic_class)
+            metadata = (*AUTH, ("x-inferline-traffic-class", traffic_class))
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                for _ in range(n):
+                    assert stub.Predict(request, timeout=5, metadata=metadata).served_by == pb.SERVED_BY_PRIMARY
+
+        calls("critical", 10)
+        calls("standard", 10)
+        # Critical calls went to the lane, the others to the first router, none the other way.
+        assert (_by_class(lane_metrics, "critical"), _by_class(lane_metrics, "standard")) == (10, 0)
+        assert (_by_class(server.metrics_port, "critical"), _by_class(server.metrics_port, "standard")) == (0, 10)
+
+        # The lane stops answering (stopped, as a process would hang): once Envoy's health checks
+        # see it, critical calls reach the other router.
+        os.kill(lane_pid, signal.SIGSTOP)
+        request = pb.PredictRequest(route=REQUEST.route, entities=REQUEST.entities, traffic_class="critical")
+        metadata = (*AUTH, ("x-inferline-traffic-class", "critical"))
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            while _by_class(server.metrics_port, "critical") == 0:
+                assert time.monotonic() < deadline, "critical calls never reached the other router"
+                try:
+                    stub.Predict(request, timeout=0.5, metadata=metadata)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err  # the lane's, not yet seen gone
+        os.kill(lane_pid, signal.SIGCONT)
+    finally:
+        if lane_pid and _pid_alive(lane_pid):
+            os.kill(lane_pid, signal.SIGCONT)
+        code = server.stop()
+    assert code == 0, server.log_tail()
+
+
 @pytest.mark.parametrize("service", ["features", "postprocess", "degradation"])
 def test_workers_are_refused_for_a_service_other_than_the_router(service: str, router_config: pathlib.Path) -> None:
     result = subprocess.run(

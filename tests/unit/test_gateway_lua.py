@@ -105,10 +105,11 @@ end
 class Script:
     """The rendered script loaded into a fresh LuaJIT state (one Envoy worker's)."""
 
-    def __init__(self, **gateway: Any) -> None:
+    def __init__(self, *, lane: bool = False, **gateway: Any) -> None:
+        """``lane``: rendered with a protected lane (``gateway.protected_routers``)."""
         raw = yaml.safe_load(DEFAULT.read_text())
         raw["gateway"] = {"shed": {"batch": {}, "standard": {}}, **gateway}
-        rendered = render_envoy(parse_config(raw, DEFAULT.parent))
+        rendered = render_envoy(parse_config(raw, DEFAULT.parent), protected_routers=["127.0.0.1:2"] if lane else [])
         hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         [lua] = [f for f in hcm["http_filters"] if f["name"] == SIGNAL_FILTER]
         self.lua = luajit21.LuaRuntime(unpack_returned_tuples=True)
@@ -117,12 +118,20 @@ class Script:
         self.g = self.lua.globals()
 
     def answer(
-        self, overloaded: str | None, *, in_trailers: bool = True, path: str = PREDICT, body: bytes | None = None
+        self,
+        overloaded: str | None,
+        *,
+        in_trailers: bool = True,
+        path: str = PREDICT,
+        body: bytes | None = None,
+        traffic_class: str | None = None,
     ) -> None:
-        """One answer to a call of ``path`` (with ``body``) through ``envoy_on_response``: the signal in
-        its trailers (or headers), or none. The stream's metadata is what ``envoy_on_request`` left for it."""
+        """One answer to a call of ``path`` (with ``body``, naming ``traffic_class``) through
+        ``envoy_on_response``: the signal in its trailers (or headers), or none. The stream's
+        metadata is what ``envoy_on_request`` left for it."""
         store = self.lua.table_from({})
-        self.g.envoy_on_request(self.g.request(self.lua.table_from({":path": path}), store, body))
+        sent = {":path": path} | ({} if traffic_class is None else {headers.TRAFFIC_CLASS: traffic_class})
+        self.g.envoy_on_request(self.g.request(self.lua.table_from(sent), store, body))
         signal = {} if overloaded is None else {headers.OVERLOADED: overloaded}
         head = self.lua.table_from({":status": "200", **({} if in_trailers else signal)})
         trailers = self.lua.table_from({"grpc-status": "0", **(signal if in_trailers else {})})
@@ -179,6 +188,25 @@ def test_the_probability_is_capped_and_decays_on_answers_that_do_not_name_the_cl
     for _ in range(20):
         script.answer("")
     assert script.p("batch") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_answers_from_a_protected_lane_only_raise_the_lower_classes_probabilities() -> None:
+    # The lane's routers never see batch or standard calls: their silence about those classes
+    # says nothing, but their naming them (critical calls missing) must still shed.
+    script = Script(lane=True, signal={"step_up": 0.1, "step_down": 0.05})
+    script.answer("batch", traffic_class="standard")
+    script.answer("", traffic_class="critical")
+    assert script.p("batch") == pytest.approx(0.1, abs=1e-6)
+    script.answer("batch,standard", traffic_class="critical")
+    assert (script.p("batch"), script.p("standard")) == pytest.approx((0.2, 0.1), abs=1e-6)
+    script.answer("", traffic_class="standard")  # a shared router's silence lowers, as without a lane
+    script.answer("")  # so does a call without a class (the shared routers take it)
+    assert script.p("batch") == pytest.approx(0.1, abs=1e-6)
+    # Without a lane every router takes every class, and a critical call's answer lowers too.
+    plain = Script(signal={"step_up": 0.1, "step_down": 0.05})
+    plain.answer("batch", traffic_class="standard")
+    plain.answer("", traffic_class="critical")
+    assert plain.p("batch") == pytest.approx(0.05, abs=1e-6)
 
 
 def test_a_request_is_shed_when_its_draw_falls_under_the_probability() -> None:

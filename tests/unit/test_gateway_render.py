@@ -21,6 +21,7 @@ from inferline.gateway.render import (
     IN_FLIGHT_FILTER,
     IN_FLIGHT_SHED_MESSAGE,
     KSERVE_CLUSTER,
+    PROTECTED_SUFFIX,
     SIGNAL_FILTER,
     SIGNAL_SHED_FILTER,
     SIGNAL_SHED_HEADER,
@@ -383,3 +384,70 @@ def test_rest_transcoder_comes_first_and_carries_the_public_api() -> None:
 def test_rest_is_off_when_the_config_says_so() -> None:
     filters = _hcm(render_envoy(_config(rest=False)))["http_filters"]
     assert REST_FILTER not in {f["name"] for f in filters}
+
+
+def _endpoints(rendered: dict[str, Any], name: str) -> list[tuple[int, list[str]]]:
+    """(priority, host:port of each endpoint) per locality of cluster ``name``."""
+    [cluster] = [c for c in rendered["static_resources"]["clusters"] if c["name"] == name]
+    return [
+        (
+            locality.get("priority", 0),
+            [f"{e['endpoint']['address']['socket_address']['address']}:"
+             f"{e['endpoint']['address']['socket_address']['port_value']}" for e in locality["lb_endpoints"]],
+        )
+        for locality in cluster["load_assignment"]["endpoints"]
+    ]  # fmt: skip
+
+
+def test_a_protected_lane_takes_the_protected_classes_with_the_other_routers_as_failover(
+    tmp_path: pathlib.Path,
+) -> None:
+    config = _config(shed=SHED, in_flight={"kserve_protected_max_per_router": 40})
+    rendered = render_envoy(config, routers=["10.0.0.1:1", "10.0.0.2:1"], protected_routers=["10.0.0.3:1"])
+    clusters = {route["name"]: route["route"]["cluster"] for route in _routes(rendered) if "route" in route}
+    lane = {"class_critical": ROUTER_CLUSTER + PROTECTED_SUFFIX}
+    assert clusters == {"class_batch": ROUTER_CLUSTER, "class_standard": ROUTER_CLUSTER, "default": ROUTER_CLUSTER} | (
+        lane
+    ) | {
+        "kserve_class_batch": KSERVE_CLUSTER,
+        "kserve_class_standard": KSERVE_CLUSTER,
+        "kserve_default": KSERVE_CLUSTER,
+        "kserve_class_critical": KSERVE_CLUSTER + PROTECTED_SUFFIX,
+    }
+    for name in (ROUTER_CLUSTER, KSERVE_CLUSTER):
+        assert _endpoints(rendered, name) == [(0, ["10.0.0.1:1", "10.0.0.2:1"])]
+        # The lane first; the others only while no lane replica is healthy.
+        assert _endpoints(rendered, name + PROTECTED_SUFFIX) == [(0, ["10.0.0.3:1"]), (1, ["10.0.0.1:1", "10.0.0.2:1"])]
+    # A call the lane's replica refused (gone, before the health checks saw it) is retried on the failover.
+    retries = {r["name"]: r["route"]["retry_policy"].get("retry_priority", {}).get("name") for r in _routes(rendered)
+               if "route" in r}  # fmt: skip
+    previous = "envoy.retry_priorities.previous_priorities"
+    lane_retries = {name for name, plugin in retries.items() if plugin == previous}
+    assert lane_retries == {"class_critical", "kserve_class_critical"}
+    # The KServe front door's cap of critical calls counts the lane's replicas.
+    assert _thresholds(rendered, KSERVE_CLUSTER + PROTECTED_SUFFIX)["HIGH"]["max_requests"] == 40
+    hcm = _hcm(rendered)
+    [lua] = [f for f in hcm["http_filters"] if f["name"] == SIGNAL_FILTER]
+    assert 'local LANE = {["critical"] = true}' in lua["typed_config"]["default_source_code"]["inline_string"]
+    result = _validate(rendered, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_lane_comes_from_the_config_unless_given_and_none_renders_no_lane_cluster() -> None:
+    config = _config(shed=SHED, protected_routers=["10.0.0.9:7"])
+    assert _endpoints(render_envoy(config), ROUTER_CLUSTER + PROTECTED_SUFFIX)[0] == (0, ["10.0.0.9:7"])
+    for rendered in (render_envoy(config, protected_routers=[]), render_envoy(_config(shed=SHED))):
+        names = [c["name"] for c in rendered["static_resources"]["clusters"]]
+        assert names == [ROUTER_CLUSTER, KSERVE_CLUSTER]
+        [lua] = [f for f in _hcm(rendered)["http_filters"] if f["name"] == SIGNAL_FILTER]
+        assert "local LANE = {}" in lua["typed_config"]["default_source_code"]["inline_string"]
+
+
+def test_cli_renders_a_protected_lane(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    args = ["gateway", "render", "--config", str(DEFAULT), "--out", str(out), "--router", "r:1"]
+    result = CliRunner().invoke(cli, [*args, "--protected-router", "lane:2"])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load(out.read_text())
+    assert written == render_envoy(load_config(DEFAULT), routers=["r:1"], protected_routers=["lane:2"])
+    assert _endpoints(written, ROUTER_CLUSTER + PROTECTED_SUFFIX) == [(0, ["lane:2"]), (1, ["r:1"])]

@@ -660,6 +660,21 @@ class GatewayConfig(_Model):
     admin_port: int = Field(9901, ge=0, le=65535)
     routers: list[str] = ["127.0.0.1:50051"]
     """host:port of each router replica; Envoy balances requests (not connections) over them."""
+    protected_routers: list[str] = []
+    """host:port of router replicas that take only the calls of the classes the gateway never
+    sheds (those not in ``shed``: critical), a lane of their own; the ``routers`` take the rest,
+    and the protected calls too while no lane replica is healthy. Empty: every router takes
+    every class. In one router's gRPC transport every call waits first come, first served,
+    so under overload critical calls wait behind the queue of the lower classes; in a lane
+    they wait only behind each other."""
+    protected_lane: bool = False
+    """``inferline up`` (with the embedded gateway) starts one more router process, the lane of
+    ``protected_routers``, at ``protected_lane_boost`` steps of CPU niceness above the others:
+    on shared cores a critical call then neither queues behind the lower classes nor waits
+    for a core behind them (measured: docs/performance.md)."""
+    protected_lane_boost: int = Field(5, ge=0, le=19)
+    """The lane's CPU niceness above the other router processes (``nice``; needs
+    CAP_SYS_NICE, else the lane runs at their priority, with one warning line). 0: the same."""
     tls: TlsServerConfig | None = None
     """TLS on Envoy's listener (ALPN h2 and http/1.1; mutual TLS when ``client_ca_file`` is
     set); None: plain text. The paths are Envoy's, read by Envoy when it starts."""

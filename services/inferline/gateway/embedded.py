@@ -58,7 +58,9 @@ def ensure_gateway_secret(config: InferlineConfig, environ: dict[str, str] | os.
 
 
 class EmbeddedGateway:
-    """One Envoy process in front of ``routers``, listening on ``host:port``."""
+    """One Envoy process in front of ``routers``, listening on ``host:port``; the protected
+    classes' calls go to ``protected_routers`` first when any are given (a lane of their own,
+    ``gateway.protected_lane``)."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class EmbeddedGateway:
         routers: list[str],
         work_dir: pathlib.Path | None = None,
         environ: Mapping[str, str] | None = None,
+        protected_routers: list[str] | None = None,
     ) -> None:
         envoy = find_envoy()
         if envoy is None:
@@ -79,7 +82,9 @@ class EmbeddedGateway:
         self._environ = dict(os.environ if environ is None else environ)
         self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         self._config_path = self._dir / "envoy.yaml"
-        rendered = render_envoy(config, port=port, admin_port=0, routers=routers, host=host)
+        rendered = render_envoy(
+            config, port=port, admin_port=0, routers=routers, host=host, protected_routers=protected_routers or []
+        )
         self._config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
         self._tls = config.gateway.tls is not None
         self._priority_boost = config.gateway.priority_boost

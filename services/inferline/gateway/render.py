@@ -47,6 +47,10 @@ Layout of the rendered config::
                       breakers: DEFAULT max_requests = in_flight.max_per_router × replicas, HIGH unbounded
     cluster inferline_router_kserve: the same routers; DEFAULT max_requests = in_flight.kserve_max_per_router
                       × replicas, HIGH = in_flight.kserve_protected_max_per_router × replicas (or unbounded)
+    with a protected lane (``gateway.protected_routers``): clusters inferline_router_protected and
+                      inferline_router_kserve_protected, the same over the lane's replicas (priority 0)
+                      with the other routers as failover (priority 1); the protected classes' routes
+                      go there, and their answers only raise the signal's shed probabilities
     TLS (``gateway.tls``): listener over TLS, ALPN h2 and http/1.1, mutual with a client CA;
         (``gateway.upstream_tls``): to the routers and their health checks (``gateway.tls`` module)
 
@@ -76,6 +80,9 @@ their fixed in-flight cap (``gateway.in_flight.kserve_max_per_router``) is their
 tensor pass-through call costs a router a fraction of a ``Predict`` (no features, no
 post-processing), so the cap that keeps ``Predict``'s critical calls in time holds the KServe
 front door far below what the routers serve in time (measured: docs/performance.md)."""
+PROTECTED_SUFFIX = "_protected"
+"""With a protected lane (``render_envoy(protected_routers=...)``), each front door's cluster has
+a twin of this suffix over the lane's routers alone, which the protected classes' calls take."""
 KSERVE_SERVICE = "inference.GRPCInferenceService"
 STAT_PREFIX = "inferline_ingress"
 """Envoy's stats for the listener live under ``http.<STAT_PREFIX>.`` (e.g. ``...admission_control.rq_rejected``)."""
@@ -136,6 +143,7 @@ def render_envoy(
     admin_port: int | None = None,
     host: str = "0.0.0.0",
     routers: list[str] | None = None,
+    protected_routers: list[str] | None = None,
 ) -> dict[str, Any]:
     """The Envoy v3 bootstrap for ``config.gateway`` as a dict (YAML-ready).
 
@@ -144,6 +152,9 @@ def render_envoy(
         port: listener port instead of ``gateway.port``.
         admin_port: admin port (bound to 127.0.0.1 only) instead of ``gateway.admin_port``.
         routers: ``host:port`` of each router replica instead of ``gateway.routers``.
+        protected_routers: a protected lane's replicas instead of ``gateway.protected_routers``
+            ([]: none): the protected classes' calls go there, to ``routers`` only while
+            none of them is healthy.
         host: the interface the listener binds (``inferline up``: ``server.host``).
 
     Raises:
@@ -151,6 +162,19 @@ def render_envoy(
     """
     gateway = config.gateway
     listen_port = gateway.port if port is None else port
+    replicas = gateway.routers if routers is None else routers
+    caps = (
+        (ROUTER_CLUSTER, gateway.in_flight.max_per_router, None),
+        (KSERVE_CLUSTER, gateway.in_flight.kserve_max_per_router, gateway.in_flight.kserve_protected_max_per_router),
+    )
+    lane = gateway.protected_routers if protected_routers is None else protected_routers
+    clusters = [_router_cluster(name, replicas, cap, gateway.upstream_tls, high) for name, cap, high in caps]
+    if lane:
+        # The lane first; the other routers only while no lane replica is healthy (priority 1).
+        clusters += [
+            _router_cluster(name + PROTECTED_SUFFIX, lane, cap, gateway.upstream_tls, high, fallback=replicas)
+            for name, cap, high in caps
+        ]
     return {
         # Admin only on loopback: it can change log levels, drain listeners and quit the server.
         "admin": {"address": _socket_address("127.0.0.1", gateway.admin_port if admin_port is None else admin_port)},
@@ -163,20 +187,8 @@ def render_envoy(
             ]
         },
         "static_resources": {
-            "listeners": [_listener(config, host, listen_port)],
-            "clusters": [
-                _router_cluster(
-                    cluster, gateway.routers if routers is None else routers, cap, gateway.upstream_tls, protected_cap
-                )
-                for cluster, cap, protected_cap in (
-                    (ROUTER_CLUSTER, gateway.in_flight.max_per_router, None),
-                    (
-                        KSERVE_CLUSTER,
-                        gateway.in_flight.kserve_max_per_router,
-                        gateway.in_flight.kserve_protected_max_per_router,
-                    ),
-                )
-            ],
+            "listeners": [_listener(config, host, listen_port, lane=bool(lane))],
+            "clusters": clusters,
         },
     }
 
@@ -185,7 +197,7 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _listener(config: InferlineConfig, host: str, port: int) -> dict[str, Any]:
+def _listener(config: InferlineConfig, host: str, port: int, *, lane: bool = False) -> dict[str, Any]:
     """One listener, one HCM: gRPC callers speak HTTP/2, REST tooling HTTP/1.1 (codec AUTO)."""
     gateway = config.gateway
     hcm = {
@@ -199,11 +211,11 @@ def _listener(config: InferlineConfig, host: str, port: int) -> dict[str, Any]:
         # Headers: Envoy's default 60 KiB is ample for metadata; bounded well below max_request_bytes.
         "max_request_headers_kb": max(1, min(60, gateway.max_request_bytes // 1024)),
         "http2_protocol_options": {"max_concurrent_streams": 1024},
-        "route_config": _route_config(config),
+        "route_config": _route_config(config, lane=lane),
         "local_reply_config": _local_replies(),
         "http_filters": [
             *([rest_filter()] if gateway.rest else []),  # first: every later filter sees a gRPC call
-            *_signal_filters(config),
+            *_signal_filters(config, lane=lane),
             *_shed_filters(config),
             *_in_flight_filters(config),
             _buffer_filter(gateway.max_request_bytes),
@@ -222,7 +234,7 @@ def _listener(config: InferlineConfig, host: str, port: int) -> dict[str, Any]:
     }
 
 
-def _signal_filters(config: InferlineConfig) -> list[dict[str, Any]]:
+def _signal_filters(config: InferlineConfig, *, lane: bool = False) -> list[dict[str, Any]]:
     """The Lua filter that follows the routers' overload signal, and the fault filter that sheds.
 
     Lua cannot count into Envoy's stats, so it only marks a request (``x-inferline-gateway-shed``,
@@ -232,7 +244,9 @@ def _signal_filters(config: InferlineConfig) -> list[dict[str, Any]]:
     signal = config.gateway.signal
     if config.gateway.shed_by != "signal" or not config.gateway.shed:
         return []
-    lua = {"@type": _LUA, "default_source_code": {"inline_string": _signal_lua(list(config.gateway.shed), signal)}}
+    shed = list(config.gateway.shed)
+    lane_classes = [cls for cls in config.traffic_classes if cls not in shed] if lane else []
+    lua = {"@type": _LUA, "default_source_code": {"inline_string": _signal_lua(shed, signal, lane_classes)}}
     fault = {
         "@type": _FAULT,
         "abort": {"grpc_status": 8, "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
@@ -241,7 +255,7 @@ def _signal_filters(config: InferlineConfig) -> list[dict[str, Any]]:
     return [{"name": SIGNAL_FILTER, "typed_config": lua}, {"name": SIGNAL_SHED_FILTER, "typed_config": fault}]
 
 
-def _signal_lua(classes: list[str], signal: ShedSignalConfig) -> str:
+def _signal_lua(classes: list[str], signal: ShedSignalConfig, lane_classes: list[str] | None = None) -> str:
     """The Lua script: one shed probability per (method, class), per worker thread (Lua state is per worker).
 
     Each answer with ``x-inferline-overloaded`` (a trailer of unary gRPC answers, a header of
@@ -258,12 +272,18 @@ def _signal_lua(classes: list[str], signal: ShedSignalConfig) -> str:
     so unmodified Triton clients need send nothing more. A body that does not start that way
     (compressed, or a name over 127 bytes) falls back to the method's key.
 
+    With a protected lane (``lane_classes``: the classes whose calls the lane's routers take),
+    an answer to such a call only raises: the lane never sees the lower classes, so its
+    routers' silence about them says nothing, but when its critical calls miss they name
+    every sheddable class (``admission.protected_miss_rate``), and that must still shed.
+
     Answers without the signal (other servers, the gateway's own replies) move nothing; only
     the routers' answers carry it, and only to authenticated calls of known models, so the
     table holds a handful of keys whatever names callers send. Class names are plain
     (config-checked), so they are safe in Lua strings and in the comma-separated list.
     """
     table = ", ".join(f'["{cls}"] = true' for cls in classes)
+    lane_table = ", ".join(f'["{cls}"] = true' for cls in lane_classes or [])
     return f"""-- inferline gateway: shed on the routers' overload signal (rendered by `inferline gateway render`)
 local CLASS_HEADER = "{headers.TRAFFIC_CLASS}"
 local OVERLOADED = "{headers.OVERLOADED}"
@@ -272,6 +292,7 @@ local DOWNSTREAM_CLUSTER = "{_DOWNSTREAM_CLUSTER}"
 local METADATA = "{SIGNAL_FILTER}"
 local STEP_UP, STEP_DOWN, MAX_P = {signal.step_up!r}, {signal.step_down!r}, {signal.max_probability!r}
 local CLASSES = {{{table}}}
+local LANE = {{{lane_table}}} -- classes whose answers only raise (a protected lane's)
 local MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 local shed_p = {{}} -- key (path, or path#model) -> class -> probability
 
@@ -289,7 +310,7 @@ local function model_of(handle)
   return string.sub(head, 8, 7 + length)
 end
 
-local function follow(path, list)
+local function follow(path, list, raise_only)
   local by_class = shed_p[path]
   if by_class == nil then
     by_class = {{}}
@@ -301,7 +322,7 @@ local function follow(path, list)
     if string.find(padded, "," .. cls .. ",", 1, true) then
       p = p + STEP_UP
       if p > MAX_P then p = MAX_P end
-    else
+    elseif not raise_only then
       p = p - STEP_DOWN
       if p < 0 then p = 0 end
     end
@@ -323,6 +344,7 @@ function envoy_on_request(handle)
   if path == nil then return end
   handle:streamInfo():dynamicMetadata():set(METADATA, "path", key)
   local cls = headers:get(CLASS_HEADER)
+  if cls ~= nil and LANE[cls] then handle:streamInfo():dynamicMetadata():set(METADATA, "lane", "1") end
   local by_class = shed_p[key]
   if cls == nil or by_class == nil then return end
   local p = by_class[cls]
@@ -342,7 +364,7 @@ function envoy_on_response(handle)
   end
   local meta = handle:streamInfo():dynamicMetadata():get(METADATA)
   if meta == nil or meta["path"] == nil then return end
-  follow(meta["path"], list)
+  follow(meta["path"], list, meta["lane"] ~= nil)
 end
 """
 
@@ -496,7 +518,7 @@ def _router_filter() -> dict[str, Any]:
     return {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
 
 
-def _route_config(config: InferlineConfig) -> dict[str, Any]:
+def _route_config(config: InferlineConfig, *, lane: bool = False) -> dict[str, Any]:
     """Per front door, a route per traffic class first (Envoy takes the first match) and its
     catch-all; then every other path.
 
@@ -524,9 +546,8 @@ def _route_config(config: InferlineConfig) -> dict[str, Any]:
             _class_route(prefix, cls, match, _route_action(cluster, "DEFAULT"), filters, keep=SHED_FILTER_PREFIX + cls)
             for cls in shed
         ]
-        routes += [
-            _class_route(prefix, cls, match, _route_action(cluster, "HIGH"), unlimited, keep=None) for cls in protected
-        ]
+        high = _route_action(cluster + PROTECTED_SUFFIX, "HIGH", lane=True) if lane else _route_action(cluster, "HIGH")
+        routes += [_class_route(prefix, cls, match, high, unlimited, keep=None) for cls in protected]
         default = {"name": f"{prefix}default", "match": match, "route": _route_action(cluster, "DEFAULT")}
         routes.append({**default, **_filters_off(filters, keep=None)})
     # Any other path is no service of ours: Envoy answers it itself (404; UNIMPLEMENTED to a
@@ -597,7 +618,7 @@ def _filters_off(names: list[str], *, keep: str | None) -> dict[str, Any]:
     return {"typed_per_filter_config": off} if off else {}
 
 
-def _route_action(cluster: str, priority: str) -> dict[str, Any]:
+def _route_action(cluster: str, priority: str, *, lane: bool = False) -> dict[str, Any]:
     """Forward to the routers of ``cluster`` at ``priority`` under the caller's own deadline.
 
     ``timeout: 0s`` turns off Envoy's 15 s default; ``grpc_timeout_header_max: 0s`` makes the
@@ -606,15 +627,27 @@ def _route_action(cluster: str, priority: str) -> dict[str, Any]:
     replica stopped, before the health checks noticed) or the stream refused (a replica
     going away) — on another replica, at once. Never after a router answered or failed: a
     retry of an overloaded router doubles its load, and the router already degrades within
-    the budget itself.
+    the budget itself. ``lane``: to a protected lane's cluster, whose retry goes to the other
+    priority (the failover routers) when the lane's replica refused it, before the health
+    checks have seen the lane go.
     """
+    retry = {**_UNSEEN_RETRY, "retry_priority": _PREVIOUS_PRIORITIES} if lane else _UNSEEN_RETRY
     return {
         "cluster": cluster,
         "priority": priority,
         "timeout": "0s",
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
-        "retry_policy": _UNSEEN_RETRY,
+        "retry_policy": retry,
     }
+
+
+_PREVIOUS_PRIORITIES: dict[str, Any] = {
+    "name": "envoy.retry_priorities.previous_priorities",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+        "update_frequency": 1,
+    },
+}
 
 
 _UNSEEN_RETRY: dict[str, Any] = {
@@ -640,6 +673,8 @@ def _router_cluster(
     max_per_router: int | None,
     upstream_tls: TlsClientConfig | None = None,
     protected_max_per_router: int | None = None,
+    *,
+    fallback: list[str] | None = None,
 ) -> dict[str, Any]:
     """The router replicas, over HTTP/2, balanced per request and health-checked over gRPC.
 
@@ -649,12 +684,18 @@ def _router_cluster(
     ``protected_max_per_router`` (the KServe front door's). Each front
     door has a cluster of its own (``ROUTER_CLUSTER``, ``KSERVE_CLUSTER``) over the same
     replicas, each health-checking them (a check a second per replica each: nothing next to
-    the calls).
+    the calls). ``fallback``: replicas at priority 1, which Envoy sends calls to only while
+    those of ``routers`` are unhealthy (a protected lane's cluster: a lane process that died
+    is started again within seconds, and meanwhile the other routers answer its calls).
     """
     endpoints = [_endpoint(address) for address in routers]
+    spare = [_endpoint(address) for address in fallback or []]
+    localities: list[dict[str, Any]] = [{"lb_endpoints": endpoints}]
+    if spare:
+        localities.append({"lb_endpoints": spare, "priority": 1})
     bound = _CIRCUIT_LIMIT if max_per_router is None else max_per_router * len(routers)
     protected = _CIRCUIT_LIMIT if protected_max_per_router is None else protected_max_per_router * len(routers)
-    static = all(is_ip(_host(e)) for e in endpoints)
+    static = all(is_ip(_host(e)) for e in [*endpoints, *spare])
     return {
         "name": name,
         # STATIC for IP literals; STRICT_DNS resolves names and follows DNS changes (k8s services).
@@ -668,11 +709,11 @@ def _router_cluster(
                 "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}},
             }
         },
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        "load_assignment": {"cluster_name": name, "endpoints": localities},
         "health_checks": [_health_check()],
         "circuit_breakers": {"thresholds": [_circuit("DEFAULT", bound), _circuit("HIGH", protected)]},
         # TLS to the routers, health checks included (gateway.upstream_tls).
-        **upstream_transport_socket(upstream_tls, [_host(e) for e in endpoints]),
+        **upstream_transport_socket(upstream_tls, [_host(e) for e in [*endpoints, *spare]]),
     }
 
 
