@@ -436,11 +436,17 @@ def test_a_protected_lane_takes_the_protected_classes_with_the_other_routers_as_
 def test_the_lane_comes_from_the_config_unless_given_and_none_renders_no_lane_cluster() -> None:
     config = _config(shed=SHED, protected_routers=["10.0.0.9:7"])
     assert _endpoints(render_envoy(config), ROUTER_CLUSTER + PROTECTED_SUFFIX)[0] == (0, ["10.0.0.9:7"])
-    for rendered in (render_envoy(config, protected_routers=[]), render_envoy(_config(shed=SHED))):
+    nothing_shed = _config(protected_routers=["10.0.0.9:7"])  # every class protected: no lane to set apart
+    for rendered in (
+        render_envoy(config, protected_routers=[]),
+        render_envoy(_config(shed=SHED)),
+        render_envoy(nothing_shed),
+    ):
         names = [c["name"] for c in rendered["static_resources"]["clusters"]]
         assert names == [ROUTER_CLUSTER, KSERVE_CLUSTER]
-        [lua] = [f for f in _hcm(rendered)["http_filters"] if f["name"] == SIGNAL_FILTER]
-        assert "local LANE = {}" in lua["typed_config"]["default_source_code"]["inline_string"]
+        assert {r["route"]["cluster"] for r in _routes(rendered) if "route" in r} == {ROUTER_CLUSTER, KSERVE_CLUSTER}
+        for lua in (f for f in _hcm(rendered)["http_filters"] if f["name"] == SIGNAL_FILTER):
+            assert "local LANE = {}" in lua["typed_config"]["default_source_code"]["inline_string"]
 
 
 def test_cli_renders_a_protected_lane(tmp_path: pathlib.Path) -> None:

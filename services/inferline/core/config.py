@@ -666,7 +666,8 @@ class GatewayConfig(_Model):
     and the protected calls too while no lane replica is healthy. Empty: every router takes
     every class. In one router's gRPC transport every call waits first come, first served,
     so under overload critical calls wait behind the queue of the lower classes; in a lane
-    they wait only behind each other."""
+    they wait only behind each other. Ignored while ``shed`` names no class (every class is
+    then protected, and the lane would take every call)."""
     protected_lane: bool = False
     """``inferline up`` (with the embedded gateway) starts one more router process, the lane of
     ``protected_routers``, at ``protected_lane_boost`` steps of CPU niceness above the others:

@@ -168,6 +168,8 @@ def render_envoy(
         (KSERVE_CLUSTER, gateway.in_flight.kserve_max_per_router, gateway.in_flight.kserve_protected_max_per_router),
     )
     lane = gateway.protected_routers if protected_routers is None else protected_routers
+    if not gateway.shed:
+        lane = []  # nothing shed: every class is protected, and a lane would take every call
     clusters = [_router_cluster(name, replicas, cap, gateway.upstream_tls, high) for name, cap, high in caps]
     if lane:
         # The lane first; the other routers only while no lane replica is healthy (priority 1).
