@@ -3,8 +3,8 @@ Kubernetes schemas (strict: no unknown fields) or its CRD's schema, and the mani
 with each other and with inferline's config: selectors, ports, probes, secrets, metrics,
 network reachability.
 
-Renders: each overlay, and prod with the batch and stream components (as an overlay of the
-base that lists them, the way their kustomization files say to use them).
+Renders: each overlay, and prod with the protected-lane, batch and stream components (as an
+overlay of the base that lists them, the way their kustomization files say to use them).
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
                 "kind": "Kustomization",
                 "namespace": "inferline",
                 "resources": [str(relative / "base")],
-                "components": [str(relative / "components" / c) for c in ("gpu-pool", "batch-job", "stream-worker")],
+                "components": [
+                    str(relative / "components" / c)
+                    for c in ("protected-lane", "gpu-pool", "batch-job", "stream-worker")
+                ],
             }
         )
     )
@@ -158,7 +161,7 @@ def test_every_overlay_renders_the_whole_suite(renders: dict[str, list[dict[str,
         deployments = {d["metadata"]["name"] for d in _by_kind(docs, "Deployment")}
         assert expected <= deployments, name
     assert "triton-gpu" not in {d["metadata"]["name"] for d in _by_kind(renders["dev"], "Deployment")}
-    assert {"triton-gpu", "stream-worker"} <= {
+    assert {"triton-gpu", "stream-worker", "router-protected"} <= {
         d["metadata"]["name"] for d in _by_kind(renders["prod+jobs"], "Deployment")
     }
     assert _by_kind(renders["prod+jobs"], "Job")[0]["spec"]["completionMode"] == "Indexed"
@@ -577,12 +580,16 @@ def test_network_policies_allow_exactly_the_call_paths(
         ("stream-worker", "redis", 6379),
         ("features", "redis", 6379),  # Feast's Redis online store in a cluster
     }
+    # components/protected-lane: Envoy reaches the lane's routers, which call what the routers call.
+    allowed |= {("router-protected", callee, port) for caller, callee, port in allowed if caller == "router"}
+    allowed.add(("envoy", "router-protected", 50051))
     assert ("router", "triton-gpu", 8001) in allowed and ("degradation", "triton-cpu", 8001) in allowed
     denied = [
         ("envoy", "features", 50052),
         ("envoy", "triton-gpu", 8001),
         ("envoy", "redis", 6379),
         ("features", "router", 50051),
+        ("features", "router-protected", 50051),
         ("batch", "router", 50051),
         ("postprocess", "triton-cpu", 8001),
         ("router", "triton-cpu", 8000),
@@ -650,3 +657,46 @@ def test_dev_features_pods_fill_their_feast_store_before_serving(
     served = {m["name"]: m["mountPath"] for m in _container(docs, "features")["volumeMounts"]}
     assert data_mount["feast-data"] == served["feast-data"] == f"{repo}/data"
     assert "initContainers" not in _get(renders["prod"], "Deployment", "features")["spec"]["template"]["spec"]
+
+
+def test_the_protected_lanes_pods_are_the_routers_but_for_their_names(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = renders["prod+jobs"]
+    router, lane = _get(docs, "Deployment", "router"), _get(docs, "Deployment", "router-protected")
+    renamed = json.loads(json.dumps(lane).replace("router-protected", "router"))
+    assert renamed["spec"] == router["spec"]  # components/protected-lane copies base/router.yaml
+    assert lane["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "router"
+    env = {e["name"]: e.get("value") for e in lane["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["INFERLINE_TRITON__URL"] == "triton-gpu:8001"  # gpu-pool's patch reaches the lane too
+    budget = _get(docs, "PodDisruptionBudget", "router-protected")
+    assert _pods_selected(docs, budget["spec"]["selector"]) == [lane["spec"]["template"]]
+
+
+def test_envoy_sends_the_protected_classes_to_the_lane_with_the_routers_as_failover(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: pathlib.Path
+) -> None:
+    docs = renders["prod+jobs"]
+    envoy = yaml.safe_load(_envoy_bootstrap(docs, tmp_path).read_text())
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    for name in ("inferline_router_protected", "inferline_router_kserve_protected"):
+        groups = clusters[name]["load_assignment"]["endpoints"]
+        hosts = [
+            (g.get("priority", 0), [lb["endpoint"]["address"]["socket_address"] for lb in g["lb_endpoints"]])
+            for g in groups
+        ]
+        assert hosts == [
+            (0, [{"address": "router-protected-pods", "port_value": 50051}]),
+            (1, [{"address": "router-pods", "port_value": 50051}]),
+        ]
+    pod, port = _service_port(docs, "router-protected-pods:50051")
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "router-protected" and port == 50051
+    assert _get(docs, "Service", "router-protected-pods")["spec"]["clusterIP"] == "None"
+    result = subprocess.run(
+        [str(BIN / "envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "INFERLINE_GATEWAY_SECRET": "x" * 32},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
