@@ -139,8 +139,7 @@ async def serve_process(
     if workers > 1 and (not gateway or config_path is None):
         raise ValueError("several router workers need the embedded gateway and the config file's path")
     gateway = gateway and "router" in roles
-    # With nothing shed every class is protected: a lane would take every call (render_envoy).
-    lane = gateway and config.gateway.protected_lane and bool(config.gateway.shed)
+    lane = gateway and config.gateway.starts_protected_lane
     if lane and config_path is None:
         raise ValueError("gateway.protected_lane needs the config file's path (the lane's process loads it)")
     if gateway:

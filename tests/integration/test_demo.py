@@ -22,6 +22,8 @@ def test_the_demo_serves_sheds_the_lower_classes_never_critical_and_stops_cleanl
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "stopped (exit code 0)" in out, out[-4000:]
+    # The default config's topology: a protected lane beside the router.
+    assert "Envoy in front of the router and its protected lane for critical calls" in out, out[:2000]
     rows = {m.group(1): m.group(0) for m in re.finditer(r"│ (critical|standard|batch) +│[^\n]*", out)}
     assert set(rows) == {"critical", "standard", "batch"}, out[-4000:]
     # Critical is never shed, by the gateway or the router: its sheds column reads "0 (0)".

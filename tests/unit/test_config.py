@@ -98,6 +98,19 @@ def test_gateway_sheds_on_the_router_signal_unless_told_otherwise() -> None:
         parse_config(raw, DEFAULT.parent)
 
 
+def test_the_default_install_starts_a_protected_lane_while_the_gateway_sheds_some_class() -> None:
+    raw = yaml.safe_load(DEFAULT.read_text())
+    gateway = parse_config(raw, DEFAULT.parent).gateway
+    assert gateway.protected_lane and gateway.shed and gateway.starts_protected_lane
+    raw["gateway"]["shed"] = {}  # every class protected: a lane would take every call
+    assert not parse_config(raw, DEFAULT.parent).gateway.starts_protected_lane
+    raw["gateway"] |= {"shed": {"batch": {}}, "protected_lane": False}
+    assert not parse_config(raw, DEFAULT.parent).gateway.starts_protected_lane
+    raw["gateway"] |= {"protected_lane": True, "protected_lane_boost": 20}
+    with pytest.raises(ConfigError, match=r"gateway\.protected_lane_boost"):
+        parse_config(raw, DEFAULT.parent)
+
+
 def test_gateway_in_flight_limit_is_adaptive_unless_told_otherwise() -> None:
     raw = yaml.safe_load(DEFAULT.read_text())
     in_flight = parse_config(raw, DEFAULT.parent).gateway.in_flight

@@ -676,6 +676,14 @@ class GatewayConfig(_Model):
     protected_lane_boost: int = Field(5, ge=0, le=19)
     """The lane's CPU niceness above the other router processes (``nice``; needs
     CAP_SYS_NICE, else the lane runs at their priority, with one warning line). 0: the same."""
+
+    @property
+    def starts_protected_lane(self) -> bool:
+        """Whether ``inferline up`` (with the embedded gateway) starts the lane: ``protected_lane``
+        is set and ``shed`` names a class (with none shed every class is protected, and the lane
+        would take every call)."""
+        return self.protected_lane and bool(self.shed)
+
     tls: TlsServerConfig | None = None
     """TLS on Envoy's listener (ALPN h2 and http/1.1; mutual TLS when ``client_ca_file`` is
     set); None: plain text. The paths are Envoy's, read by Envoy when it starts."""

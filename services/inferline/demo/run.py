@@ -1,7 +1,8 @@
 """``make demo``: start the embedded stack, send real traffic, print what it saw, shut down.
 
 Starts ``inferline up`` (the Envoy gateway on the public port, bundled Triton, every
-service in one process, Feast SQLite) on free ports, sends a few hundred Predict calls
+service in one router process and, with ``gateway.protected_lane``, a second one for the
+critical class, Feast SQLite) on free ports, sends a few hundred Predict calls
 over gRPC across the three traffic classes (each with its ``x-inferline-traffic-class``
 header, which the gateway sheds by), prints served_by counts and p50/p99 per layer, then a
 burst far over capacity per class: answered in time and by whom, shed and how fast. Then
@@ -30,6 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from inferline.core.config import InferlineConfig, load_config
 from inferline.core.headers import TRAFFIC_CLASS
 from inferline.core.health_wait import wait_until_serving
 from inferline.core.ports import free_port
@@ -214,6 +216,13 @@ def _report(console: Console, title: str, responses: list[pb.PredictResponse], e
         console.print(f"example: driver {best.entity.int64_value} score {best.score:.3f} → {best.decision} ({source})")
 
 
+def _topology(config: InferlineConfig) -> str:
+    """What ``inferline up`` starts for ``config``, in words (``runtime.serve_process`` decides)."""
+    lane = config.gateway.starts_protected_lane
+    routers = "the router and its protected lane for critical calls" if lane else "the router"
+    return f"Envoy in front of {routers}, bundled Triton"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="deploy/local/inferline.yaml")
@@ -235,7 +244,8 @@ def main() -> int:
         "--metrics-port",
         "0",
     ]
-    console.print(f"starting the embedded stack on 127.0.0.1:{port} (log: {log})")
+    topology = _topology(load_config(args.config))
+    console.print(f"starting the embedded stack on 127.0.0.1:{port}: {topology} (log: {log})")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "INFERLINE_TRITON__GRPC_PORT": "0"}
