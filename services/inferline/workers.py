@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from inferline.core.health_wait import wait_until_serving_async
 from inferline.core.ports import free_ports
-from inferline.core.processes import base_niceness, may_raise_priority, nice_prefix
+from inferline.core.processes import nice_prefix, permitted_nice_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class RouterWorkers:
         """``nice -n K`` before the lane's command: ``lane_boost`` steps above the other routers,
         or at their priority with one warning where raising it is not permitted (as Envoy's
         ``gateway.priority_boost``; GNU ``nice`` runs the command either way)."""
-        if self._lane_boost and not may_raise_priority(base_niceness() - self._lane_boost):
+        prefix = permitted_nice_prefix(self._lane_boost)
+        if prefix is None:
             if not self._lane_warned:
                 self._lane_warned = True
                 logger.warning(
@@ -136,7 +137,7 @@ class RouterWorkers:
                     self._lane_boost,
                 )
             return nice_prefix()
-        return nice_prefix(self._lane_boost)
+        return prefix
 
     async def start(self) -> None:
         """Start every worker, wait until each is SERVING, then watch them."""

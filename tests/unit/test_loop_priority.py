@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 
@@ -84,3 +85,24 @@ def test_a_child_below_the_calling_thread_gets_a_positive_adjustment(monkeypatch
     assert prefix[1:] == ["-n", "5"] and prefix[0].endswith("nice")
     assert processes.nice_prefix(5) == []  # Envoy 5 steps above the base: the loop's own level
     assert processes.nice_prefix(7)[1:] == ["-n", "-2"]
+
+
+def test_a_stronger_priority_is_only_prefixed_where_it_is_permitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(processes, "_base_niceness", 0)
+    monkeypatch.setattr(processes, "thread_niceness", lambda: 0)
+    asked: list[int] = []
+
+    def allowed_down_to(floor: int) -> Callable[[int], bool]:
+        def may_raise(niceness: int) -> bool:
+            asked.append(niceness)
+            return niceness >= floor
+
+        return may_raise
+
+    monkeypatch.setattr(processes, "may_raise_priority", allowed_down_to(-5))
+    prefix = processes.permitted_nice_prefix(5)
+    assert prefix is not None and prefix[1:] == ["-n", "-5"]
+    assert processes.permitted_nice_prefix(6) is None  # the caller warns and starts it at its own priority
+    assert asked == [-5, -6]
+    assert processes.permitted_nice_prefix(0) == []  # no boost asked: nothing to check
+    assert asked == [-5, -6]

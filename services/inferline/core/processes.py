@@ -99,3 +99,12 @@ def nice_prefix(above_base: int = 0) -> list[str]:
     if adjustment == 0 or nice is None:
         return []
     return [nice, "-n", str(adjustment)]
+
+
+def permitted_nice_prefix(above_base: int) -> list[str] | None:
+    """``nice_prefix(above_base)`` where a priority that much stronger is permitted here, else
+    None: the caller says so once and starts the child with ``nice_prefix()`` (GNU ``nice``
+    would run it anyway, silently at the process's own priority)."""
+    if above_base and not may_raise_priority(base_niceness() - above_base):
+        return None
+    return nice_prefix(above_base)

@@ -31,7 +31,7 @@ import yaml
 
 from inferline.core.config import InferlineConfig
 from inferline.core.health_wait import wait_until_serving_async
-from inferline.core.processes import base_niceness, may_raise_priority, nice_prefix
+from inferline.core.processes import nice_prefix, permitted_nice_prefix
 from inferline.gateway.render import render_envoy
 
 logger = logging.getLogger(__name__)
@@ -118,9 +118,8 @@ class EmbeddedGateway:
         the command even when it may not raise the priority, so the check is made here first:
         one warning, then Envoy at the router's priority.
         """
-        if self._priority_boost == 0:
-            return nice_prefix()
-        if not may_raise_priority(base_niceness() - self._priority_boost):
+        prefix = permitted_nice_prefix(self._priority_boost)
+        if prefix is None:
             if not self._warned:
                 self._warned = True
                 logger.warning(
@@ -129,7 +128,7 @@ class EmbeddedGateway:
                     self._priority_boost,
                 )
             return nice_prefix()
-        return nice_prefix(self._priority_boost)
+        return prefix
 
     async def start(self) -> None:
         """Start Envoy and wait until it forwards health checks to a router; then watch it."""
