@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from inferline.core.health_wait import wait_until_serving_async
 from inferline.core.ports import free_ports
-from inferline.core.processes import nice_prefix, permitted_nice_prefix
+from inferline.core.processes import ChildBoost, nice_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ class RouterWorkers:
         self._config_path = config_path
         self._triton_url = triton_url
         self._wait_ready = wait_ready
-        self._lane_boost = lane_boost
-        self._lane_warned = False
+        self._lane_boost = ChildBoost(
+            lane_boost, "gateway.protected_lane_boost", "the protected lane runs at the other routers' CPU priority"
+        )
         total = count + lane
         ports = free_ports(total * 2)
         self._workers = [
@@ -114,7 +115,7 @@ class RouterWorkers:
         environ = {**os.environ, "INFERLINE_SERVER__HOST": "127.0.0.1"}
         # At the supervisor's own priority, not its event loop's (each worker boosts its own);
         # the lane above it.
-        boost = self._boost() if worker.lane else nice_prefix()
+        boost = self._lane_boost.prefix() if worker.lane else nice_prefix()
         process = subprocess.Popen([*boost, *command], env=environ, stdin=subprocess.DEVNULL)
         logger.info(
             "started %s pid %d on %s (metrics port %d)",
@@ -122,22 +123,6 @@ class RouterWorkers:
             process.pid, worker.address, worker.metrics_port,
         )  # fmt: skip
         return process
-
-    def _boost(self) -> list[str]:
-        """``nice -n K`` before the lane's command: ``lane_boost`` steps above the other routers,
-        or at their priority with one warning where raising it is not permitted (as Envoy's
-        ``gateway.priority_boost``; GNU ``nice`` runs the command either way)."""
-        prefix = permitted_nice_prefix(self._lane_boost)
-        if prefix is None:
-            if not self._lane_warned:
-                self._lane_warned = True
-                logger.warning(
-                    "gateway.protected_lane_boost %d: not permitted here (needs CAP_SYS_NICE); the protected "
-                    "lane runs at the other routers' CPU priority",
-                    self._lane_boost,
-                )
-            return nice_prefix()
-        return prefix
 
     async def start(self) -> None:
         """Start every worker, wait until each is SERVING, then watch them."""

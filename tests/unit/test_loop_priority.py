@@ -87,7 +87,9 @@ def test_a_child_below_the_calling_thread_gets_a_positive_adjustment(monkeypatch
     assert processes.nice_prefix(7)[1:] == ["-n", "-2"]
 
 
-def test_a_stronger_priority_is_only_prefixed_where_it_is_permitted(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stronger_priority_is_only_prefixed_where_it_is_permitted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(processes, "_base_niceness", 0)
     monkeypatch.setattr(processes, "thread_niceness", lambda: 0)
     asked: list[int] = []
@@ -100,9 +102,12 @@ def test_a_stronger_priority_is_only_prefixed_where_it_is_permitted(monkeypatch:
         return may_raise
 
     monkeypatch.setattr(processes, "may_raise_priority", allowed_down_to(-5))
-    prefix = processes.permitted_nice_prefix(5)
-    assert prefix is not None and prefix[1:] == ["-n", "-5"]
-    assert processes.permitted_nice_prefix(6) is None  # the caller warns and starts it at its own priority
-    assert asked == [-5, -6]
-    assert processes.permitted_nice_prefix(0) == []  # no boost asked: nothing to check
-    assert asked == [-5, -6]
+    assert processes.ChildBoost(5, "x.boost", "at its own").prefix()[1:] == ["-n", "-5"]
+    refused = processes.ChildBoost(6, "x.boost", "it runs at its own priority")
+    # Not permitted: the child starts at the process's own priority, and that is said once.
+    assert refused.prefix() == refused.prefix() == processes.nice_prefix() == []
+    assert asked == [-5, -6, -6]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["x.boost 6: not permitted here (needs CAP_SYS_NICE); it runs at its own priority"]
+    assert processes.ChildBoost(0, "x.boost", "").prefix() == []  # no boost asked: nothing to check
+    assert asked == [-5, -6, -6]

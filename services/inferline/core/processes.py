@@ -23,10 +23,13 @@ process full of gRPC threads, and a child could die before exec (seen in CI: Env
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shutil
 import threading
+
+logger = logging.getLogger(__name__)
 
 _base_niceness: int | None = None
 """The niceness the process ran at before ``boost_this_thread`` (None: no thread was boosted)."""
@@ -101,10 +104,26 @@ def nice_prefix(above_base: int = 0) -> list[str]:
     return [nice, "-n", str(adjustment)]
 
 
-def permitted_nice_prefix(above_base: int) -> list[str] | None:
-    """``nice_prefix(above_base)`` where a priority that much stronger is permitted here, else
-    None: the caller says so once and starts the child with ``nice_prefix()`` (GNU ``nice``
-    would run it anyway, silently at the process's own priority)."""
-    if above_base and not may_raise_priority(base_niceness() - above_base):
-        return None
-    return nice_prefix(above_base)
+class ChildBoost:
+    """Starts children ``steps`` steps of niceness above the process's own (``nice_prefix``)
+    where a priority that much stronger is permitted here; elsewhere at the process's own,
+    saying so once (GNU ``nice`` would run the command anyway, silently at that priority).
+
+    ``setting`` names the config key in the warning, ``fallback`` what then happens."""
+
+    def __init__(self, steps: int, setting: str, fallback: str) -> None:
+        self._steps = steps
+        self._setting = setting
+        self._fallback = fallback
+        self._warned = False
+
+    def prefix(self) -> list[str]:
+        """The command prefix for the next child."""
+        if self._steps and not may_raise_priority(base_niceness() - self._steps):
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "%s %d: not permitted here (needs CAP_SYS_NICE); %s", self._setting, self._steps, self._fallback
+                )
+            return nice_prefix()
+        return nice_prefix(self._steps)

@@ -31,7 +31,7 @@ import yaml
 
 from inferline.core.config import InferlineConfig
 from inferline.core.health_wait import wait_until_serving_async
-from inferline.core.processes import nice_prefix, permitted_nice_prefix
+from inferline.core.processes import ChildBoost
 from inferline.gateway.render import render_envoy
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,9 @@ class EmbeddedGateway:
         )
         self._config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
         self._tls = config.gateway.tls is not None
-        self._priority_boost = config.gateway.priority_boost
-        self._warned = False
+        self._boost = ChildBoost(
+            config.gateway.priority_boost, "gateway.priority_boost", "envoy runs at the router's CPU priority"
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
@@ -103,32 +104,14 @@ class EmbeddedGateway:
             str(self._envoy), "-c", str(self._config_path), "--disable-hot-restart",
             "--admin-address-path", str(self._dir / "admin-address"), "-l", "warning",
         ]  # fmt: skip
-        # Envoy's own log lines go to this process's stderr, beside the router's.
-        process = subprocess.Popen([*self._boost(), *command], env=self._environ, stdin=subprocess.DEVNULL)
+        # Envoy's own log lines go to this process's stderr, beside the router's. Its priority is
+        # set by ``nice`` at exec, before Envoy starts its worker threads (a thread's niceness is
+        # its own on Linux: changing the process's afterwards would miss them): gateway.priority_boost
+        # steps above the router's own niceness (also when the calling thread is the router's
+        # boosted event loop), or at it with one warning where that is not permitted.
+        process = subprocess.Popen([*self._boost.prefix(), *command], env=self._environ, stdin=subprocess.DEVNULL)
         logger.info("started envoy pid %d on %s (config %s)", process.pid, self.address, self._config_path)
         return process
-
-    def _boost(self) -> list[str]:
-        """``nice -n K`` before Envoy's command: ``gateway.priority_boost`` steps above the
-        router's own niceness (``inferline.core.processes.nice_prefix``: also when the calling
-        thread is the router's boosted event loop), or at it.
-
-        Set by ``nice`` at exec, before Envoy starts its worker threads (a thread's niceness is
-        its own on Linux: changing the process's afterwards would miss them). GNU ``nice`` runs
-        the command even when it may not raise the priority, so the check is made here first:
-        one warning, then Envoy at the router's priority.
-        """
-        prefix = permitted_nice_prefix(self._priority_boost)
-        if prefix is None:
-            if not self._warned:
-                self._warned = True
-                logger.warning(
-                    "gateway.priority_boost %d: not permitted here (needs CAP_SYS_NICE); envoy runs at the "
-                    "router's CPU priority",
-                    self._priority_boost,
-                )
-            return nice_prefix()
-        return prefix
 
     async def start(self) -> None:
         """Start Envoy and wait until it forwards health checks to a router; then watch it."""
