@@ -12,7 +12,7 @@ sheds (``gateway.protected_routers``): the gateway sends their calls there (and 
 others only while the lane is down), so under overload they do not queue behind the lower
 classes in one router's gRPC transport. The lane runs ``gateway.protected_lane_boost`` steps
 of CPU niceness above the other routers, so on shared cores it does not wait behind them
-for a core either.
+for a core either. It runs no batch job (``batch_jobs.run_jobs`` false): the other routers do.
 
 Per-process state is per worker: with ``rate_limit.backend: memory`` each worker has its own
 token buckets (a tenant gets up to N times its quota), and with ``score_cache.backend:
@@ -39,6 +39,8 @@ READY_TIMEOUT_S = 180.0
 RESTART_DELAY_S = 1.0
 """Pause before starting a dead worker again: a crash loop must not spin a core."""
 STOP_TIMEOUT_S = 30.0
+LANE_RUNS_NO_JOBS = "INFERLINE_BATCH_JOBS__RUN_JOBS"
+"""Set to false in the protected lane's environment (``batch_jobs.run_jobs``)."""
 
 
 @dataclass
@@ -113,6 +115,10 @@ class RouterWorkers:
         # Loopback only: the gateway is the front door. The rest of the environment (the gateway
         # and service secrets, INFERLINE_* overrides) is this process's.
         environ = {**os.environ, "INFERLINE_SERVER__HOST": "127.0.0.1"}
+        if worker.lane:
+            # The lane serves the BatchJobs service but runs no job (``batch_jobs.run_jobs``):
+            # a job's process would take its raised priority, and its loop the jobs' supervision.
+            environ[LANE_RUNS_NO_JOBS] = "false"
         # At the supervisor's own priority, not its event loop's (each worker boosts its own);
         # the lane above it.
         boost = self._lane_boost.prefix() if worker.lane else nice_prefix()

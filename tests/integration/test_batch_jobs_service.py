@@ -646,6 +646,42 @@ def test_the_gateway_forwards_the_service(service: Service, tmp_path: pathlib.Pa
         assert status == 404 and answer["code"] == grpc.StatusCode.NOT_FOUND.value[0], answer
 
 
+def test_a_router_that_runs_no_jobs_serves_them_and_leaves_the_running_to_the_others(
+    service: Service, oracle: tuple[pd.DataFrame, str], tmp_path: pathlib.Path
+) -> None:
+    """``batch_jobs.run_jobs: false`` (the protected lane's setting): Submit, Get and List work
+    there, the job waits QUEUED, and a router sharing the state runs it."""
+    runs_jobs = write_config(tmp_path, service.roots)  # a state file of this test's own
+    raw = yaml.safe_load(runs_jobs.read_text())
+    raw["batch_jobs"]["run_jobs"] = False
+    serves_only_config = tmp_path / "serves-only.yaml"
+    serves_only_config.write_text(yaml.safe_dump(raw))
+    serves_only = Service(serves_only_config, service.roots, service.triton, tmp_path / "logs-serves-only")
+    runner = Service(runs_jobs, service.roots, service.triton, tmp_path / "logs-runner")
+    try:
+        for process in (serves_only, runner):
+            process.log_dir.mkdir()
+        serves_only.start()
+        job = submit(serves_only, job_spec("left-to-others"))
+        listed = serves_only.stub.ListBatchJobs(pb.ListBatchJobsRequest(), metadata=DEMO, timeout=10)
+        assert [(j.job_id, j.state) for j in listed.jobs] == [(job.job_id, pb.BATCH_JOB_STATE_QUEUED)]
+
+        runner.start()  # seconds after the submit woke the first one's (absent) job runner
+        done = wait_for_state(serves_only, job.job_id, pb.BATCH_JOB_STATE_SUCCEEDED, pb.BATCH_JOB_STATE_FAILED)
+        assert done.state == pb.BATCH_JOB_STATE_SUCCEEDED, done.error
+        assert done.runs == 1
+        assert_oracle_output(service.output_dir() / "left-to-others", oracle)
+        assert serves_only.log_path is not None and runner.log_path is not None
+        assert f"batch job {job.job_id} (tenant demo" in runner.log_path.read_text()
+        served_log = serves_only.log_path.read_text()
+        assert "run by the other processes sharing the state" in served_log
+        assert f"batch job {job.job_id}" not in served_log
+    finally:
+        for process in (serves_only, runner):
+            if process.process is not None:
+                process.stop()
+
+
 def test_routers_sharing_a_postgres_state_share_the_jobs(
     service: Service, oracle: tuple[pd.DataFrame, str], postgres_url: str, tmp_path: pathlib.Path
 ) -> None:

@@ -213,6 +213,9 @@ def test_the_protected_lane_takes_critical_calls_and_the_other_routers_take_over
         up_pid = server.server.pid
         assert up_pid is not None
         assert os.getpriority(os.PRIO_PROCESS, lane_pid) == os.getpriority(os.PRIO_PROCESS, up_pid) - 3
+        # It runs no batch job (batch_jobs.run_jobs, whose effect test_batch_jobs_service checks).
+        environ = pathlib.Path(f"/proc/{lane_pid}/environ").read_bytes().split(b"\0")
+        assert b"INFERLINE_BATCH_JOBS__RUN_JOBS=false" in environ
 
         def calls(traffic_class: str, n: int) -> None:
             request = pb.PredictRequest(route=REQUEST.route, entities=REQUEST.entities, traffic_class=traffic_class)

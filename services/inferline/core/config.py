@@ -797,6 +797,11 @@ class BatchJobsConfig(_Model):
     GIL nor takes CPU an online request is waiting for. 0: the router's own priority. 19 (the
     lowest priority) rather than 10: beside a flat-out job the online p99 was 20 against 37 ms
     (medians of 6 phases, 2-core VM) for 2 % of the job's rate (docs/batch.md)."""
+    run_jobs: bool = True
+    """Whether this process runs jobs. False: it serves the service (Submit, Get, List and
+    Cancel go through the shared state store) and leaves running them to the processes that
+    share its state. The protected lane's router (``gateway.protected_lane``) runs none: it
+    is there for critical calls, and a job it started would inherit its raised priority."""
     feature_processes: int = Field(2, ge=0, le=64)
     """Worker processes of each job for its online feature reads (at the job's niceness); 0 or
     1: a thread of the job's process. Fewer than ``batch run``'s default (the CPUs, at most 4):

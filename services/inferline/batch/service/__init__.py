@@ -8,6 +8,7 @@ puts them together for the router's app (``inferline.app``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ from inferline.v1 import batch_jobs_pb2_grpc
 
 if TYPE_CHECKING:
     from inferline.router.gate import RequestGate
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "_batch_jobs.sqlite"
 """The state file's name in ``batch_jobs.output_root`` when ``batch_jobs.state_path`` is unset."""
@@ -47,12 +50,18 @@ class BatchJobsService:
         self.store = JobStore(jobs.state_url or jobs.state_path or jobs.output_root / STATE_FILE)
         self.runner = JobRunner(config, self.store, triton_url, registry, online_wait_s=online_wait_s)
         self.servicer = BatchJobsServicer(config, gate, self.store, self.runner)
+        self._runs_jobs = jobs.run_jobs
+        """False (``batch_jobs.run_jobs``): the runner never starts, so it claims no job; Cancel
+        still flags the job in the store for the process running it."""
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         batch_jobs_pb2_grpc.add_BatchJobsServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
-        await self.runner.start()
+        if self._runs_jobs:
+            await self.runner.start()
+        else:
+            logger.info("batch jobs: served here, run by the other processes sharing the state (batch_jobs.run_jobs)")
 
     async def close(self) -> None:
         try:
