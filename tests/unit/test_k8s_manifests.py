@@ -25,12 +25,15 @@ from typing import Any
 import jsonschema
 import pytest
 import referencing
+import typer
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
 from prometheus_client import CollectorRegistry
 
+from inferline.cli import cli
 from inferline.core.config import InferlineConfig, load_config
 from inferline.core.metrics import ServingMetrics
+from inferline.stream.spec import StreamEndpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -577,7 +580,8 @@ def test_network_policies_allow_exactly_the_call_paths(
 
     allowed = _call_paths(docs, tmp_path) | {
         ("batch", "triton-cpu", 8001),  # components/batch-job: --triton-url
-        ("stream-worker", "redis", 6379),
+        ("stream-worker", "redis", 6379),  # components/stream-worker: --source, --sink
+        ("stream-worker", "triton-cpu", 8001),  # and --triton-url
         ("features", "redis", 6379),  # Feast's Redis online store in a cluster
     }
     # components/protected-lane: Envoy reaches the lane's routers, which call what the routers call.
@@ -638,6 +642,42 @@ def test_batch_job_shards_by_completion_index(renders: dict[str, list[dict[str, 
     assert _arg(container, "--shard") == f"$(JOB_COMPLETION_INDEX)/{job['spec']['completions']}"
     assert any(e["name"] == "JOB_COMPLETION_INDEX" for e in container["env"])
     assert _arg(container, "--triton-url") == "triton-cpu:8001"
+
+
+def test_stream_workers_run_as_the_cli_parses_and_keda_scales_them_on_their_groups_lag(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: pathlib.Path
+) -> None:
+    docs = renders["prod+jobs"]
+    container = _container(docs, "stream-worker")
+    args = container["args"]
+    assert args[:2] == ["stream", "run"]
+    stream_run = typer.main.get_command(cli).commands["stream"].commands["run"]  # type: ignore[attr-defined]
+    parsed = stream_run.make_context("run", list(args[2:])).params  # a misspelt or missing option raises here
+    config = _config_of(docs, "stream-worker", tmp_path)
+    assert parsed["route"] in config.routes
+    source, sink = StreamEndpoint.parse(parsed["source"]), StreamEndpoint.parse(parsed["sink"])
+    assert source.stream != sink.stream
+    for endpoint in (source, sink):
+        pod, _ = _service_port(docs, f"{endpoint.host}:{endpoint.port}")
+        assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "redis"
+    pod, _ = _service_port(docs, parsed["triton_url"])
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == parsed["metrics_port"]
+
+    scaled = _get(docs, "ScaledObject", "stream-worker")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "stream-worker"
+    (trigger,) = scaled["spec"]["triggers"]
+    metadata = trigger["metadata"]
+    assert trigger["type"] == "redis-streams"
+    assert (metadata["address"], metadata["stream"], metadata["consumerGroup"]) == (
+        f"{source.host}:{source.port}",
+        source.stream,
+        parsed["group"],
+    )
+    # The group's lag (entries not yet delivered), not its pending entries: each worker holds
+    # at most --max-in-flight of those, so their count cannot ask for more workers.
+    assert "lagCount" in metadata and "pendingEntriesCount" not in metadata
 
 
 def test_dev_features_pods_fill_their_feast_store_before_serving(
