@@ -54,7 +54,9 @@ by who answered — PRIMARY or LIGHT (capacity; its share of the knee is the tar
 CACHE or BASELINE (the degradation path working) — and per class: OK before the deadline, answered by PRIMARY
 or LIGHT, shed (RESOURCE_EXHAUSTED) and how fast (from the start of the call, which
 leaves generator lag out; sheds by the gateway and by the router apart), other errors,
-response-time percentiles of OK answers; the
+response-time percentiles of OK answers; Envoy's own time for its sheds, from the
+gateway's access log (``gateway.access_log``, ``inferline.bench.gateway_log``: a refusal
+as a caller on another machine would see it, without the co-located generators' queues); the
 router's RSS (``/proc/<pid>/status`` VmRSS) at the start and end of the measured window; the
 hot-cache hit rate and Feast reads per second over the measured window (the router's own
 counters, scraped as the window opens and after it closes);
@@ -94,6 +96,7 @@ from rich.console import Console
 from rich.table import Table
 
 from inferline.bench.analysis import SERVED_BY, generator_summary, iter_requests, send_rate
+from inferline.bench.gateway_log import ACCESS_LOG_ENV, read_access_log, shed_times
 from inferline.bench.harness import (
     ServerProcess,
     feature_text,
@@ -697,6 +700,7 @@ async def measured_run(
 
     metrics_before = await asyncio.to_thread(scrape, router.metrics_port)
     t0 = time.perf_counter()
+    opens_at = time.time() + START_DELAY_S + warmup_s  # the measured window, as the access log's clock reads it
     sampler = asyncio.create_task(sample_rss())
     metrics_url = f"127.0.0.1:{router.metrics_port}"
     # The generators start START_DELAY_S after dispatch, then warm up: scrape as the measured window opens.
@@ -718,6 +722,7 @@ async def measured_run(
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
     sample()
+    closes_at = time.time()
     metrics_after = await asyncio.to_thread(scrape, router.metrics_port)
     features_after = await asyncio.to_thread(scrape_feature_counters, metrics_url)
     features = feature_window(await features_before, features_after)
@@ -741,6 +746,7 @@ async def measured_run(
     }
     run["features"] = features
     run["triton"] = await router.triton_state()
+    run["window_epoch_s"] = [round(opens_at, 3), round(closes_at, 3)]
     return run, merged
 
 
@@ -850,6 +856,9 @@ async def run_configuration(
 ) -> float | None:
     """Start a fresh router for configuration ``name``; sweep (if no knee yet) and run the multipliers."""
     port, metrics_port = free_ports(2)
+    # Envoy's own log of its answers: its time for each shed, without the generators' queues.
+    access_log = log_dir / f"gateway-access-{name}.log"
+    env = {**CONFIGS[name], ACCESS_LOG_ENV: str(access_log)} if name in EMBEDDED else CONFIGS[name]
     server = ServerProcess(
         f"router-admission-{name}",
         f"127.0.0.1:{port}",
@@ -861,7 +870,7 @@ async def run_configuration(
             gateway=name in EMBEDDED,
         ),
         log_dir / f"router-admission-{name}.log",
-        env=CONFIGS[name],
+        env=env,
         cwd=ROOT,
         cpus=s.server_cpus,
     )
@@ -880,7 +889,7 @@ async def run_configuration(
             highlight=False,
         )
         if name in GATEWAY_SHED_BY:
-            envoy = await start_gateway(name, s, server.url, log_dir)
+            envoy = await start_gateway(name, s, server.url, log_dir, access_log)
             router.target_url = envoy.url
             router.gateway_pid = envoy.pid
             console.print(
@@ -941,16 +950,21 @@ async def run_configuration(
         config["router_returncode"] = server.stop(timeout_s=30.0)
         left = triton_left(router)
         config["tritonserver_left_behind"] = left
+        lines = read_access_log(access_log)  # whole: Envoy flushes it as it stops
+        for run in config["runs"]:
+            run["sheds_at_envoy"] = shed_times(lines, *run["window_epoch_s"]) if access_log.exists() else None
         if left:
             console.print(f"[red]tritonserver left behind after the router stopped: {left} (killed)")
     return knee
 
 
-async def start_gateway(name: str, s: Settings, router_url: str, log_dir: pathlib.Path) -> ServerProcess:
+async def start_gateway(
+    name: str, s: Settings, router_url: str, log_dir: pathlib.Path, access_log: pathlib.Path
+) -> ServerProcess:
     """Envoy on free ports in front of the router, rendered from the same config plus ``GATEWAY_SHED``."""
     raw = yaml.safe_load(s.config.read_text())
     shed = {} if name in PLAIN_PROXY else GATEWAY_SHED
-    raw["gateway"] = {"shed": shed, "shed_by": GATEWAY_SHED_BY[name]}
+    raw["gateway"] = {"shed": shed, "shed_by": GATEWAY_SHED_BY[name], "access_log": {"path": str(access_log)}}
     for key, value in s.gateway_settings.items():
         if isinstance(value, dict) and isinstance(raw["gateway"].get(key), dict):
             raw["gateway"][key] = {**raw["gateway"][key], **value}
@@ -1035,6 +1049,13 @@ def _mark(v: bool | None) -> str:
     return "-" if v is None else ("[green]yes[/]" if v else "[red]NO[/]")
 
 
+def _envoy_sheds(sheds: dict[str, Any] | None) -> str:
+    """Envoy's own time for its sheds (``inferline.bench.gateway_log``); "-" without a gateway or a shed."""
+    if not sheds or not sheds["count"]:
+        return "-"
+    return f"{sheds['p50_ms']}/{sheds['p99_ms']}"
+
+
 def print_report(report: dict[str, Any]) -> None:
     knee = report.get("knee_rate")
     if knee is None:
@@ -1057,7 +1078,8 @@ def print_report(report: dict[str, Any]) -> None:
     )
     for col, right in (
         ("admission", False), ("×knee", True), ("offered/s", True), ("sent/s", True), ("goodput P|L / C|B /s", True),
-        ("% knee", True), ("OK late", True), ("shed %", True), ("shed p50/p99 ms", True), ("other errors", True),
+        ("% knee", True), ("OK late", True), ("shed %", True), ("shed p50/p99 ms", True),
+        ("Envoy's shed p50/p99 ms", True), ("other errors", True),
         ("OK p50/p99 ms", True), ("RSS MB start→end", True), ("Triton", False), ("gen lag p99 ms", True),
         ("cores router/gateway/Triton/gens", True), ("CPU busy %", True), ("hot cache hit %", True),
         ("Feast reads/s", True),
@@ -1077,6 +1099,7 @@ def print_report(report: dict[str, Any]) -> None:
             str(r["missed_deadline"]),
             _pct(r["shed"]),
             f"{fmt(r['shed_call_ms']['p50_ms'], '.1f')}/{fmt(r['shed_call_ms']['p99_ms'], '.1f')}",
+            _envoy_sheds(r.get("sheds_at_envoy")),
             str(other),
             f"{fmt(r['response_time']['p50_ms'], '.1f')}/{fmt(r['response_time']['p99_ms'], '.1f')}",
             f"{fmt(r['router']['rss_mb_start'], '.0f')}→{fmt(r['router']['rss_mb_end'], '.0f')}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import pathlib
 import threading
 import time
@@ -38,6 +40,7 @@ from tests.integration.router_fixtures import (
     start_router,
     write_test_config,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.requires_triton
 
@@ -191,10 +194,21 @@ def overloaded_router(
 def signal_gateway(
     overloaded_router: ServerProcess, router_config: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    """Envoy in front of ``overloaded_router``, shedding batch and standard on the router's signal."""
+    """Envoy in front of ``overloaded_router``, shedding batch and standard on the router's
+    signal, with its access log of its own answers (``_access_log``)."""
     tmp_path = tmp_path_factory.mktemp("signal-gateway")
-    with start_gateway(SIGNAL_SHED, router_config, overloaded_router.address, tmp_path) as gateway:
+    settings = {**SIGNAL_SHED, "access_log": {"path": str(tmp_path / ACCESS_LOG)}}
+    with start_gateway(settings, router_config, overloaded_router.address, tmp_path) as gateway:
         yield gateway
+
+
+ACCESS_LOG = "access.log"
+
+
+def _access_log(gateway: Gateway) -> list[dict[str, Any]]:
+    """The lines of a gateway's access log (``gateway.access_log``), beside its Envoy log."""
+    path = gateway.log_path.parent / ACCESS_LOG
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _metrics_text(server: ServerProcess) -> str:
@@ -312,6 +326,7 @@ def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(
         for _ in range(30):  # each answer names batch: Envoy's batch shed probability climbs to its cap
             stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=2)
         before = signal_gateway.stat(aborts)
+        since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(milliseconds=1)  # Envoy logs whole ms
         batch = _outcomes(stub, "batch", 50)
         standard = Counter[str]()
         for _ in range(20):
@@ -325,9 +340,28 @@ def test_gateway_sheds_the_class_the_router_names_and_forwards_the_others(
     assert set(batch) <= {f"RESOURCE_EXHAUSTED: {SIGNAL_SHED_MESSAGE}", "OK"}, batch
     assert signal_gateway.stat(aborts) - before == by_gateway  # counted per class in Envoy's stats
     assert standard == {"SERVED_BY_PRIMARY": 20}  # the router never named standard
+    # Each shed is in the access log (Envoy flushes it every second): its class, why, how long
+    # Envoy took; the calls the router answered are not.
+    wait_until(lambda: len(_sheds(signal_gateway, since)) >= by_gateway, f"{by_gateway} sheds in the access log", 10)
+    sheds = _sheds(signal_gateway, since)
+    assert len(sheds) == by_gateway
+    assert {(s["traffic_class"], s["grpc_status"], s["path"]) for s in sheds} == {
+        ("batch", 8, "/inferline.v1.Inference/Predict")
+    }
+    assert all(isinstance(s["duration_ms"], int) and s["duration_ms"] < 1000 for s in sheds)
+    assert not [line for line in _access_log(signal_gateway) if line["details"] == "via_upstream"]
     with grpc.insecure_channel(overloaded_router.address) as channel:  # a direct call has no gateway to bound it
         direct = _outcomes(pb_grpc.InferenceStub(channel), "batch", 3)
     assert all(k.startswith("RESOURCE_EXHAUSTED: route 'driver_ranking' is overloaded") for k in direct), direct
+
+
+def _sheds(gateway: Gateway, since: datetime.datetime) -> list[dict[str, Any]]:
+    """The gateway's sheds on the routers' signal logged from ``since`` on."""
+    return [
+        line
+        for line in _access_log(gateway)
+        if line["details"] == "fault_filter_abort" and datetime.datetime.fromisoformat(line["start_time"]) >= since
+    ]
 
 
 def _infer(client: triton_grpc.InferenceServerClient, model: str, width: int, traffic_class: str) -> str:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from inferline.cli import cli
 from inferline.core import headers
-from inferline.core.config import InferlineConfig, load_config, parse_config
+from inferline.core.config import ConfigError, InferlineConfig, load_config, parse_config
 from inferline.gateway import ROUTER_CLUSTER, TRAFFIC_CLASS_HEADER, render_envoy
 from inferline.gateway.render import (
     ADAPTIVE_SHED_MESSAGE,
@@ -73,12 +73,37 @@ def _validate(rendered: dict[str, Any], tmp_path: pathlib.Path) -> subprocess.Co
         {"shed": SHED},
         {"shed": SHED, "shed_by": SR},
         {"shed": SHED, "in_flight": {"adaptive": False, "max_per_router": 8}},
+        {"shed": SHED, "access_log": {"path": "/dev/stdout"}},
+        {"shed": SHED, "access_log": {"path": "/dev/stdout", "all_calls": True}},
     ],
-    ids=["default", "signal", "success_rate", "fixed_cap"],
+    ids=["default", "signal", "success_rate", "fixed_cap", "access_log", "access_log_all"],
 )
 def test_real_envoy_validates_the_rendered_config(gateway: dict[str, Any], tmp_path: pathlib.Path) -> None:
     result = _validate(render_envoy(_config(**gateway)), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_access_log_is_off_by_default_and_keeps_envoys_own_answers_unless_asked_for_all() -> None:
+    assert "access_log" not in _hcm(render_envoy(_config(shed=SHED)))
+    (own,) = _hcm(render_envoy(_config(shed=SHED, access_log={"path": "/var/log/gateway.log"})))["access_log"]
+    assert own["typed_config"]["path"] == "/var/log/gateway.log"
+    fields = own["typed_config"]["log_format"]["json_format"]
+    assert fields["traffic_class"] == f"%REQ({TRAFFIC_CLASS_HEADER})%"
+    assert {"duration_ms", "details", "flags", "grpc_status", "path", "upstream"} <= set(fields)
+    assert not any("authorization" in str(v).lower() for v in fields.values())  # no credentials
+    # Only the calls no router answered: the upstream's answers say "via_upstream".
+    assert own["filter"]["extension_filter"]["typed_config"]["expression"] == (
+        "response.code_details != 'via_upstream'"
+    )
+    (every,) = _hcm(render_envoy(_config(shed=SHED, access_log={"path": "/dev/stdout", "all_calls": True})))[
+        "access_log"
+    ]
+    assert "filter" not in every and every["typed_config"]["log_format"]["json_format"] == fields
+
+
+def test_an_access_log_without_a_path_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.access_log\.path"):
+        _config(access_log={"all_calls": True})
 
 
 def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:

@@ -649,6 +649,17 @@ class InFlightConfig(_Model):
     the knee × the deadline, less the time of an answer. None: unbounded."""
 
 
+class GatewayAccessLogConfig(_Model):
+    """Envoy's access log of the gateway: one JSON object a line (``docs/operations.md``)."""
+
+    path: str = Field(min_length=1)
+    """The file Envoy appends to (``/dev/stdout`` in a container)."""
+    all_calls: bool = False
+    """False: only the calls Envoy answered itself: its sheds (the class, why, and how long
+    Envoy took), the in-flight caps' refusals, route timeouts, calls no router could take and
+    callers' resets. True: every call (a line per call: mind the rate)."""
+
+
 class GatewayConfig(_Model):
     """The Envoy ingress in front of the router replicas (``inferline gateway render``)."""
 
@@ -712,6 +723,8 @@ class GatewayConfig(_Model):
     rest: bool = True
     """REST callers: ``POST /inferline.v1.Inference/<Method>`` with a JSON body is transcoded to
     the gRPC call by Envoy (same routes, shedding and authentication as gRPC callers)."""
+    access_log: GatewayAccessLogConfig | None = None
+    """Envoy's access log (of its own answers, or of every call); None: none."""
     secret_env: str = Field("INFERLINE_GATEWAY_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name of the environment variable holding the per-deployment gateway secret (at least
     16 characters), set alike for Envoy and the routers. Envoy adds it to every call it
