@@ -55,8 +55,8 @@ CACHE or BASELINE (the degradation path working) — and per class: OK before th
 or LIGHT, shed (RESOURCE_EXHAUSTED) and how fast (from the start of the call, which
 leaves generator lag out; sheds by the gateway and by the router apart), other errors,
 response-time percentiles of OK answers; Envoy's own time for its sheds, from the
-gateway's access log (``gateway.access_log``, ``inferline.bench.gateway_log``: a refusal
-as a caller on another machine would see it, without the co-located generators' queues); the
+gateway's access log (``gateway.access_log``, ``inferline.bench.gateway_log``: from the
+first byte Envoy read to the last it wrote, without the waits on either side); the
 router's RSS (``/proc/<pid>/status`` VmRSS) at the start and end of the measured window; the
 hot-cache hit rate and Feast reads per second over the measured window (the router's own
 counters, scraped as the window opens and after it closes);

@@ -1,10 +1,11 @@
 """Envoy's own time for its sheds, from the gateway's access log (``gateway.access_log``).
 
 A benchmark's shed latency is measured by its load generators, which share the machine's
-cores with everything they load: under overload their own queues (of the calls' answers, not
-only of the calls' starts) add tens of milliseconds to a refusal Envoy sent within one or
-two. The access log records Envoy's time per call (its first byte in to its last byte out),
-which is what a caller on a machine of its own would see, less the network.
+cores with everything they load. The access log records Envoy's own time per call, from the
+first byte it read to the last it wrote: what Envoy spends on a refusal, without the time the
+call waited in its socket for Envoy's worker to get a core or the refusal waited for the
+generator to read it. Both numbers are reported; neither alone is what a caller on a machine
+of its own would see.
 """
 
 from __future__ import annotations
