@@ -486,12 +486,6 @@ def _local_replies() -> dict[str, Any]:
     overflow flag ``UO`` of the fixed in-flight cap); Envoy's other local 503s (no healthy
     router, connect failure) stay UNAVAILABLE, which is right there.
     """
-    cel = {
-        "@type": _CEL_FILTER,
-        "expression": "response.code_details.contains('admission_control')",
-    }
-    signal_cel = {"@type": _CEL_FILTER, "expression": "response.code_details.contains('fault_filter_abort')"}
-    adaptive_cel = {"@type": _CEL_FILTER, "expression": "response.code_details.contains('reached_concurrency_limit')"}
     grpc_status = {"key": "grpc-status", "value": "8"}
 
     def mapper(access_log_filter: dict[str, Any], message: str) -> dict[str, Any]:
@@ -501,14 +495,11 @@ def _local_replies() -> dict[str, Any]:
             "body": {"inline_string": message},
         }
 
-    def cel_filter(expression: dict[str, Any]) -> dict[str, Any]:
-        return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": expression}}
-
     return {
         "mappers": [
-            mapper(cel_filter(cel), SHED_MESSAGE),
-            mapper(cel_filter(signal_cel), SIGNAL_SHED_MESSAGE),
-            mapper(cel_filter(adaptive_cel), ADAPTIVE_SHED_MESSAGE),
+            mapper(_cel_filter("response.code_details.contains('admission_control')"), SHED_MESSAGE),
+            mapper(_cel_filter("response.code_details.contains('fault_filter_abort')"), SIGNAL_SHED_MESSAGE),
+            mapper(_cel_filter("response.code_details.contains('reached_concurrency_limit')"), ADAPTIVE_SHED_MESSAGE),
             mapper({"response_flag_filter": {"flags": ["UO"]}}, IN_FLIGHT_SHED_MESSAGE),
         ]
     }
@@ -537,11 +528,18 @@ def _access_log(log: GatewayAccessLogConfig) -> list[dict[str, Any]]:
         "typed_config": {"@type": _FILE_LOG, "path": log.path, "log_format": {"json_format": ACCESS_LOG_FIELDS}},
     }
     if not log.all_calls:
-        expression = {"@type": _CEL_FILTER, "expression": "response.code_details != 'via_upstream'"}
-        logger["filter"] = {
-            "extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": expression}
-        }
+        logger["filter"] = _cel_filter("response.code_details != 'via_upstream'")
     return [logger]
+
+
+def _cel_filter(expression: str) -> dict[str, Any]:
+    """An access-log filter (local replies' mappers, the access log) on a CEL ``expression``."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": _CEL_FILTER, "expression": expression},
+        }
+    }
 
 
 def _buffer_filter(max_request_bytes: int) -> dict[str, Any]:
