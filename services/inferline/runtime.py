@@ -16,7 +16,7 @@ from inferline.core.config import ConfigError, InferlineConfig
 from inferline.core.grpc_server import start_server
 from inferline.core.ports import free_port
 from inferline.core.processes import boost_this_thread
-from inferline.gateway.embedded import EmbeddedGateway, ensure_gateway_secret
+from inferline.gateway.embedded import EmbeddedGateway, check_access_log, ensure_gateway_secret
 from inferline.route_check import CheckReport, route_models, run_check
 from inferline.triton.autoscaler import OwnedAutoscaler
 from inferline.triton.launcher import TritonLauncher
@@ -144,6 +144,7 @@ async def serve_process(
         raise ValueError("gateway.protected_lane needs the config file's path (the lane's process loads it)")
     if gateway:
         ensure_gateway_secret(config)  # before the router reads it
+        check_access_log(config)  # before Triton starts: a log Envoy cannot open is refused at once
     stop = _stop_signal()
     try:
         if "router" in roles and triton_url is None and start_triton:

