@@ -630,3 +630,33 @@ def test_a_router_replica_stopping_behind_the_gateway_loses_no_call(
     assert set(outcomes) == {"OK"}, outcomes  # no call failed while a replica went away
     assert 1.0 < stopped_in_s < DRAIN_S - 2, second_router.log_tail()  # quiet soon after the gateway noticed
     assert outcomes["OK"] > served_while_stopping > 0
+
+
+def test_connections_past_the_gateways_limit_are_refused_and_the_open_ones_keep_working(
+    router_server: ServerProcess, router_config: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """``gateway.max_connections``: a flood of connections cannot take what the open ones need."""
+    with start_gateway({"max_connections": 2}, router_config, router_server.address, tmp_path) as gateway:
+        # Each channel its own connection (a local subchannel pool), none waiting for a ready one.
+        own_connection = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.insecure_channel(gateway.address, options=own_connection) for _ in range(3)]
+        try:
+            stubs = [pb_grpc.InferenceStub(channel) for channel in channels]
+
+            def predict(stub: pb_grpc.InferenceStub) -> int:
+                return int(stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=5).served_by)
+
+            assert [predict(stubs[0]), predict(stubs[1])] == [pb.SERVED_BY_PRIMARY] * 2
+            with pytest.raises(grpc.RpcError) as refused:
+                predict(stubs[2])
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            port = gateway.address.rsplit(":", 1)[1]  # the listener binds 0.0.0.0 (render_envoy's default host)
+            overflow = gateway.stat(f"listener.0.0.0.0_{port}.downstream_global_cx_overflow")
+            assert overflow >= 1  # refused at accept by the limit, not by anything else
+            assert [predict(stubs[0]), predict(stubs[1])] == [pb.SERVED_BY_PRIMARY] * 2
+        finally:
+            for channel in channels:
+                channel.close()
+        assert "no configured limit to the number of allowed active downstream connections" not in (
+            gateway.log_path.read_text()
+        )

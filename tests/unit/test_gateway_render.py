@@ -128,6 +128,18 @@ def test_an_access_log_envoy_could_not_open_is_refused_before_anything_starts(tm
     assert "Traceback" not in up.stderr
 
 
+def test_callers_connections_are_capped_by_envoys_overload_manager() -> None:
+    def cap(rendered: dict[str, Any]) -> int:
+        (monitor,) = rendered["overload_manager"]["resource_monitors"]
+        assert monitor["name"] == "envoy.resource_monitors.global_downstream_max_connections"
+        return int(monitor["typed_config"]["max_active_downstream_connections"])
+
+    assert cap(render_envoy(_config())) == 20_000
+    assert cap(render_envoy(_config(max_connections=500))) == 500
+    with pytest.raises(ConfigError, match=r"gateway\.max_connections"):
+        _config(max_connections=0)
+
+
 def test_hostnames_validate_as_strict_dns(tmp_path: pathlib.Path) -> None:
     rendered = render_envoy(_config(shed=SHED, shed_by=SR), routers=["localhost:50051", "127.0.0.1:50052"])
     assert rendered["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"

@@ -725,6 +725,11 @@ class GatewayConfig(_Model):
     the gRPC call by Envoy (same routes, shedding and authentication as gRPC callers)."""
     access_log: GatewayAccessLogConfig | None = None
     """Envoy's access log (of its own answers, or of every call); None: none."""
+    max_connections: int = Field(20_000, ge=1)
+    """Callers' connections Envoy holds open at once (its overload manager's
+    ``global_downstream_max_connections``); it refuses more at accept, so a flood of
+    connections cannot take the file descriptors or memory the open ones need. Keep it under
+    Envoy's open-file limit (``ulimit -n``): its own upstream connections and files need some."""
     secret_env: str = Field("INFERLINE_GATEWAY_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name of the environment variable holding the per-deployment gateway secret (at least
     16 characters), set alike for Envoy and the routers. Envoy adds it to every call it

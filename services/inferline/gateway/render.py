@@ -128,6 +128,9 @@ _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _BUFFER = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"
 _CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
 _FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+_MAX_CONNECTIONS = (
+    "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 # gRPC codes that mean "the router (or its dependencies) could not cope": the only ones that
@@ -200,6 +203,15 @@ def render_envoy(
             "listeners": [_listener(config, host, listen_port, lane=bool(lane))],
             "clusters": clusters,
         },
+        # Callers' connections at most (gateway.max_connections); more are refused at accept.
+        "overload_manager": {"resource_monitors": [_max_connections(gateway.max_connections)]},
+    }
+
+
+def _max_connections(limit: int) -> dict[str, Any]:
+    return {
+        "name": "envoy.resource_monitors.global_downstream_max_connections",
+        "typed_config": {"@type": _MAX_CONNECTIONS, "max_active_downstream_connections": limit},
     }
 
 
