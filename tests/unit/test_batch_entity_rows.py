@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -96,6 +97,8 @@ def test_defaulted_names_per_row() -> None:
     defaulted = np.array([[0, 1, 0], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
     assert defaulted_names(defaulted, ["a", "b", "c"]).to_pylist() == ["b", "", "a,b,c", "b"]
     assert defaulted_names(np.zeros((0, 3), dtype=bool), ["a", "b", "c"]).to_pylist() == []
+    none = defaulted_names(np.zeros((3, 3), dtype=bool), ["a", "b", "c"])
+    assert none.type == pa.string() and none.to_pylist() == ["", "", ""]
     wide = np.random.default_rng(3).random((20, 70)) > 0.8  # past one int64 code per row
     names = [f"f{i}" for i in range(70)]
     want = [",".join(n for n, d in zip(names, row, strict=True) if d) for row in wide.tolist()]
@@ -134,6 +137,19 @@ def test_int_ids_from_arrays_lists_and_either_end_of_int64() -> None:
     assert hit.tolist() == [True, False, True, False]
     np.testing.assert_array_equal(got[[0, 2]], rows(4, 1))
     assert not cache.lookup(np.array([], dtype=np.int64))[1].size
+
+
+def test_close_int_ids_are_found_by_index_and_ids_far_outside_them_miss() -> None:
+    """Ids close together take the by-index path; ids at either end of int64 must not wrap into it."""
+    cache = EntityRowCache(ttl_s=30, max_entities=10, width=2, timer=Clock(), int_ids=True)
+    cache.store(np.arange(100, 110, dtype=np.int64), rows(*range(10)))
+    got, hit = cache.lookup([-(2**63), 2**63 - 1, 105, 110, 99, 100, 109])
+    assert hit.tolist() == [False, False, True, False, False, True, True]
+    np.testing.assert_array_equal(got[[2, 5, 6]], rows(5, 0, 9))
+    cache.store([-(2**63)], rows(42))  # the span now far exceeds the ids held: binary search again
+    got, hit = cache.lookup([105, -(2**63), 2**63 - 1])
+    assert hit.tolist() == [True, True, False]
+    np.testing.assert_array_equal(got[[0, 1]], rows(5, 42))
 
 
 @settings(max_examples=200, deadline=None)

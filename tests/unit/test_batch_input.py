@@ -148,7 +148,7 @@ def test_bad_csv_values_fail_their_rows_only(tmp_path: pathlib.Path) -> None:
         (7, "event_timestamp", "null timestamp"),
     ]
     assert parsed.rows.tolist() == [0, 5, 8]
-    assert parsed.ids == [1, 6, 9]
+    assert parsed.ids.tolist() == [1, 6, 9]
     assert np.isnan(parsed.request_features["trip_km"][1])
     assert parsed.timestamps is not None
     assert str(parsed.timestamps[2]) == "2026-01-01 05:00:00+00:00"
@@ -159,7 +159,7 @@ def test_null_parquet_keys_are_row_errors(tmp_path: pathlib.Path) -> None:
     source = InputFile.open(path, ROUTE, None)
     parsed = parse_chunk(next(source.chunks(10)), source.columns, ROUTE)
     assert [(e.row, e.reason) for e in parsed.errors] == [(1, "null entity key")]
-    assert parsed.ids == [1, 3]
+    assert parsed.ids.tolist() == [1, 3]
 
 
 @pytest.mark.parametrize("processes", [-1, 65])

@@ -61,16 +61,25 @@ class _DictSlots:
 
 
 class _IntSlots:
-    """Slots of int64 ids: the ids sorted, their slots alongside, a chunk's ids found with one
-    ``searchsorted`` (binary search in C, no Python object per id). A dict lookup per id cost
-    3–4 ms of the event loop per chunk of 8,192 distinct drivers in a job (py-spy with
-    ``--gil``: ~20 % of the loop's time with the store read whole), time in which no request
-    went to Triton. New ids are merged in with ``np.insert``: one copy of the arrays, no sort of
-    all of them."""
+    """Slots of int64 ids, found a chunk at a time with no Python object per id.
+
+    Ids that lie close together (a span of at most ``DENSE_SPAN_PER_ID`` per id held, as a
+    store's surrogate keys do) are found by indexing one array of slots by ``id - lowest``.
+    Others by binary search (``searchsorted``) over the sorted ids, the chunk's ids sorted
+    first. A dict lookup per id cost 3–4 ms of the event loop per chunk of 8,192 distinct
+    drivers, and a search of them unsorted 1.5 ms (cache misses), against 0.5 ms sorted and
+    0.03 ms by index: time in which no request of the job went to Triton. New ids are merged
+    in with ``np.insert``: one copy of the arrays, no sort of all of them."""
+
+    DENSE_SPAN_PER_ID = 4
+    MAX_DENSE_SPAN = 1 << 22
+    """At most 32 MiB of index (int64 slots)."""
 
     def __init__(self) -> None:
         self._keys = np.empty(0, dtype=np.int64)
         self._slots = np.empty(0, dtype=np.int64)
+        self._dense: npt.NDArray[np.int64] | None = None
+        self._dense_fresh = False
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -79,8 +88,18 @@ class _IntSlots:
         wanted = np.asarray(ids, dtype=np.int64)
         if not len(self._keys):
             return np.full(len(wanted), _ABSENT, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
-        return np.where(self._keys[at] == wanted, self._slots[at], _ABSENT)
+        dense = self._dense_index()
+        if dense is not None:
+            low, high = self._keys[0], self._keys[-1]
+            inside = (wanted >= low) & (wanted <= high)
+            # Outside the range ``wanted - low`` may wrap around; those places are masked out.
+            return np.where(inside, dense[np.where(inside, wanted - low, 0)], _ABSENT)
+        order = np.argsort(wanted, kind="stable")
+        in_order = wanted[order]
+        at = np.minimum(np.searchsorted(self._keys, in_order), len(self._keys) - 1)
+        found = np.empty(len(wanted), dtype=np.int64)
+        found[order] = np.where(self._keys[at] == in_order, self._slots[at], _ABSENT)
+        return found
 
     def add(self, ids: Ids, slots: npt.NDArray[np.int64]) -> None:
         """``ids``: distinct, none held yet."""
@@ -90,12 +109,26 @@ class _IntSlots:
         at = np.searchsorted(self._keys, new_sorted)
         self._keys = np.insert(self._keys, at, new_sorted)
         self._slots = np.insert(self._slots, at, slots[order])
+        self._dense_fresh = False
 
     def reset(self, ids: Ids) -> None:
         """Hold exactly ``ids`` (distinct), at slots 0, 1, …"""
         keys = np.asarray(ids, dtype=np.int64)
         order = np.argsort(keys, kind="stable")
         self._keys, self._slots = keys[order], order.astype(np.int64)
+        self._dense_fresh = False
+
+    def _dense_index(self) -> npt.NDArray[np.int64] | None:
+        """Slot by ``id - lowest id`` (``_ABSENT`` in the gaps) when the ids are close enough
+        together, else None. Rebuilt after a change, on the next find."""
+        if not self._dense_fresh:
+            self._dense_fresh = True
+            self._dense = None
+            span = int(self._keys[-1]) - int(self._keys[0]) + 1
+            if span <= min(self.DENSE_SPAN_PER_ID * len(self._keys), self.MAX_DENSE_SPAN):
+                self._dense = np.full(span, _ABSENT, dtype=np.int64)
+                self._dense[self._keys - self._keys[0]] = self._slots
+        return self._dense
 
 
 class EntityRowCache:

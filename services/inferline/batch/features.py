@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from inferline.batch.entity_rows import EntityRowCache
+from inferline.batch.entity_rows import EntityRowCache, Ids
 from inferline.batch.feature_workers import FeatureReadPool, as_matrix
 from inferline.batch.rows import ParsedChunk
 from inferline.batch.view_scan import ScanMode, ScanPolicy, scan_matrix
@@ -132,7 +131,7 @@ class BatchFeatures:
         values = np.where(defaulted, self._defaults[np.newaxis, :], values).astype(np.float32)
         return values, defaulted
 
-    async def _online_columns(self, ids: Sequence[EntityId]) -> dict[str, npt.NDArray[np.float32]]:
+    async def _online_columns(self, ids: Ids) -> dict[str, npt.NDArray[np.float32]]:
         """Latest values: each distinct entity of the chunk looked up once, in the job's cache
         first, the misses read ``ONLINE_READ_ENTITIES`` per read: all at once across the
         worker processes, or one after another on the in-process thread."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -310,7 +309,7 @@ class BatchJob:
         if publisher is not None:
             # Before the commit: a crash in between republishes on resume (idempotent), never skips.
             ok = scored.valid
-            ids: list[EntityId] = list(itertools.compress(parsed.ids, ok.tolist()))
+            ids: list[EntityId] = np.asarray(parsed.ids)[ok].tolist()
             await publisher.publish(ids, scored.scores[ok].tolist(), computed_ms / 1000)
         record = ChunkRecord(
             chunk=chunk.index,
@@ -343,7 +342,7 @@ class BatchJob:
         entity_type = pa.int64() if plan.route.entity.type == "int64" else pa.string()
         columns: dict[str, pa.Array] = {
             "input_row": pa.array(parsed.rows[ok], pa.int64()),
-            plan.input.columns.entity: pa.array(parsed.ids, entity_type).filter(pa.array(ok)),
+            plan.input.columns.entity: pa.array(np.asarray(parsed.ids)[ok], entity_type),
         }
         if parsed.timestamps is not None:
             columns[plan.input.columns.timestamp or "event_timestamp"] = pa.array(
@@ -352,7 +351,11 @@ class BatchJob:
         n = int(ok.sum())
         columns |= {
             "score": pa.array(scores, pa.float32()),
-            "decision": pa.array(np.where(scores >= post.threshold, post.decision_above, post.decision_below)),
+            # Taken from the two labels by index: NumPy's where over strings, then its
+            # conversion to Arrow, cost ~3.5 ms of the event loop per 8,192 rows (py-spy).
+            "decision": pa.array([post.decision_below, post.decision_above], pa.string()).take(
+                pa.array(scores >= post.threshold).cast(pa.int8())
+            ),
             "model": pa.repeat(pa.scalar(target.variant, pa.string()), n),
             "model_version": pa.repeat(pa.scalar(scored.model_version, pa.string()), n),
             "computed_at": pa.repeat(pa.scalar(computed_ms, pa.int64()), n).cast(pa.timestamp("ms", tz="UTC")),
@@ -418,8 +421,8 @@ def defaulted_names(defaulted: np.ndarray, names: Sequence[str]) -> pa.Array:
     thousands of rows and a handful of patterns (most rows none), and joining names row by
     row was the largest single cost of writing a part (py-spy, 200,000 rows).
     """
-    if not len(defaulted):
-        return pa.array([], pa.string())
+    if not defaulted.any():  # the common chunk: every feature found (nothing to sort)
+        return pa.repeat(pa.scalar("", pa.string()), len(defaulted))
     width = defaulted.shape[1]
     if width <= 62:  # one int64 code per row: np.unique on 1-D codes, not on rows (a sort of row views)
         bits = np.arange(width, dtype=np.int64)

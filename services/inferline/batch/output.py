@@ -86,6 +86,18 @@ def atomic_write(path: pathlib.Path, write: Any) -> int:
     return size
 
 
+def write_part(table: pa.Table, file: IO[bytes]) -> None:
+    """Write a part file, dictionary-encoding only its text columns.
+
+    Parquet's writer tries a dictionary for every column by default and gives up on the
+    many-valued ones (row numbers, ids, scores) only after building part of one: a third of
+    the write's CPU for 8,192 rows, on the cores Triton needs. The text columns (decision,
+    model, version, defaulted features) hold a few values each and keep their dictionary.
+    """
+    text = [field.name for field in table.schema if pa.types.is_string(field.type)]
+    pq.write_table(table, file, use_dictionary=text)
+
+
 class OutputDir:
     """One shard's view of the output directory (see the module docstring)."""
 
@@ -238,7 +250,7 @@ class OutputDir:
             atomic_write(errors_path, lambda f: f.write(_errors_csv(errors, header=False)))
         else:
             errors_path.unlink(missing_ok=True)
-        size = atomic_write(self.root / record.part, lambda f: pq.write_table(table, f))
+        size = atomic_write(self.root / record.part, lambda f: write_part(table, f))
         committed = ChunkRecord(**{**asdict(record), "part_bytes": size})
         line = json.dumps(asdict(committed)).encode() + b"\n"
         with self._write_lock:
