@@ -103,7 +103,11 @@ class BatchJob:
         spec, plan = self._plan.spec, self._plan
         started = time.monotonic()  # the deadline counts from here
         done = self._out.open(plan.identity(), resume=spec.resume)
-        executor = TritonExecutor(self._url, default_max_in_flight=spec.concurrency, tls=self._config.triton.tls)
+        # Streamed: the job's requests are many and alike, and a message on an open stream
+        # costs the job's event loop ~40 % less than a unary call (``InferStream``).
+        executor = TritonExecutor(
+            self._url, default_max_in_flight=spec.concurrency, tls=self._config.triton.tls, stream_calls=True
+        )
         features: BatchFeatures | None = None
         publisher: CachePublisher | None = None
         try:
