@@ -44,7 +44,6 @@ and fields built as Feast builds them (checked against Feast's own builders when
 from __future__ import annotations
 
 import itertools
-import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
 
+from inferline.features import value_blobs
 from inferline.features.scan import ScanPart
 from inferline.features.vector import EntityId
 
@@ -265,7 +265,7 @@ class ReadPlan:
                 continue
             n = len(rows)
             columns = np.fromiter(map(column.get, (r[1] for r in rows), itertools.repeat(-1)), np.int32, n)
-            values = np.fromiter((_number_or_nan(r[2]) for r in rows), np.float32, n)
+            values = value_blobs.numbers_or_nan([r[2] for r in rows])
             ids, known = self._entity_ids(where, [r[0] for r in rows])
             keep = known & (columns >= 0) & ~np.isnan(values)
             found.append(ScanPart(ids[keep], columns[keep], values[keep]))
@@ -428,7 +428,7 @@ def _int64_key_prefix(join_key: str, version: int) -> bytes | None:
 def read_sqlite(view: _ViewRead, serialized: Sequence[bytes], out: Columns) -> None:
     """One view's features for the keys ``serialized`` straight from Feast's SQLite table, into
     ``out``'s columns: one query per ``SQLITE_KEYS_PER_QUERY`` keys, the values decoded by
-    ``_number`` as ``fill_columns`` decodes them."""
+    ``value_blobs.number`` as ``fill_columns`` decodes them."""
     where = view.sqlite
     assert where is not None
     first: dict[bytes, int] = {}
@@ -450,7 +450,7 @@ def read_sqlite(view: _ViewRead, serialized: Sequence[bytes], out: Columns) -> N
             column = columns.get(feature)
             if column is None or blob is None:  # a feature the view no longer has; no value
                 continue
-            number = _number(ValueProto.FromString(blob))
+            number = value_blobs.number(ValueProto.FromString(blob))
             if number is not None:
                 column[first[key]] = number
     if len(first) < len(serialized):  # repeated ids: each gets its first occurrence's values
@@ -468,9 +468,9 @@ def fill_redis(
     out: Columns,
 ) -> None:
     """One view's ``HMGET`` replies (one per ``distinct`` key, values aligned with the view's
-    features) into ``out``'s columns for ``keys`` (aligned with the ids), decoded by ``_number``."""
+    features) into ``out``'s columns for ``keys`` (aligned with the ids), decoded by ``value_blobs.number``."""
     numbers: dict[bytes, list[float | None]] = {
-        key: [None if blob is None else _number(ValueProto.FromString(blob)) for blob in reply]
+        key: [None if blob is None else value_blobs.number(ValueProto.FromString(blob)) for blob in reply]
         for key, reply in zip(distinct, replies, strict=True)
     }
     columns = [out[ref] for ref in view.refs]
@@ -490,26 +490,9 @@ def fill_columns(out: Columns, view: _ViewRead, rows: Sequence[tuple[Any, dict[s
             value = values.get(feature)
             if value is None:
                 continue
-            number = _number(value)
+            number = value_blobs.number(value)
             if number is not None:
                 column[i] = number
-
-
-def _number(value: ValueProto) -> float | None:
-    """A stored value as a float; None when unset or null (missing). Raises for a non-numeric
-    value, as Feast's own read did."""
-    kind = value.WhichOneof("val")
-    if kind is None or kind == "null_val":
-        return None
-    return float(getattr(value, kind))
-
-
-def _number_or_nan(blob: bytes | None) -> float:
-    """A stored serialised value as ``_number`` decodes it, NaN where that is None (or no value)."""
-    if blob is None:
-        return math.nan
-    number = _number(ValueProto.FromString(blob))
-    return math.nan if number is None else number
 
 
 def empty_columns(refs: Sequence[str], n: int) -> Columns:
