@@ -1,4 +1,4 @@
-"""A batch job whose Triton is killed part-way and comes back: the job retries and completes.
+"""Batch jobs stream their requests to Triton: a Triton killed part-way, a slow model beside a fast one.
 
 The job sends its requests over one ModelStreamInfer stream (``InferStream``): a killed
 Triton breaks that stream with requests on it. Every such request must fail over to a
@@ -21,7 +21,10 @@ import pytest
 
 from inferline.batch import run_batch
 from inferline.core.config import TritonConfig
+from inferline.core.deadline import Deadline
+from inferline.triton.executor import TritonExecutor
 from inferline.triton.launcher import TritonLauncher
+from tests.fault.conftest import SLOW_DELAY_MS, SLOW_MODEL
 from tests.integration.test_batch_run import batch_config, read_output, spec
 from tests.waiting import eventually
 
@@ -67,3 +70,22 @@ async def test_a_job_rides_out_a_triton_restart(tmp_path: pathlib.Path, triton_c
         np.testing.assert_allclose(out["score"].to_numpy(), read_output(tmp_path / "clean")["score"].to_numpy())
     finally:
         launcher.stop()
+
+
+async def test_a_slow_models_stream_does_not_hold_back_another_models(fault_triton: TritonLauncher) -> None:
+    """Triton answers a stream in request order: each model gets a stream of its own, so a
+    variant measured beside a job's requests on a slow one is answered when it is done."""
+    fault_triton.start()  # no-op while it runs (another fault test may have stopped it)
+    executor = TritonExecutor(fault_triton.grpc_url, stream_calls=True)
+    row = np.array([[0.5, 0.8, 500, 3]], np.float32)
+    try:
+        slow = asyncio.create_task(
+            executor.infer(SLOW_MODEL, row, deadline=Deadline.after(30), priority=3, input_name="features")
+        )
+        await eventually(lambda: executor.in_flight(SLOW_MODEL) == 1, "the slow request to be sent")
+        fast = await executor.infer("driver_ranker", row, deadline=Deadline.after(30), priority=3)
+        assert fast.scores.shape == (1,)
+        assert not slow.done(), f"the fast answer waited for the slow one ({SLOW_DELAY_MS} ms)"
+        assert (await slow).scores.shape == (1,)
+    finally:
+        await executor.close()

@@ -15,7 +15,8 @@ its answer is matched by id, and a failed request fails alone.
 
 In order means an answer waits for every request sent before it: a 2 ms request sent
 behind a 300 ms one on the same stream came back at 304 ms. A stream therefore suits
-requests of one model and priority, as a batch job's are. The router's calls stay unary:
+requests of one model and priority, as a batch job's are, and ``TritonExecutor`` keeps one
+per model (a variant measured beside the job's requests does not wait behind them). The router's calls stay unary:
 their priorities must overtake each other. (Tried on the router all the same, 2 interleaved
 pairs of ``benchmarks/online_overhead.py --targets router``: the knee rose from 900 / 990
 to 1,089 / 1,198 req/s, but at 900 req/s the median answer took 34 ms against 11.)
