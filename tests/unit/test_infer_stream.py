@@ -25,11 +25,14 @@ class ScriptedTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.release = asyncio.Event()
         self.streams = 0
         self.received = 0
+        self.cancelled = 0
+        """Streams the client cancelled (what must never happen under requests in flight)."""
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[service_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         self.streams += 1
+        context.add_done_callback(lambda done: setattr(self, "cancelled", self.cancelled + done.cancelled()))
         held: list[service_pb2.ModelInferRequest] = []
         async for request in requests:
             self.received += 1
@@ -82,7 +85,7 @@ async def scripted() -> AsyncIterator[tuple[ScriptedTriton, InferStream]]:
 
 async def test_answers_out_of_order_reach_their_own_requests(scripted: tuple[ScriptedTriton, InferStream]) -> None:
     triton, stream = scripted
-    answers = [await stream.submit(_request("hold", bytes([i]))) for i in range(3)]
+    answers = [stream.submit(_request("hold", bytes([i]))) for i in range(3)]
     assert stream.unanswered == 3
     triton.release.set()
     got = await asyncio.gather(*answers)
@@ -94,10 +97,10 @@ async def test_a_refused_request_fails_alone_and_the_stream_goes_on(
     scripted: tuple[ScriptedTriton, InferStream],
 ) -> None:
     triton, stream = scripted
-    refused = await stream.submit(_request("refuse", b"r"))
+    refused = stream.submit(_request("refuse", b"r"))
     with pytest.raises(StreamedRequestFailed, match="unknown model"):
         await refused
-    answer = await (await stream.submit(_request("echo", b"e")))
+    answer = await stream.submit(_request("echo", b"e"))
     assert answer.raw_output_contents[0] == b"e"
     assert triton.streams == 1
 
@@ -106,14 +109,14 @@ async def test_a_broken_stream_fails_what_it_held_and_the_next_request_opens_ano
     scripted: tuple[ScriptedTriton, InferStream],
 ) -> None:
     triton, stream = scripted
-    held = [await stream.submit(_request("hold", bytes([i]))) for i in range(2)]
-    broken = await stream.submit(_request("break", b"b"))
+    held = [stream.submit(_request("hold", bytes([i]))) for i in range(2)]
+    broken = stream.submit(_request("break", b"b"))
     for answer in [*held, broken]:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await answer
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert stream.unanswered == 0
-    answer = await (await stream.submit(_request("echo", b"again")))
+    answer = await stream.submit(_request("echo", b"again"))
     assert answer.raw_output_contents[0] == b"again"
     assert triton.streams == 2
 
@@ -121,7 +124,7 @@ async def test_a_broken_stream_fails_what_it_held_and_the_next_request_opens_ano
 async def test_close_lets_the_unanswered_requests_finish(scripted: tuple[ScriptedTriton, InferStream]) -> None:
     """Closing never cancels the stream under requests Triton is still working on."""
     triton, stream = scripted
-    answers = [await stream.submit(_request("hold", bytes([i]))) for i in range(3)]
+    answers = [stream.submit(_request("hold", bytes([i]))) for i in range(3)]
     closing = asyncio.create_task(stream.close())
     for _ in range(20):  # let close run as far as it will before anything is answered
         await asyncio.sleep(0)
@@ -129,4 +132,23 @@ async def test_close_lets_the_unanswered_requests_finish(scripted: tuple[Scripte
     await closing
     assert [(await a).raw_output_contents[0] for a in answers] == [b"\x00", b"\x01", b"\x02"]
     with pytest.raises(RuntimeError, match="closing"):
-        await stream.submit(_request("echo", b"late"))
+        stream.submit(_request("echo", b"late"))
+
+
+async def test_callers_cancelled_mid_call_never_cancel_the_stream(scripted: tuple[ScriptedTriton, InferStream]) -> None:
+    """A job's tasks are cancelled with it, at any point of a request; the stream must outlive them."""
+    triton, stream = scripted
+
+    async def caller(payload: bytes) -> bytes:
+        answer = stream.submit(_request("hold", payload))
+        done, _ = await asyncio.wait([answer])  # as the executor waits: not on the answer itself
+        return (await done.pop()).raw_output_contents[0]
+
+    callers = [asyncio.create_task(caller(bytes([i]))) for i in range(3)]
+    for _ in range(5):  # each caller as far as its submit and wait, the writer mid-way
+        await asyncio.sleep(0)
+    callers[0].cancel()
+    triton.release.set()
+    assert await asyncio.gather(*callers[1:]) == [b"\x01", b"\x02"]
+    await stream.close()
+    assert triton.cancelled == 0 and triton.received == 3

@@ -331,15 +331,15 @@ class TritonExecutor:
         Raises:
             ModelOverloaded: the in-flight bound is reached.
             ModelBudgetExceeded: no answer within ``budget_s``; the request runs on, unobserved.
-            grpc.aio.AioRpcError: the stream broke or could not be written to.
+            grpc.aio.AioRpcError: the stream broke or could not be opened.
             StreamedRequestFailed: Triton refused the request.
         """
         limit = self._limit(model)
         if not limit.try_acquire():
             raise ModelOverloaded(f"{limit.limit} calls already in flight to model {model}")
         try:
-            answer = await stream.submit(request)
-        except BaseException:
+            answer = stream.submit(request)
+        except RuntimeError:  # the executor is closing
             limit.release()
             raise
         answer.add_done_callback(lambda _answer: limit.release())

@@ -21,10 +21,12 @@ their priorities must overtake each other. (Tried on the router all the same, 2 
 pairs of ``benchmarks/online_overhead.py --targets router``: the knee rose from 900 / 990
 to 1,089 / 1,198 req/s, but at 900 req/s the median answer took 34 ms against 11.)
 
-Never cancelled (docs/triton.md): the stream is half-closed only when every request on it
-has been answered, and a caller that stops waiting leaves its request to finish. If the
-stream itself breaks (Triton restarted, the connection lost), every request still on it
-fails with the stream's status and the next request opens a new stream.
+Never cancelled (docs/triton.md): a caller that stops waiting leaves its request to finish,
+and the stream is half-closed on close, then read to its end. Requests are written by a
+task of the stream's own, never by the callers: grpc.aio cancels the whole call when a task
+is cancelled inside ``write``, and a caller's task is cancelled whenever its job is. If the
+stream itself breaks (Triton restarted, the connection lost), every request on it fails
+with the stream's status and the next request opens a new stream.
 """
 
 from __future__ import annotations
@@ -40,67 +42,44 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 logger = logging.getLogger(__name__)
 
 CLOSE_WAIT_S = 30.0
-"""At most this long for the stream's unanswered requests on close (they carry Triton queue
+"""At most this long for the stream's last answers on close (its requests carry Triton queue
 timeouts, so they end); past it the stream is cancelled."""
+
+Answer = asyncio.Future[service_pb2.ModelInferResponse]
 
 
 class StreamedRequestFailed(Exception):
     """Triton answered one request of the stream with an error (``message``, Triton's words)."""
 
 
-class InferStream:
-    """One ModelStreamInfer stream, opened on first use (see the module docstring)."""
+class _Call:
+    """One open ModelStreamInfer call: its writer and reader tasks and its unanswered requests."""
 
     def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
-        self._stub = stub
-        self._call: Any = None
-        self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[str, asyncio.Future[service_pb2.ModelInferResponse]] = {}
-        self._ids = itertools.count()
-        self._write_lock = asyncio.Lock()  # grpc.aio allows one write at a time
-        self._closing = False
+        self.call: Any = stub.ModelStreamInfer()  # no deadline: a stream lives as long as its job
+        self.pending: dict[str, Answer] = {}
+        self.outbox: asyncio.Queue[service_pb2.ModelInferRequest | None] = asyncio.Queue()
+        self.ended = False
+        self.writer = asyncio.create_task(self._write(), name="triton-infer-stream-write")
+        self.reader = asyncio.create_task(self._read(), name="triton-infer-stream-read")
 
-    @property
-    def unanswered(self) -> int:
-        """Requests written to the stream and not answered yet."""
-        return len(self._pending)
-
-    async def submit(self, request: service_pb2.ModelInferRequest) -> asyncio.Future[service_pb2.ModelInferResponse]:
-        """Write ``request`` (its ``id`` is replaced by the stream's own) and return the future
-        of its answer, which fails with ``StreamedRequestFailed`` (Triton refused the request)
-        or ``grpc.aio.AioRpcError`` (the stream broke).
-
-        Raises:
-            grpc.aio.AioRpcError: the stream could not be opened or written to.
-        """
-        if self._closing:
-            raise RuntimeError("the stream is closing")
-        request_id = str(next(self._ids))
-        request.id = request_id
-        answer: asyncio.Future[service_pb2.ModelInferResponse] = asyncio.get_running_loop().create_future()
-        async with self._write_lock:
-            call = self._open()
-            self._pending[request_id] = answer
+    async def _write(self) -> None:
+        while (request := await self.outbox.get()) is not None:
             try:
-                await call.write(request)
+                await self.call.write(request)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-                # The stream ended under us: its reader fails what it held; say why here too.
-                self._pending.pop(request_id, None)
-                raise await _status_of(call, exc) from exc
-        return answer
-
-    def _open(self) -> Any:
-        if self._call is None:
-            call = self._stub.ModelStreamInfer()  # no deadline: a stream lives as long as its job
-            self._call = call
-            self._reader = asyncio.create_task(self._read(call), name="triton-infer-stream")
-        return self._call
-
-    async def _read(self, call: Any) -> None:
-        failure: BaseException | None = None
+                self._end(await _status_of(self.call, exc))
+                return
         try:
-            async for response in call:
-                answer = self._pending.pop(response.infer_response.id, None)
+            await self.call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._end(await _status_of(self.call, exc))
+
+    async def _read(self) -> None:
+        failure: grpc.aio.AioRpcError | None = None
+        try:
+            async for response in self.call:
+                answer = self.pending.pop(response.infer_response.id, None)
                 if answer is None or answer.done():
                     continue
                 if response.error_message:
@@ -113,33 +92,70 @@ class InferStream:
             failure = _rpc_error(grpc.StatusCode.CANCELLED, "the stream was closed")
             raise
         finally:
-            if self._call is call:
-                self._call = None
-            if self._pending:
-                if failure is None:
-                    failure = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the stream ended")
-                logger.info("Triton's inference stream ended with %d requests unanswered", len(self._pending))
-                pending, self._pending = self._pending, {}
-                for answer in pending.values():
-                    if not answer.done():
-                        answer.set_exception(failure)
+            self._end(failure or _rpc_error(grpc.StatusCode.UNAVAILABLE, "the stream ended"))
+
+    def _end(self, failure: grpc.aio.AioRpcError) -> None:
+        """No more requests on this call; fail those it still holds with ``failure``."""
+        self.ended = True
+        if self.pending:
+            logger.info("Triton's inference stream ended with %d requests unanswered", len(self.pending))
+        pending, self.pending = self.pending, {}
+        for answer in pending.values():
+            if not answer.done():
+                answer.set_exception(failure)
 
     async def close(self) -> None:
-        """Half-close the stream once every request on it is answered (at most ``CLOSE_WAIT_S``)."""
-        self._closing = True
-        call, reader = self._call, self._reader
-        if call is None or reader is None:
-            return
-        if self._pending:
-            await asyncio.wait(list(self._pending.values()), timeout=CLOSE_WAIT_S)
+        """Half-close once every queued request is written, then read the answers to the end."""
+        self.outbox.put_nowait(None)
         try:
-            async with self._write_lock:
-                await call.done_writing()
-            await asyncio.wait_for(asyncio.shield(reader), CLOSE_WAIT_S)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
-            reader.cancel()
-            call.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(self.writer, self.reader)), CLOSE_WAIT_S)
+        except TimeoutError:
+            logger.warning(
+                "Triton's inference stream still had %d requests after %.0f s: cancelled",
+                len(self.pending),
+                CLOSE_WAIT_S,
+            )
+            self.writer.cancel()
+            self.reader.cancel()
+            self.call.cancel()
+            await asyncio.gather(self.writer, self.reader, return_exceptions=True)
+
+
+class InferStream:
+    """ModelInfer requests over one ModelStreamInfer stream, opened on first use and again after
+    it broke (see the module docstring)."""
+
+    def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+        self._stub = stub
+        self._call: _Call | None = None
+        self._ids = itertools.count()
+        self._closing = False
+
+    @property
+    def unanswered(self) -> int:
+        """Requests sent on the stream and not answered yet."""
+        return 0 if self._call is None else len(self._call.pending)
+
+    def submit(self, request: service_pb2.ModelInferRequest) -> Answer:
+        """Queue ``request`` for the stream (its ``id`` is replaced by the stream's own) and
+        return the future of its answer, which fails with ``StreamedRequestFailed`` (Triton
+        refused the request) or ``grpc.aio.AioRpcError`` (the stream broke, or could not be
+        opened). Nothing here waits, so nothing a caller cancels reaches the stream."""
+        if self._closing:
+            raise RuntimeError("the stream is closing")
+        if self._call is None or self._call.ended:
+            self._call = _Call(self._stub)
+        request.id = str(next(self._ids))
+        answer: Answer = asyncio.get_running_loop().create_future()
+        self._call.pending[request.id] = answer
+        self._call.outbox.put_nowait(request)
+        return answer
+
+    async def close(self) -> None:
+        """Half-close the stream and wait for its last answers (at most ``CLOSE_WAIT_S``)."""
+        self._closing = True
+        if self._call is not None:
+            await self._call.close()
 
 
 async def _status_of(call: Any, exc: BaseException) -> grpc.aio.AioRpcError:
