@@ -15,6 +15,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inferline.triton.infer_stream import InferStream, StreamedRequestFailed
+from tests.waiting import eventually
 
 
 class ScriptedTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -119,6 +120,11 @@ async def test_a_broken_stream_fails_what_it_held_and_the_next_request_opens_ano
     answer = await stream.submit(_request("echo", b"again"))
     assert answer.raw_output_contents[0] == b"again"
     assert triton.streams == 2
+
+    def writers() -> int:
+        return sum(t.get_name() == "triton-infer-stream-write" and not t.done() for t in asyncio.all_tasks())
+
+    await eventually(lambda: writers() == 1, "the broken stream's writer to end (only the new one left)")
 
 
 async def test_close_lets_the_unanswered_requests_finish(scripted: tuple[ScriptedTriton, InferStream]) -> None:

@@ -96,6 +96,8 @@ class _Call:
 
     def _end(self, failure: grpc.aio.AioRpcError) -> None:
         """No more requests on this call; fail those it still holds with ``failure``."""
+        if not self.ended:
+            self.outbox.put_nowait(None)  # the writer's last item: it ends, not waits on forever
         self.ended = True
         if self.pending:
             logger.info("Triton's inference stream ended with %d requests unanswered", len(self.pending))
