@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,9 +72,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 
 class _Completion(Protocol):
-    """What ``_wait`` waits on: a unary call, or a streamed request's answer."""
+    """What ``_send`` waits on: a unary call, or a streamed request's answer."""
 
     def add_done_callback(self, callback: Any, /) -> None: ...
+
+    def __await__(self) -> Generator[Any, None, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,10 +248,7 @@ class TritonExecutor:
         if version:
             request.model_version = version
         try:
-            if self._stream_calls:
-                response = await self._send_streamed(self._stream_of(model), model, request, budget_s)
-            else:
-                response = await self._send(model, request, budget_s)
+            response = await self._send(model, request, budget_s, streamed=self._stream_calls)
         except grpc.aio.AioRpcError as exc:
             raise _classify(model, exc) from exc
         except StreamedRequestFailed as exc:
@@ -297,56 +296,42 @@ class TritonExecutor:
         return response
 
     async def _send(
-        self, model: str, request: service_pb2.ModelInferRequest, budget_s: float
+        self, model: str, request: service_pb2.ModelInferRequest, budget_s: float, *, streamed: bool = False
     ) -> service_pb2.ModelInferResponse:
         """Send ``request`` under the model's in-flight bound; wait at most ``budget_s``, never cancel.
+
+        ``streamed``: over the model's stream (``InferStream``) rather than a unary call of its own.
 
         Raises:
             ModelOverloaded: the in-flight bound is reached.
             ModelBudgetExceeded: no answer within ``budget_s``; the call runs on, unobserved.
-            grpc.aio.AioRpcError: Triton's error, for the caller to classify.
+            grpc.aio.AioRpcError: Triton's error (or the stream broke), for the caller to classify.
+            StreamedRequestFailed: Triton refused a streamed request.
         """
         limit = self._limit(model)
         if not limit.try_acquire():
             raise ModelOverloaded(f"{limit.limit} calls already in flight to model {model}")
-        call = self._stub.ModelInfer(request, timeout=budget_s + CALL_GRACE_S)
+        try:
+            if streamed:
+                call: _Completion = self._stream_of(model).submit(request)
+            else:
+                call = self._stub.ModelInfer(request, timeout=budget_s + CALL_GRACE_S)
+        except BaseException:  # nothing was sent (a stream refuses once the executor is closing)
+            limit.release()
+            raise
         # The permit is released when Triton answers, not when we stop waiting.
         call.add_done_callback(lambda _call: limit.release())
         if not await self._wait(call, budget_s):
             self._abandon(call)
             raise ModelBudgetExceeded(f"model {model} did not answer within {budget_s * 1000:.1f} ms")
-        return await call
+        response: service_pb2.ModelInferResponse = await call
+        return response
 
     def _stream_of(self, model: str) -> InferStream:
         stream = self._streams.get(model)
         if stream is None:
             stream = self._streams[model] = InferStream(self._stub)
         return stream
-
-    async def _send_streamed(
-        self, stream: InferStream, model: str, request: service_pb2.ModelInferRequest, budget_s: float
-    ) -> service_pb2.ModelInferResponse:
-        """As ``_send``, over ``stream``: the same in-flight bound, wait and abandonment.
-
-        Raises:
-            ModelOverloaded: the in-flight bound is reached.
-            ModelBudgetExceeded: no answer within ``budget_s``; the request runs on, unobserved.
-            grpc.aio.AioRpcError: the stream broke or could not be opened.
-            StreamedRequestFailed: Triton refused the request.
-        """
-        limit = self._limit(model)
-        if not limit.try_acquire():
-            raise ModelOverloaded(f"{limit.limit} calls already in flight to model {model}")
-        try:
-            answer = stream.submit(request)
-        except RuntimeError:  # the executor is closing
-            limit.release()
-            raise
-        answer.add_done_callback(lambda _answer: limit.release())
-        if not await self._wait(answer, budget_s):
-            self._abandon(answer)
-            raise ModelBudgetExceeded(f"model {model} did not answer within {budget_s * 1000:.1f} ms")
-        return answer.result()
 
     @staticmethod
     async def _wait(call: _Completion, budget_s: float) -> bool:
