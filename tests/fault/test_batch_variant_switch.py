@@ -1,7 +1,8 @@
 """A batch job held back past its deadline scores the rest on a faster variant, on a real Triton.
 
 The route's cheap primary is the fault Triton's narrow model (one instance, one row per
-batch, 20 ms of sleep each, measured here at 10-50 rows/s) and its dear alternate the full
+batch, 20 ms of sleep each: 10-50 rows/s measured here, 4.9 once in a full CI run, the service
+job's child at nice 10 on a busy machine) and its dear alternate the full
 model (128 rows a request, ~10,000 times that). The first choice keeps the cheap one: its
 measured rate scores the few rows well within 80 % of the deadline. Then the job is held back
 by the routers' queue wait (a real Prometheus endpoint whose value the test sets) until the
@@ -36,8 +37,9 @@ from tests.waiting import eventually
 
 ROWS = 40
 CHUNK_ROWS = 10
-DEADLINE_S = 8.0
-"""The narrow model keeps it if it scores 40 rows in 6.4 s: 6.25 rows/s or more."""
+DEADLINE_S = 16.0
+"""The narrow model keeps it if it scores 40 rows in 12.8 s: 3.125 rows/s or more (at 8 s the
+bound was 6.25 rows/s, and a CI run measured 4.9)."""
 HELD_S = DEADLINE_S + 0.5
 """How long the job is held back: past its deadline, so it is behind whatever its rate."""
 FEATURES = ["conv_rate", "acc_rate", "avg_daily_trips", "trip_distance_km"]

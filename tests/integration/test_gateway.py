@@ -280,8 +280,16 @@ def test_critical_calls_with_deadlines_too_short_for_any_router_never_make_it_sh
         assert stub.Predict(_request("standard"), metadata=_metadata("standard"), timeout=2).predictions
     with grpc.insecure_channel(protecting_gateway.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
-        for _ in range(20):  # and through the gateway: 10 ms, answered from the cache for the deadline
-            stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=0.010)
+        # And through the gateway: 10 ms, answered from the cache for the deadline, or late when
+        # the machine is busy (a full CI run saw DEADLINE_EXCEEDED): either way a miss.
+        outcomes = Counter[str]()
+        for _ in range(20):
+            try:
+                stub.Predict(_request("critical"), metadata=_metadata("critical"), timeout=0.010)
+                outcomes["answered"] += 1
+            except grpc.RpcError as err:
+                outcomes[err.code().name] += 1
+        assert set(outcomes) <= {"answered", "DEADLINE_EXCEEDED"}, outcomes
         _, after = stub.Predict.with_call(_request("critical"), metadata=_metadata("critical"), timeout=2)
         assert stub.Predict(_request("batch"), metadata=_metadata("batch"), timeout=2).predictions
     assert _overloaded_trailer(after) == ""  # the gateway is told to shed nothing
