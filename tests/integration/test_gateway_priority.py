@@ -1,7 +1,8 @@
 """The embedded gateway's CPU priority (``gateway.priority_boost``): every Envoy thread runs that
 many steps of niceness above the process that started it, where raising a priority is
 permitted (root, CAP_SYS_NICE, RLIMIT_NICE), and at its priority, with one warning, where not.
-Against a real Envoy in front of a real router."""
+And its CPU group (``gateway.own_cpu_group``): a session, so an autogroup, of its own, or the
+starting process's. Against a real Envoy in front of a real router."""
 
 from __future__ import annotations
 
@@ -66,3 +67,40 @@ async def test_every_envoy_thread_runs_at_the_boosted_priority(
         assert answer.served_by == pb.SERVED_BY_PRIMARY
     finally:
         await gateway.stop()
+
+
+def autogroup(pid: int) -> str | None:
+    """The scheduler's autogroup of ``pid`` (``/autogroup-N nice K``); None where the kernel has none."""
+    path = pathlib.Path(f"/proc/{pid}/autogroup")
+    return path.read_text().split()[0] if path.exists() else None
+
+
+@pytest.mark.parametrize("own_group", [True, False])
+async def test_envoy_runs_in_a_cpu_group_of_its_own(
+    router_server: ServerProcess, router_config: pathlib.Path, tmp_path: pathlib.Path, own_group: bool
+) -> None:
+    config = load_config(router_config)
+    config = config.model_copy(update={"gateway": config.gateway.model_copy(update={"own_cpu_group": own_group})})
+    ensure_gateway_secret(config)
+    gateway = EmbeddedGateway(config, "127.0.0.1", free_port(), [router_server.address], work_dir=tmp_path)
+    await gateway.start()
+    try:
+        pid = gateway.pid
+        assert pid is not None
+        if own_group:
+            assert os.getsid(pid) == pid != os.getsid(0)  # a session (and process group) of its own
+            assert autogroup(pid) is None or autogroup(pid) != autogroup(os.getpid())
+        else:
+            assert os.getsid(pid) == os.getsid(0)
+            assert autogroup(pid) == autogroup(os.getpid())
+        async with grpc.aio.insecure_channel(gateway.address) as channel:  # and it serves
+            request = pb.PredictRequest(
+                route="driver_ranking", entities=[pb.EntityKey(name="driver_id", int64_value=1001)]
+            )
+            answer = await pb_grpc.InferenceStub(channel).Predict(
+                request, timeout=10, metadata=(("authorization", f"Bearer {DEMO_KEY}"),)
+            )
+        assert answer.predictions
+    finally:
+        await gateway.stop()
+    assert not pathlib.Path(f"/proc/{pid}").exists()  # stopped and reaped, in its own session too

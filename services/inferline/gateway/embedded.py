@@ -113,6 +113,7 @@ class EmbeddedGateway:
         self._boost = ChildBoost(
             config.gateway.priority_boost, "gateway.priority_boost", "envoy runs at the router's CPU priority"
         )
+        self._own_cpu_group = config.gateway.own_cpu_group
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
@@ -132,7 +133,14 @@ class EmbeddedGateway:
         # its own on Linux: changing the process's afterwards would miss them): gateway.priority_boost
         # steps above the router's own niceness (also when the calling thread is the router's
         # boosted event loop), or at it with one warning where that is not permitted.
-        process = subprocess.Popen([*self._boost.prefix(), *command], env=self._environ, stdin=subprocess.DEVNULL)
+        # gateway.own_cpu_group: a session of its own is a CPU group of its own (the kernel's
+        # autogroup); Popen's setsid runs in the child without Python code after fork.
+        process = subprocess.Popen(
+            [*self._boost.prefix(), *command],
+            env=self._environ,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self._own_cpu_group,
+        )
         logger.info("started envoy pid %d on %s (config %s)", process.pid, self.address, self._config_path)
         return process
 
