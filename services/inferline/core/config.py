@@ -720,14 +720,17 @@ class GatewayConfig(_Model):
     routers' latency rather than Envoy's own queue. Raising a priority needs CAP_SYS_NICE
     (root, or the capability in a container); without it Envoy runs at the router's
     priority, with one warning line. 0: the same priority."""
-    own_cpu_group: bool = True
+    own_cpu_group: bool = False
     """``inferline up``'s embedded Envoy runs in a session of its own, so that on Linux's
     autogrouping scheduler (``/proc/sys/kernel/sched_autogroup_enabled``) it has a CPU group of
     its own beside the router's and Triton's, as a sidecar container has a cgroup of its own.
-    Envoy uses a fraction of a core, so its group is nearly always owed CPU when a call comes,
-    and runs at once: in the router's group it waited behind the routers it protects whenever
-    they had used that group's share (refusals taking tens of ms on a busy core, though Envoy's
-    own work took 2). false: Envoy shares the router's session and group."""
+    In the router's group a woken Envoy waits for that group's turn, which the routers it
+    protects have nearly always used: with callers on other cores, refusals took 8–26 ms p99 at
+    2–3× the knee against 2.4–3.1 ms in a group of its own (docs/performance.md). Off by default:
+    with callers on the same cores at high call rates, Envoy in its own group passed more of
+    the lower classes to the routers and critical calls missed more (KServe at 2× of 1,192 calls
+    a second on 2 shared cores: 84–89 % in time against 97–99 %). On for a host whose callers
+    are elsewhere."""
     rest: bool = True
     """REST callers: ``POST /inferline.v1.Inference/<Method>`` with a JSON body is transcoded to
     the gRPC call by Envoy (same routes, shedding and authentication as gRPC callers)."""
