@@ -70,9 +70,14 @@ async def test_every_envoy_thread_runs_at_the_boosted_priority(
 
 
 def autogroup(pid: int) -> str | None:
-    """The scheduler's autogroup of ``pid`` (``/autogroup-N nice K``); None where the kernel has none."""
+    """The scheduler's autogroup of ``pid`` (``/autogroup-N nice K``), or None where none applies.
+
+    The file is missing where the kernel has no autogroups, and empty for a process in a CPU cgroup
+    other than the root one (a container, a systemd slice): the cgroup then decides, not the session.
+    """
     path = pathlib.Path(f"/proc/{pid}/autogroup")
-    return path.read_text().split()[0] if path.exists() else None
+    fields = path.read_text().split() if path.exists() else []
+    return fields[0] if fields else None
 
 
 @pytest.mark.parametrize("own_group", [True, False])

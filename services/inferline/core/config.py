@@ -730,9 +730,10 @@ class GatewayConfig(_Model):
     with callers on the same cores at high call rates, Envoy in its own group passed more of
     the lower classes to the routers and critical calls missed more (KServe at 2× of 1,192 calls
     a second on 2 shared cores: 84–89 % in time against 97–99 %). On for a host whose callers
-    are elsewhere. Envoy is then outside the router's process group, as the bundled Triton is:
-    ``inferline up`` stops it on exit, but a signal to the router's group (Ctrl-C) or a router
-    killed outright does not reach it."""
+    are elsewhere. Autogroups apply only to processes in the root CPU cgroup: inside a container
+    or a systemd slice the cgroup decides and a session changes nothing. With it on, Envoy is outside
+    the router's process group, as the bundled Triton is: ``inferline up`` stops it on exit, but
+    a signal to the router's group (Ctrl-C) or a router killed outright does not reach it."""
     rest: bool = True
     """REST callers: ``POST /inferline.v1.Inference/<Method>`` with a JSON body is transcoded to
     the gRPC call by Envoy (same routes, shedding and authentication as gRPC callers)."""
