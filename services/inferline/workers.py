@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from inferline.core.health_wait import wait_until_serving_async
 from inferline.core.ports import free_ports
-from inferline.core.processes import ChildBoost, nice_prefix
+from inferline.core.processes import ChildBoost, nice_prefix, spawn_tethered
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ class RouterWorkers:
             # a job's process would take its raised priority, and its loop the jobs' supervision.
             environ[LANE_RUNS_NO_JOBS] = "false"
         # At the supervisor's own priority, not its event loop's (each worker boosts its own);
-        # the lane above it.
-        boost = self._lane_boost.prefix() if worker.lane else nice_prefix()
-        process = subprocess.Popen([*boost, *command], env=environ, stdin=subprocess.DEVNULL)
+        # the lane above it. Stopped (drained) by the kernel should this process be killed outright.
+        boost = self._lane_boost.prefix if worker.lane else nice_prefix
+        process = spawn_tethered(command, priority=boost, env=environ, stdin=subprocess.DEVNULL)
         logger.info(
             "started %s pid %d on %s (metrics port %d)",
             "protected lane router" if worker.lane else "router worker",

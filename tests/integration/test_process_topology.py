@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from inferline.stats import scrape, total
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import DEMO_KEY, ROOT, start_inferline
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.requires_triton
 
@@ -91,6 +93,37 @@ def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp
         while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _pid_alive(pid), f"{name} outlived `inferline up`"
+
+
+def test_up_killed_outright_leaves_no_process_behind(router_config: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The OOM killer's SIGKILL runs no code of `inferline up`'s: the kernel stops its Triton,
+    Envoy and router processes (``spawn_tethered``), so the public port is free for the next start."""
+    args = ["up", "--config", str(router_config), "--workers", "2"]
+    env = {"INFERLINE_GATEWAY__PROTECTED_LANE": "true"}
+    server = start_inferline(args, tmp_path / "up.log", env=env, timeout_s=180)
+    try:
+        log = server.log_tail(1_000_000)
+        children = {
+            "the bundled Triton": int(log.split("started tritonserver pid ")[1].split(",")[0]),
+            "the gateway": int(log.split("started envoy pid ")[1].split(" ")[0]),
+            **{
+                f"the {kind} pid {pid}": int(pid)
+                for kind, pid in re.findall(r"started (router worker|protected lane router) pid (\d+)", log)
+            },
+        }
+        assert len(children) == 4, children  # Triton, Envoy, the second worker (`up` is the first), the lane
+        assert all(_pid_alive(pid) for pid in children.values()), children
+        up = server.server.proc
+        assert up is not None
+        up.kill()
+        up.wait(timeout=30)  # reaped; its process group, which the children share, left alone
+        for name, child in children.items():
+            wait_until(lambda child=child: not _pid_alive(child), f"{name} (pid {child}) to stop")  # type: ignore[misc]
+        host, port = server.address.rsplit(":", 1)
+        with socket.socket() as probe:  # nothing listens there any more (Envoy binds with SO_REUSEPORT)
+            probe.bind((host, int(port)))
+    finally:
+        server.stop()  # SIGKILLs the group: whatever the test let live
 
 
 def test_suite_topology_reaches_services_over_grpc(

@@ -732,8 +732,9 @@ class GatewayConfig(_Model):
     a second on 2 shared cores: 84–89 % in time against 97–99 %). On for a host whose callers
     are elsewhere. Autogroups apply only to processes in the root CPU cgroup: inside a container
     or a systemd slice the cgroup decides and a session changes nothing. With it on, Envoy is outside
-    the router's process group, as the bundled Triton is: ``inferline up`` stops it on exit, but
-    a signal to the router's group (Ctrl-C) or a router killed outright does not reach it."""
+    the router's process group, as the bundled Triton is: a signal to the router's group (Ctrl-C)
+    does not reach it; ``inferline up`` stops it on exit, and the kernel does if the router is
+    killed outright (``inferline.core.processes.spawn_tethered``)."""
     rest: bool = True
     """REST callers: ``POST /inferline.v1.Inference/<Method>`` with a JSON body is transcoded to
     the gRPC call by Envoy (same routes, shedding and authentication as gRPC callers)."""

@@ -19,20 +19,42 @@ niceness (or ``gateway.priority_boost`` above it, for Envoy) at exec. Not a ``pr
 one makes ``subprocess`` fork() instead of vfork(), which runs gRPC's fork handlers in a
 process full of gRPC threads, and a child could die before exec (seen in CI: Envoy's
 ``epoll_wait error: Bad file descriptor``).
+
+**Children end with the process** (``spawn_tethered``). ``inferline up`` stops what it started
+when it stops, but a process killed outright (SIGKILL, the kernel's OOM killer) runs no code:
+its Triton, Envoy and router processes went on running, Envoy holding the public port, so the
+next ``inferline up`` could not serve there. So the kernel is asked to signal each child when
+its parent dies (``PR_SET_PDEATHSIG``), set at exec by util-linux's ``setpriv --pdeathsig``
+for the same reason ``nice`` is. The kernel sends it when the *thread* that started the child
+ends, not the process: children are therefore started by one thread kept for the process's
+life, never by a worker thread that may end first (asyncio's ``to_thread`` workers end with
+their event loop: a Triton restarted from one would be stopped with that loop).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import resource
 import shutil
+import subprocess
 import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 _base_niceness: int | None = None
 """The niceness the process ran at before ``boost_this_thread`` (None: no thread was boosted)."""
+PARENT_DEATH_SIGNAL = "TERM"
+"""What a tethered child gets when this process dies: SIGTERM, so Triton, Envoy and the
+routers stop as they do on ``inferline up``'s own stop."""
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_pid = 0
+"""The process ``_spawner`` was made in: a forked child inherits the object but not its thread."""
+_spawner_lock = threading.Lock()
+_tether: list[str] | None = None
 
 
 def pid_alive(pid: int) -> bool:
@@ -127,3 +149,44 @@ class ChildBoost:
                 )
             return nice_prefix()
         return nice_prefix(self._steps)
+
+
+def tether_prefix() -> list[str]:
+    """The command prefix that makes the kernel send the child ``PARENT_DEATH_SIGNAL`` when its
+    parent thread ends: ``setpriv --pdeathsig TERM --``; nothing where util-linux's ``setpriv``
+    is missing or too old to set it (checked once, by running it)."""
+    global _tether
+    if _tether is None:
+        setpriv = shutil.which("setpriv")
+        probe = [setpriv, "--pdeathsig", PARENT_DEATH_SIGNAL, "--"] if setpriv else []
+        if probe and subprocess.run([*probe, "true"], capture_output=True, check=False).returncode == 0:
+            _tether = probe
+        else:
+            _tether = []
+            logger.info("no setpriv --pdeathsig here: children may outlive a process killed outright")
+    return _tether
+
+
+def spawn_tethered(
+    command: Sequence[str], *, priority: Callable[[], list[str]] = nice_prefix, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen([*prefixes, *command], **popen)`` for a child that ends when this
+    process ends, however it ends (module docstring: "Children end with the process").
+
+    Started on the one thread kept for it, which also calls ``priority`` for the child's
+    niceness prefix (``nice_prefix``, ``ChildBoost.prefix``): a child inherits the niceness of
+    the thread that starts it, so the prefix must be worked out on that thread. Blocking for
+    the fork and exec, as ``Popen`` is."""
+    global _spawner, _spawner_pid
+    with _spawner_lock:
+        if _spawner is None or _spawner_pid != os.getpid():  # none yet, or a forked child's copy (no thread)
+            # One worker for the process's life: a ThreadPoolExecutor's threads end only at
+            # its shutdown, which for this one is the interpreter's exit.
+            _spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inferline-spawner")
+            _spawner_pid = os.getpid()
+        spawner = _spawner
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*tether_prefix(), *priority(), *command], **popen)
+
+    return spawner.submit(start).result()

@@ -31,7 +31,7 @@ import yaml
 
 from inferline.core.config import ConfigError, InferlineConfig
 from inferline.core.health_wait import wait_until_serving_async
-from inferline.core.processes import ChildBoost
+from inferline.core.processes import ChildBoost, spawn_tethered
 from inferline.gateway.render import render_envoy
 
 logger = logging.getLogger(__name__)
@@ -134,9 +134,12 @@ class EmbeddedGateway:
         # steps above the router's own niceness (also when the calling thread is the router's
         # boosted event loop), or at it with one warning where that is not permitted.
         # gateway.own_cpu_group: a session of its own is a CPU group of its own (the kernel's
-        # autogroup); Popen's setsid runs in the child without Python code after fork.
-        process = subprocess.Popen(
-            [*self._boost.prefix(), *command],
+        # autogroup); Popen's setsid runs in the child without Python code after fork. Stopped by
+        # the kernel should this process be killed outright, so that it never holds the public
+        # port for a router that is gone (spawn_tethered).
+        process = spawn_tethered(
+            command,
+            priority=self._boost.prefix,
             env=self._environ,
             stdin=subprocess.DEVNULL,
             start_new_session=self._own_cpu_group,

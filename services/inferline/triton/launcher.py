@@ -54,7 +54,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.core.config import TlsServerConfig, TritonConfig
 from inferline.core.ports import free_ports
-from inferline.core.processes import nice_prefix
+from inferline.core.processes import spawn_tethered
 from inferline.core.tls import channel_options, tritonclient_kwargs
 from inferline.triton.class_copies import ClassModelMap, write_class_copies
 from inferline.triton.executor import CHANNEL_OPTIONS
@@ -527,9 +527,10 @@ class TritonLauncher:
             log.write(f"=== inferline: starting {' '.join(command)}\n".encode())
             log.flush()
             # Own session: signals aimed at our process group (Ctrl-C) do not reach the server.
-            # At the router's own priority, also when its boosted event loop restarts it.
-            self._proc = subprocess.Popen(
-                [*nice_prefix(), *command],
+            # At the router's own priority, also when its boosted event loop restarts it; and
+            # stopped by the kernel should this process be killed outright (spawn_tethered).
+            self._proc = spawn_tethered(
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
