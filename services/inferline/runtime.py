@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from inferline.app import App, Role, build_app
 from inferline.core.config import ConfigError, InferlineConfig
 from inferline.core.grpc_server import start_server
-from inferline.core.ports import free_port
+from inferline.core.ports import free_port, port_in_use
 from inferline.core.processes import boost_this_thread
 from inferline.gateway.embedded import EmbeddedGateway, check_access_log, ensure_gateway_secret
 from inferline.route_check import CheckReport, route_models, run_check
@@ -109,6 +109,26 @@ def _supervised_app(
     return app, supervisor
 
 
+def _check_ports_free(config: InferlineConfig) -> None:
+    """Refuse to start when another process already listens on the public or the metrics port.
+
+    Otherwise the failure came late and unclear: after Triton had started, as Envoy's bind
+    error and a traceback of its readiness wait; and a router serving on the port itself
+    (gRPC binds with ``SO_REUSEPORT``) could share the port with the other process unawares.
+
+    Raises:
+        ConfigError: naming each busy port and its key.
+    """
+    host = config.server.host
+    ports = {"server.port": config.server.port, "server.metrics_port": config.server.metrics_port}
+    busy = [f"{host}:{port} ({key})" for key, port in ports.items() if port and port_in_use(host, port)]
+    if busy:
+        raise ConfigError(
+            f"{', '.join(busy)}: already in use by another process; stop it, or choose another port "
+            "(--port, --metrics-port)"
+        )
+
+
 def _lane_note(lane_routers: list[str]) -> str:
     return f"; protected lane {', '.join(lane_routers)}" if lane_routers else ""
 
@@ -142,6 +162,7 @@ async def serve_process(
     lane = gateway and config.gateway.starts_protected_lane
     if lane and config_path is None:
         raise ValueError("gateway.protected_lane needs the config file's path (the lane's process loads it)")
+    _check_ports_free(config)  # before Triton starts: a busy port is refused at once, by name
     if gateway:
         ensure_gateway_secret(config)  # before the router reads it
         check_access_log(config)  # before Triton starts: a log Envoy cannot open is refused at once

@@ -161,6 +161,23 @@ def test_serve_rejects_unknown_service_and_missing_triton(router_config: pathlib
     assert no_triton.returncode == 2 and "--triton-url" in no_triton.stderr
 
 
+@pytest.mark.parametrize("key", ["server.port", "server.metrics_port"])
+def test_up_refuses_a_port_another_process_listens_on(router_config: pathlib.Path, key: str) -> None:
+    port, metrics_port = free_ports(2)
+    busy = port if key == "server.port" else metrics_port
+    with socket.socket() as other:  # another process's server, as far as a bind can tell
+        other.bind(("127.0.0.1", busy))
+        other.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "inferline.cli", "up", "--config", str(router_config),
+             "--port", str(port), "--metrics-port", str(metrics_port)],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"cannot start: 127.0.0.1:{busy} ({key}): already in use by another process" in result.stderr
+    assert "Traceback" not in result.stderr and "started tritonserver" not in result.stderr  # refused before
+
+
 def test_bad_config_stops_start_up_naming_the_key(tmp_path: pathlib.Path, router_config: pathlib.Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(router_config.read_text().replace("max_entities: 100", "max_entitys: 100"))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from inferline.core import ports
-from inferline.core.ports import LOOPBACK, ephemeral_range, free_port, free_ports
+from inferline.core.ports import LOOPBACK, ephemeral_range, free_port, free_ports, port_in_use
 
 
 def test_picks_lie_below_the_range_outgoing_connections_use() -> None:
@@ -61,3 +61,21 @@ def test_a_range_with_every_port_taken_raises(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(ports, "_pick_range", lambda: (busy, busy + 1))
         with pytest.raises(OSError, match="no free port"):
             free_port()
+
+
+def test_a_listener_makes_a_port_in_use_even_one_that_shares_it_and_a_closed_one_does_not() -> None:
+    port = free_port()
+    assert not port_in_use(LOOPBACK, port)
+    with socket.socket() as listener:
+        # As gRPC and Envoy bind: a second server with SO_REUSEPORT would share the port unawares.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((LOOPBACK, port))
+        listener.listen()
+        assert port_in_use(LOOPBACK, port)
+        assert port_in_use("0.0.0.0", port)  # every interface includes the loopback one
+        with socket.create_connection((LOOPBACK, port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's end closes first: its side of the port waits in TIME_WAIT
+            client.recv(1)
+    assert not port_in_use(LOOPBACK, port)  # stopped: a server may bind it again at once

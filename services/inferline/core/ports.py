@@ -19,6 +19,7 @@ before.
 
 from __future__ import annotations
 
+import errno
 import pathlib
 import random
 import socket
@@ -125,3 +126,22 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
         except OSError:
             return False
         return True
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a process already listens on ``host:port``, so that a server of ours could not
+    serve there (or, binding with ``SO_REUSEPORT`` as gRPC and Envoy do, would share it).
+
+    Checked with a bind as those servers make it, with ``SO_REUSEADDR`` (a port left in
+    TIME_WAIT by a server stopped a moment ago is free) and without ``SO_REUSEPORT`` (so a
+    listener that set it still counts). Any other failure to bind (an address not on this
+    host) is left to the server's own bind to report.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            return err.errno == errno.EADDRINUSE
+    return False
