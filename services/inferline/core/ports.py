@@ -113,35 +113,30 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """True when a server could listen on ``port`` now.
-
-    SO_REUSEADDR, as servers set it, so connections lingering in TIME_WAIT after a
-    server stopped do not count as "in use".
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen(1)
-        except OSError:
-            return False
-        return True
+    """True when a server could listen on ``port`` now (``_listen_error``)."""
+    return _listen_error(host, port) is None
 
 
 def port_in_use(host: str, port: int) -> bool:
     """Whether a process already listens on ``host:port``, so that a server of ours could not
-    serve there (or, binding with ``SO_REUSEPORT`` as gRPC and Envoy do, would share it).
+    serve there (or, binding with ``SO_REUSEPORT`` as gRPC and Envoy do, would share it). Any
+    other reason a server could not listen there (an address not on this host) is left to the
+    server's own bind to report."""
+    return _listen_error(host, port) == errno.EADDRINUSE
 
-    Checked with a bind as those servers make it, with ``SO_REUSEADDR`` (a port left in
-    TIME_WAIT by a server stopped a moment ago is free) and without ``SO_REUSEPORT`` (so a
-    listener that set it still counts). Any other failure to bind (an address not on this
-    host) is left to the server's own bind to report.
+
+def _listen_error(host: str, port: int) -> int | None:
+    """The errno of listening on ``host:port`` as a server would, or None if it could.
+
+    With SO_REUSEADDR, as servers set it, so connections lingering in TIME_WAIT after a server
+    stopped do not count as "in use"; without SO_REUSEPORT, so a listener that set it does.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            sock.bind((host, port))
+            sock.listen(1)
         except OSError as err:
-            return err.errno == errno.EADDRINUSE
-    return False
+            return err.errno
+        return None
