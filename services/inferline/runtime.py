@@ -109,16 +109,27 @@ def _supervised_app(
     return app, supervisor
 
 
-def _check_ports_free(config: InferlineConfig) -> None:
-    """Refuse to start when another process already listens on the public or the metrics port.
+def _check_before_start(config: InferlineConfig, roles: set[Role], bundled_triton: bool) -> None:
+    """Refuse to start, naming the key, where the process could not serve: a public or metrics
+    port another process already listens on, a Feast repository or model repository that is
+    not there.
 
-    Otherwise the failure came late and unclear: after Triton had started, as Envoy's bind
-    error and a traceback of its readiness wait; and a router serving on the port itself
-    (gRPC binds with ``SO_REUSEPORT``) could share the port with the other process unawares.
+    Otherwise each failed late and unclear: a busy port after Triton had started, as Envoy's
+    bind error and a traceback of its readiness wait (and a router serving on the port itself,
+    gRPC binding with ``SO_REUSEPORT``, could share it with the other process unawares); a
+    missing Feast repository as Feast's FileNotFoundError traceback; a missing model
+    repository as Triton's exit code, after a restart.
 
     Raises:
-        ConfigError: naming each busy port and its key.
+        ConfigError: naming each key at fault.
     """
+    if "features" in roles and not (config.feature_store.feast_repo / "feature_store.yaml").is_file():
+        raise ConfigError(
+            f"feature_store.feast_repo: {config.feature_store.feast_repo} holds no feature_store.yaml "
+            "(the directory of a Feast repository)"
+        )
+    if bundled_triton and not config.triton.model_repository.is_dir():
+        raise ConfigError(f"triton.model_repository: {config.triton.model_repository} is not a directory")
     host = config.server.host
     ports = {"server.port": config.server.port, "server.metrics_port": config.server.metrics_port}
     busy = [f"{host}:{port} ({key})" for key, port in ports.items() if port and port_in_use(host, port)]
@@ -162,13 +173,14 @@ async def serve_process(
     lane = gateway and config.gateway.starts_protected_lane
     if lane and config_path is None:
         raise ValueError("gateway.protected_lane needs the config file's path (the lane's process loads it)")
-    _check_ports_free(config)  # before Triton starts: a busy port is refused at once, by name
+    bundled_triton = "router" in roles and triton_url is None and start_triton
+    _check_before_start(config, roles, bundled_triton)  # before Triton starts: refused at once, by name
     if gateway:
         ensure_gateway_secret(config)  # before the router reads it
         check_access_log(config)  # before Triton starts: a log Envoy cannot open is refused at once
     stop = _stop_signal()
     try:
-        if "router" in roles and triton_url is None and start_triton:
+        if bundled_triton:
             # Only the models routes name are loaded (with their per-class copies): a broken
             # directory the routes do not use costs nothing, one they use degrades its routes.
             launcher = TritonLauncher(config.triton, models=route_models(config))

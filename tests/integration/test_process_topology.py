@@ -178,6 +178,27 @@ def test_up_refuses_a_port_another_process_listens_on(router_config: pathlib.Pat
     assert "Traceback" not in result.stderr and "started tritonserver" not in result.stderr  # refused before
 
 
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        ("feature_store.feast_repo", "holds no feature_store.yaml (the directory of a Feast repository)"),
+        ("triton.model_repository", "is not a directory"),
+    ],
+)
+def test_up_refuses_a_repository_that_is_not_there(
+    router_config: pathlib.Path, tmp_path: pathlib.Path, key: str, said: str
+) -> None:
+    missing = tmp_path / "not-there"
+    env = {**os.environ, f"INFERLINE_{key.upper().replace('.', '__')}": str(missing)}
+    result = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "up", "--config", str(router_config), "--port", str(free_port())],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"cannot start: {key}: {missing} {said}" in result.stderr
+    assert "Traceback" not in result.stderr and "started tritonserver" not in result.stderr  # refused before
+
+
 def test_bad_config_stops_start_up_naming_the_key(tmp_path: pathlib.Path, router_config: pathlib.Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(router_config.read_text().replace("max_entities: 100", "max_entitys: 100"))
