@@ -34,15 +34,16 @@ def test_init_and_this_process_are_alive() -> None:
 # from the process (not only joined), then says whether the child outlived it; then blocks.
 _PARENT = textwrap.dedent(
     """
-    import os, subprocess, sys, threading
+    import os, subprocess, sys, threading, time
     from inferline.core.processes import spawn_tethered
 
     started = {}
     starter = threading.Thread(target=lambda: started.update(child=spawn_tethered(["sleep", "600"])))
     starter.start()
     starter.join()
-    while len(os.listdir("/proc/self/task")) > 2:  # this thread and the spawner's: the starter has exited
-        pass
+    gone_by = time.monotonic() + 10
+    while len(os.listdir("/proc/self/task")) > 2 and time.monotonic() < gone_by:
+        time.sleep(0.001)  # this thread and the spawner's left: the starter's OS thread has exited
     child = started["child"]
     try:
         child.wait(timeout=0.5)  # a child tied to the starter thread got its signal as that thread exited
