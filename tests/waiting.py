@@ -9,6 +9,7 @@ turns a hang into a failure, it is not a measure of speed.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import time
 from collections.abc import Callable
 
@@ -34,3 +35,13 @@ def wait_until(
         assert time.monotonic() < deadline, f"{what or 'condition'} not met within {within_s} s"
         time.sleep(step_s)
     return time.monotonic()
+
+
+def process_running(pid: int) -> bool:
+    """``pid`` is alive and not a zombie: an orphan's zombie waits for a reaper this container's
+    PID 1 may not be, and a process that has exited is gone for a test's purposes."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows the (command), which may hold spaces

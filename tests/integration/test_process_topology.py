@@ -16,12 +16,12 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from inferline.core.health_wait import wait_until_serving
-from inferline.core.ports import free_port, free_ports
+from inferline.core.ports import free_port, free_ports, port_in_use
 from inferline.stats import scrape, total
 from inferline.v1 import inference_pb2 as pb
 from inferline.v1 import inference_pb2_grpc as pb_grpc
 from tests.integration.router_fixtures import DEMO_KEY, ROOT, start_inferline
-from tests.waiting import wait_until
+from tests.waiting import process_running, wait_until
 
 pytestmark = pytest.mark.requires_triton
 
@@ -47,16 +47,6 @@ def _reaches_primary(address: str, tries: int = 5) -> pb.PredictResponse:
             return response
         served.append(pb.ServedBy.Name(response.served_by))
     raise AssertionError(f"no PRIMARY answer in {tries} calls: {served}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes (PID 1 in this container may not reap orphans).
-    stat = pathlib.Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
 def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -90,9 +80,9 @@ def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp
     assert code == 0, server.log_tail()
     for pid, name in ((triton_pid, "the bundled Triton"), (envoy_pid, "the gateway")):
         deadline = time.monotonic() + 15
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while process_running(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _pid_alive(pid), f"{name} outlived `inferline up`"
+        assert not process_running(pid), f"{name} outlived `inferline up`"
 
 
 def test_up_killed_outright_leaves_no_process_behind(router_config: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -112,16 +102,15 @@ def test_up_killed_outright_leaves_no_process_behind(router_config: pathlib.Path
             },
         }
         assert len(children) == 4, children  # Triton, Envoy, the second worker (`up` is the first), the lane
-        assert all(_pid_alive(pid) for pid in children.values()), children
+        assert all(process_running(pid) for pid in children.values()), children
         up = server.server.proc
         assert up is not None
         up.kill()
         up.wait(timeout=30)  # reaped; its process group, which the children share, left alone
         for name, child in children.items():
-            wait_until(lambda child=child: not _pid_alive(child), f"{name} (pid {child}) to stop")  # type: ignore[misc]
+            wait_until(lambda child=child: not process_running(child), f"{name} (pid {child}) to stop")  # type: ignore[misc]
         host, port = server.address.rsplit(":", 1)
-        with socket.socket() as probe:  # nothing listens there any more (Envoy binds with SO_REUSEPORT)
-            probe.bind((host, int(port)))
+        assert not port_in_use(host, int(port))  # nothing listens there any more (not even with SO_REUSEPORT)
     finally:
         server.stop()  # SIGKILLs the group: whatever the test let live
 
@@ -331,7 +320,7 @@ def test_the_protected_lane_takes_critical_calls_and_the_other_routers_take_over
                     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err  # the lane's, not yet seen gone
         os.kill(lane_pid, signal.SIGCONT)
     finally:
-        if lane_pid and _pid_alive(lane_pid):
+        if lane_pid and process_running(lane_pid):
             os.kill(lane_pid, signal.SIGCONT)
         code = server.stop()
     assert code == 0, server.log_tail()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 import subprocess
 import sys
 import textwrap
 
 from inferline.core.processes import pid_alive, tether_prefix
-from tests.waiting import wait_until
+from tests.waiting import process_running, wait_until
 
 
 def test_a_running_process_is_alive_and_an_ended_one_is_not() -> None:
@@ -55,15 +54,6 @@ _PARENT = textwrap.dedent(
 )
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie waits for a reaper this container may not run)."""
-    stat = pathlib.Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_tethered_child_outlives_the_thread_that_started_it_and_ends_with_its_process() -> None:
     assert tether_prefix(), "setpriv --pdeathsig is part of the set-up (util-linux)"
     with subprocess.Popen(
@@ -77,9 +67,9 @@ def test_a_tethered_child_outlives_the_thread_that_started_it_and_ends_with_its_
             # (prctl(2)); some kernels wait for the process (this VM's 6.18 did), where this
             # check cannot tell a child started on the starter thread itself.
             assert state == "running"  # the starter thread's end did not stop it
-            assert _running(child)
+            assert process_running(child)
             os.kill(parent.pid, signal.SIGKILL)  # no code of the parent's runs after this
             parent.wait(timeout=30)
-            wait_until(lambda: not _running(child), "the tethered child to end after its parent was killed")
+            wait_until(lambda: not process_running(child), "the tethered child to end after its parent was killed")
         finally:
             parent.kill()
