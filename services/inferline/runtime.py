@@ -13,7 +13,7 @@ from prometheus_client import start_http_server
 
 from inferline.app import App, Role, build_app
 from inferline.core.config import ConfigError, InferlineConfig
-from inferline.core.grpc_server import start_server
+from inferline.core.grpc_server import RunningServer, start_server
 from inferline.core.ports import free_port, port_in_use
 from inferline.core.processes import boost_this_thread
 from inferline.gateway.embedded import EmbeddedGateway, check_access_log, ensure_gateway_secret
@@ -179,7 +179,13 @@ async def serve_process(
         ensure_gateway_secret(config)  # before the router reads it
         check_access_log(config)  # before Triton starts: a log Envoy cannot open is refused at once
     stop = _stop_signal()
-    try:
+    app: App | None = None
+    running: RunningServer | None = None
+    workers_ready: asyncio.Task[None] | None = None
+
+    async def start_up() -> None:
+        """Everything up to serving, each part kept where the ``finally`` below stops it."""
+        nonlocal launcher, supervisor, front, others, autoscaler, app, running, workers_ready, triton_url
         if bundled_triton:
             # Only the models routes name are loaded (with their per-class copies): a broken
             # directory the routes do not use costs nothing, one they use degrades its routes.
@@ -196,6 +202,18 @@ async def serve_process(
         if start_triton and "router" in roles and triton_url and config.autoscale and config.autoscale.enabled:
             # Before the server takes traffic: the warm pool is loaded and warmed up when this returns.
             autoscaler = await OwnedAutoscaler.start(config.autoscale, triton_url, config.triton.tls)
+        if workers > 1 or lane:
+            assert config_path is not None and triton_url is not None
+            tls = config.server.tls is not None
+            others = RouterWorkers(
+                config_path, workers - 1, triton_url, config.server.metrics_port, not tls,
+                lane=lane, lane_boost=config.gateway.protected_lane_boost,
+            )  # fmt: skip
+            # Started now, beside this process's own start (after the autoscaler's warm pool, which
+            # their warm-ups call): each process's Feast import and Triton warm-up (30 s where
+            # Triton does not answer) overlap, not one after another. Envoy, started last, keeps
+            # calls off them until every router is SERVING.
+            workers_ready = asyncio.ensure_future(others.start())
         await app.start()
         # Feast, pandas and pyarrow leave millions of long-lived objects behind at start-up;
         # a full collection walking them stalls the event loop for 100+ ms (seen here as
@@ -215,14 +233,8 @@ async def serve_process(
         public_port = running.port
         routers = [f"127.0.0.1:{running.port}"]
         lane_routers: list[str] = []
-        if workers > 1 or lane:
-            assert config_path is not None and triton_url is not None
-            tls = config.server.tls is not None
-            others = RouterWorkers(
-                config_path, workers - 1, triton_url, config.server.metrics_port, not tls,
-                lane=lane, lane_boost=config.gateway.protected_lane_boost,
-            )  # fmt: skip
-            await others.start()
+        if others is not None and workers_ready is not None:
+            await workers_ready
             routers += others.addresses
             lane_routers = others.lane_addresses
         if gateway:
@@ -242,6 +254,24 @@ async def serve_process(
                 "server.loop_priority_boost: the event loop keeps the process's CPU priority "
                 "(raising it needs CAP_SYS_NICE); set it to 0 to silence this"
             )
+
+    try:
+        starting = asyncio.ensure_future(start_up())
+        await asyncio.wait((starting, stop), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # A stop asked for during start-up is acted on now, not once every warm-up has ended
+            # (a Triton that does not answer holds each router's for 30 s): the parts started so
+            # far are stopped below, as after serving.
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            logger.info("%s received during start-up: stopping", stop.result())
+            if running is not None:
+                await running.server.stop(None)
+            if app is not None:
+                await app.close()
+            return 0
+        starting.result()  # a failed start-up raises here
+        assert app is not None and running is not None
         received = await stop
         logger.info("%s received: draining", received)
         if app.route_health is not None:
@@ -250,6 +280,10 @@ async def serve_process(
         await app.close()
         return 0
     finally:
+        if workers_ready is not None and not workers_ready.done():
+            workers_ready.cancel()
+        if workers_ready is not None:
+            await asyncio.gather(workers_ready, return_exceptions=True)  # its failure, if any, was raised above
         if front is not None:
             await front.stop()
         if others is not None:

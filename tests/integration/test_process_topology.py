@@ -115,6 +115,39 @@ def test_up_killed_outright_leaves_no_process_behind(router_config: pathlib.Path
         server.stop()  # SIGKILLs the group: whatever the test let live
 
 
+def test_up_stopped_during_start_up_stops_at_once(router_config: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """SIGTERM while the routers still warm up (a Triton that does not answer holds each warm-up
+    for 30 s) stops `inferline up` and its router processes then, not once start-up has ended:
+    longer than Kubernetes' 30 s grace, and the kill after it skips the drain."""
+    nothing_there = free_port()
+    port, metrics_port = free_ports(2)
+    log_path = tmp_path / "up.log"
+    command = [
+        sys.executable, "-m", "inferline.cli", "up", "--config", str(router_config), "--workers", "2",
+        "--triton-url", f"127.0.0.1:{nothing_there}", "--port", str(port), "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    env = {**os.environ, "INFERLINE_GATEWAY__PROTECTED_LANE": "true"}
+    with log_path.open("wb") as log:
+        up = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # The other routers start beside this process's own warm-up: both are then under way.
+        wait_until(
+            lambda: len(re.findall(r"started (?:router worker|protected lane router) pid", log_path.read_text())) == 2
+        )
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert "SIGTERM received during start-up: stopping" in text, text[-3000:]
+    assert "Traceback" not in text and "through the gateway" not in text  # stopped before it served
+    for pid in map(int, re.findall(r"started (?:router worker|protected lane router) pid (\d+)", text)):
+        wait_until(lambda pid=pid: not process_running(pid), f"router process {pid} to stop")  # type: ignore[misc]
+
+
 def test_suite_topology_reaches_services_over_grpc(
     triton_server: object, router_config: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:

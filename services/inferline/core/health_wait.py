@@ -12,6 +12,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inferline.core.config import TlsClientConfig
 from inferline.core.tls import aio_channel, channel
 
+POLL_INTERVAL_S = 0.2
+POLL_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", int(POLL_INTERVAL_S * 1000)),
+    ("grpc.min_reconnect_backoff_ms", int(POLL_INTERVAL_S * 1000)),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+"""The waiting channel reconnects about as often as it polls. With gRPC's default backoff (1 s,
+growing 1.6× a failure up to 120 s) a channel opened before the server listens goes on
+failing fast for the rest of its backoff once it does: a router worker that took 30 s to
+start (its Triton warm-up timing out) was seen SERVING 14 s before the wait noticed."""
+
 
 def wait_until_serving(
     address: str, timeout_s: float, is_alive: object = None, tls: TlsClientConfig | None = None
@@ -25,7 +36,7 @@ def wait_until_serving(
         TimeoutError: not SERVING within ``timeout_s``, or the process died.
     """
     deadline = time.monotonic() + timeout_s
-    with channel(address, tls, "tls") as ch:
+    with channel(address, tls, "tls", POLL_CHANNEL_OPTIONS) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if callable(is_alive) and not is_alive():
@@ -36,7 +47,7 @@ def wait_until_serving(
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.2)
+            time.sleep(POLL_INTERVAL_S)
     raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")
 
 
@@ -52,7 +63,7 @@ async def wait_until_serving_async(
         TimeoutError: not SERVING within ``timeout_s``, or the process died.
     """
     deadline = time.monotonic() + timeout_s
-    async with aio_channel(address, tls, "tls") as ch:
+    async with aio_channel(address, tls, "tls", POLL_CHANNEL_OPTIONS) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if is_alive is not None and not is_alive():
@@ -63,5 +74,5 @@ async def wait_until_serving_async(
                     return
             except grpc.aio.AioRpcError:
                 pass
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(POLL_INTERVAL_S)
     raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")
