@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import statistics
 import time
@@ -17,6 +18,7 @@ from inferline.bench.loadgen import (
     LatencySummary,
     LoadResult,
     measure_sequential,
+    no_full_collections,
     percentile,
     poisson_schedule,
     rate_ladder,
@@ -317,3 +319,29 @@ async def test_sweep_that_never_fails_gives_a_lower_bound() -> None:
     assert out.knee_rate == 100.0
     assert out.knee_is_lower_bound
     assert out.stopped_reason == "reached max rate"
+
+
+def _full_collections_while_heap_grows() -> int:
+    """Full collections the collector ran on its own while containers piled up: more than a
+    quarter of the heap, past which CPython runs one (as an open-loop run keeps its tasks)."""
+    before = gc.get_stats()[2]["collections"]
+    kept = [[] for _ in range(len(gc.get_objects()) // 2 + 100_000)]
+    after = gc.get_stats()[2]["collections"]
+    del kept
+    return after - before
+
+
+def test_no_full_collection_while_a_run_sends() -> None:
+    """A full collection stops the generator for tens of milliseconds (its heap holds every
+    request's task): that pause would be timed as the server's latency."""
+    assert gc.isenabled()
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert _full_collections_while_heap_grows() > 0  # what the block prevents
+    with no_full_collections():
+        assert gc.get_freeze_count() > 0  # what existed before is out of the collector's sight
+        assert _full_collections_while_heap_grows() == 0
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect(0) >= 1  # the young generation is still collected
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == frozen
