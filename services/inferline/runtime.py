@@ -265,7 +265,9 @@ async def serve_process(
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             logger.info("%s received during start-up: stopping", stop.result())
-            if running is not None:
+            if running is not None:  # serving already, and waiting for the other routers
+                if app is not None and app.route_health is not None:
+                    await app.route_health.stop(running.health)
                 await running.server.stop(None)
             if app is not None:
                 await app.close()
