@@ -282,10 +282,9 @@ async def serve_process(
         await app.close()
         return 0
     finally:
-        if workers_ready is not None and not workers_ready.done():
-            workers_ready.cancel()
         if workers_ready is not None:
-            await asyncio.gather(workers_ready, return_exceptions=True)  # its failure, if any, was raised above
+            workers_ready.cancel()  # nothing, if done: its failure, if any, was raised above
+            await asyncio.gather(workers_ready, return_exceptions=True)
         if front is not None:
             await front.stop()
         if others is not None:

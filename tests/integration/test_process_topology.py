@@ -79,10 +79,7 @@ def test_up_starts_and_stops_the_bundled_triton(router_config: pathlib.Path, tmp
         code = server.stop()
     assert code == 0, server.log_tail()
     for pid, name in ((triton_pid, "the bundled Triton"), (envoy_pid, "the gateway")):
-        deadline = time.monotonic() + 15
-        while process_running(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not process_running(pid), f"{name} outlived `inferline up`"
+        wait_until(lambda pid=pid: not process_running(pid), f"{name} to end with `inferline up`", within_s=15)  # type: ignore[misc]
 
 
 def test_up_killed_outright_leaves_no_process_behind(router_config: pathlib.Path, tmp_path: pathlib.Path) -> None:
